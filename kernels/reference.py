@@ -1,0 +1,89 @@
+"""Float64 torch reference of the fused vocabulary-pass loss (DESIGN §4).
+
+This is the contract every backend (Triton, native C++, chunked torch) is tested against. It builds
+the full logits, so it is only for tests and small shapes.
+
+Per valid row i (targets[i] != IGNORE_INDEX), with z = h·Wᵀ / τ and log p = log_softmax(z)[y]:
+
+    RL row:   r = exp(log p − old)
+              L = −min(r·A, clip(r, 1−ε_lo, 1+ε_hi)·A) + β·(exp(ref − log p) − (ref − log p) − 1)
+    SFT row:  L = −log p
+
+    loss      = Σ_i scale_i · L_i                      (scale carries α_t/#RL or γ_t/#SFT tokens)
+    entropy_i = −Σ_v p_v log p_v
+    clip_frac = mean over valid RL rows of [(A > 0 and r > 1+ε_hi) or (A < 0 and r < 1−ε_lo)]
+    kl        = mean over valid RL rows of the k3 term (0 when ref is None)
+
+Ignored rows give logp = entropy = 0 and contribute nothing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor        # scalar
+    logp: torch.Tensor        # [N]
+    entropy: torch.Tensor     # [N]
+    clip_frac: torch.Tensor   # scalar
+    kl: torch.Tensor          # scalar
+
+
+def rowwise_loss_reference(logp, is_sft, advantages, old_logp, ref_logp, beta, eps_low, eps_high):
+    """Per-row loss L_i and the clipped / k3 indicators from per-row log-probs (any dtype)."""
+    ratio = torch.exp(logp - old_logp)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * advantages
+    pg = -torch.minimum(unclipped, clipped)
+    if ref_logp is not None:
+        delta = ref_logp - logp
+        k3 = torch.exp(delta) - delta - 1.0
+    else:
+        k3 = torch.zeros_like(logp)
+    rl_loss = pg + beta * k3
+    row_loss = torch.where(is_sft, -logp, rl_loss)
+    is_clipped = ((advantages > 0) & (ratio > 1.0 + eps_high)) | ((advantages < 0) & (ratio < 1.0 - eps_low))
+    return row_loss, is_clipped, k3
+
+
+def fused_loss_reference(hidden, weight, targets, *, is_sft, advantages, old_logp, ref_logp, scale,
+                         beta=0.0, eps_low=0.2, eps_high=0.2, temperature=1.0) -> LossOutput:
+    """Full-logits float64 reference. Differentiable w.r.t. hidden and weight (as float64 leaves
+    if the caller passes float64 tensors with requires_grad)."""
+    f64 = torch.float64
+    h, w = hidden.to(f64), weight.to(f64)
+    valid = targets != IGNORE_INDEX
+    safe_t = torch.where(valid, targets, torch.zeros_like(targets))
+    logits = (h @ w.T) / temperature
+    logprobs = torch.log_softmax(logits, dim=-1)
+    logp_all = logprobs.gather(1, safe_t[:, None]).squeeze(1)
+    entropy_all = -(logprobs.exp() * logprobs).sum(-1)
+    ref = ref_logp.to(f64) if ref_logp is not None else None
+    row_loss, is_clipped, k3 = rowwise_loss_reference(
+        logp_all, is_sft, advantages.to(f64), old_logp.to(f64), ref, beta, eps_low, eps_high)
+    loss = (torch.where(valid, row_loss, torch.zeros_like(row_loss)) * scale.to(f64)).sum()
+    rl_valid = valid & ~is_sft
+    n_rl = rl_valid.sum().clamp(min=1).to(f64)
+    zero = torch.zeros((), dtype=f64)
+    return LossOutput(
+        loss=loss,
+        logp=torch.where(valid, logp_all, zero),
+        entropy=torch.where(valid, entropy_all, zero),
+        clip_frac=(is_clipped & rl_valid).sum().to(f64) / n_rl,
+        kl=torch.where(rl_valid, k3, zero).sum() / n_rl,
+    )
+
+
+def token_logprobs_reference(hidden, weight, targets, *, temperature=1.0):
+    """(logp [N], entropy [N]) in float64; ignored rows give zeros."""
+    n = targets.shape[0]
+    zeros = torch.zeros(n, dtype=hidden.dtype)
+    out = fused_loss_reference(hidden, weight, targets, is_sft=torch.ones(n, dtype=torch.bool),
+                               advantages=zeros, old_logp=zeros, ref_logp=None, scale=zeros,
+                               temperature=temperature)
+    return out.logp, out.entropy
