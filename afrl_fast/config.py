@@ -1,0 +1,199 @@
+"""Run configuration: typed dataclasses, loaded from YAML and dotted command-line overrides.
+
+    cfg = load_config("configs/demo.yaml", ["rl.beta=0", "sft.epochs=2"])
+
+OmegaConf checks every key and type against the dataclasses below, so a typo in a YAML file or an
+override is an error naming the key, not a silently ignored setting.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+from pathlib import Path
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .rulebook import CONFIG_DIR
+
+DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ModelConfig:
+    path: Optional[str] = None          # a Hugging Face model folder; None builds a fresh model from the fields below
+    tokenizer: str = "qwen3"         # "qwen3" = the real Qwen3 tokenizer bundled with our dependencies
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 32
+    intermediate_size: int = 384
+    dtype: str = "float32"           # float32 | bfloat16
+    attn_implementation: str = "sdpa"  # sdpa | flash_attention_2 (needs the `gpu` extra)
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    dir: Optional[str] = None           # folder with train/industry/longtail.parquet; None = synthesize into the run folder
+    n_train: int = 1200
+    n_eval: int = 160                # rows of each synthetic evaluation split
+    seed: int = 0
+    rulebook: Optional[str] = None      # None = configs/rulebook/default.yaml
+    instructions: str = "full"       # full = the rulebook rendered as expert policy; short = its one-paragraph summary
+    max_prompt_tokens: int = 4096
+    max_response_tokens: int = 1024
+
+
+@dataclass
+class SFTConfig:
+    epochs: float = 1.0
+    batch_size: int = 16
+    lr: float = 1e-5
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+
+
+@dataclass
+class DifficultyConfig:
+    max_prompts: int = 0             # 0 = every training prompt
+    group_size: int = 8
+    temperature: float = 1.0
+    easy_min: int = 7                # Acc@8 >= 7 correct: Easy
+    medium_min: int = 2              # 2..6: Medium; 1: Hard; 0: dropped (paper §4.1)
+
+
+@dataclass
+class StageConfig:
+    easy: float = 0.0                # composition (fractions, scaled to the data at hand)
+    medium: float = 0.0
+    hard: float = 0.0
+    size: int = 0                    # prompts in the stage (0 = as many as the composition allows)
+    alpha: float = 0.9               # α_t, weight of L_GRPO
+    gamma: float = 0.1               # γ_t, weight of L_SFT
+    epochs: float = 1.0
+
+
+@dataclass
+class RLConfig:
+    mode: str = "mode_balanced"      # mode_balanced | stepwise_grpo (γ = 0) | grpo (no token weights, γ = 0)
+    batch_prompts: int = 256         # B_RL prompts per step (global)
+    sft_batch: int = 256             # B_SFT expert trajectories per step (global)
+    mini_batches: int = 1            # optimizer updates per rollout batch (global batch / mini-batch)
+    group_size: int = 8              # G
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 1024
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    beta: float = 0.001              # k3 KL to the reference
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    adv_std_norm: bool = True        # divide group advantages by the group std (GRPO); False = Dr.GRPO-style
+    token_weights: List[float] = field(default_factory=lambda: [10.0, 10.0, 5.0])  # decision, steps 4-8 boxes, final
+    gate: str = "literal"            # literal (paper) | pred (ŷ == y_pred only; ordinal term live)
+    reward_gamma: float = 0.5
+    random_order: bool = False       # ablation: one shuffled pool instead of the curriculum
+    stages: List[StageConfig] = field(default_factory=lambda: [
+        StageConfig(easy=0.044, medium=0.556, hard=0.400, alpha=0.85, gamma=0.15),
+        StageConfig(easy=0.033, medium=0.410, hard=0.557, alpha=0.90, gamma=0.10),
+        StageConfig(easy=0.082, medium=0.262, hard=0.656, alpha=0.95, gamma=0.05),
+    ])
+    max_steps: int = 0               # 0 = run every stage to its end
+
+
+@dataclass
+class EvalConfig:
+    every: int = 10                  # RL steps between held-out evaluations (0 = only at the end)
+    max_rows: int = 0                # 0 = whole split
+    batch_size: int = 16
+    splits: List[str] = field(default_factory=lambda: ["industry", "longtail"])
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/demo"
+    seed: int = 0
+    device: str = "auto"             # auto | cpu | cuda
+    loss_backend: str = "auto"       # auto | triton | native | torch
+    engine: str = "embedded"         # embedded | sglang
+    checkpoint_every: int = 5        # RL steps between checkpoints (SFT: every epoch-quarter)
+    log_every: int = 1
+    resume: bool = False
+    stop_after: str = ""             # "" | sft | difficulty: end the run after that stage (tests, sweeps)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    difficulty: DifficultyConfig = field(default_factory=DifficultyConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def load_config(path: str | Path | None = DEMO_CONFIG, overrides: list[str] = ()) -> Config:
+    """Defaults ← YAML file ← dotted overrides (`rl.beta=0`), validated against the dataclasses."""
+    schema = OmegaConf.structured(Config)
+    try:
+        layers = [schema]
+        if path is not None:
+            if not Path(path).is_file():
+                raise ConfigError(f"{path}: config file not found")
+            layers.append(OmegaConf.load(path))
+        merged = OmegaConf.merge(*layers)
+        for item in overrides:
+            apply_override(merged, item)
+        cfg = OmegaConf.to_object(merged)
+    except (OmegaConfBaseException, TypeError) as e:
+        raise ConfigError(f"{path or '<defaults>'}: {e}".replace("\n", "; ")) from None
+    validate(cfg)
+    return cfg
+
+
+def apply_override(merged, item: str) -> None:
+    """`key.sub=value` (list items by index: `rl.stages.0.alpha=0.5`); the value is parsed as YAML."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. rl.beta=0")
+    if OmegaConf.select(merged, key, default="__missing__") == "__missing__":
+        raise ConfigError(f"override {item!r}: unknown key {key!r}")
+    OmegaConf.update(merged, key, yaml.safe_load(value), merge=True)
+
+
+def validate(cfg: Config) -> None:
+    checks = [
+        (cfg.rl.mode in ("mode_balanced", "stepwise_grpo", "grpo"), "rl.mode", cfg.rl.mode),
+        (cfg.rl.gate in ("literal", "pred"), "rl.gate", cfg.rl.gate),
+        (cfg.rl.group_size >= 2, "rl.group_size", cfg.rl.group_size),
+        (len(cfg.rl.token_weights) == 3, "rl.token_weights", cfg.rl.token_weights),
+        (len(cfg.rl.stages) >= 1, "rl.stages", len(cfg.rl.stages)),
+        (cfg.run.loss_backend in ("auto", "triton", "native", "torch"), "run.loss_backend", cfg.run.loss_backend),
+        (cfg.run.engine in ("embedded", "sglang"), "run.engine", cfg.run.engine),
+        (cfg.run.device in ("auto", "cpu", "cuda"), "run.device", cfg.run.device),
+        (cfg.run.stop_after in ("", "sft", "difficulty"), "run.stop_after", cfg.run.stop_after),
+        (cfg.model.dtype in ("float32", "bfloat16"), "model.dtype", cfg.model.dtype),
+        (cfg.data.instructions in ("full", "short"), "data.instructions", cfg.data.instructions),
+        (cfg.rl.mini_batches >= 1 and cfg.rl.batch_prompts % cfg.rl.mini_batches == 0,
+         "rl.mini_batches (must divide rl.batch_prompts)", cfg.rl.mini_batches),
+    ]
+    for ok, key, value in checks:
+        if not ok:
+            raise ConfigError(f"{key}: invalid value {value!r}")
+    for i, st in enumerate(cfg.rl.stages):
+        if min(st.easy, st.medium, st.hard) < 0 or st.easy + st.medium + st.hard <= 0:
+            raise ConfigError(f"rl.stages[{i}]: composition easy/medium/hard must be >= 0 and not all 0")
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

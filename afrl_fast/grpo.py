@@ -1,0 +1,33 @@
+"""Stepwise-GRPO advantages (paper §3.5.1, Algorithm 1 lines 5–6).
+
+Group-relative advantage of response k of prompt i:  Â_ik = (R_ik − mean_k R_i·) / (std_k R_i· + ε)
+(or without the std division: `std_norm=False`). Every token of the response carries Â_ik, times
+its stepwise weight w_t: λ at the decision token, at the boxed values of steps 4–8 and at the final
+grade (10 / 10 / 5 in Table 7), 1 elsewhere. Plain GRPO uses w_t = 1 everywhere.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+EPS = 1e-6
+
+
+def group_advantages(rewards: np.ndarray, group_size: int, std_norm: bool = True) -> np.ndarray:
+    """rewards [n_prompts·G] laid out group by group → advantages of the same shape."""
+    r = np.asarray(rewards, dtype=np.float64)
+    if r.size % group_size:
+        raise ValueError(f"{r.size} rewards is not a whole number of groups of {group_size}")
+    g = r.reshape(-1, group_size)
+    centred = g - g.mean(axis=1, keepdims=True)
+    if std_norm:
+        # unbiased std, as GRPO implementations use; a group of equal rewards gives 0, not 0/0
+        centred = centred / (g.std(axis=1, ddof=1, keepdims=True) + EPS)
+    return centred.reshape(-1).astype(np.float32)
+
+
+def token_advantages(advantages: np.ndarray, weights: list[np.ndarray]) -> np.ndarray:
+    """Per-token advantages: each response's Â times its per-token weights, concatenated."""
+    if len(advantages) != len(weights):
+        raise ValueError(f"{len(advantages)} advantages but {len(weights)} weight vectors")
+    parts = [a * np.asarray(w, dtype=np.float32) for a, w in zip(advantages, weights)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)

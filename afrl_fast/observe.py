@@ -1,0 +1,107 @@
+"""What a run leaves behind to be watched and audited: metrics.jsonl, TensorBoard, rollout logs.
+
+Only rank 0 writes. metrics.jsonl gets one JSON object per line, flushed at once so a killed run
+loses nothing it logged; on resume the lines past the checkpoint's step are dropped, so the file
+reads as if the run had never stopped.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .checkpoint import atomic_write_text
+
+log = logging.getLogger("afrl_fast")
+
+
+def setup_logging(is_main: bool) -> None:
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if hasattr(value, "item"):
+        return _clean(value.item())
+    return value
+
+
+class RunLog:
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True):
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self.path = self.run_dir / "metrics.jsonl"
+        self.tb = None
+        if enabled:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                    self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+                except ImportError:  # tensorboard is a dependency, but a missing one must not stop training
+                    log.warning("tensorboard is not installed: scalars go to metrics.jsonl only")
+
+    def truncate_after(self, step: int) -> None:
+        """Drop lines logged after `step` (they belong to the part of a killed run that is redone)."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by the kill
+        atomic_write_text(self.path, "".join(x + "\n" for x in kept))
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        record = {k: _clean(v) for k, v in record.items()}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            prefix = f"eval_{record['split']}/" if "split" in record else "train/"
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
+                    self.tb.add_scalar(prefix + k, v, record.get("step", 0))
+            self.tb.flush()
+
+    def write_rollouts(self, step: int, rows: dict) -> None:
+        """One Parquet file per RL step: prompt id, response, reward and gates, for auditing."""
+        if not self.enabled:
+            return
+        out = self.run_dir / "rollouts" / f"step_{step:06d}.parquet"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table(rows), out)
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+class Timer:
+    """Accumulates wall time per phase: with timer("rollout"): ..."""
+
+    def __init__(self):
+        self.totals: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - t0
+
+    def pop(self) -> dict[str, float]:
+        out, self.totals = {f"time_{k}": v for k, v in self.totals.items()}, {}
+        return out

@@ -1,0 +1,105 @@
+"""The policy: a causal LM plus the fused vocabulary-pass loss, as one module FSDP2 can shard.
+
+The LM head never runs as a module here: the decoder gives hidden states, we gather the rows that
+predict response tokens (hidden at t−1 predicts token t), and `afrl_fast.loss` streams them against
+the head weight chunk by chunk, so no [tokens, V] logits tensor ever exists (DESIGN §4). Wrapping
+the LM in `PolicyLoss` makes the head weight part of the root FSDP2 unit, so it is unsharded
+while forward runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .loss import fused_loss, token_logprobs
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TokenBatch:
+    """Sequences (prompt + response) right-padded into [B, T], and the response tokens as rows.
+
+    pred_index[i]: flat index (b·T + t−1) of the hidden state that predicts target i
+    targets[i]:    the token id at (b, t)
+    seq[i], pos[i]: which sequence, and the token's position inside its response
+    """
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    pred_index: torch.Tensor
+    targets: torch.Tensor
+    seq: torch.Tensor
+    pos: torch.Tensor
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.targets.numel())
+
+    def to(self, device):
+        return TokenBatch(*(getattr(self, f).to(device) for f in
+                            ("input_ids", "attention_mask", "pred_index", "targets", "seq", "pos")))
+
+
+def pack_sequences(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> TokenBatch:
+    """Right-pad prompt+response pairs; every response token becomes a target row."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+    B, T = len(prompts), max(lengths, default=1)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.long)
+    pred, tgt, seq, pos = [], [], [], []
+    for b, (p, r) in enumerate(zip(prompts, responses)):
+        if not p:
+            raise ValueError(f"sequence {b}: empty prompt (the first response token needs a context)")
+        ids[b, : lengths[b]] = torch.tensor(list(p) + list(r), dtype=torch.long)
+        mask[b, : lengths[b]] = 1
+        start = len(p)
+        pred.extend(b * T + start + j - 1 for j in range(len(r)))
+        tgt.extend(r)
+        seq.extend([b] * len(r))
+        pos.extend(range(len(r)))
+    as_long = lambda x: torch.tensor(x, dtype=torch.long)
+    return TokenBatch(ids, mask, as_long(pred), as_long(tgt), as_long(seq), as_long(pos))
+
+
+class PolicyLoss(nn.Module):
+    """forward(batch, mode="loss", **loss_args) → fused-loss output; mode="logprobs" → (logp, entropy)."""
+
+    def __init__(self, lm: nn.Module, loss_backend: str = "auto"):
+        super().__init__()
+        self.lm = lm
+        self.loss_backend = loss_backend
+
+    def hidden_rows(self, batch: TokenBatch) -> torch.Tensor:
+        out = self.lm.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        h = out.last_hidden_state
+        return h.reshape(-1, h.shape[-1])[batch.pred_index]
+
+    def forward(self, batch: TokenBatch, mode: str = "loss", temperature: float = 1.0, **loss_args):
+        hidden = self.hidden_rows(batch)
+        weight = self.lm.get_output_embeddings().weight
+        if mode == "logprobs":
+            return token_logprobs(hidden, weight, batch.targets, temperature=temperature,
+                                  backend=self.loss_backend)
+        return fused_loss(hidden, weight, batch.targets, temperature=temperature,
+                          backend=self.loss_backend, **loss_args)
+
+
+def build_lm(cfg: ModelConfig, vocab_size: int, dtype=torch.float32) -> nn.Module:
+    """A Hugging Face causal LM: loaded from cfg.path, or a fresh Qwen3 of the configured size."""
+    from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    if cfg.path:
+        return AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype,
+                                                    attn_implementation=cfg.attn_implementation)
+    config = Qwen3Config(
+        vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, tie_word_embeddings=True,
+        max_position_embeddings=8192, rope_theta=10000.0, attn_implementation=cfg.attn_implementation,
+    )
+    return Qwen3ForCausalLM(config).to(dtype)
