@@ -39,6 +39,8 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
 
 def sft_batches(n_examples: int, batch_size: int, epochs: float, seed: int):
     """Global batches of example indices for the whole SFT phase, as a list."""
+    if epochs <= 0 or n_examples == 0:
+        return []
     per_epoch = max(1, n_examples // batch_size)
     total = max(1, int(math.ceil(per_epoch * epochs)))
     out = []

@@ -1,0 +1,136 @@
+"""Rulebook loading/validation, the compiled decision tables, trace rendering, prompt and label tokens."""
+import itertools
+import re
+
+import numpy as np
+import pytest
+import yaml
+
+from afrl_fast.format import (FormatError, build_prompt, label_token_ids, load_tokenizer, render_trace)
+from afrl_fast.rulebook import DEFAULT_RULEBOOK, RulebookError, load_rulebook, parse_rulebook
+
+
+@pytest.fixture(scope="module")
+def rb():
+    return load_rulebook()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+def all_value_combos(rb):
+    for combo in itertools.product(*(s.values for s in rb.critical)):
+        yield dict(zip(rb.keys, combo))
+
+
+def table_label(rb, values):
+    """ŷ from the compiled integer tables, the way the verifier computes it."""
+    idx = [rb.value_index(k, values[k]) for k in rb.keys]
+    for mask, label in zip(rb.rule_masks, rb.rule_labels):
+        if all((int(mask[j]) >> idx[j]) & 1 for j in range(len(idx))):
+            return int(label)
+    return -1
+
+
+def test_default_rulebook_shape(rb):
+    assert len(rb.steps) == 9
+    assert [s.number for s in rb.critical] == [4, 5, 6, 7, 8]
+    assert len(rb.rules) >= 12
+    assert sum(r.tail for r in rb.rules) >= 4, "several long-tail rules"
+    assert not rb.rules[-1].when, "catch-all last"
+
+
+def test_compiled_tables_agree_with_decision_list_on_every_combo(rb):
+    n = 0
+    for values in all_value_combos(rb):
+        assert table_label(rb, values) == rb.expected_label(values)
+        n += 1
+    assert n == np.prod([len(s.values) for s in rb.critical])
+
+
+def test_every_rule_with_frequency_is_reachable(rb):
+    reached = {rb.first_rule(v).name for v in all_value_combos(rb)}
+    for r in rb.rules:
+        if r.freq > 0:
+            assert r.name in reached, f"rule {r.name} is shadowed by earlier rules"
+
+
+def _default_data():
+    return yaml.safe_load(DEFAULT_RULEBOOK.read_text())
+
+
+@pytest.mark.parametrize("mutate, needle", [
+    (lambda d: d["steps"].pop(), "exactly 9"),
+    (lambda d: d["steps"][3].pop("values"), "steps[3].values"),
+    (lambda d: d["steps"][4]["values"].append("con{sistent"), "steps[4].values"),
+    (lambda d: d["steps"][0].update(values=["a"]), "steps[0]"),
+    (lambda d: d["rules"][0].update(label=7), "rules[0].label"),
+    (lambda d: d["rules"][1]["when"].update(intnet=["full"]), "rules[1].when.intnet"),
+    (lambda d: d["rules"][1]["when"].update(intent=["fully"]), "rules[1].when.intent"),
+    (lambda d: d["rules"].pop(), "catch-all"),
+    (lambda d: d.update(extra=1), "extra"),
+    (lambda d: d["rules"][0].update(freq=-1), "rules[0].freq"),
+])
+def test_bad_rulebooks_name_the_key(mutate, needle):
+    data = _default_data()
+    mutate(data)
+    with pytest.raises(RulebookError) as e:
+        parse_rulebook(data, "bad.yaml")
+    assert "bad.yaml" in str(e.value) and needle in str(e.value)
+
+
+def test_missing_and_invalid_yaml_files(tmp_path):
+    with pytest.raises(RulebookError, match="not found"):
+        load_rulebook(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: [unclosed")
+    with pytest.raises(RulebookError, match="bad.yaml"):
+        load_rulebook(bad)
+
+
+def test_render_trace_follows_the_grammar(rb):
+    rng = np.random.default_rng(0)
+    combos = list(all_value_combos(rb))
+    for i in rng.choice(len(combos), 50, replace=False):
+        values = combos[i]
+        label = rb.expected_label(values)
+        text = render_trace(rb, label, values, free={1: "find {x}", 3: "Acme\nCorp"},
+                            reasons={4: "a \\ reason {with} braces"})
+        lines = text.split("\n")
+        assert lines[0] == str(label) and len(lines) == 11
+        for step, line in zip(rb.steps, lines[1:10]):
+            m = re.fullmatch(rf"Step {step.number} \({re.escape(step.name)}\): ([^\n{{}}]*)\\boxed\{{([^\n{{}}]+)\}}", line)
+            assert m, line
+            if step.key:
+                assert m.group(2) == values[step.key]
+        assert lines[10] == f"Final: \\boxed{{{label}}}"
+
+
+def test_render_trace_rejects_out_of_vocab(rb):
+    values = {k: s.values[0] for k, s in zip(rb.keys, rb.critical)}
+    values["intent"] = "maybe"
+    with pytest.raises(FormatError, match="intent"):
+        render_trace(rb, 1, values)
+    with pytest.raises(FormatError, match="label"):
+        render_trace(rb, 5, {k: s.values[0] for k, s in zip(rb.keys, rb.critical)})
+
+
+def test_label_tokens_and_prompt_with_real_qwen3_tokenizer(rb, tok):
+    ids = label_token_ids(tok)
+    assert [tok.decode([i]) for i in ids] == ["0", "1", "2", "3", "4"]
+    prompt = build_prompt(tok, rb, "acme x200 battery life", "The Acme X200 lasts 20 hours.")
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n"), "thinking disabled, answer next"
+    assert "acme x200 battery life" in prompt and "Intent match" in prompt
+    # the grade is the first token after the prompt: prompt + "2\n..." tokenizes with "2" on its own
+    enc = tok.encode(prompt + "2\nStep 1", add_special_tokens=False)
+    assert enc[len(tok.encode(prompt, add_special_tokens=False))] == ids[2]
+
+
+def test_label_tokens_error_for_a_tokenizer_that_splits_digits():
+    class Splitting:
+        def encode(self, text, add_special_tokens=False):
+            return [1, 2] if text == "3" else [ord(text)]
+    with pytest.raises(FormatError, match="label 3 is 2 tokens"):
+        label_token_ids(Splitting())
