@@ -14,7 +14,7 @@ setup(
     install_requires=[
         "torch>=2.5",
         "triton>=3.1",
-        "transformers>=4.51",
+        "transformers>=5.0,<6",
         "numba>=0.60",
         "pyarrow>=15",
         "numpy>=1.26",
