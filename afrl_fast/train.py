@@ -33,7 +33,7 @@ from afrl_fast import checkpoint as C
 from afrl_fast import dist as D
 from afrl_fast.config import DEMO_CONFIG, ConfigError, load_config, to_yaml
 from afrl_fast.curriculum import build_stages, difficulty_bucket, stage_batch, stage_schedule
-from afrl_fast.data import read_pairs, synthesize_splits
+from afrl_fast.data import read_pairs, synthesize, write_table
 from afrl_fast.evaluate import FirstTokenScorer
 from afrl_fast.format import build_prompt, load_tokenizer
 from afrl_fast.metrics import compute_metrics
@@ -63,8 +63,9 @@ def prepare_data(cfg, run_dir: Path, rulebook, info) -> dict:
     """The three splits as pyarrow tables; synthesized into the run folder when no data.dir is given."""
     data_dir = Path(cfg.data.dir) if cfg.data.dir else run_dir / "data"
     if not cfg.data.dir and info.is_main and not all((data_dir / f"{s}.parquet").exists() for s in SPLITS):
-        synthesize_splits(data_dir, n_train=cfg.data.n_train, n_eval=cfg.data.n_eval,
-                          seed=cfg.data.seed, rulebook=rulebook)
+        for split in SPLITS:
+            n = cfg.data.n_train if split == "train" else cfg.data.n_eval
+            write_table(synthesize(n, cfg.data.seed, rulebook, split), data_dir / f"{split}.parquet")
     D.barrier()
     return {s: read_pairs(data_dir / f"{s}.parquet", require_trace=(s == "train")) for s in SPLITS}
 
@@ -133,19 +134,24 @@ class Engine:
     engine decodes with the policy's own LM; with FSDP it holds a full copy refreshed after every
     optimizer step (the same push SGLang's update_weights_from_tensor receives)."""
 
-    def __init__(self, cfg, policy, tokenizer, info):
-        self.policy, self.info = policy, info
+    def __init__(self, cfg, policy, tokenizer, info, run_dir: Path):
+        self.policy, self.info, self.kind = policy, info, cfg.run.engine
         lm = policy.lm
         if D.is_distributed():
             lm = type(policy.lm)(policy.lm.config).to(info.device)
             lm.load_state_dict(strip_prefix(D.full_model_state(policy)))
-        self.lm = lm
-        self.engine = make_engine(cfg.run.engine, model=lm, tokenizer=tokenizer, device=info.device)
+        self.lm = lm  # a full copy of the policy on this rank: first-token evaluation scores with it
+        if self.kind == "sglang":
+            # SGLang loads from disk once, then receives every update in memory (sync below)
+            export_model(policy, tokenizer, run_dir / "engine_init", info)
+            self.engine = make_engine("sglang", model_path=str(run_dir / "engine_init"), tokenizer=tokenizer)
+        else:
+            self.engine = make_engine("embedded", model=lm, tokenizer=tokenizer, device=info.device)
 
     def sync(self):
         if D.is_distributed():
             self.lm.load_state_dict(strip_prefix(D.full_model_state(self.policy)))
-        self.engine.update_weights(self.lm)
+        self.engine.sync_weights(self.lm if self.kind == "embedded" else self.lm.state_dict())
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -256,7 +262,7 @@ def main(argv=None) -> int:
         log.info("resumed at phase %s, step %d", progress["phase"], progress["step"])
     elif info.is_main and runlog.path.exists():
         runlog.path.unlink()  # a fresh run in an old folder starts a fresh log
-    engine = Engine(cfg, policy, tokenizer, info)
+    engine = Engine(cfg, policy, tokenizer, info, run_dir)
     evaluate = lambda names: evaluate_splits(engine.lm, tokenizer, rulebook, tables, names, cfg, info,
                                              instructions)
     eval_names = list(cfg.eval.splits)

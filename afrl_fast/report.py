@@ -1,0 +1,293 @@
+"""Draw a run's metrics.jsonl as PNGs in the spirit of the paper's Figures 3-5.
+
+    python -m afrl_fast.report RUN_DIR [--out DIR]      # default out: RUN_DIR/plots
+
+Figures (each skipped, with a printed note, when its fields were never logged):
+  eval_over_training.png  Pair-ACC / Macro-F1 / 5-ACC per eval split (Fig. 3, Fig. 5)
+  reward_entropy.png      reward mean (+-std) and entropy; KL and clip fraction below (Fig. 4)
+  gates.png               format / consistency / logic gate pass rates
+  time_split.png          seconds per step spent in rollout / verify / log-probs / loss / optimizer
+Curriculum stage changes are drawn as dashed vertical lines on every step axis.
+
+We build `matplotlib.figure.Figure` objects directly instead of going through pyplot: no global
+figure registry to leak into, and no display backend is ever touched (Agg renders the PNG).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import warnings
+from pathlib import Path
+
+from matplotlib.figure import Figure
+from matplotlib.transforms import blended_transform_factory
+
+EVAL_METRICS = [("pair_acc", "Pair-ACC"), ("macro_f1", "Macro-F1"), ("acc5", "5-ACC")]
+GATES = [("fmt_rate", "format"), ("cst_rate", "consistency"), ("logic_rate", "logic")]
+TIME_PARTS = [("time_rollout", "rollout"), ("time_verify", "verify"),
+              ("time_logprobs", "log-probs"), ("time_loss", "loss"),
+              ("time_optimizer", "optimizer")]
+DPI = 110
+
+
+# ---------------------------------------------------------------- loading
+
+def load_metrics(path) -> tuple[list[dict], list[dict]]:
+    """Read metrics.jsonl into (train_rows, eval_rows), in file order.
+
+    A line is an evaluation line iff it has `split`. A torn last line (the run was killed while
+    writing) is skipped with a warning; a bad line anywhere else means the file was damaged or
+    written by something else, so we stop with the file and line number instead of guessing.
+    """
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    train, evals = [], []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        row = _parse_line(path, i + 1, line, is_last=(i == last))
+        if row is not None:
+            (evals if "split" in row else train).append(row)
+    return train, evals
+
+
+def _parse_line(path: Path, lineno: int, line: str, is_last: bool) -> dict | None:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        if is_last:
+            warnings.warn(f"{path}:{lineno}: skipping truncated last line ({err.msg})",
+                          stacklevel=3)
+            return None
+        raise ValueError(f"{path}:{lineno}: invalid JSON line: {err.msg}") from err
+    if not isinstance(row, dict) or "step" not in row:
+        raise ValueError(f"{path}:{lineno}: expected a JSON object with a 'step' field")
+    return row
+
+
+def _series(rows: list[dict], key: str) -> tuple[list, list[float]]:
+    """(steps, values) of the rows carrying `key`; a logged null (non-finite) becomes NaN."""
+    picked = [r for r in rows if key in r]
+    return [r["step"] for r in picked], [_num(r[key]) for r in picked]
+
+
+def _num(value) -> float:
+    return math.nan if value is None else float(value)
+
+
+def _has(rows: list[dict], key: str) -> bool:
+    return any(r.get(key) is not None for r in rows)
+
+
+def stage_boundaries(train_rows: list[dict]) -> list[tuple[int, str]]:
+    """(step, new stage) wherever `stage` changes from one training line to the next."""
+    out, previous = [], None
+    for row in train_rows:
+        stage = row.get("stage")
+        if stage is None:
+            continue
+        if previous is not None and stage != previous:
+            out.append((row["step"], str(stage)))
+        previous = stage
+    return out
+
+
+# ---------------------------------------------------------------- drawing helpers
+
+def _mark_stages(ax, boundaries, label: bool = True) -> None:
+    # x in data units, y in axes units so the label sits at the top whatever the y range is.
+    trans = blended_transform_factory(ax.transData, ax.transAxes)
+    for step, stage in boundaries:
+        # Drawn above the data: under a stacked area the line would vanish.
+        ax.axvline(step, color="0.3", linestyle="--", linewidth=1, alpha=0.8, zorder=3)
+        if label:
+            # A faint white box keeps the label readable where a curve runs through it.
+            ax.text(step, 0.98, stage, transform=trans, rotation=90, va="top", ha="left",
+                    fontsize=8, color="0.2", zorder=4,
+                    bbox=dict(boxstyle="square,pad=0.1", fc="white", ec="none", alpha=0.7))
+
+
+def _style(ax, title: str, ylabel: str | None = None, xlabel: bool = True) -> None:
+    ax.set_title(title)
+    if xlabel:
+        ax.set_xlabel("step")
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+
+
+def _save(fig: Figure, out_dir: Path, name: str) -> Path:
+    path = out_dir / name
+    fig.savefig(path, dpi=DPI)
+    return path
+
+
+def _note(name: str, why: str) -> None:
+    print(f"note: skipping {name}: {why}")
+
+
+# ---------------------------------------------------------------- figures
+
+def plot_eval(eval_rows, boundaries, out_dir: Path) -> Path | None:
+    name = "eval_over_training.png"
+    metrics = [(k, t) for k, t in EVAL_METRICS if _has(eval_rows, k)]
+    if not metrics:
+        _note(name, "no evaluation lines with pair_acc / macro_f1 / acc5")
+        return None
+    splits = list(dict.fromkeys(str(r["split"]) for r in eval_rows))  # first-seen order
+    fig = Figure(figsize=(5 * len(metrics), 4), layout="constrained")
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    for ax, (key, title) in zip(axes, metrics):
+        for split in splits:
+            steps, values = _series([r for r in eval_rows if str(r["split"]) == split], key)
+            if steps:
+                ax.plot(steps, values, marker="o", markersize=3, label=split)
+        _mark_stages(ax, boundaries)
+        _style(ax, title)
+    axes[0].legend(title="split", fontsize=8)
+    fig.suptitle("Evaluation over training")
+    return _save(fig, out_dir, name)
+
+
+def plot_reward_entropy(train_rows, boundaries, out_dir: Path) -> Path | None:
+    name = "reward_entropy.png"
+    # RL lines are the ones with a reward; SFT lines would only flatten the entropy panel.
+    rl = [r for r in train_rows if r.get("reward_mean") is not None]
+    if not rl:
+        _note(name, "no RL lines with reward_mean")
+        return None
+    fig = Figure(figsize=(11, 7), layout="constrained")
+    (ax_r, ax_e), (ax_k, ax_c) = fig.subplots(2, 2, sharex=True)
+    _reward_panel(ax_r, rl)
+    for ax, key, title in [(ax_e, "entropy", "Policy entropy"), (ax_k, "kl", "KL to reference"),
+                           (ax_c, "clip_frac", "Clip fraction")]:
+        if _has(rl, key):
+            ax.plot(*_series(rl, key), color="C1" if key == "entropy" else "C2")
+        else:
+            ax.text(0.5, 0.5, f"{key} not logged", ha="center", va="center",
+                    transform=ax.transAxes, color="0.5")
+        _style(ax, title, xlabel=ax is not ax_e)  # shared x: label the bottom row only
+    # RL axes only show RL steps: the SFT->RL boundary sits at the left edge and still helps.
+    for ax in (ax_r, ax_e, ax_k, ax_c):
+        _mark_stages(ax, boundaries)
+    fig.suptitle("RL dynamics")
+    return _save(fig, out_dir, name)
+
+
+def _reward_panel(ax, rl_rows) -> None:
+    steps, mean = _series(rl_rows, "reward_mean")
+    ax.plot(steps, mean, color="C0", label="reward mean")
+    if _has(rl_rows, "reward_std"):
+        rows = [r for r in rl_rows if r.get("reward_std") is not None]
+        s, m = _series(rows, "reward_mean")
+        std = [_num(r["reward_std"]) for r in rows]
+        ax.fill_between(s, [a - b for a, b in zip(m, std)], [a + b for a, b in zip(m, std)],
+                        color="C0", alpha=0.2, linewidth=0, label="±1 std")
+        ax.legend(fontsize=8, loc="lower right")
+    _style(ax, "Reward", xlabel=False)
+
+
+def plot_gates(train_rows, boundaries, out_dir: Path) -> Path | None:
+    name = "gates.png"
+    gates = [(k, t) for k, t in GATES if _has(train_rows, k)]
+    if not gates:
+        _note(name, "no fmt_rate / cst_rate / logic_rate logged")
+        return None
+    fig = Figure(figsize=(9, 4), layout="constrained")
+    ax = fig.subplots()
+    for key, label in gates:
+        ax.plot(*_series(train_rows, key), label=label)
+    # Rates: a fixed 0..1 axis keeps small dips from looking dramatic; the headroom above 1
+    # keeps the stage labels off curves that sit at 100%.
+    ax.set_ylim(-0.02, 1.15)
+    _mark_stages(ax, boundaries)
+    _style(ax, "Reward gate pass rates", "pass rate")
+    ax.legend(fontsize=8, loc="lower right")
+    return _save(fig, out_dir, name)
+
+
+def plot_time_split(train_rows, boundaries, out_dir: Path) -> Path | None:
+    name = "time_split.png"
+    parts = [(k, t) for k, t in TIME_PARTS if _has(train_rows, k)]
+    if not parts:
+        _note(name, "no time_* fields logged")
+        return None
+    rows = [r for r in train_rows if any(r.get(k) is not None for k, _ in parts)]
+    steps = [r["step"] for r in rows]
+    # A phase missing on some step took no time there; 0 keeps the stack contiguous.
+    stacks = [[_num(r.get(k)) if r.get(k) is not None else 0.0 for r in rows] for k, _ in parts]
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    ax, ax_share = fig.subplots(1, 2, width_ratios=[4, 1])
+    ax.stackplot(steps, stacks, labels=[t for _, t in parts], alpha=0.85)
+    _mark_stages(ax, boundaries)
+    _style(ax, "Time per step", "seconds")
+    # Headroom above the tallest step keeps the stage labels off the stack; the legend goes
+    # below the axis, where it hides neither data nor labels.
+    ax.set_ylim(0, 1.2 * max(map(sum, zip(*stacks))) or 1.0)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=len(parts),
+              frameon=False)
+    _share_bar(ax_share, parts, stacks)
+    return _save(fig, out_dir, name)
+
+
+def _share_bar(ax, parts, stacks) -> None:
+    """One stacked bar of each phase's share of the whole run: where the time went, at a glance."""
+    totals = [sum(v for v in s if not math.isnan(v)) for s in stacks]
+    grand = sum(totals) or 1.0
+    bottom = 0.0
+    for i, ((_, label), total) in enumerate(zip(parts, totals)):
+        share = 100 * total / grand
+        ax.bar(0, share, bottom=bottom, color=f"C{i}", alpha=0.85, width=0.6)
+        if share >= 6:  # smaller slices would print unreadable, overlapping labels
+            ax.text(0, bottom + share / 2, f"{label}\n{share:.0f}%", ha="center",
+                    va="center", fontsize=8)
+        bottom += share
+    ax.set_xlim(-0.5, 0.5)
+    ax.set_ylim(0, 100)
+    ax.set_xticks([])
+    ax.set_title("Share of run")
+    ax.set_ylabel("%")
+
+
+# ---------------------------------------------------------------- entry points
+
+def draw_report(run_dir, out_dir=None) -> list[Path]:
+    """Draw every figure the run's metrics allow; return the PNG paths written."""
+    run_dir = Path(run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        raise FileNotFoundError(f"{metrics} not found (is {run_dir} a run folder?)")
+    out_dir = Path(out_dir) if out_dir is not None else run_dir / "plots"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train, evals = load_metrics(metrics)
+    boundaries = stage_boundaries(train)
+    written = [plot_eval(evals, boundaries, out_dir),
+               plot_reward_entropy(train, boundaries, out_dir),
+               plot_gates(train, boundaries, out_dir),
+               plot_time_split(train, boundaries, out_dir)]
+    return [p for p in written if p is not None]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m afrl_fast.report",
+                                     description="Draw PNG plots from RUN_DIR/metrics.jsonl.")
+    parser.add_argument("run_dir", type=Path, help="training run folder holding metrics.jsonl")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (RUN_DIR/plots)")
+    args = parser.parse_args(argv)
+    try:
+        paths = draw_report(args.run_dir, args.out)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    for path in paths:
+        print(path)
+    if not paths:
+        print("note: nothing to draw")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
