@@ -45,6 +45,7 @@ class DataConfig:
     n_train: int = 1200
     n_eval: int = 160                # rows of each synthetic evaluation split
     seed: int = 0
+    reasons: bool = True             # synthetic traces write a reason sentence before each box
     rulebook: Optional[str] = None      # None = configs/rulebook/default.yaml
     instructions: str = "full"       # full = the rulebook rendered as expert policy; short = its one-paragraph summary
     max_prompt_tokens: int = 4096

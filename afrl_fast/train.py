@@ -33,7 +33,7 @@ from afrl_fast import checkpoint as C
 from afrl_fast import dist as D
 from afrl_fast.config import DEMO_CONFIG, ConfigError, load_config, to_yaml
 from afrl_fast.curriculum import build_stages, difficulty_bucket, stage_batch, stage_schedule
-from afrl_fast.data import read_pairs, synthesize, write_table
+from afrl_fast.data import read_pairs, write_synthetic_splits
 from afrl_fast.evaluate import FirstTokenScorer
 from afrl_fast.format import build_prompt, load_tokenizer
 from afrl_fast.metrics import compute_metrics
@@ -63,9 +63,8 @@ def prepare_data(cfg, run_dir: Path, rulebook, info) -> dict:
     """The three splits as pyarrow tables; synthesized into the run folder when no data.dir is given."""
     data_dir = Path(cfg.data.dir) if cfg.data.dir else run_dir / "data"
     if not cfg.data.dir and info.is_main and not all((data_dir / f"{s}.parquet").exists() for s in SPLITS):
-        for split in SPLITS:
-            n = cfg.data.n_train if split == "train" else cfg.data.n_eval
-            write_table(synthesize(n, cfg.data.seed, rulebook, split), data_dir / f"{split}.parquet")
+        write_synthetic_splits(data_dir, cfg.data.n_train, cfg.data.seed, rulebook, n_industry=cfg.data.n_eval,
+                               n_longtail=cfg.data.n_eval, reasons=cfg.data.reasons)
     D.barrier()
     return {s: read_pairs(data_dir / f"{s}.parquet", require_trace=(s == "train")) for s in SPLITS}
 
