@@ -69,6 +69,7 @@ class DifficultyConfig:
     temperature: float = 1.0
     easy_min: int = 7                # Acc@8 >= 7 correct: Easy
     medium_min: int = 2              # 2..6: Medium; 1: Hard; 0: dropped (paper §4.1)
+    drop_unsolved: bool = True       # False keeps 0-correct prompts in Hard (smoke tests of an untrained model)
 
 
 @dataclass

@@ -14,13 +14,14 @@ import numpy as np
 BUCKETS = ("easy", "medium", "hard")
 
 
-def difficulty_bucket(n_correct: int, easy_min: int = 7, medium_min: int = 2) -> str:
-    """'easy' | 'medium' | 'hard' | 'dropped' from the count of correct samples."""
+def difficulty_bucket(n_correct: int, easy_min: int = 7, medium_min: int = 2, drop_unsolved: bool = True) -> str:
+    """'easy' | 'medium' | 'hard' | 'dropped' from the count of correct samples.
+    drop_unsolved=False keeps never-solved prompts in Hard (smoke tests of an untrained model)."""
     if n_correct >= easy_min:
         return "easy"
     if n_correct >= medium_min:
         return "medium"
-    if n_correct >= 1:
+    if n_correct >= 1 or not drop_unsolved:
         return "hard"
     return "dropped"
 

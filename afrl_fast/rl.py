@@ -36,23 +36,26 @@ class Rollouts:
     result: object                   # VerifyResult
 
 
-def prompt_seed(run_seed: int, step: int, prompt_index: int) -> int:
-    """Sampling seed of one prompt's group: fixed by (run seed, step, prompt), so samples do not
-    depend on how prompts are split over ranks or on where a resumed run restarted."""
-    return int(np.random.default_rng([run_seed, step, prompt_index]).integers(2**62))
+STREAM_RL, STREAM_DIFFICULTY, STREAM_EVAL = 0, 1, 2
+
+
+def prompt_seed(run_seed: int, stream: int, step: int, prompt_index: int) -> int:
+    """Sampling seed of one prompt's group: fixed by (run seed, stream, step, prompt), so samples do
+    not depend on how prompts are split over ranks or on where a resumed run restarted."""
+    return int(np.random.default_rng([run_seed, stream, step, prompt_index]).integers(2**62))
 
 
 def rollout_and_verify(engine, tokenizer, rulebook, reward_cfg: RewardConfig, prompt_indices: list[int],
                        prompt_ids: list[list[int]], labels: list[int], *, group_size: int,
                        temperature: float, top_p: float, max_new_tokens: int, run_seed: int,
-                       step: int) -> Rollouts:
+                       step: int, stream: int = STREAM_RL) -> Rollouts:
     """G samples per prompt, decoded and verified. Shared by difficulty estimation and RL."""
     # one call per prompt, each with its own seed: samples are then the same whatever the split
     # of prompts over ranks (2 ranks reproduce 1) and wherever a resumed run restarted
     groups = []
     for i, ids in zip(prompt_indices, prompt_ids):
         groups += engine.generate_groups([ids], group_size=group_size, temperature=temperature, top_p=top_p,
-                                         max_new_tokens=max_new_tokens, seed=prompt_seed(run_seed, step, i))
+                                         max_new_tokens=max_new_tokens, seed=prompt_seed(run_seed, stream, step, i))
     out = Rollouts([], [], [], [], [], None, None)
     flat_labels = []
     for idx, g, label in zip(prompt_indices, groups, labels):

@@ -39,7 +39,8 @@ from afrl_fast.format import build_prompt, load_tokenizer
 from afrl_fast.metrics import compute_metrics
 from afrl_fast.observe import RunLog, Timer, log, setup_logging
 from afrl_fast.policy import PolicyLoss, build_lm, pack_sequences
-from afrl_fast.rl import forward_logprobs, rl_loss_backward, rl_token_advantages, rollout_and_verify
+from afrl_fast.rl import (STREAM_DIFFICULTY, STREAM_EVAL, forward_logprobs, rl_loss_backward,
+                          rl_token_advantages, rollout_and_verify)
 from afrl_fast.rollout import make_engine
 from afrl_fast.rulebook import load_rulebook
 from afrl_fast.sft import lr_at, optimizer_step, sft_batches, sft_loss
@@ -195,10 +196,11 @@ def trace_validity(engine, tokenizer, rulebook, prompt_ids, labels, n: int, cfg,
     n = min(n, len(prompt_ids))
     ro = rollout_and_verify(engine.engine, tokenizer, rulebook, RewardConfig(gate="literal"), list(range(n)),
                             prompt_ids[:n], labels[:n], group_size=1, temperature=0.0, top_p=1.0,
-                            max_new_tokens=cfg.rl.max_new_tokens, run_seed=seed, step=-2)
+                            max_new_tokens=cfg.rl.max_new_tokens, run_seed=seed, step=0,
+                            stream=STREAM_EVAL)
     res = ro.result
     return {"trace_fmt_rate": float(res.fmt.mean()), "trace_cst_rate": float(res.cst.mean()),
-            "trace_logic_rate": float((res.y_hat == res.y_dec).mean()), "n_traces": n}
+            "trace_logic_rate": float((res.fmt & (res.y_hat == res.y_dec)).mean()), "n_traces": n}
 
 
 def results_table(rows: dict, names) -> str:
@@ -358,7 +360,8 @@ def estimate_difficulty(engine, tokenizer, rulebook, prompt_ids, labels, n_promp
         ro = rollout_and_verify(engine.engine, tokenizer, rulebook, reward_cfg, idx, [prompt_ids[i] for i in idx],
                                 [labels[i] for i in idx], group_size=cfg.difficulty.group_size,
                                 temperature=cfg.difficulty.temperature, top_p=1.0,
-                                max_new_tokens=cfg.rl.max_new_tokens, run_seed=cfg.run.seed, step=-1)
+                                max_new_tokens=cfg.rl.max_new_tokens, run_seed=cfg.run.seed, step=0,
+                                stream=STREAM_DIFFICULTY)
         g = cfg.difficulty.group_size
         correct = (ro.result.y_dec == ro.labels).reshape(-1, g).sum(1)
         fmt = ro.result.fmt.reshape(-1, g).sum(1)
@@ -375,7 +378,8 @@ def write_difficulty(path: Path, table, counts: np.ndarray, cfg) -> None:
     import pyarrow.parquet as pq
 
     n = len(counts)
-    buckets = [difficulty_bucket(int(c), cfg.difficulty.easy_min, cfg.difficulty.medium_min) for c in counts[:, 0]]
+    d = cfg.difficulty
+    buckets = [difficulty_bucket(int(c), d.easy_min, d.medium_min, d.drop_unsolved) for c in counts[:, 0]]
     out = pa.table({"prompt_index": np.arange(n), "query_id": table.column("query_id").slice(0, n),
                     "doc_id": table.column("doc_id").slice(0, n), "label": table.column("label").slice(0, n),
                     "n_correct": counts[:, 0], "n_valid_format": counts[:, 1],

@@ -55,6 +55,7 @@ def test_token_advantages_scale_by_weights():
                                      (0, "dropped")])
 def test_difficulty_buckets_follow_the_paper(n, want):
     assert difficulty_bucket(n) == want
+    assert difficulty_bucket(n, drop_unsolved=False) == ("hard" if want == "dropped" else want)
 
 
 def test_stages_follow_composition_and_schedule():

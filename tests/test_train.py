@@ -22,7 +22,7 @@ TINY = [
     "model.head_dim=16", "model.intermediate_size=64",
     "data.n_train=32", "data.n_eval=12", "data.max_response_tokens=400",
     "sft.epochs=1", "sft.batch_size=4", "sft.lr=1e-2", "sft.warmup_steps=1",
-    "difficulty.max_prompts=8", "difficulty.group_size=4",
+    "difficulty.max_prompts=8", "difficulty.group_size=4", "difficulty.drop_unsolved=false",
     "rl.group_size=4", "rl.batch_prompts=2", "rl.sft_batch=2", "rl.max_new_tokens=12", "rl.lr=1e-3",
     "rl.stages.0.size=2", "rl.stages.1.size=2", "rl.stages.2.size=2",
     "eval.every=2", "eval.batch_size=8", "run.checkpoint_every=1",
