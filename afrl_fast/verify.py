@@ -1,0 +1,612 @@
+r"""The compiled batch rule verifier and the AFRL reward (DESIGN §3, paper §3.4, Eq. 6–7).
+
+One response is checked against the grammar in `afrl_fast.format` (its module docstring), byte for
+byte: the decision digit, nine `Step i (NAME_i): TEXT\boxed{VALUE}` lines in order with the
+rulebook's exact names, steps 4–8 boxing a value of their closed vocabulary, `Final: \boxed{D}` and
+only whitespace after it. From the boxed values the rulebook's decision list gives ŷ, and
+
+    R = I_fmt · I_cst · I_logic · (α·R_res + β·R_cot)                                  (Eq. 6)
+    R_res = 1 if y_pred == y_gt else −γ·|y_pred − y_gt|                              (Eq. 7)
+
+with y_pred = y_dec (the first token), R_cot = 1 whenever the gate passes, and the format
+penalty (−1 by default) in place of R when I_fmt fails.
+
+The batch pass takes an Arrow string array as it is: its offsets and UTF-8 data buffer are viewed
+as numpy arrays without copying, the rulebook becomes a few integer tables, and one numba
+`njit(parallel=True)` loop over the responses fills flat result arrays (gates, labels, value indices,
+rewards and the character spans of the tokens the trainer up-weights). `tests/reference_verifier.py`
+implements the same rules with `re` and is the oracle the tests compare against.
+
+`response_token_offsets` + `token_weights` turn those spans into per-token advantage weights
+(w_decision, w_trace, w_final of the paper's Table 7, Algorithm 1 line 6).
+
+CLI:  python -m afrl_fast.verify --responses IN.parquet --out OUT.parquet [--gate pred]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from numba import njit, prange
+
+from .format import BOX_OPEN
+from .rulebook import CRITICAL_STEPS, LABELS, N_CRITICAL, N_STEPS, Rulebook, RulebookError, load_rulebook
+
+GATES = ("literal", "pred")
+N_SPANS = 2 + N_CRITICAL            # decision digit, the five critical values, final digit
+SPAN_NAMES = ("dec",) + tuple(f"s{n}" for n in CRITICAL_STEPS) + ("final",)
+VALUE_COLUMNS = tuple(f"s{n}_value" for n in CRITICAL_STEPS)
+RESULT_COLUMNS = ("fmt", "cst", "logic", "y_dec", "y_final", "y_hat") + VALUE_COLUMNS + ("reward",) + \
+    tuple(f"{s}_{side}" for s in SPAN_NAMES for side in ("start", "end"))
+_MAX_OFFSET32 = 2**31 - 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Reward configuration
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """Coefficients of Eq. 6–7 and the gate.
+
+    alpha, beta: the paper's weights of R_res and R_cot (0.72 / 0.28).
+    gamma: the ordinal slope of Eq. 7. The paper does not give its value; 0.5 means a prediction
+        one grade off scores −0.5 in R_res, two grades off −1.0, and so on.
+    format_penalty: the reward of a response that breaks the format (replaces Eq. 6).
+    gate: "literal" is the paper's I_logic (ŷ == y_pred and ŷ == y_gt). Under it a passing gate
+        implies y_pred == y_gt, so R_res is always 1 and rewards are only 1.0, 0 or the penalty.
+        "pred" checks only ŷ == y_pred (the trace supports the answer given), which makes the
+        ordinal term −γ·|y_pred − y_gt| reachable.
+    An unknown label (y_gt = −1) fails the gate under both settings: the literal gate cannot hold,
+    and under "pred" R_res would be undefined, so the response earns 0 unless the format fails.
+    """
+    alpha: float = 0.72
+    beta: float = 0.28
+    gamma: float = 0.5
+    format_penalty: float = -1.0
+    gate: str = "literal"
+
+    def __post_init__(self):
+        for name in ("alpha", "beta", "gamma", "format_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"RewardConfig.{name} must be a finite number, got {value!r}")
+        for name in ("alpha", "beta", "gamma"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"RewardConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.gate not in GATES:
+            raise ValueError(f"RewardConfig.gate must be one of {GATES}, got {self.gate!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The rulebook as integer tables
+# ----------------------------------------------------------------------------------------------
+
+def _flat_bytes(strings) -> tuple[np.ndarray, np.ndarray]:
+    """UTF-8 bytes of all strings back to back (uint8) and their start offsets (int64, len+1)."""
+    encoded = [s.encode("utf-8") for s in strings]
+    starts = np.zeros(len(encoded) + 1, dtype=np.int64)
+    starts[1:] = np.cumsum([len(b) for b in encoded])
+    return np.frombuffer(b"".join(encoded), dtype=np.uint8).copy(), starts
+
+
+@dataclass(frozen=True)
+class CompiledRulebook:
+    """What the numba pass needs of a rulebook, as plain arrays.
+
+    prefixes / prefix_starts: the 10 fixed line openings "Step i (NAME_i): " and "Final: \\boxed{"
+    prefix_cont:              [10] UTF-8 continuation bytes in each opening (bytes - characters)
+    vocab / vocab_starts:     every value of steps 4-8 back to back, and where each one starts
+    step_vocab:               [6] value k of critical step j is entry step_vocab[j] + k
+    rule_masks, rule_labels:  the decision list (see rulebook.compile_tables)
+    """
+    prefixes: np.ndarray
+    prefix_starts: np.ndarray
+    prefix_cont: np.ndarray
+    vocab: np.ndarray
+    vocab_starts: np.ndarray
+    step_vocab: np.ndarray
+    rule_masks: np.ndarray
+    rule_labels: np.ndarray
+    vocab_strings: tuple = field(compare=False)   # [5] tuples of the value strings, for output
+
+
+def compile_rulebook(rulebook: Rulebook) -> CompiledRulebook:
+    openings = [f"Step {s.number} ({s.name}): " for s in rulebook.steps] + [f"Final: {BOX_OPEN}"]
+    prefixes, prefix_starts = _flat_bytes(openings)
+    prefix_cont = np.array([len(o.encode("utf-8")) - len(o) for o in openings], dtype=np.int64)
+    vocab_strings = tuple(s.values for s in rulebook.critical)
+    vocab, vocab_starts = _flat_bytes([v for values in vocab_strings for v in values])
+    step_vocab = np.zeros(N_CRITICAL + 1, dtype=np.int64)
+    step_vocab[1:] = np.cumsum([len(values) for values in vocab_strings])
+    return CompiledRulebook(prefixes, prefix_starts, prefix_cont, vocab, vocab_starts, step_vocab,
+                            np.ascontiguousarray(rulebook.rule_masks, dtype=np.int64),
+                            np.ascontiguousarray(rulebook.rule_labels, dtype=np.int64), vocab_strings)
+
+
+# ----------------------------------------------------------------------------------------------
+# The numba pass. Every index into `data` is checked against the response's end first, so no
+# input (truncated, noise, megabytes long) can read outside its own bytes.
+# ----------------------------------------------------------------------------------------------
+
+_NL, _LBRACE, _RBRACE = 10, 123, 125
+_ZERO, _FOUR = 48, 52
+_BOX = np.frombuffer(BOX_OPEN.encode(), dtype=np.uint8).copy()     # \boxed{
+_BOX_LEN = len(BOX_OPEN)
+# byte classes for the free-text scan: 0 plain, 1 UTF-8 continuation byte (10xxxxxx), 2 stops TEXT/VALUE
+_STOP = 2
+_BYTE_CLASS = np.zeros(256, dtype=np.uint8)
+_BYTE_CLASS[0x80:0xC0] = 1
+_BYTE_CLASS[[_NL, _LBRACE, _RBRACE]] = _STOP
+
+
+@njit(cache=True)
+def _matches_at(data, p, end, pattern, a, b):
+    """data[p:p+(b-a)] == pattern[a:b], staying inside [p, end)."""
+    if end - p < b - a:
+        return False
+    for k in range(b - a):
+        if data[p + k] != pattern[a + k]:
+            return False
+    return True
+
+
+@njit(cache=True)
+def _scan_free_text(data, p, end, byte_class):
+    """(first position >= p holding "\\n", "{" or "}" or end if none, UTF-8 continuation bytes
+    before it). Free text stops there; counting continuation bytes in the same sweep gives
+    character offsets without a second pass (chars = bytes - continuation bytes). One table load
+    per byte is this loop's whole cost, about 1.5x faster than comparing against each stop byte."""
+    cont = 0
+    while p < end:
+        k = byte_class[data[p]]
+        if k == _STOP:
+            return p, cont
+        cont += k
+        p += 1
+    return end, cont
+
+
+@njit(cache=True)
+def _vocab_index(data, a, b, vocab, vocab_starts, first, last):
+    """Index k with vocab entry first+k == data[a:b], or -1."""
+    for v in range(first, last):
+        if vocab_starts[v + 1] - vocab_starts[v] == b - a and _matches_at(data, a, b, vocab, vocab_starts[v],
+                                                                          vocab_starts[v + 1]):
+            return v - first
+    return -1
+
+
+@njit(cache=True)
+def _only_whitespace(data, p, end):
+    for q in range(p, end):
+        c = data[q]
+        if c != 32 and c != 9 and c != 13 and c != 10:
+            return False
+    return True
+
+
+@njit(cache=True)
+def _expected_label(values, rule_masks, rule_labels):
+    """ŷ: label of the first rule whose mask admits every value index (-1 if none does)."""
+    for r in range(rule_masks.shape[0]):
+        admitted = True
+        for j in range(values.shape[0]):
+            if (rule_masks[r, j] >> values[j]) & 1 == 0:
+                admitted = False
+                break
+        if admitted:
+            return rule_labels[r]
+    return -1
+
+
+@njit(cache=True)
+def _parse_response(data, start, end, prefixes, prefix_starts, prefix_cont, box, byte_class, vocab,
+                    vocab_starts, step_vocab, values, spans):
+    """Parse one response occupying data[start:end]; fills values[5] and spans[7, 2] (character
+    offsets relative to the response) as it goes. Returns (format ok, y_dec, y_final); y_dec is
+    set whenever the first byte is a label digit, even if the rest fails."""
+    if end <= start or data[start] < _ZERO or data[start] > _FOUR:
+        return False, -1, -1
+    y_dec = data[start] - _ZERO
+    spans[0, 0], spans[0, 1] = 0, 1
+    p = start + 1
+    if p >= end or data[p] != _NL:
+        return False, y_dec, -1
+    p += 1
+    # cont: UTF-8 continuation bytes in data[start:p], so byte p is character (p - start - cont)
+    cont = 0
+    for s in range(N_STEPS):
+        if not _matches_at(data, p, end, prefixes, prefix_starts[s], prefix_starts[s + 1]):
+            return False, y_dec, -1
+        text_start = p + prefix_starts[s + 1] - prefix_starts[s]
+        cont += prefix_cont[s]
+        brace, text_cont = _scan_free_text(data, text_start, end, byte_class)
+        cont += text_cont
+        # TEXT holds no brace, so the first "{" must close the step's "\boxed{"
+        if brace >= end or data[brace] != _LBRACE or brace + 1 - _BOX_LEN < text_start:
+            return False, y_dec, -1
+        if not _matches_at(data, brace + 1 - _BOX_LEN, end, box, 0, _BOX_LEN):
+            return False, y_dec, -1
+        v0 = brace + 1
+        close, value_cont = _scan_free_text(data, v0, end, byte_class)
+        if close >= end or data[close] != _RBRACE or close == v0:
+            return False, y_dec, -1
+        j = s + 1 - CRITICAL_STEPS[0]
+        if 0 <= j < N_CRITICAL:
+            k = _vocab_index(data, v0, close, vocab, vocab_starts, step_vocab[j], step_vocab[j + 1])
+            if k < 0:
+                return False, y_dec, -1
+            values[j] = k
+            spans[1 + j, 0] = v0 - start - cont
+            spans[1 + j, 1] = close - start - cont - value_cont
+        cont += value_cont
+        if close + 1 >= end or data[close + 1] != _NL:       # the box ends its line
+            return False, y_dec, -1
+        p = close + 2
+    if not _matches_at(data, p, end, prefixes, prefix_starts[N_STEPS], prefix_starts[N_STEPS + 1]):
+        return False, y_dec, -1
+    d = p + prefix_starts[N_STEPS + 1] - prefix_starts[N_STEPS]
+    if d + 1 >= end or data[d] < _ZERO or data[d] > _FOUR or data[d + 1] != _RBRACE:
+        return False, y_dec, -1
+    if not _only_whitespace(data, d + 2, end):
+        return False, y_dec, -1
+    spans[N_SPANS - 1, 0], spans[N_SPANS - 1, 1] = d - start - cont, d - start - cont + 1
+    return True, y_dec, data[d] - _ZERO
+
+
+@njit(cache=True)
+def _reward(fmt, y_dec, y_hat, y_final, y_gt, gate_pred, alpha, beta, gamma, penalty):
+    """(I_cst, I_logic, R) of Eq. 6-7 for one parsed response."""
+    if not fmt:
+        return False, False, penalty
+    cst = y_dec == y_final
+    if y_gt < 0:                    # unknown label: no gate can pass (see RewardConfig)
+        logic = False
+    elif gate_pred:
+        logic = y_hat == y_dec
+    else:
+        logic = y_hat == y_dec and y_hat == y_gt
+    if not (cst and logic):
+        return cst, logic, 0.0
+    r_res = 1.0 if y_dec == y_gt else -gamma * abs(y_dec - y_gt)
+    return cst, logic, alpha * r_res + beta
+
+
+@njit(parallel=True, cache=True)
+def _verify_kernel(data, offsets, valid, labels,
+                   prefixes, prefix_starts, prefix_cont, box, byte_class, vocab, vocab_starts, step_vocab,
+                   rule_masks, rule_labels, gate_pred, alpha, beta, gamma, penalty,
+                   fmt, cst, logic, y_dec, y_final, y_hat, values, reward, spans):
+    """Inputs: the Arrow views, labels; the rulebook tables; the reward config. Outputs: the
+    VerifyResult arrays, every entry written (they may come in uninitialised)."""
+    for i in prange(labels.shape[0]):
+        values[i, :] = -1
+        spans[i, :, :] = -1
+        ok, dec, fin = False, -1, -1
+        if valid[i]:
+            ok, dec, fin = _parse_response(data, offsets[i], offsets[i + 1], prefixes, prefix_starts,
+                                           prefix_cont, box, byte_class, vocab, vocab_starts, step_vocab,
+                                           values[i], spans[i])
+        hat = -1
+        if ok:
+            hat = _expected_label(values[i], rule_masks, rule_labels)
+        else:                       # only the decision digit survives a failed format
+            values[i, :] = -1
+            spans[i, 1:, :] = -1
+        c, g, r = _reward(ok, dec, hat, fin, labels[i], gate_pred, alpha, beta, gamma, penalty)
+        fmt[i], cst[i], logic[i], reward[i] = ok, c, g, r
+        y_dec[i], y_final[i], y_hat[i] = dec, fin, hat
+
+
+# ----------------------------------------------------------------------------------------------
+# Arrow input and the result
+# ----------------------------------------------------------------------------------------------
+
+def as_string_array(responses) -> pa.Array:
+    """One contiguous Arrow (large_)string array from an Arrow array, chunked array or list."""
+    if not isinstance(responses, (pa.Array, pa.ChunkedArray)):
+        if isinstance(responses, (str, bytes)):
+            raise TypeError("responses must be a sequence of strings, not a single string")
+        # string (int32 offsets) like parquet columns, so both share one compiled specialisation;
+        # pyarrow returns a chunked array when the text outgrows int32 offsets
+        responses = pa.array(list(responses), type=pa.string())
+    if isinstance(responses, pa.ChunkedArray):
+        if responses.num_chunks == 1:
+            responses = responses.chunk(0)
+        else:
+            # combine copies once; int32 offsets cannot address more than 2 GiB of text
+            if pa.types.is_string(responses.type) and \
+                    sum(c.buffers()[2].size if c.buffers()[2] else 0 for c in responses.chunks) > _MAX_OFFSET32:
+                responses = responses.cast(pa.large_string())
+            responses = responses.combine_chunks()
+    if pa.types.is_string_view(responses.type):
+        responses = responses.cast(pa.string())
+    if not (pa.types.is_string(responses.type) or pa.types.is_large_string(responses.type)):
+        raise TypeError(f"responses must be an Arrow string or large_string array, got {responses.type}")
+    return responses
+
+
+def arrow_string_views(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(data uint8, offsets int32/int64 [n+1], valid bool [n]) of a string array; data and offsets
+    are views of the Arrow buffers (no copy), already shifted by the array's own slice offset."""
+    n = len(arr)
+    _, offsets_buf, data_buf = arr.buffers()
+    offset_type = np.int64 if pa.types.is_large_string(arr.type) else np.int32
+    if offsets_buf is None or n == 0:
+        offsets = np.zeros(n + 1, dtype=offset_type)
+    else:
+        offsets = np.frombuffer(offsets_buf, dtype=offset_type)[arr.offset: arr.offset + n + 1]
+    data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
+    if arr.null_count:
+        valid = arr.is_valid().to_numpy(zero_copy_only=False)
+    else:
+        valid = np.ones(n, dtype=np.bool_)
+    return data, offsets, valid
+
+
+def as_label_array(labels, n: int) -> np.ndarray:
+    """Labels as int64 [n]; nulls (Arrow) become -1 (unknown)."""
+    if isinstance(labels, (pa.Array, pa.ChunkedArray)):
+        if not pa.types.is_integer(labels.type):
+            raise TypeError(f"labels must be integers, got Arrow type {labels.type}")
+        labels = labels.fill_null(-1).to_numpy(zero_copy_only=False)
+    arr = np.asarray(labels)
+    if arr.ndim != 1:
+        raise ValueError(f"labels must be one-dimensional, got shape {arr.shape}")
+    if len(arr) != n:
+        raise ValueError(f"got {n} responses but {len(arr)} labels; they must have the same length")
+    if n and not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"labels must be integers (-1 for unknown, {LABELS[0]}..{LABELS[-1]}), got dtype {arr.dtype}")
+    arr = arr.astype(np.int64)
+    bad = (arr < -1) | (arr > LABELS[-1])
+    if bad.any():
+        raise ValueError(f"labels must be -1 (unknown) or {LABELS[0]}..{LABELS[-1]}; "
+                         f"label {arr[bad][0]} at index {int(np.flatnonzero(bad)[0])}")
+    return arr
+
+
+@dataclass
+class VerifyResult:
+    """Per-response verification, one numpy array per field (n = number of responses).
+
+    fmt, cst, logic  bool [n]       the gates I_fmt, I_cst, I_logic
+    y_dec, y_final   int8 [n]       first-token grade / final boxed grade (-1 when absent)
+    y_hat            int8 [n]       ŷ from the decision list (-1 when the format fails)
+    values           int8 [n, 5]    vocabulary index of steps 4-8 (-1 when the format fails)
+    reward           float32 [n]
+    spans            int32 [n,7,2]  character [start, end) of the decision digit, the boxed values
+                                    of steps 4-8 and the final digit (-1 when absent)
+    """
+    fmt: np.ndarray
+    cst: np.ndarray
+    logic: np.ndarray
+    y_dec: np.ndarray
+    y_final: np.ndarray
+    y_hat: np.ndarray
+    values: np.ndarray
+    reward: np.ndarray
+    spans: np.ndarray
+    vocab_strings: tuple = field(default=(), repr=False)
+
+    def __len__(self) -> int:
+        return len(self.reward)
+
+    def value_strings(self, j: int) -> list:
+        """The boxed value of critical step j (0..4) per response, None where absent."""
+        vocab = self.vocab_strings[j]
+        return [vocab[k] if k >= 0 else None for k in self.values[:, j].tolist()]
+
+    def to_dict(self) -> dict:
+        """Flat columns named as in RESULT_COLUMNS (values as strings, spans split in start/end)."""
+        out = {"fmt": self.fmt, "cst": self.cst, "logic": self.logic, "y_dec": self.y_dec,
+               "y_final": self.y_final, "y_hat": self.y_hat}
+        for j, name in enumerate(VALUE_COLUMNS):
+            out[name] = self.value_strings(j)
+        out["reward"] = self.reward
+        for k, name in enumerate(SPAN_NAMES):
+            out[f"{name}_start"] = self.spans[:, k, 0]
+            out[f"{name}_end"] = self.spans[:, k, 1]
+        return out
+
+    def to_arrow(self) -> pa.Table:
+        return pa.table({name: pa.array(col, type=pa.string()) if name in VALUE_COLUMNS else pa.array(col)
+                         for name, col in self.to_dict().items()})
+
+
+def allocate_result(n: int, vocab_strings=()) -> VerifyResult:
+    """Uninitialised result arrays; the kernel writes every entry."""
+    return VerifyResult(fmt=np.empty(n, np.bool_), cst=np.empty(n, np.bool_), logic=np.empty(n, np.bool_),
+                        y_dec=np.empty(n, np.int8), y_final=np.empty(n, np.int8), y_hat=np.empty(n, np.int8),
+                        values=np.empty((n, N_CRITICAL), np.int8), reward=np.empty(n, np.float32),
+                        spans=np.empty((n, N_SPANS, 2), np.int32), vocab_strings=vocab_strings)
+
+
+def verify_batch(responses, labels, rulebook: Rulebook | None = None,
+                 config: RewardConfig = RewardConfig()) -> VerifyResult:
+    """Verify every response against the rulebook and score it with Eq. 6-7.
+
+    responses: Arrow string/large_string array (chunked is combined), or a list of str/None;
+               a null response fails the format.
+    labels:    y_gt per response, integers in -1..4 (-1 = unknown), same length.
+    """
+    rulebook = rulebook if rulebook is not None else load_rulebook()
+    if not isinstance(config, RewardConfig):
+        raise TypeError(f"config must be a RewardConfig, got {type(config).__name__}")
+    arr = as_string_array(responses)
+    y_gt = as_label_array(labels, len(arr))
+    tables = compile_rulebook(rulebook)
+    res = allocate_result(len(arr), tables.vocab_strings)
+    if len(arr) == 0:
+        return res
+    data, offsets, valid = arrow_string_views(arr)
+    _verify_kernel(data, offsets, valid, y_gt,
+                   tables.prefixes, tables.prefix_starts, tables.prefix_cont, _BOX, _BYTE_CLASS, tables.vocab,
+                   tables.vocab_starts, tables.step_vocab, tables.rule_masks, tables.rule_labels,
+                   config.gate == "pred", float(config.alpha), float(config.beta), float(config.gamma),
+                   float(config.format_penalty), res.fmt, res.cst, res.logic, res.y_dec, res.y_final,
+                   res.y_hat, res.values, res.reward, res.spans)
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# Spans -> token weights
+# ----------------------------------------------------------------------------------------------
+
+def _common_prefix_length(piece: str, text: str, at: int) -> int:
+    n = min(len(piece), len(text) - at)
+    k = 0
+    while k < n and piece[k] == text[at + k]:
+        k += 1
+    return k
+
+
+def response_token_offsets(tokenizer, token_ids, skip_special_tokens: bool = True,
+                           text: str | None = None) -> np.ndarray:
+    """Character span [start, end) of each generated token in the decoded response, int32 [T, 2].
+
+    The text is `tokenizer.decode(token_ids, skip_special_tokens=...)` — decode it the same way
+    before verifying, so the verifier's spans and these offsets index the same string. A token's
+    end is how far the decoded prefix ending with it agrees with the text. A token that stops
+    inside a multi-byte character decodes to U+FFFD instead of the character; its span is widened
+    over that character, so both tokens sharing a character carry its weight. Skipped special
+    tokens get empty spans.
+
+    The prefix is decoded from the last position where the text was complete, so the cost is linear
+    for byte-level BPE (Qwen). Tokenizers whose slice decodes are not concatenable (e.g. leading
+    spaces dropped at the slice start) fall back to decoding the whole prefix.
+    """
+    ids = [int(t) for t in token_ids]
+    if text is None:
+        text = tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+    offsets = np.zeros((len(ids), 2), dtype=np.int32)
+    anchor, anchor_char, prev_end = 0, 0, 0
+    for k in range(len(ids)):
+        piece = tokenizer.decode(ids[anchor:k + 1], skip_special_tokens=skip_special_tokens)
+        matched = _common_prefix_length(piece, text, anchor_char)
+        if piece[matched:].strip("\ufffd"):        # not a pending partial character: slice decode
+            anchor, anchor_char = 0, 0             # disagrees with the text, use the full prefix
+            piece = tokenizer.decode(ids[:k + 1], skip_special_tokens=skip_special_tokens)
+            matched = _common_prefix_length(piece, text, 0)
+        end = max(anchor_char + matched, prev_end)
+        pending = matched < len(piece)
+        offsets[k] = prev_end, min(end + 1, len(text)) if pending else end
+        if not pending:
+            anchor, anchor_char = k + 1, end
+        prev_end = end
+    return offsets
+
+
+def token_weights(spans, token_offsets, weights=(10.0, 10.0, 5.0)) -> np.ndarray:
+    """Per-token advantage weights float32 [T] (paper Table 7, Algorithm 1 line 6).
+
+    spans: [7, 2] one row of VerifyResult.spans; token_offsets: [T, 2] from response_token_offsets.
+    weights: (w_decision, w_trace, w_final). A token overlapping the decision digit gets w_decision,
+    one overlapping any step 4-8 value gets w_trace, one overlapping the final digit w_final (the
+    largest if it overlaps several); all other tokens get 1.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (3,) or not np.all(np.isfinite(w)) or np.any(w <= 0):
+        raise ValueError(f"weights must be three positive finite numbers (decision, trace, final), got {weights!r}")
+    spans = np.asarray(spans).reshape(N_SPANS, 2)
+    tok = np.asarray(token_offsets).reshape(-1, 2)
+    span_weight = np.array([w[0]] + [w[1]] * N_CRITICAL + [w[2]])
+    out = np.full(len(tok), -np.inf)
+    for (s, e), ws in zip(spans.tolist(), span_weight):
+        if s < 0:
+            continue
+        hit = (tok[:, 0] < e) & (tok[:, 1] > s)     # half-open intervals overlap
+        out[hit] = np.maximum(out[hit], ws)
+    out[np.isneginf(out)] = 1.0
+    return out.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------
+
+class CliError(Exception):
+    """A user error: printed as one line, exit code 2."""
+
+
+def read_inputs(path: Path, response_column: str, label_column: str) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise CliError(f"{path}: file not found")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise CliError(f"{path}: cannot read as parquet: {e}") from None
+    for col in (response_column, label_column):
+        if col not in table.column_names:
+            raise CliError(f"{path}: missing column {col!r} (columns: {table.column_names})")
+    rtype = table.schema.field(response_column).type
+    if not (pa.types.is_string(rtype) or pa.types.is_large_string(rtype) or pa.types.is_string_view(rtype)):
+        raise CliError(f"{path}: column {response_column!r} must be strings, got {rtype}")
+    ltype = table.schema.field(label_column).type
+    if not pa.types.is_integer(ltype):
+        raise CliError(f"{path}: column {label_column!r} must be integers, got {ltype}")
+    return table
+
+
+def run_cli(args) -> str:
+    import pyarrow.parquet as pq
+
+    try:
+        config = RewardConfig(gate=args.gate)
+        rulebook = load_rulebook(args.rulebook)
+    except (RulebookError, ValueError) as e:
+        raise CliError(str(e)) from None
+    table = read_inputs(Path(args.responses), args.response_column, args.label_column)
+    try:
+        t0 = time.perf_counter()
+        res = verify_batch(table.column(args.response_column), table.column(args.label_column), rulebook, config)
+        seconds = time.perf_counter() - t0
+    except (ValueError, TypeError) as e:
+        raise CliError(f"{args.responses}: {e}") from None
+    out = res.to_arrow()
+    ids = table.drop_columns([c for c in table.column_names if c == args.response_column or c in out.column_names])
+    for name in out.column_names:
+        ids = ids.append_column(name, out.column(name))
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(ids, out_path)
+    n = len(res)
+    fmt_rate = float(res.fmt.mean()) if n else 0.0
+    mean_reward = float(res.reward.mean()) if n else 0.0
+    rate = n / seconds if seconds > 0 else float("inf")
+    return (f"verified n={n} format_pass={fmt_rate:.4f} mean_reward={mean_reward:.4f} "
+            f"responses/s={rate:,.0f} -> {out_path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m afrl_fast.verify",
+                                description="Verify AFRL responses and compute their rewards.")
+    p.add_argument("--responses", required=True, help="input parquet with a response and a label column")
+    p.add_argument("--out", required=True, help="output parquet, one row per response")
+    p.add_argument("--rulebook", default=None, help="rulebook YAML (default: configs/rulebook/default.yaml)")
+    p.add_argument("--response-column", default="response")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--gate", choices=GATES, default="literal")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        print(run_cli(args))
+    except CliError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
