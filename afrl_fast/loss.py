@@ -1,0 +1,455 @@
+"""Fused lm_head + GRPO/SFT loss, chunked over rows so full logits never exist (DESIGN §4).
+
+Equations (the float64 contract is `afrl_fast_kernels.reference.fused_loss_reference`).
+For row i with hidden h_i, target y_i (−100 = ignored), z = h_i·Wᵀ / τ and log p_i = log_softmax(z)[y_i]:
+
+    SFT row:  L_i = −log p_i
+    RL row:   r_i = exp(log p_i − old_i)
+              L_i = −min(r_i·A_i, clip(r_i, 1−ε_lo, 1+ε_hi)·A_i) + β·k3_i
+              k3_i = exp(ref_i − log p_i) − (ref_i − log p_i) − 1        (0 when ref is None)
+
+    loss      = Σ_i scale_i·L_i           (scale_i = α_t/#RL tokens or γ_t/#SFT tokens: token-mean)
+    entropy_i = −Σ_v p_v·log p_v          (a free by-product of the softmax sweep)
+    clip_frac = mean over valid RL rows of [(A>0 and r>1+ε_hi) or (A<0 and r<1−ε_lo)]
+    kl        = mean over valid RL rows of k3_i
+
+Gradient. L_i depends on z only through log p_i, so dL_i/dz = c_i·(onehot(y_i) − softmax(z)) with
+the scalar c_i = scale_i·dL_i/dlog p_i:
+    SFT: c = −scale
+    RL:  c = scale·(−A·r  [0 when clipped, where the clamp is flat]  + β·(1 − exp(ref − log p)))
+and d/d(raw logits) = dL/dz / τ. Ignored rows get c = 0, so they add nothing to dh or dW.
+
+The chunk loop (one pass, no logits survive a chunk):
+
+    for each chunk of C rows:  X = h_c·Wᵀ                (GEMM, fp32 output)
+                               vocab_pass(X)             (row stats, loss; X ← dLoss/dX in place)
+                               dh_c = X·W ;  dW += Xᵀ·h_c (the two gradient GEMMs)
+
+Forward therefore already holds dh and dW; backward only multiplies them by grad_output. That is
+three GEMMs per step, the floor for any lm_head loss, against four for recompute-in-backward designs.
+
+Chunk size rule: one chunk of fp32 logits is at most LOGITS_BUDGET_BYTES (256 MiB), i.e.
+    max_rows = max(1, 256 MiB // (4·V))
+and the N rows are split into ceil(N / max_rows) chunks of equal size (the last one shorter), so
+V = 151,936 gives chunks of ≤ 441 rows. Pass `chunk_rows` to override. Bigger chunks mean fewer
+passes of the rank-C update dW += Xᵀ·h_c over the whole [V, H] gradient, which is memory bound on CPU.
+
+Backends implement one function, the vocab pass over a chunk (see `vocab_pass_torch`):
+
+    vocab_pass(logits [C,V] raw h·Wᵀ (fp32 or bf16, overwritten in place with dLoss/dlogits when
+               with_grad; scratch otherwise), targets [C] int64, is_sft [C] bool, advantages [C] f32,
+               old_logp [C] f32, ref_logp [C] f32 or None, scale [C] f32, beta, eps_low, eps_high,
+               inv_temp, with_grad)
+      -> (row_loss = scale·L [C] f32 (0 when ignored), logp [C] f32, entropy [C] f32,
+          clipped [C] bool, k3 [C] f32)
+
+    "torch"   here: fp32 math in row blocks, memory bounded by the chunk plus one small block.
+              It also accepts float64 inputs (then all math is float64): an exact path for checks.
+    "native"  C++ kernel in csrc/ (afrl_fast.native.vocab_pass_native), CPU.
+    "triton"  afrl_fast_kernels.vocab_pass.vocab_pass_triton, CUDA (or CPU under TRITON_INTERPRET=1).
+    "auto"    CUDA → triton; CPU → native if it builds, else torch.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+IGNORE_INDEX = -100
+BACKENDS = ("auto", "torch", "native", "triton")
+
+# One chunk of fp32 logits is at most this many bytes (see the module docstring).
+LOGITS_BUDGET_BYTES = 256 * 2**20
+# The torch vocab pass walks a chunk in row blocks of this many fp32 bytes: its one [rows, V]
+# temporary (the exponentials) stays 1/8 of a chunk, while blocks stay big enough that the ~10
+# parallel ops per block amortise their thread barriers (8 MiB blocks measured 3x slower on 2 cores).
+TORCH_BLOCK_BYTES = {"cpu": 32 * 2**20, "cuda": 64 * 2**20}
+# Low-precision weights are upcast to fp32 in vocabulary tiles of this many rows (CPU has no
+# bf16 GEMM with fp32 output), so the fp32 copy of W never exists in full.
+UPCAST_TILE_ROWS = 8192
+
+VocabPass = Callable[..., tuple]
+
+
+@dataclass
+class FusedLossOutput:
+    loss: torch.Tensor        # scalar fp32, differentiable w.r.t. hidden and weight
+    logp: torch.Tensor        # [N] fp32, detached, 0 on ignored rows
+    entropy: torch.Tensor     # [N] fp32, detached, 0 on ignored rows
+    clip_frac: torch.Tensor   # scalar fp32, detached
+    kl: torch.Tensor          # scalar fp32, detached
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-row scalars: the loss and its derivative w.r.t. log p
+
+
+def rowwise_terms(logp, valid, is_sft, advantages, old_logp, ref_logp, scale, beta, eps_low, eps_high):
+    """(scale·L, c = scale·dL/dlog p, clipped, k3) for a block of rows, fp32.
+
+    clipped and k3 are False/0 outside valid RL rows; row_loss and c are 0 on ignored rows."""
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages
+    pg = -torch.minimum(ratio * adv, ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * adv)
+    # The clamped branch is the min exactly when the ratio left the trust region on the side the
+    # advantage pushes towards; there the clamp is flat, so the policy-gradient term has slope 0.
+    clipped = ((adv > 0) & (ratio > 1.0 + eps_high)) | ((adv < 0) & (ratio < 1.0 - eps_low))
+    dpg = torch.where(clipped, torch.zeros_like(ratio), -adv * ratio)
+    if ref_logp is not None:
+        delta = ref_logp - logp
+        exp_delta = torch.exp(delta)
+        k3 = exp_delta - delta - 1.0
+        dk3 = 1.0 - exp_delta                     # d k3 / d log p
+        rl_loss, drl = pg + beta * k3, dpg + beta * dk3
+    else:
+        k3 = torch.zeros_like(logp)
+        rl_loss, drl = pg, dpg
+    loss = torch.where(is_sft, -logp, rl_loss)
+    dloss = torch.where(is_sft, torch.full_like(logp, -1.0), drl)
+    zero = torch.zeros_like(logp)
+    rl_valid = valid & ~is_sft
+    return (torch.where(valid, scale * loss, zero), torch.where(valid, scale * dloss, zero),
+            clipped & rl_valid, torch.where(rl_valid, k3, zero))
+
+
+# ----------------------------------------------------------------------------------------------
+# The torch backend of the vocab pass
+
+
+def _block_rows(n_cols: int, device: torch.device) -> int:
+    budget = TORCH_BLOCK_BYTES.get(device.type, TORCH_BLOCK_BYTES["cuda"])
+    return max(1, budget // (4 * n_cols))
+
+
+def vocab_pass_torch(logits, targets, is_sft, advantages, old_logp, ref_logp, scale,
+                     beta, eps_low, eps_high, inv_temp, with_grad):
+    """Vocab pass in plain torch (fp32 math). See the module docstring for the contract.
+
+    Per row block x (raw logits):  m = max x,  u = (x − m)·inv_temp,  e = exp(u),  S = Σ e
+        log p = u_y − log S      entropy = log S − Σ e·u / S      (shift by m: exact at |x| ~ 1e4)
+        grad  = c·inv_temp·(onehot(y) − e/S), written over x.
+    """
+    n_rows, n_cols = logits.shape
+    dev = logits.device
+    f32 = torch.float64 if logits.dtype == torch.float64 else torch.float32   # float64: the exact test path
+    row_loss = torch.zeros(n_rows, dtype=f32, device=dev)
+    logp = torch.zeros(n_rows, dtype=f32, device=dev)
+    entropy = torch.zeros(n_rows, dtype=f32, device=dev)
+    clipped = torch.zeros(n_rows, dtype=torch.bool, device=dev)
+    k3 = torch.zeros(n_rows, dtype=f32, device=dev)
+    valid = targets != IGNORE_INDEX
+    safe_t = torch.where(valid, targets, torch.zeros_like(targets))[:, None]
+    rows = min(_block_rows(n_cols, dev), n_rows)
+    exps = torch.empty(rows, n_cols, dtype=f32, device=dev)      # the one block-sized temporary
+    for r0 in range(0, n_rows, rows):
+        r1 = min(r0 + rows, n_rows)
+        x = logits[r0:r1]
+        u = x if x.dtype == f32 else x.float()                    # fp32 math for bf16 logits
+        e = exps[: r1 - r0]
+        u.sub_(u.amax(dim=1, keepdim=True))
+        if inv_temp != 1.0:
+            u.mul_(inv_temp)
+        u_y = u.gather(1, safe_t[r0:r1]).squeeze(1)
+        torch.exp(u, out=e)
+        sum_e = e.sum(dim=1)
+        # u is not needed after Σ e·u (the gradient needs only e and S): multiply in place rather
+        # than allocate a third [rows, V] array.
+        sum_eu = u.mul_(e).sum(dim=1)
+        log_s = torch.log(sum_e)
+        v = valid[r0:r1]
+        lp = torch.where(v, u_y - log_s, torch.zeros_like(log_s))
+        logp[r0:r1] = lp
+        entropy[r0:r1] = torch.where(v, log_s - sum_eu / sum_e, torch.zeros_like(log_s))
+        rl, c, clp, kk = rowwise_terms(lp, v, is_sft[r0:r1], advantages[r0:r1], old_logp[r0:r1],
+                                       None if ref_logp is None else ref_logp[r0:r1],
+                                       scale[r0:r1], beta, eps_low, eps_high)
+        row_loss[r0:r1], clipped[r0:r1], k3[r0:r1] = rl, clp, kk
+        if with_grad:
+            c = c * inv_temp
+            # x ← −c·p (p = e/S), then +c at the target; ignored rows have c = 0 → a zero row.
+            torch.mul(e, (-c / sum_e)[:, None], out=u)
+            u.scatter_add_(1, safe_t[r0:r1], c[:, None])
+            if u is not x:
+                x.copy_(u)
+    return row_loss, logp, entropy, clipped, k3
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend dispatch
+
+
+def _native_vocab_pass() -> VocabPass:
+    try:
+        from afrl_fast import native
+    except ImportError as err:
+        raise RuntimeError(f"backend 'native' is unavailable: afrl_fast.native does not import ({err})") from err
+    if not native.native_available():
+        raise RuntimeError("backend 'native' is unavailable: the C++ vocab pass in csrc/ did not build "
+                           "on this machine (see afrl_fast.native for the compiler error)")
+    return native.vocab_pass_native
+
+
+def _triton_vocab_pass(device: torch.device) -> VocabPass:
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("backend 'triton' needs CUDA tensors (these are on "
+                           f"{device.type}), or TRITON_INTERPRET=1 set before triton is imported")
+    try:
+        from afrl_fast_kernels.vocab_pass import vocab_pass_triton
+    except ImportError as err:
+        raise RuntimeError(f"backend 'triton' is unavailable: afrl_fast_kernels.vocab_pass does not import ({err})") from err
+    return vocab_pass_triton
+
+
+def resolve_backend(backend: str, device: torch.device) -> tuple[str, VocabPass]:
+    """(name, vocab_pass) for a backend name and the device of the inputs."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        if device.type == "cuda":
+            try:
+                return "triton", _triton_vocab_pass(device)
+            except RuntimeError as err:
+                warnings.warn(f"fused_loss: falling back to the torch backend ({err})")
+                return "torch", vocab_pass_torch
+        try:
+            return "native", _native_vocab_pass()
+        except RuntimeError:
+            return "torch", vocab_pass_torch
+    if backend == "torch":
+        return "torch", vocab_pass_torch
+    if backend == "native":
+        if device.type != "cpu":
+            raise ValueError(f"backend 'native' runs on CPU tensors only (these are on {device.type})")
+        return "native", _native_vocab_pass()
+    return "triton", _triton_vocab_pass(device)
+
+
+def default_chunk_rows(n_rows: int, vocab_size: int, budget_bytes: int = LOGITS_BUDGET_BYTES) -> int:
+    """Balanced chunk size with one chunk of fp32 logits ≤ budget_bytes (at least 1 row)."""
+    max_rows = max(1, budget_bytes // (4 * vocab_size))
+    n_chunks = max(1, math.ceil(n_rows / max_rows))
+    return max(1, math.ceil(n_rows / n_chunks))
+
+
+# ----------------------------------------------------------------------------------------------
+# The GEMMs around the vocab pass
+
+
+def _nvtx(name: str, on_cuda: bool):
+    return torch.cuda.nvtx.range(name) if on_cuda else contextlib.nullcontext()
+
+
+def _logits_gemm(h_c: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
+    """out [C,V] ← h_c·Wᵀ in out's dtype (fp32; float64 for float64 inputs)."""
+    if weight.dtype == out.dtype:
+        torch.mm(h_c, weight.t(), out=out)
+        return
+    h32 = h_c.to(out.dtype)
+    for v0 in range(0, weight.shape[0], UPCAST_TILE_ROWS):
+        w32 = weight[v0:v0 + UPCAST_TILE_ROWS].to(out.dtype)
+        torch.mm(h32, w32.t(), out=out[:, v0:v0 + w32.shape[0]])
+
+
+def _grad_gemms(grad: torch.Tensor, h_c: torch.Tensor, weight: torch.Tensor,
+                dh_out: Optional[torch.Tensor], dw_acc: Optional[torch.Tensor]) -> None:
+    """dh_out ← G·W and dw_acc += Gᵀ·h_c for G = dLoss/dlogits [C,V] (fp32; float64 for float64 inputs)."""
+    if weight.dtype == grad.dtype:
+        if dh_out is not None:
+            torch.mm(grad, weight, out=dh_out)
+        if dw_acc is not None:
+            dw_acc.addmm_(grad.t(), h_c)
+        return
+    h32 = h_c.float()
+    dh32 = torch.zeros(h_c.shape, dtype=torch.float32, device=h_c.device) if dh_out is not None else None
+    for v0 in range(0, weight.shape[0], UPCAST_TILE_ROWS):
+        w32 = weight[v0:v0 + UPCAST_TILE_ROWS].float()
+        g = grad[:, v0:v0 + w32.shape[0]]
+        if dh32 is not None:
+            dh32.addmm_(g, w32)
+        if dw_acc is not None:
+            dw_acc[v0:v0 + w32.shape[0]].addmm_(g.t(), h32)
+    if dh_out is not None:
+        dh_out.copy_(dh32)
+
+
+@dataclass
+class _Rows:
+    """Per-row inputs, converted once to the dtypes every backend expects."""
+    targets: torch.Tensor
+    is_sft: torch.Tensor
+    advantages: torch.Tensor
+    old_logp: torch.Tensor
+    ref_logp: Optional[torch.Tensor]
+    scale: torch.Tensor
+
+    def chunk(self, r0: int, r1: int) -> tuple:
+        ref = None if self.ref_logp is None else self.ref_logp[r0:r1]
+        return (self.targets[r0:r1], self.is_sft[r0:r1], self.advantages[r0:r1],
+                self.old_logp[r0:r1], ref, self.scale[r0:r1])
+
+
+def _chunk_loop(hidden, weight, rows: _Rows, beta, eps_low, eps_high, inv_temp, vocab_pass,
+                chunk_rows, need_dh, need_dw):
+    """Run the chunks. Returns (loss, logp, entropy, clip_frac, kl, dh or None, dW or None)."""
+    n_rows, _ = hidden.shape
+    dev = hidden.device
+    f32 = torch.float64 if hidden.dtype == torch.float64 else torch.float32   # the accumulation dtype
+    on_cuda = dev.type == "cuda"
+    with_grad = need_dh or need_dw
+    logits_buf = torch.empty(min(chunk_rows, n_rows), weight.shape[0], dtype=f32, device=dev)
+    logp = torch.empty(n_rows, dtype=f32, device=dev)
+    entropy = torch.empty(n_rows, dtype=f32, device=dev)
+    loss = torch.zeros((), dtype=torch.float64, device=dev)
+    n_clipped = torch.zeros((), dtype=torch.float64, device=dev)
+    kl_sum = torch.zeros((), dtype=torch.float64, device=dev)
+    dh = torch.empty_like(hidden) if need_dh else None
+    # dW accumulates across chunks: in fp32 when W is low precision, cast once at the end.
+    dw = torch.zeros(weight.shape, dtype=f32, device=dev) if need_dw else None
+    for r0 in range(0, n_rows, chunk_rows):
+        r1 = min(r0 + chunk_rows, n_rows)
+        h_c, logits = hidden[r0:r1], logits_buf[: r1 - r0]
+        with _nvtx("afrl.logits_gemm", on_cuda):
+            _logits_gemm(h_c, weight, logits)
+        with _nvtx("afrl.vocab_pass", on_cuda):
+            row_loss, lp, ent, clipped, k3 = vocab_pass(logits, *rows.chunk(r0, r1), beta, eps_low, eps_high,
+                                                        inv_temp, with_grad)
+        logp[r0:r1], entropy[r0:r1] = lp, ent
+        loss += row_loss.sum(dtype=torch.float64)
+        # Backends may leave clipped/k3 set on SFT or ignored rows; the metrics are over valid RL rows.
+        rl_valid = (rows.targets[r0:r1] != IGNORE_INDEX) & ~rows.is_sft[r0:r1]
+        n_clipped += (clipped & rl_valid).sum()
+        kl_sum += torch.where(rl_valid, k3, torch.zeros_like(k3)).sum(dtype=torch.float64)
+        if with_grad:
+            with _nvtx("afrl.grad_gemms", on_cuda):
+                _grad_gemms(logits, h_c, weight, None if dh is None else dh[r0:r1], dw)
+    n_rl = ((rows.targets != IGNORE_INDEX) & ~rows.is_sft).sum().clamp(min=1).to(torch.float64)
+    if dw is not None and dw.dtype != weight.dtype:
+        dw = dw.to(weight.dtype)
+    return loss.to(f32), logp, entropy, (n_clipped / n_rl).to(f32), (kl_sum / n_rl).to(f32), dh, dw
+
+
+class FusedLossFunction(torch.autograd.Function):
+    """Loss forward that also computes dLoss/dhidden and dLoss/dweight (see module docstring)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, rows, beta, eps_low, eps_high, inv_temp, vocab_pass, chunk_rows):
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        loss, logp, entropy, clip_frac, kl, dh, dw = _chunk_loop(
+            hidden, weight, rows, beta, eps_low, eps_high, inv_temp, vocab_pass, chunk_rows, need_dh, need_dw)
+        # Plain attributes, not save_for_backward: backward hands the buffers over and drops its
+        # reference, so autograd can adopt them as .grad without another [V, H] copy.
+        ctx.grads = (dh, dw)
+        ctx.mark_non_differentiable(logp, entropy, clip_frac, kl)
+        return loss, logp, entropy, clip_frac, kl
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_unused):
+        if ctx.grads is None:
+            raise RuntimeError("fused_loss: backward can run only once per forward (its gradients are "
+                               "computed in forward and handed over); call fused_loss again")
+        dh, dw = ctx.grads
+        ctx.grads = None
+        skip = grad_loss.device.type == "cpu" and grad_loss.item() == 1.0
+        for g in (dh, dw):
+            if g is not None and not skip:
+                g.mul_(grad_loss.to(g.dtype))
+        return dh, dw, None, None, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+
+
+def _check_row_tensor(name, t, n, dev, kind):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor of shape [{n}], got {type(t).__name__}")
+    if t.shape != (n,):
+        raise ValueError(f"{name} must have shape [N] = [{n}] (one value per row of hidden), got {list(t.shape)}")
+    if t.device != dev:
+        raise ValueError(f"{name} is on {t.device} but hidden is on {dev}")
+    if kind == "bool" and t.dtype != torch.bool:
+        raise ValueError(f"{name} must be a bool tensor, got {t.dtype}")
+    if kind == "int" and (t.dtype.is_floating_point or t.dtype == torch.bool or t.dtype.is_complex):
+        raise ValueError(f"{name} must be an integer tensor of token ids, got {t.dtype}")
+    if kind == "float" and not t.dtype.is_floating_point:
+        raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
+def _check_inputs(hidden, weight, targets, is_sft, advantages, old_logp, ref_logp, scale,
+                  temperature, eps_low, eps_high, chunk_rows):
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be [N, H] (valid rows only), got shape {list(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"weight must be [V, H] with H = {hidden.shape[1]} (hidden's last dim), "
+                         f"got shape {list(weight.shape)}")
+    if not hidden.dtype.is_floating_point or hidden.dtype != weight.dtype:
+        raise ValueError(f"hidden and weight must share one floating dtype, got {hidden.dtype} and {weight.dtype}")
+    if hidden.device != weight.device:
+        raise ValueError(f"hidden is on {hidden.device} but weight is on {weight.device}")
+    n, dev = hidden.shape[0], hidden.device
+    _check_row_tensor("targets", targets, n, dev, "int")
+    _check_row_tensor("is_sft", is_sft, n, dev, "bool")
+    for name, t in (("advantages", advantages), ("old_logp", old_logp), ("scale", scale)):
+        _check_row_tensor(name, t, n, dev, "float")
+    if ref_logp is not None:
+        _check_row_tensor("ref_logp", ref_logp, n, dev, "float")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if eps_low < 0 or eps_high < 0:
+        raise ValueError(f"eps_low and eps_high must be ≥ 0, got {eps_low}, {eps_high}")
+    if chunk_rows is not None and (int(chunk_rows) != chunk_rows or chunk_rows < 1):
+        raise ValueError(f"chunk_rows must be a positive integer or None, got {chunk_rows}")
+    bad = (targets >= weight.shape[0]) | ((targets < 0) & (targets != IGNORE_INDEX))
+    if n and bool(bad.any()):
+        raise ValueError(f"targets must be in [0, {weight.shape[0]}) or {IGNORE_INDEX} (ignored); "
+                         f"found {targets[bad][0].item()}")
+
+
+def _rows(targets, is_sft, advantages, old_logp, ref_logp, scale, f32=torch.float32) -> _Rows:
+    return _Rows(targets.to(torch.int64).contiguous(), is_sft.contiguous(),
+                 advantages.to(f32).contiguous(), old_logp.to(f32).contiguous(),
+                 None if ref_logp is None else ref_logp.to(f32).contiguous(), scale.to(f32).contiguous())
+
+
+def fused_loss(hidden, weight, targets, *, is_sft, advantages, old_logp, ref_logp, scale,
+               beta=0.0, eps_low=0.2, eps_high=0.2, temperature=1.0, backend="auto",
+               chunk_rows=None) -> FusedLossOutput:
+    """The mixed GRPO + SFT loss over the valid rows, without materialising full logits.
+
+    hidden [N, H] and weight [V, H] (fp32 or bf16; weight may be a tied embedding) are the only
+    differentiable inputs. Per row: targets [N] (−100 = ignored), is_sft [N] bool, advantages [N]
+    (already times the token weight), old_logp [N], ref_logp [N] or None, scale [N]. See the
+    module docstring for the equations, backends and the chunk-size rule.
+    """
+    _check_inputs(hidden, weight, targets, is_sft, advantages, old_logp, ref_logp, scale,
+                  temperature, eps_low, eps_high, chunk_rows)
+    name, vocab_pass = resolve_backend(backend, hidden.device)
+    exact = hidden.dtype == torch.float64
+    if exact and name != "torch":
+        raise ValueError(f"float64 inputs run on the torch backend only (a checking path), not {name!r}")
+    rows = _rows(targets, is_sft, advantages, old_logp, ref_logp, scale, torch.float64 if exact else torch.float32)
+    chunk = int(chunk_rows) if chunk_rows else default_chunk_rows(hidden.shape[0], weight.shape[0])
+    hidden, weight_c = hidden.contiguous(), weight.contiguous()
+    args = (rows, float(beta), float(eps_low), float(eps_high), 1.0 / float(temperature), vocab_pass, chunk)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        out = FusedLossFunction.apply(hidden, weight_c, *args)
+    else:
+        out = _chunk_loop(hidden, weight_c, *args, need_dh=False, need_dw=False)[:5]
+    return FusedLossOutput(*out)
+
+
+@torch.no_grad()
+def token_logprobs(hidden, weight, targets, *, temperature=1.0, backend="auto", chunk_rows=None):
+    """(logp [N], entropy [N]) in fp32 for the old-policy / reference passes: forward only, no
+    gradient buffers, memory bounded by one chunk of logits. Ignored rows give zeros."""
+    n, dev = hidden.shape[0], hidden.device
+    zeros = torch.zeros(n, dtype=torch.float32, device=dev)   # advantages/old/scale are unused here
+    sft = torch.ones(n, dtype=torch.bool, device=dev)
+    out = fused_loss(hidden, weight, targets, is_sft=sft, advantages=zeros, old_logp=zeros, ref_logp=None,
+                     scale=zeros, temperature=temperature, backend=backend, chunk_rows=chunk_rows)
+    return out.logp, out.entropy

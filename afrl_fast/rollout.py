@@ -1,0 +1,545 @@
+"""Rollout engines: G sampled responses per prompt, with the engine's log-prob of every sampled token.
+
+Two engines share one interface, ``generate_groups(prompts, group_size, ...) -> list[RolloutGroup]``
+plus ``sync_weights(model)``, ``release_memory()``, ``resume_memory()`` and ``shutdown()``:
+
+* ``EmbeddedEngine`` (default, any device): drives a Hugging Face causal LM directly. Each prompt is
+  prefilled ONCE, its KV cache is repeated G times along the batch dimension, and all groups of the
+  call decode together in one batch. Rows that stop are dropped from the batch (cache rows
+  included), so late steps only pay for the rows still running.
+* ``SGLangEngine`` (GPU, optional extra): a thin adapter over SGLang's offline ``sglang.Engine``;
+  one request per prompt with ``n = G`` so the radix cache shares the prompt's KV across the group.
+
+Conventions, identical for both engines (the trainer relies on them):
+
+* ``token_ids[g]`` are the generated tokens only (no prompt). If the row stopped on an EOS id, that
+  EOS token IS included as the last token: the policy has to learn to stop, so the trainer trains on
+  it. A row that hit ``max_new_tokens`` has ``finished[g] = False`` and no EOS at the end.
+* ``logprobs[g][t]`` is ``log_softmax(logits / T)[token]`` for the sampled token, where T is the
+  sampling temperature: the temperature-scaled distribution BEFORE top-p truncation (the same
+  quantity SGLang returns by default). With ``temperature == 0`` (greedy) it is
+  ``log_softmax(logits)[token]``, i.e. T = 1. Training recomputes its own old log-probs; these are
+  for the engine-vs-trainer |Δ log p| health metric.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["RolloutGroup", "EmbeddedEngine", "SGLangEngine", "make_engine", "sample_next_tokens"]
+
+# End-of-turn / end-of-text tokens of chat tokenizers (Qwen, and many others that reuse the
+# ChatML names). Generation for the AFRL format ends at the end of the assistant turn.
+_NAMED_END_TOKENS = ("<|im_end|>", "<|endoftext|>")
+
+SGLANG_MISSING = (
+    "SGLang is not installed: pip install 'afrl-fast[sglang]' on a GPU machine; "
+    "the embedded engine runs everywhere"
+)
+
+
+@dataclass
+class RolloutGroup:
+    """The G responses sampled for one prompt (see the module docstring for the conventions)."""
+
+    prompt_ids: list[int]
+    token_ids: list[list[int]]
+    logprobs: list[list[float]]
+    finished: list[bool]
+
+    @property
+    def group_size(self) -> int:
+        return len(self.token_ids)
+
+
+# ----------------------------------------------------------------------------------------------
+# End-of-sequence ids
+# ----------------------------------------------------------------------------------------------
+
+def _as_id_list(value) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]
+
+
+def resolve_eos_ids(tokenizer=None, model=None, eos_ids: Iterable[int] | None = None) -> list[int]:
+    """The token ids that end a response.
+
+    Explicit ``eos_ids`` win. Otherwise the union of the tokenizer's eos token, the chat end tokens
+    it knows (``<|im_end|>``, ``<|endoftext|>``) and the model's generation-config eos ids: a
+    response must stop at whichever of them the policy emits.
+    """
+    if eos_ids is not None:
+        ids = _as_id_list(eos_ids)
+    else:
+        ids = []
+        if tokenizer is not None:
+            ids += _as_id_list(tokenizer.eos_token_id)
+            vocab = tokenizer.get_vocab()
+            ids += [vocab[name] for name in _NAMED_END_TOKENS if name in vocab]
+        gen_cfg = getattr(model, "generation_config", None)
+        if gen_cfg is not None:
+            ids += _as_id_list(gen_cfg.eos_token_id)
+    ids = sorted(set(ids))
+    if not ids:
+        raise ValueError("no end-of-sequence id: pass eos_ids=[...] or a tokenizer with an eos token")
+    return ids
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------------------------
+
+def top_p_mask(logprobs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Boolean mask [B, V] of the nucleus: the smallest set of most-likely tokens whose mass ≥ top_p.
+
+    A token is dropped when the mass of the tokens ranked strictly above it already reaches top_p,
+    so the most likely token is always kept (top_p → 0 is greedy).
+    """
+    sorted_lp, order = logprobs.sort(dim=-1, descending=True)
+    mass_before = sorted_lp.exp().cumsum(dim=-1) - sorted_lp.exp()
+    keep_sorted = mass_before < top_p
+    keep_sorted[..., 0] = True
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+def sample_next_tokens(
+    logits: torch.Tensor,
+    temperature: float,
+    top_p: float,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row from ``logits`` [B, V]; return (tokens [B], logprobs [B]).
+
+    The log-prob is taken under the temperature-scaled, untruncated distribution (module docstring).
+    Math in fp32 whatever the model dtype, so bf16 policies sample from the same distribution.
+    """
+    logits = logits.float()
+    if temperature == 0:
+        logprobs = torch.log_softmax(logits, dim=-1)
+        tokens = logits.argmax(dim=-1)
+    else:
+        scaled = logits if temperature == 1.0 else logits / temperature
+        logprobs = torch.log_softmax(scaled, dim=-1)
+        probs = logprobs.exp()
+        if top_p < 1.0:
+            probs = probs.masked_fill(~top_p_mask(logprobs, top_p), 0.0)
+        tokens = inverse_cdf_sample(probs, generator)
+    return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def inverse_cdf_sample(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One draw per row from unnormalised non-negative ``weights`` [B, V].
+
+    Inverse-CDF: one uniform per row and a binary search in the cumulative sum. At V = 151,936,
+    ``torch.multinomial`` costs one exponential random number per vocabulary entry, about as much
+    as the decode step's lm_head on CPU; this costs a cumsum. The cumsum is in float64: in fp32 the
+    cdf near 1 has a 6e-8 step, which would distort every token rarer than that.
+    Zero-weight tokens are never drawn (their cdf entry equals their predecessor's).
+    """
+    cdf = weights.double().cumsum(dim=-1)
+    total = cdf[:, -1:]
+    u = torch.rand(total.shape, dtype=torch.float64, device=weights.device, generator=generator)
+    # u * total < total keeps the search inside the vocabulary even when the product rounds up.
+    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1)
+
+
+def make_generator(seed: int | torch.Generator | None, device: torch.device) -> torch.Generator:
+    """A private RNG for sampling, so rollouts never advance the trainer's global RNG."""
+    if isinstance(seed, torch.Generator):
+        return seed
+    gen = torch.Generator(device=device)
+    if seed is None:
+        gen.seed()  # non-deterministic, drawn from the OS, not from torch's global generator
+    else:
+        gen.manual_seed(int(seed))
+    return gen
+
+
+# ----------------------------------------------------------------------------------------------
+# Embedded engine
+# ----------------------------------------------------------------------------------------------
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad prompts into (input_ids [P, L], attention_mask [P, L]).
+
+    Left padding puts every prompt's last token in the last column, so the prefill's last logits
+    row is each prompt's next-token distribution and all rows decode in lock-step.
+    """
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError("empty prompt: every prompt needs at least one token")
+        ids[row, width - len(prompt):] = torch.as_tensor(list(prompt), dtype=torch.long)
+        mask[row, width - len(prompt):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """Eval mode for the duration of generation, then the caller's mode back.
+
+    The engine shares the policy module with the trainer, which keeps it in train mode; HF turns
+    the KV cache off in train mode when gradient checkpointing is on, so decoding needs eval.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+class EmbeddedEngine:
+    """Group rollouts from a Hugging Face causal LM, sharing each prompt's prefill across its group.
+
+    Args:
+        model: a causal LM whose forward takes ``input_ids, attention_mask, position_ids,
+            past_key_values, use_cache, logits_to_keep`` (transformers ≥ 4.51 decoders). Shared
+            with the trainer, not copied.
+        tokenizer: used only to find the EOS ids (and the pad id).
+        eos_ids / pad_id: explicit ids; override the tokenizer's. The pad value never reaches the
+            model's output (masked), any valid id works.
+        device: where inputs are placed; defaults to the model's parameters' device.
+        max_prompts_per_batch: prompts prefilled and decoded together (× G rows in decode);
+            ``None`` takes the whole call as one batch.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer=None,
+        *,
+        eos_ids: Iterable[int] | None = None,
+        pad_id: int | None = None,
+        device: torch.device | str | None = None,
+        max_prompts_per_batch: int | None = None,
+    ):
+        self.model = model
+        self.eos_ids = resolve_eos_ids(tokenizer, model, eos_ids)
+        if pad_id is None and tokenizer is not None:
+            pad_id = tokenizer.pad_token_id
+        self.pad_id = int(pad_id) if pad_id is not None else self.eos_ids[0]
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.max_prompts_per_batch = max_prompts_per_batch
+
+    # -- the interface shared with SGLangEngine ------------------------------------------------
+
+    def generate_groups(
+        self,
+        prompts: Sequence[Sequence[int]],
+        group_size: int = 8,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 1024,
+        seed: int | torch.Generator | None = None,
+    ) -> list[RolloutGroup]:
+        """Sample ``group_size`` responses for each prompt (token ids). Deterministic given ``seed``."""
+        if group_size < 1 or max_new_tokens < 1:
+            raise ValueError("group_size and max_new_tokens must be ≥ 1")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError("need temperature ≥ 0 and 0 < top_p ≤ 1")
+        generator = make_generator(seed, self.device)
+        step = self.max_prompts_per_batch or max(len(prompts), 1)
+        groups: list[RolloutGroup] = []
+        with torch.inference_mode(), eval_mode(self.model):
+            for start in range(0, len(prompts), step):
+                chunk = [list(p) for p in prompts[start:start + step]]
+                groups += self._generate_batch(chunk, group_size, temperature, top_p,
+                                               max_new_tokens, generator)
+        return groups
+
+    def sync_weights(self, model_or_state_dict=None) -> None:
+        """Make the engine sample from the trainer's current weights.
+
+        The embedded engine holds the policy module itself, so after an optimizer step there is
+        nothing to do: pass the same module (or nothing) and this is a no-op. A different module
+        or a state dict is copied in (an engine built on its own copy of the policy).
+        """
+        if model_or_state_dict is None or model_or_state_dict is self.model:
+            return
+        state = model_or_state_dict
+        if isinstance(state, torch.nn.Module):
+            state = state.state_dict()
+        if not isinstance(state, Mapping):
+            raise TypeError("sync_weights takes a module or a state dict")
+        with torch.no_grad():
+            self.model.load_state_dict(state, strict=True)
+
+    update_weights = sync_weights
+
+    def release_memory(self) -> None:
+        """Colocation hook (SGLang frees its KV pool); the embedded engine keeps no pool."""
+
+    def resume_memory(self) -> None:
+        """Colocation hook, see ``release_memory``."""
+
+    def shutdown(self) -> None:
+        """Nothing to stop: the engine runs in the caller's process on the caller's module."""
+
+    # -- the algorithm ---------------------------------------------------------------------------
+
+    def _forward(self, input_ids, attention_mask, position_ids, cache, logits_to_keep=0):
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
+        )
+        return out.logits[:, -1, :]
+
+    def _prefill(self, prompts: list[list[int]]):
+        """One forward over the left-padded prompts: (next-token logits [P, V], cache, mask)."""
+        from transformers import DynamicCache
+
+        ids, mask = left_pad(prompts, self.pad_id, self.device)
+        # Positions count real tokens only, so a left-padded prompt sees the same rotary
+        # positions as when it runs alone.
+        positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        # logits_to_keep=1: the full [P, L, V] logits would be the largest tensor of the call.
+        logits = self._forward(ids, mask, positions, cache, logits_to_keep=1)
+        return logits, cache, mask
+
+    def _generate_batch(self, prompts, group_size, temperature, top_p, max_new_tokens, generator):
+        logits, cache, mask = self._prefill(prompts)
+
+        # Prefix sharing: the prompt KV is computed once and repeated G times; the G rows of a
+        # prompt are consecutive (row = prompt * G + g).
+        cache.batch_repeat_interleave(group_size)
+        logits = logits.repeat_interleave(group_size, dim=0)
+        mask = mask.repeat_interleave(group_size, dim=0)
+        positions = torch.tensor([len(p) for p in prompts], device=self.device)
+        positions = positions.repeat_interleave(group_size)
+
+        n_rows = len(prompts) * group_size
+        rows = torch.arange(n_rows, device=self.device)  # which output row each batch row is
+        token_buf = torch.zeros((n_rows, max_new_tokens), dtype=torch.long, device=self.device)
+        logp_buf = torch.zeros((n_rows, max_new_tokens), dtype=torch.float32, device=self.device)
+        lengths = torch.zeros(n_rows, dtype=torch.long, device=self.device)
+        stopped = torch.zeros(n_rows, dtype=torch.bool, device=self.device)
+        eos = torch.tensor(self.eos_ids, device=self.device)
+
+        for step in range(max_new_tokens):
+            tokens, logps = sample_next_tokens(logits, temperature, top_p, generator)
+            token_buf[rows, step] = tokens
+            logp_buf[rows, step] = logps
+            lengths[rows] = step + 1
+            hit_eos = torch.isin(tokens, eos)
+            stopped[rows] = hit_eos
+            if step == max_new_tokens - 1:
+                break
+            running = ~hit_eos
+            n_running = int(running.sum())
+            if n_running == 0:
+                break
+            if n_running < len(rows):
+                # Drop stopped rows everywhere (cache too) instead of padding them: the remaining
+                # steps then cost only what the running rows need.
+                keep = running.nonzero().squeeze(-1)
+                cache.batch_select_indices(keep)
+                rows, tokens, mask, positions = rows[keep], tokens[keep], mask[keep], positions[keep]
+            mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=-1)
+            logits = self._forward(tokens[:, None], mask, positions[:, None], cache)
+            positions = positions + 1
+
+        return self._collect_groups(prompts, group_size, token_buf, logp_buf, lengths, stopped)
+
+    @staticmethod
+    def _collect_groups(prompts, group_size, token_buf, logp_buf, lengths, stopped):
+        """Device buffers → one RolloutGroup per prompt (a single device→host copy per buffer)."""
+        token_buf, logp_buf = token_buf.cpu().tolist(), logp_buf.cpu().tolist()
+        lengths, stopped = lengths.cpu().tolist(), stopped.cpu().tolist()
+        groups = []
+        for p, prompt in enumerate(prompts):
+            rows = range(p * group_size, (p + 1) * group_size)
+            groups.append(RolloutGroup(
+                prompt_ids=list(prompt),
+                token_ids=[token_buf[r][:lengths[r]] for r in rows],
+                logprobs=[logp_buf[r][:lengths[r]] for r in rows],
+                finished=[bool(stopped[r]) for r in rows],
+            ))
+        return groups
+
+
+# ----------------------------------------------------------------------------------------------
+# SGLang engine
+# ----------------------------------------------------------------------------------------------
+
+def import_sglang():
+    """Import SGLang lazily: installing it here would swap the CPU torch for a CUDA build."""
+    try:
+        import sglang
+    except ImportError as err:
+        raise RuntimeError(SGLANG_MISSING) from err
+    return sglang
+
+
+def sglang_sampling_params(group_size, temperature, top_p, max_new_tokens, eos_ids, seed) -> dict:
+    """The ``sampling_params`` of one SGLang request that asks for a whole group.
+
+    ``n = G`` makes SGLang prefill the prompt once and fork G requests off the cached prefix.
+    ``stop_token_ids`` adds our EOS ids to the model's own. ``sampling_seed`` is only honoured by
+    SGLang under ``--enable-deterministic-inference``; it is sent only when a seed is given.
+    """
+    params = {
+        "n": group_size,
+        "temperature": float(temperature),
+        "top_p": float(top_p),
+        "max_new_tokens": int(max_new_tokens),
+        "stop_token_ids": list(eos_ids),
+    }
+    if isinstance(seed, int):
+        params["sampling_seed"] = seed
+    return params
+
+
+def parse_sglang_output(output: Mapping) -> tuple[list[int], list[float], bool]:
+    """(token ids, log-probs, finished) of one SGLang response.
+
+    ``meta_info["output_token_logprobs"]`` is a list of ``(logprob, token_id, text_or_None)``, one
+    per generated token, the matched stop token included; SGLang's default log-prob is the
+    temperature-scaled distribution before top-p, our convention. ``finish_reason`` is
+    ``{"type": "stop", "matched": id}`` on a stop token and ``{"type": "length", ...}`` on the
+    token limit.
+    """
+    meta = output["meta_info"]
+    triples = meta["output_token_logprobs"]
+    token_ids = [int(t[1]) for t in triples]
+    logprobs = [float(t[0]) for t in triples]
+    reason = meta.get("finish_reason") or {}
+    finished = isinstance(reason, Mapping) and reason.get("type") == "stop"
+    return token_ids, logprobs, finished
+
+
+class SGLangEngine:
+    """Group rollouts through SGLang's offline engine (``sglang.Engine``), same interface.
+
+    Args:
+        model_path: checkpoint directory (HF format) SGLang loads at start.
+        tokenizer / eos_ids: as for ``EmbeddedEngine``.
+        **engine_kwargs: forwarded to ``sglang.Engine`` (``mem_fraction_static``, ``tp_size``,
+            ``dtype``, ``enable_memory_saver=True`` for colocated release/resume, ...).
+    """
+
+    def __init__(self, model_path: str, tokenizer=None, *, eos_ids: Iterable[int] | None = None,
+                 **engine_kwargs):
+        sglang = import_sglang()
+        self.eos_ids = resolve_eos_ids(tokenizer, None, eos_ids)
+        self.engine = sglang.Engine(model_path=model_path, **engine_kwargs)
+
+    def generate_groups(
+        self,
+        prompts: Sequence[Sequence[int]],
+        group_size: int = 8,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 1024,
+        seed: int | None = None,
+    ) -> list[RolloutGroup]:
+        """One batched ``engine.generate`` call; responses come back prompt-major (G per prompt)."""
+        prompts = [list(p) for p in prompts]
+        if not prompts:
+            return []
+        params = sglang_sampling_params(group_size, temperature, top_p, max_new_tokens,
+                                        self.eos_ids, seed)
+        outputs = self.engine.generate(input_ids=prompts, sampling_params=params,
+                                       return_logprob=True)
+        if isinstance(outputs, Mapping):  # a batch of one may come back unwrapped
+            outputs = [outputs]
+        if len(outputs) != len(prompts) * group_size:
+            raise RuntimeError(f"SGLang returned {len(outputs)} responses, "
+                               f"expected {len(prompts)} prompts × {group_size}")
+        groups = []
+        for p, prompt in enumerate(prompts):
+            parsed = [parse_sglang_output(o) for o in outputs[p * group_size:(p + 1) * group_size]]
+            groups.append(RolloutGroup(
+                prompt_ids=prompt,
+                token_ids=[ids for ids, _, _ in parsed],
+                logprobs=[lps for _, lps, _ in parsed],
+                finished=[fin for _, _, fin in parsed],
+            ))
+        return groups
+
+    def sync_weights(self, model_or_state_dict, bucket_bytes: int = 1 << 30) -> None:
+        """Push the trainer's weights in place (``update_weights_from_tensor``), then flush the cache.
+
+        Tensors go in buckets of about ``bucket_bytes`` so a large policy is never serialised at
+        once; the prefix cache is flushed once, after the last bucket, since cached KV was computed
+        with the old weights. FSDP2 DTensor shards are gathered to full tensors first. Names are
+        the HF parameter names, which SGLang's loaders accept.
+        """
+        named = _named_tensors(model_or_state_dict)
+        buckets = list(_buckets(named, bucket_bytes))
+        for i, bucket in enumerate(buckets):
+            self.engine.update_weights_from_tensor(bucket, flush_cache=(i == len(buckets) - 1))
+        if not buckets:
+            self.engine.flush_cache()
+
+    update_weights = sync_weights
+
+    def release_memory(self) -> None:
+        """Free SGLang's weights and KV pool while the trainer runs (needs enable_memory_saver)."""
+        self.engine.release_memory_occupation()
+
+    def resume_memory(self) -> None:
+        self.engine.resume_memory_occupation()
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+def _named_tensors(model_or_state_dict) -> list[tuple[str, torch.Tensor]]:
+    if isinstance(model_or_state_dict, torch.nn.Module):
+        # named_parameters skips tied duplicates (lm_head tied to the embedding).
+        items = model_or_state_dict.named_parameters()
+    else:
+        items = model_or_state_dict.items()
+    named = []
+    for name, tensor in items:
+        tensor = tensor.detach()
+        if hasattr(tensor, "full_tensor"):  # FSDP2 DTensor shard
+            tensor = tensor.full_tensor()
+        named.append((name, tensor))
+    return named
+
+
+def _buckets(named: list[tuple[str, torch.Tensor]], bucket_bytes: int):
+    bucket, size = [], 0
+    for name, tensor in named:
+        nbytes = tensor.numel() * tensor.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+# ----------------------------------------------------------------------------------------------
+# Factory
+# ----------------------------------------------------------------------------------------------
+
+def make_engine(kind: str = "embedded", **kwargs):
+    """``make_engine("embedded", model=..., tokenizer=...)`` or
+    ``make_engine("sglang", model_path=..., tokenizer=..., mem_fraction_static=...)``."""
+    if kind == "embedded":
+        model = kwargs.pop("model")
+        tokenizer = kwargs.pop("tokenizer", None)
+        return EmbeddedEngine(model, tokenizer, **kwargs)
+    if kind == "sglang":
+        model_path = kwargs.pop("model_path")
+        tokenizer = kwargs.pop("tokenizer", None)
+        return SGLangEngine(model_path, tokenizer, **kwargs)
+    raise ValueError(f"unknown rollout engine {kind!r}: use 'embedded' or 'sglang'")
