@@ -50,12 +50,11 @@ def rollout_and_verify(engine, tokenizer, rulebook, reward_cfg: RewardConfig, pr
                        temperature: float, top_p: float, max_new_tokens: int, run_seed: int,
                        step: int, stream: int = STREAM_RL) -> Rollouts:
     """G samples per prompt, decoded and verified. Shared by difficulty estimation and RL."""
-    # one call per prompt, each with its own seed: samples are then the same whatever the split
-    # of prompts over ranks (2 ranks reproduce 1) and wherever a resumed run restarted
-    groups = []
-    for i, ids in zip(prompt_indices, prompt_ids):
-        groups += engine.generate_groups([ids], group_size=group_size, temperature=temperature, top_p=top_p,
-                                         max_new_tokens=max_new_tokens, seed=prompt_seed(run_seed, stream, step, i))
+    # each prompt's group samples from its own seed: the same samples whatever the split of prompts
+    # over ranks (2 ranks reproduce 1) and wherever a resumed run restarted
+    seeds = [prompt_seed(run_seed, stream, step, i) for i in prompt_indices]
+    groups = engine.generate_groups(prompt_ids, group_size=group_size, temperature=temperature, top_p=top_p,
+                                    max_new_tokens=max_new_tokens, seeds=seeds) if prompt_ids else []
     out = Rollouts([], [], [], [], [], None, None)
     flat_labels = []
     for idx, g, label in zip(prompt_indices, groups, labels):

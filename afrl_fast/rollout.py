@@ -112,9 +112,10 @@ def sample_next_tokens(
     logits: torch.Tensor,
     temperature: float,
     top_p: float,
-    generator: torch.Generator | None,
+    generator: torch.Generator | list[torch.Generator] | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row from ``logits`` [B, V]; return (tokens [B], logprobs [B]).
+    ``generator`` is one RNG for all rows, or one per row (see ``row_uniforms``).
 
     The log-prob is taken under the temperature-scaled, untruncated distribution (module docstring).
     Math in fp32 whatever the model dtype, so bf16 policies sample from the same distribution.
@@ -144,10 +145,19 @@ def inverse_cdf_sample(weights: torch.Tensor, generator: torch.Generator | None)
     """
     cdf = weights.double().cumsum(dim=-1)
     total = cdf[:, -1:]
-    u = torch.rand(total.shape, dtype=torch.float64, device=weights.device, generator=generator)
+    u = row_uniforms(total.shape[0], generator, weights.device)
     # u * total < total keeps the search inside the vocabulary even when the product rounds up.
     target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
     return torch.searchsorted(cdf, target, right=True).squeeze(-1)
+
+
+def row_uniforms(n: int, generator, device) -> torch.Tensor:
+    """[n, 1] uniforms in float64: from one generator, or one draw from each row's own generator.
+    Per-row generators make a prompt's samples independent of which prompts share its batch."""
+    if isinstance(generator, (list, tuple)):
+        draws = [torch.rand(1, dtype=torch.float64, device=device, generator=g) for g in generator]
+        return torch.stack(draws) if draws else torch.zeros((0, 1), dtype=torch.float64, device=device)
+    return torch.rand((n, 1), dtype=torch.float64, device=device, generator=generator)
 
 
 def make_generator(seed: int | torch.Generator | None, device: torch.device) -> torch.Generator:
@@ -241,20 +251,27 @@ class EmbeddedEngine:
         top_p: float = 1.0,
         max_new_tokens: int = 1024,
         seed: int | torch.Generator | None = None,
+        seeds: Sequence[int] | None = None,
     ) -> list[RolloutGroup]:
-        """Sample ``group_size`` responses for each prompt (token ids). Deterministic given ``seed``."""
+        """Sample ``group_size`` responses for each prompt (token ids). Deterministic given ``seed``;
+        with ``seeds`` (one per prompt) each group draws from its own RNG, so a prompt's samples are
+        the same whichever prompts share its batch (data-parallel ranks, resumed runs)."""
         if group_size < 1 or max_new_tokens < 1:
             raise ValueError("group_size and max_new_tokens must be ≥ 1")
         if temperature < 0 or not 0 < top_p <= 1:
             raise ValueError("need temperature ≥ 0 and 0 < top_p ≤ 1")
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         generator = make_generator(seed, self.device)
         step = self.max_prompts_per_batch or max(len(prompts), 1)
         groups: list[RolloutGroup] = []
         with torch.inference_mode(), eval_mode(self.model):
             for start in range(0, len(prompts), step):
                 chunk = [list(p) for p in prompts[start:start + step]]
+                gen = generator if seeds is None else \
+                    [make_generator(int(s), self.device) for s in seeds[start:start + step]]
                 groups += self._generate_batch(chunk, group_size, temperature, top_p,
-                                               max_new_tokens, generator)
+                                               max_new_tokens, gen)
         return groups
 
     def sync_weights(self, model_or_state_dict=None) -> None:
@@ -331,7 +348,9 @@ class EmbeddedEngine:
         eos = torch.tensor(self.eos_ids, device=self.device)
 
         for step in range(max_new_tokens):
-            tokens, logps = sample_next_tokens(logits, temperature, top_p, generator)
+            row_gen = generator if not isinstance(generator, list) else \
+                [generator[r // group_size] for r in rows.tolist()]
+            tokens, logps = sample_next_tokens(logits, temperature, top_p, row_gen)
             token_buf[rows, step] = tokens
             logp_buf[rows, step] = logps
             lengths[rows] = step + 1
@@ -446,13 +465,21 @@ class SGLangEngine:
         top_p: float = 1.0,
         max_new_tokens: int = 1024,
         seed: int | None = None,
+        seeds: Sequence[int] | None = None,
     ) -> list[RolloutGroup]:
-        """One batched ``engine.generate`` call; responses come back prompt-major (G per prompt)."""
+        """One batched ``engine.generate`` call; responses come back prompt-major (G per prompt).
+        ``seeds`` (one per prompt) sends one sampling_params per prompt, each with its seed."""
         prompts = [list(p) for p in prompts]
         if not prompts:
             return []
-        params = sglang_sampling_params(group_size, temperature, top_p, max_new_tokens,
-                                        self.eos_ids, seed)
+        if seeds is not None:
+            if len(seeds) != len(prompts):
+                raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+            params = [sglang_sampling_params(group_size, temperature, top_p, max_new_tokens,
+                                             self.eos_ids, int(s)) for s in seeds]
+        else:
+            params = sglang_sampling_params(group_size, temperature, top_p, max_new_tokens,
+                                            self.eos_ids, seed)
         outputs = self.engine.generate(input_ids=prompts, sampling_params=params,
                                        return_logprob=True)
         if isinstance(outputs, Mapping):  # a batch of one may come back unwrapped

@@ -352,7 +352,7 @@ def main(argv=None) -> int:
 def estimate_difficulty(engine, tokenizer, rulebook, prompt_ids, labels, n_prompts, cfg, info) -> np.ndarray:
     """[n_prompts, 2]: correct first-token answers out of G samples, and valid-format samples."""
     local = list(range(info.rank, n_prompts, info.world))
-    per_call = max(1, 32 // cfg.difficulty.group_size)
+    per_call = max(1, 64 // cfg.difficulty.group_size)  # prompts decoded together: ~64 rows per batch
     rows = []
     reward_cfg = RewardConfig(gate=cfg.rl.gate, gamma=cfg.rl.reward_gamma)
     for start in tqdm(range(0, len(local), per_call), desc="difficulty", disable=not info.is_main):
@@ -464,8 +464,9 @@ def run_rl(cfg, policy, engine, tokenizer, rulebook, prompts, labels, sft_exampl
             float((res.y_dec == ro.labels).sum()), float(n_tok), dlogp,
             sum(s["entropy_sum"] for s in stats), sum(s["clip_frac"] * s["n_rl"] for s in stats),
             sum(s["kl"] * s["n_rl"] for s in stats), float(sum(s["n_rl"] for s in stats)),
+            sum(s["loss"] for s in stats),
         ], info.device)
-        (r_sum, r_sq, n, fmt, cst, logic, acc, tok, dl, ent, clip, kl, n_rows) = sums
+        (r_sum, r_sq, n, fmt, cst, logic, acc, tok, dl, ent, clip, kl, n_rows, loss) = sums
         dt = time.perf_counter() - t0
         progress["step"] = step
         progress["phase_step"] = t + 1
@@ -475,7 +476,7 @@ def run_rl(cfg, policy, engine, tokenizer, rulebook, prompts, labels, sft_exampl
                   "fmt_rate": fmt / n, "cst_rate": cst / n, "logic_rate": logic / n, "acc_first_token": acc / n,
                   "entropy": ent / max(n_rows, 1), "kl": kl / max(n_rows, 1), "clip_frac": clip / max(n_rows, 1),
                   "response_len": tok / n, "dlogp_engine": dl / max(tok, 1), "tokens_per_s": tok / dt,
-                  "loss": sum(s["loss"] for s in stats), **timer.pop()}
+                  "loss": loss / info.world, **timer.pop()}  # each rank's loss carries the factor world
         runlog.write(record)
         if info.is_main:
             runlog.write_rollouts(step, {"prompt_index": ro.prompt_index, "response": ro.texts,

@@ -407,3 +407,22 @@ def test_sampler_never_draws_zero_weight_tokens():
     weights = torch.tensor([[0.0, 1.0, 0.0, 0.0, 2.0, 0.0]]).repeat(5000, 1)
     tokens = inverse_cdf_sample(weights, torch.Generator().manual_seed(0))
     assert set(tokens.tolist()) == {1, 4}
+
+
+def test_per_prompt_seeds_make_samples_independent_of_batching(model):
+    """seeds=[...] gives each group its own RNG: a prompt samples the same tokens alone or batched
+    with others (what makes 2 data-parallel ranks reproduce 1)."""
+    engine = EmbeddedEngine(model, eos_ids=[0], pad_id=0)
+    prompts = random_prompts([5, 9, 3], seed=4)
+    seeds = [11, 22, 33]
+    together = engine.generate_groups(prompts, group_size=3, temperature=1.0, max_new_tokens=8, seeds=seeds)
+    alone = [engine.generate_groups([p], group_size=3, temperature=1.0, max_new_tokens=8, seeds=[s])[0]
+             for p, s in zip(prompts, seeds)]
+    for a, b in zip(together, alone):
+        assert a.token_ids == b.token_ids
+        for la, lb in zip(a.logprobs, b.logprobs):
+            assert la == pytest.approx(lb, abs=1e-5)
+    other = engine.generate_groups(prompts, group_size=3, temperature=1.0, max_new_tokens=8, seeds=[12, 22, 33])
+    assert other[0].token_ids != together[0].token_ids and other[1].token_ids == together[1].token_ids
+    with pytest.raises(ValueError, match="2 seeds for 3 prompts"):
+        engine.generate_groups(prompts, group_size=3, seeds=[1, 2])
