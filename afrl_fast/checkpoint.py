@@ -59,7 +59,7 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(ckpt_dir: Path, module, optimizer, progress: dict, info) -> None:
     """Collect full states on every rank (collective), write once from rank 0."""
     state = {
-        "model": D.full_model_state(module),
+        "model": D.full_model_state(module, rank0_only=True),
         "optimizer": D.full_optimizer_state(module, optimizer) if optimizer is not None else None,
         "rng": rng_state(),
         "progress": dict(progress),
@@ -67,6 +67,12 @@ def save_checkpoint(ckpt_dir: Path, module, optimizer, progress: dict, info) -> 
     if info.is_main:
         atomic_write_bytes(Path(ckpt_dir) / LATEST, lambda f: torch.save(state, f))
     D.barrier()
+
+
+def remove_stale_temp_files(folder: Path) -> None:
+    """Temp files of writes a SIGKILL interrupted (the except clause above never ran for them)."""
+    for tmp in Path(folder).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(ckpt_dir: Path) -> dict | None:

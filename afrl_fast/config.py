@@ -60,6 +60,7 @@ class SFTConfig:
     warmup_steps: int = 10
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    micro_batch_size: int = 0        # sequences per forward/backward on one rank (0 = the rank's whole batch)
 
 
 @dataclass
@@ -89,6 +90,7 @@ class RLConfig:
     batch_prompts: int = 256         # B_RL prompts per step (global)
     sft_batch: int = 256             # B_SFT expert trajectories per step (global)
     mini_batches: int = 1            # optimizer updates per rollout batch (global batch / mini-batch)
+    micro_batch_size: int = 0        # sequences per forward/backward on one rank (0 = the whole mini-batch)
     group_size: int = 8              # G
     temperature: float = 1.0
     top_p: float = 1.0
@@ -114,7 +116,7 @@ class RLConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = 10                  # RL steps between held-out evaluations (0 = only at the end)
+    every: int = 10                  # RL steps between held-out evaluations (0 = only after SFT and RL)
     max_rows: int = 0                # 0 = whole split
     batch_size: int = 16
     splits: List[str] = field(default_factory=lambda: ["industry", "longtail"])
@@ -127,8 +129,7 @@ class RunConfig:
     device: str = "auto"             # auto | cpu | cuda
     loss_backend: str = "auto"       # auto | triton | native | torch
     engine: str = "embedded"         # embedded | sglang
-    checkpoint_every: int = 5        # RL steps between checkpoints (SFT: every epoch-quarter)
-    log_every: int = 1
+    checkpoint_every: int = 5        # RL steps between checkpoints (SFT steps: 4× as many)
     resume: bool = False
     stop_after: str = ""             # "" | sft | difficulty: end the run after that stage (tests, sweeps)
 
@@ -189,12 +190,33 @@ def validate(cfg: Config) -> None:
         (cfg.rl.mini_batches >= 1 and cfg.rl.batch_prompts % cfg.rl.mini_batches == 0,
          "rl.mini_batches (must divide rl.batch_prompts)", cfg.rl.mini_batches),
     ]
+    d = cfg.difficulty
+    checks += [
+        (cfg.rl.temperature > 0, "rl.temperature (> 0)", cfg.rl.temperature),
+        (0 < cfg.rl.top_p <= 1, "rl.top_p (in (0, 1])", cfg.rl.top_p),
+        (cfg.rl.batch_prompts >= 1, "rl.batch_prompts", cfg.rl.batch_prompts),
+        (cfg.rl.max_new_tokens >= 1, "rl.max_new_tokens", cfg.rl.max_new_tokens),
+        (cfg.rl.beta >= 0, "rl.beta", cfg.rl.beta),
+        (0 <= cfg.rl.eps_low < 1 and cfg.rl.eps_high >= 0, "rl.eps_low/eps_high", (cfg.rl.eps_low, cfg.rl.eps_high)),
+        (all(w > 0 for w in cfg.rl.token_weights), "rl.token_weights (> 0)", cfg.rl.token_weights),
+        (cfg.rl.sft_batch >= 0 and cfg.rl.micro_batch_size >= 0, "rl.sft_batch/micro_batch_size",
+         (cfg.rl.sft_batch, cfg.rl.micro_batch_size)),
+        (cfg.sft.batch_size >= 1 and cfg.sft.micro_batch_size >= 0, "sft.batch_size/micro_batch_size",
+         (cfg.sft.batch_size, cfg.sft.micro_batch_size)),
+        (d.group_size >= 1 and 1 <= d.medium_min < d.easy_min <= d.group_size,
+         "difficulty (need 1 <= medium_min < easy_min <= group_size)", (d.medium_min, d.easy_min, d.group_size)),
+        (set(cfg.eval.splits) <= {"train", "industry", "longtail"}, "eval.splits", cfg.eval.splits),
+        (cfg.eval.every >= 0 and cfg.run.checkpoint_every >= 0, "eval.every/run.checkpoint_every",
+         (cfg.eval.every, cfg.run.checkpoint_every)),
+    ]
     for ok, key, value in checks:
         if not ok:
             raise ConfigError(f"{key}: invalid value {value!r}")
     for i, st in enumerate(cfg.rl.stages):
         if min(st.easy, st.medium, st.hard) < 0 or st.easy + st.medium + st.hard <= 0:
             raise ConfigError(f"rl.stages[{i}]: composition easy/medium/hard must be >= 0 and not all 0")
+        if min(st.alpha, st.gamma, st.epochs, st.size) < 0:
+            raise ConfigError(f"rl.stages[{i}]: alpha, gamma, epochs and size must be >= 0")
 
 
 def to_yaml(cfg: Config) -> str:

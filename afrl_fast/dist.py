@@ -90,13 +90,14 @@ def barrier():
         dist.barrier()
 
 
-def full_model_state(module) -> dict:
-    """Unsharded model state dict on every rank (CPU tensors)."""
+def full_model_state(module, rank0_only: bool = False) -> dict:
+    """Unsharded model state dict as CPU tensors; rank0_only gathers to rank 0 alone (checkpoints,
+    exports), so other ranks never hold a full copy."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     if not is_distributed():
         return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=rank0_only))
 
 
 def load_full_model_state(module, state: dict) -> None:
@@ -108,21 +109,30 @@ def load_full_model_state(module, state: dict) -> None:
     set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True))
 
 
+@torch.no_grad()
+def copy_full_params(src: torch.nn.Module, dst: torch.nn.Module, prefix: str = "lm.") -> None:
+    """Copy a (possibly FSDP2-sharded) module's weights into an unsharded replica, one parameter at a
+    time: the peak is one full tensor, not a full state dict."""
+    targets = dict(dst.named_parameters())
+    for name, p in src.named_parameters():
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p
+        targets[name[len(prefix):] if name.startswith(prefix) else name].copy_(full)
+
+
+# Optimizer states go through the same DCP functions with one rank or many, so their layout (keyed
+# by parameter names) does not depend on the world size a checkpoint was written with.
 def full_optimizer_state(module, optimizer) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    if not is_distributed():
-        return optimizer.state_dict()
-    return get_optimizer_state_dict(module, optimizer, options=StateDictOptions(full_state_dict=True))
+    return get_optimizer_state_dict(module, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=is_distributed()))
 
 
 def load_full_optimizer_state(module, optimizer, state: dict) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    if not is_distributed():
-        optimizer.load_state_dict(state)
-        return
-    set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(module, optimizer, state,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=is_distributed()))
 
 
 def cleanup():

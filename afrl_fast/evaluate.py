@@ -14,7 +14,6 @@ and renormalised (the log-sum-exp over the rest of the vocabulary cancels). The 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

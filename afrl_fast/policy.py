@@ -75,7 +75,8 @@ class PolicyLoss(nn.Module):
         self.loss_backend = loss_backend
 
     def hidden_rows(self, batch: TokenBatch) -> torch.Tensor:
-        out = self.lm.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        out = self.lm.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                    use_cache=False)
         h = out.last_hidden_state
         return h.reshape(-1, h.shape[-1])[batch.pred_index]
 
@@ -87,6 +88,44 @@ class PolicyLoss(nn.Module):
                                   backend=self.loss_backend)
         return fused_loss(hidden, weight, batch.targets, temperature=temperature,
                           backend=self.loss_backend, **loss_args)
+
+
+def micro_batches(n_seqs: int, size: int = 0) -> list[slice]:
+    """Consecutive slices of at most `size` sequences (0 = one slice with everything)."""
+    size = size if size > 0 else max(n_seqs, 1)
+    return [slice(i, min(i + size, n_seqs)) for i in range(0, n_seqs, size)]
+
+
+def loss_backward(policy, prompts, responses, rows: dict, *, pad_id: int, device, micro_batch: int = 0,
+                  **loss_args) -> dict:
+    """Fused loss + backward over sequences in micro-batches (gradients accumulate), with per-row
+    tensors `rows` (is_sft, advantages, old_logp, ref_logp, scale) laid out in sequence order. The
+    scales already hold the global token-mean factors, so accumulation needs no rescaling.
+    Returns sums: loss, entropy over RL rows and over all rows, clipped and k3 counts over RL rows."""
+    policy.train()
+    starts = [0]
+    for r in responses:
+        starts.append(starts[-1] + len(r))
+    stats = {"loss": 0.0, "entropy_rl": 0.0, "entropy_all": 0.0, "clipped": 0.0, "kl_sum": 0.0,
+             "n_rl": 0, "n_rows": starts[-1]}
+    for chunk in micro_batches(len(prompts), micro_batch):
+        lo, hi = starts[chunk.start], starts[chunk.stop]
+        if hi == lo:
+            continue
+        batch = pack_sequences(prompts[chunk], responses[chunk], pad_id).to(device)
+        part = {k: v[lo:hi].to(device) for k, v in rows.items()}
+        out = policy(batch, **part, **loss_args)
+        out.loss.backward()
+        rl = ~part["is_sft"]
+        n_rl = int(rl.sum())
+        ent = out.entropy.detach().float()
+        stats["loss"] += float(out.loss.detach())
+        stats["entropy_rl"] += float(ent[rl].sum())
+        stats["entropy_all"] += float(ent.sum())
+        stats["clipped"] += float(out.clip_frac) * n_rl      # clip_frac and kl are means over RL rows
+        stats["kl_sum"] += float(out.kl) * n_rl
+        stats["n_rl"] += n_rl
+    return stats
 
 
 def build_lm(cfg: ModelConfig, vocab_size: int, dtype=torch.float32) -> nn.Module:

@@ -19,9 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import dist as D
 from .grpo import group_advantages, token_advantages
-from .policy import TokenBatch, pack_sequences
+from .policy import loss_backward, micro_batches, pack_sequences
 from .verify import RewardConfig, response_token_offsets, token_weights, verify_batch
 
 
@@ -39,20 +38,22 @@ class Rollouts:
 STREAM_RL, STREAM_DIFFICULTY, STREAM_EVAL = 0, 1, 2
 
 
-def prompt_seed(run_seed: int, stream: int, step: int, prompt_index: int) -> int:
-    """Sampling seed of one prompt's group: fixed by (run seed, stream, step, prompt), so samples do
-    not depend on how prompts are split over ranks or on where a resumed run restarted."""
-    return int(np.random.default_rng([run_seed, stream, step, prompt_index]).integers(2**62))
+def prompt_seed(run_seed: int, stream: int, step: int, key: int) -> int:
+    """Sampling seed of one prompt's group: fixed by (run seed, stream, step, key) — key is the prompt
+    index or its position in the global batch — so samples do not depend on how prompts are split
+    over ranks or on where a resumed run restarted."""
+    return int(np.random.default_rng([run_seed, stream, step, key]).integers(2**62))
 
 
 def rollout_and_verify(engine, tokenizer, rulebook, reward_cfg: RewardConfig, prompt_indices: list[int],
                        prompt_ids: list[list[int]], labels: list[int], *, group_size: int,
                        temperature: float, top_p: float, max_new_tokens: int, run_seed: int,
-                       step: int, stream: int = STREAM_RL) -> Rollouts:
+                       step: int, stream: int = STREAM_RL, seed_keys: list[int] | None = None) -> Rollouts:
     """G samples per prompt, decoded and verified. Shared by difficulty estimation and RL."""
     # each prompt's group samples from its own seed: the same samples whatever the split of prompts
     # over ranks (2 ranks reproduce 1) and wherever a resumed run restarted
-    seeds = [prompt_seed(run_seed, stream, step, i) for i in prompt_indices]
+    keys = prompt_indices if seed_keys is None else seed_keys
+    seeds = [prompt_seed(run_seed, stream, step, k) for k in keys]
     groups = engine.generate_groups(prompt_ids, group_size=group_size, temperature=temperature, top_p=top_p,
                                     max_new_tokens=max_new_tokens, seeds=seeds) if prompt_ids else []
     out = Rollouts([], [], [], [], [], None, None)
@@ -85,43 +86,34 @@ def rl_token_advantages(ro: Rollouts, tokenizer, group_size: int, std_norm: bool
 
 
 @torch.no_grad()
-def forward_logprobs(policy, batch: TokenBatch, temperature: float) -> torch.Tensor:
-    logp, _ = policy(batch, mode="logprobs", temperature=temperature)
-    return logp.float()
-
-
-def combined_batch(rl_prompts, rl_responses, sft_examples, pad_id) -> tuple[TokenBatch, int]:
-    """RL sequences first, then SFT sequences, in one padded batch; returns it and #RL rows."""
-    prompts = list(rl_prompts) + [e[0] for e in sft_examples]
-    responses = list(rl_responses) + [e[1] for e in sft_examples]
-    batch = pack_sequences(prompts, responses, pad_id)
-    n_rl = sum(len(r) for r in rl_responses)
-    return batch, n_rl
+def forward_logprobs(policy, prompts, responses, *, pad_id: int, temperature: float, device,
+                     micro_batch: int = 0) -> torch.Tensor:
+    """Per-token log-probs of the responses under `policy` (forward-only vocab pass), CPU float32."""
+    parts = []
+    for chunk in micro_batches(len(prompts), micro_batch):
+        batch = pack_sequences(prompts[chunk], responses[chunk], pad_id).to(device)
+        logp, _ = policy(batch, mode="logprobs", temperature=temperature)
+        parts.append(logp.float().cpu())
+    return torch.cat(parts) if parts else torch.zeros(0)
 
 
 def rl_loss_backward(policy, ro_slice: dict, sft_examples, *, pad_id: int, info, alpha: float,
-                     gamma: float, rl_cfg, ref_policy, n_rl_global: float, n_sft_global: float) -> dict:
-    """Loss and gradients of one mini-batch of RL rows + SFT rows; returns loss statistics."""
-    dev = info.device
-    batch, n_rl = combined_batch(ro_slice["prompts"], ro_slice["responses"], sft_examples, pad_id)
-    batch = batch.to(dev)
-    n = batch.n_rows
-    is_sft = torch.zeros(n, dtype=torch.bool, device=dev)
-    is_sft[n_rl:] = True
-    adv = torch.zeros(n, dtype=torch.float32, device=dev)
-    adv[:n_rl] = torch.as_tensor(ro_slice["advantages"], device=dev)
-    old = torch.zeros(n, dtype=torch.float32, device=dev)
-    old[:n_rl] = ro_slice["old_logp"].to(dev)
-    ref = torch.zeros(n, dtype=torch.float32, device=dev)
-    ref[:n_rl] = ro_slice["ref_logp"].to(dev)
-    scale = torch.empty(n, dtype=torch.float32, device=dev)
-    scale[:n_rl] = alpha * info.world / max(n_rl_global, 1.0)
-    scale[n_rl:] = gamma * info.world / max(n_sft_global, 1.0)
-    out = policy(batch, is_sft=is_sft, advantages=adv, old_logp=old, ref_logp=ref, scale=scale,
-                 beta=rl_cfg.beta, eps_low=rl_cfg.eps_low, eps_high=rl_cfg.eps_high,
-                 temperature=rl_cfg.temperature)
-    out.loss.backward()
-    ent = out.entropy.detach()
-    return {"loss": float(out.loss.detach()),
-            "entropy_sum": float(ent[:n_rl].sum()), "n_rl": n_rl,
-            "clip_frac": float(out.clip_frac), "kl": float(out.kl)}
+                     gamma: float, rl_cfg, n_rl_global: float, n_sft_global: float) -> dict:
+    """Loss and gradients of one mini-batch: this rank's RL rows (scale α_t·world/#RL tokens) and SFT
+    rows (γ_t·world/#SFT tokens) through the fused loss; returns summed statistics."""
+    n_rl = sum(len(r) for r in ro_slice["responses"])
+    n_sft = sum(len(e[1]) for e in sft_examples)
+    f32 = torch.float32
+    rows = {
+        "is_sft": torch.cat([torch.zeros(n_rl, dtype=torch.bool), torch.ones(n_sft, dtype=torch.bool)]),
+        "advantages": torch.cat([torch.as_tensor(ro_slice["advantages"], dtype=f32), torch.zeros(n_sft)]),
+        "old_logp": torch.cat([ro_slice["old_logp"].to(f32), torch.zeros(n_sft)]),
+        "ref_logp": torch.cat([ro_slice["ref_logp"].to(f32), torch.zeros(n_sft)]),
+        "scale": torch.cat([torch.full((n_rl,), alpha * info.world / max(n_rl_global, 1.0)),
+                            torch.full((n_sft,), gamma * info.world / max(n_sft_global, 1.0))]),
+    }
+    prompts = list(ro_slice["prompts"]) + [e[0] for e in sft_examples]
+    responses = list(ro_slice["responses"]) + [e[1] for e in sft_examples]
+    return loss_backward(policy, prompts, responses, rows, pad_id=pad_id, device=info.device,
+                         micro_batch=rl_cfg.micro_batch_size, beta=rl_cfg.beta, eps_low=rl_cfg.eps_low,
+                         eps_high=rl_cfg.eps_high, temperature=rl_cfg.temperature)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from . import dist as D
-from .policy import pack_sequences
+from .policy import loss_backward
 
 
 def sft_rows_scale(n_local_tokens: int, info, device) -> float:
@@ -20,15 +20,15 @@ def sft_rows_scale(n_local_tokens: int, info, device) -> float:
     return info.world / max(n_global, 1.0)
 
 
-def sft_loss(policy, examples: list[tuple[list[int], list[int]]], pad_id: int, info, weight: float = 1.0):
-    """weight · token-mean cross-entropy over the global batch; returns the fused-loss output."""
-    batch = pack_sequences([e[0] for e in examples], [e[1] for e in examples], pad_id).to(info.device)
-    n = batch.n_rows
-    scale = weight * sft_rows_scale(n, info, info.device)
-    dev = info.device
-    zeros = torch.zeros(n, dtype=torch.float32, device=dev)
-    return policy(batch, is_sft=torch.ones(n, dtype=torch.bool, device=dev), advantages=zeros,
-                  old_logp=zeros, ref_logp=None, scale=torch.full((n,), scale, device=dev))
+def sft_loss_backward(policy, examples: list[tuple[list[int], list[int]]], *, pad_id: int, info,
+                      micro_batch: int = 0) -> dict:
+    """Token-mean cross-entropy over the global batch, backward included; returns summed stats."""
+    n = sum(len(e[1]) for e in examples)
+    scale = sft_rows_scale(n, info, info.device)
+    rows = {"is_sft": torch.ones(n, dtype=torch.bool), "advantages": torch.zeros(n),
+            "old_logp": torch.zeros(n), "ref_logp": torch.zeros(n), "scale": torch.full((n,), scale)}
+    return loss_backward(policy, [e[0] for e in examples], [e[1] for e in examples], rows, pad_id=pad_id,
+                         device=info.device, micro_batch=micro_batch)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:

@@ -14,6 +14,7 @@ sft_model/ and final_model/ (save_pretrained), plots/ and results.json.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -27,6 +28,7 @@ if __package__ in (None, ""):  # run as a file by torchrun: make the package imp
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from afrl_fast import checkpoint as C
@@ -38,12 +40,12 @@ from afrl_fast.evaluate import FirstTokenScorer
 from afrl_fast.format import build_prompt, load_tokenizer
 from afrl_fast.metrics import compute_metrics
 from afrl_fast.observe import RunLog, Timer, log, setup_logging
-from afrl_fast.policy import PolicyLoss, build_lm, pack_sequences
+from afrl_fast.policy import PolicyLoss, build_lm
 from afrl_fast.rl import (STREAM_DIFFICULTY, STREAM_EVAL, forward_logprobs, rl_loss_backward,
                           rl_token_advantages, rollout_and_verify)
 from afrl_fast.rollout import make_engine
 from afrl_fast.rulebook import load_rulebook
-from afrl_fast.sft import lr_at, optimizer_step, sft_batches, sft_loss
+from afrl_fast.sft import lr_at, optimizer_step, sft_batches, sft_loss_backward
 from afrl_fast.verify import RewardConfig
 
 QWEN_VOCAB = 151936  # Qwen3's embedding rows (the tokenizer's 151,669 ids, padded)
@@ -63,11 +65,59 @@ def parse_args(argv=None):
 def prepare_data(cfg, run_dir: Path, rulebook, info) -> dict:
     """The three splits as pyarrow tables; synthesized into the run folder when no data.dir is given."""
     data_dir = Path(cfg.data.dir) if cfg.data.dir else run_dir / "data"
-    if not cfg.data.dir and info.is_main and not all((data_dir / f"{s}.parquet").exists() for s in SPLITS):
-        write_synthetic_splits(data_dir, cfg.data.n_train, cfg.data.seed, rulebook, n_industry=cfg.data.n_eval,
-                               n_longtail=cfg.data.n_eval, reasons=cfg.data.reasons)
+    if not cfg.data.dir and info.is_main:
+        # regenerate unless the folder holds exactly what this config asks for
+        wanted = {"n_train": cfg.data.n_train, "n_eval": cfg.data.n_eval, "seed": cfg.data.seed,
+                  "reasons": cfg.data.reasons, "rulebook": str(rulebook.path)}
+        manifest = data_dir / "manifest.json"
+        have = json.loads(manifest.read_text()) if manifest.exists() else None
+        if have != wanted or not all((data_dir / f"{s}.parquet").exists() for s in SPLITS):
+            write_synthetic_splits(data_dir, cfg.data.n_train, cfg.data.seed, rulebook, n_industry=cfg.data.n_eval,
+                                   n_longtail=cfg.data.n_eval, reasons=cfg.data.reasons)
+            C.atomic_write_text(manifest, json.dumps(wanted))
     D.barrier()
     return {s: read_pairs(data_dir / f"{s}.parquet", require_trace=(s == "train")) for s in SPLITS}
+
+
+RUN_ARTIFACTS = ("checkpoints", "difficulty.parquet", "sft_model", "final_model", "engine_init", "rollouts",
+                 "tensorboard", "plots", "metrics.jsonl", "results.json")
+
+
+def prepare_run_dir(run_dir: Path, cfg) -> None:
+    """config.yaml as resolved; a fresh (not resumed) run first removes an older run's artifacts, so
+    nothing stale — a checkpoint, a difficulty file, a model — can leak into it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not cfg.run.resume:
+        for name in RUN_ARTIFACTS:
+            path = run_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    else:
+        C.remove_stale_temp_files(run_dir / "checkpoints")
+    C.atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+
+
+def comparable_config(cfg) -> dict:
+    """The config a checkpoint must match to be resumed (run-control switches excluded)."""
+    d = json.loads(json.dumps(OmegaConf.to_container(OmegaConf.structured(cfg)), default=str))
+    for key in ("resume", "stop_after", "out_dir", "device"):
+        d["run"].pop(key, None)
+    return d
+
+
+def check_same_config(saved: dict, current: dict, where: Path) -> None:
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+    a, b = flat(saved), flat(current)
+    diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    if diff:
+        raise SystemExit(f"{where}: cannot resume, the config differs from the checkpoint's in "
+                         f"{', '.join(f'{k} ({a.get(k)!r} -> {b.get(k)!r})' for k in diff[:6])}")
 
 
 def tokenize_prompts(tokenizer, rulebook, table, instructions: str, max_tokens: int) -> list[list[int]]:
@@ -110,12 +160,16 @@ def strip_prefix(state: dict, prefix: str = "lm.") -> dict:
     return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
 
 
+def replica_of(lm, device=None):
+    """An unsharded LM of the same class, config and dtype (weights still to be copied in)."""
+    return type(lm)(lm.config).to(dtype=next(lm.parameters()).dtype, device=device)
+
+
 def export_model(policy, tokenizer, path: Path, info) -> None:
     """save_pretrained of the full (unsharded) LM into `path`, replaced atomically by a rename."""
-    state = strip_prefix(D.full_model_state(policy))
+    state = strip_prefix(D.full_model_state(policy, rank0_only=True))
     if info.is_main:
-        lm = policy.lm
-        fresh = type(lm)(lm.config)
+        fresh = replica_of(policy.lm)
         fresh.load_state_dict(state)
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -131,16 +185,17 @@ def export_model(policy, tokenizer, path: Path, info) -> None:
 
 class Engine:
     """The rollout engine plus how it gets the trainer's weights. With one process the embedded
-    engine decodes with the policy's own LM; with FSDP it holds a full copy refreshed after every
-    optimizer step (the same push SGLang's update_weights_from_tensor receives)."""
+    engine decodes with the policy's own LM; with FSDP each rank holds an unsharded replica that is
+    refreshed parameter by parameter after every optimizer step (the push SGLang's
+    update_weights_from_tensor receives in the colocated setup: one engine per rank)."""
 
     def __init__(self, cfg, policy, tokenizer, info, run_dir: Path):
         self.policy, self.info, self.kind = policy, info, cfg.run.engine
         lm = policy.lm
         if D.is_distributed():
-            lm = type(policy.lm)(policy.lm.config).to(info.device)
-            lm.load_state_dict(strip_prefix(D.full_model_state(policy)))
-        self.lm = lm  # a full copy of the policy on this rank: first-token evaluation scores with it
+            lm = replica_of(policy.lm, info.device)
+            D.copy_full_params(policy, lm)
+        self.lm = lm  # the full policy on this rank: first-token evaluation scores with it
         if self.kind == "sglang":
             # SGLang loads from disk once, then receives every update in memory (sync below)
             export_model(policy, tokenizer, run_dir / "engine_init", info)
@@ -150,7 +205,7 @@ class Engine:
 
     def sync(self):
         if D.is_distributed():
-            self.lm.load_state_dict(strip_prefix(D.full_model_state(self.policy)))
+            D.copy_full_params(self.policy, self.lm)
         self.engine.sync_weights(self.lm if self.kind == "embedded" else self.lm.state_dict())
 
 
@@ -231,8 +286,8 @@ def main(argv=None) -> int:
     run_dir = Path(cfg.run.out_dir)
     ckpt_dir = run_dir / "checkpoints"
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        C.atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+        prepare_run_dir(run_dir, cfg)
+    D.barrier()
     torch.manual_seed(cfg.run.seed)
     t_start = time.time()
 
@@ -255,14 +310,16 @@ def main(argv=None) -> int:
     policy = build_policy(cfg, vocab, info)
     runlog = RunLog(run_dir, info.is_main)
     state = C.load_checkpoint(ckpt_dir) if cfg.run.resume else None
-    progress = {"phase": "sft", "step": 0, "phase_step": 0, "history": {}}
+    progress = {"phase": "sft", "step": 0, "phase_step": 0, "history": {}, "config": comparable_config(cfg)}
+    saved_opt = {}  # phase -> optimizer state of the checkpoint, used only by that same phase
     if state is not None:
-        progress = state["progress"]
+        check_same_config(state["progress"].get("config", {}), progress["config"], ckpt_dir)
+        progress = copy.deepcopy(state["progress"])
+        saved_opt = {progress["phase"]: state.get("optimizer")}
         C.restore({"model": state["model"], "optimizer": None, "rng": state["rng"]}, policy, None)
         runlog.truncate_after(progress["step"])
         log.info("resumed at phase %s, step %d", progress["phase"], progress["step"])
-    elif info.is_main and runlog.path.exists():
-        runlog.path.unlink()  # a fresh run in an old folder starts a fresh log
+        del state
     engine = Engine(cfg, policy, tokenizer, info, run_dir)
     evaluate = lambda names: evaluate_splits(engine.lm, tokenizer, rulebook, tables, names, cfg, info,
                                              instructions)
@@ -273,46 +330,51 @@ def main(argv=None) -> int:
             runlog.write({"step": progress["step"], "split": name, "phase": phase,
                           **{k: m[k] for k in ("acc5", "acc2", "pair_acc", "ndcg3", "macro_f1", "weighted_f1")}})
 
+    def close_phase(phase: str, export_dir: str, next_phase: str):
+        """Push weights, export, evaluate held-out splits and greedy traces, checkpoint the switch."""
+        engine.sync()
+        export_model(policy, tokenizer, run_dir / export_dir, info)
+        results = evaluate(eval_names)
+        log_eval(results, phase)
+        progress["history"][phase] = results
+        progress["history"][f"{phase}_traces"] = trace_validity(
+            engine, tokenizer, rulebook, prompts["industry"], labels["industry"], 32, cfg, cfg.run.seed)
+        log.info("%s traces: %s", phase.upper(), progress["history"][f"{phase}_traces"])
+        progress.update(phase=next_phase, phase_step=0)
+        C.save_checkpoint(ckpt_dir, policy, None, progress, info)
+
     # 3. SFT cold start: cross-entropy on expert trajectories through the fused loss.
     if progress["phase"] == "sft":
         batches = sft_batches(len(sft_examples), cfg.sft.batch_size, cfg.sft.epochs, cfg.run.seed)
         opt = torch.optim.AdamW(policy.parameters(), lr=cfg.sft.lr, weight_decay=cfg.sft.weight_decay)
-        if state is not None and state.get("optimizer") is not None:
-            D.load_full_optimizer_state(policy, opt, state["optimizer"])
+        if saved_opt.get("sft") is not None:
+            D.load_full_optimizer_state(policy, opt, saved_opt["sft"])
         bar = tqdm(total=len(batches), initial=progress["phase_step"], desc="sft", disable=not info.is_main)
         for k in range(progress["phase_step"], len(batches)):
             t0 = time.perf_counter()
             for g in opt.param_groups:
                 g["lr"] = lr_at(k, len(batches), cfg.sft.lr, cfg.sft.warmup_steps)
             local = D.rank_slice(batches[k], info)
-            out = sft_loss(policy, [sft_examples[i] for i in local], pad_id, info)
-            out.loss.backward()
+            st = sft_loss_backward(policy, [sft_examples[i] for i in local], pad_id=pad_id, info=info,
+                                   micro_batch=cfg.sft.micro_batch_size)
             gnorm = optimizer_step(policy, opt, cfg.sft.grad_clip)
-            n_tok = len(out.entropy)
-            loss_sum, ent_sum, tok = D.all_reduce_sum(
-                [float(out.loss.detach()), float(out.entropy.sum()), float(n_tok)], info.device)
+            loss_sum, ent_sum, tok = D.all_reduce_sum([st["loss"], st["entropy_all"], float(st["n_rows"])],
+                                                      info.device)
             progress["step"] += 1
             progress["phase_step"] = k + 1
             dt = time.perf_counter() - t0
-            # the loss of each rank is its share of the global token mean, scaled by world for FSDP's average
+            # each rank's loss is its share of the global token mean times world (FSDP averages grads)
             runlog.write({"step": progress["step"], "stage": "sft", "loss": loss_sum / info.world,
                           "entropy": ent_sum / max(tok, 1), "lr": opt.param_groups[0]["lr"],
                           "grad_norm": gnorm, "tokens_per_s": tok / dt})
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum / info.world:.3f}")
+            # SFT steps are short: checkpoint every 4·checkpoint_every of them
             if cfg.run.checkpoint_every and (k + 1) % (cfg.run.checkpoint_every * 4) == 0 and k + 1 < len(batches):
                 C.save_checkpoint(ckpt_dir, policy, opt, progress, info)
         bar.close()
-        engine.sync()
-        export_model(policy, tokenizer, run_dir / "sft_model", info)
-        sft_results = evaluate(eval_names)
-        log_eval(sft_results, "sft")
-        progress["history"]["sft"] = sft_results
-        progress["history"]["sft_traces"] = trace_validity(engine, tokenizer, rulebook, prompts["industry"],
-                                                           labels["industry"], 32, cfg, cfg.run.seed)
-        log.info("SFT traces: %s", progress["history"]["sft_traces"])
-        progress.update(phase="difficulty", phase_step=0)
-        C.save_checkpoint(ckpt_dir, policy, None, progress, info)
+        del opt
+        close_phase("sft", "sft_model", "difficulty")
         if cfg.run.stop_after == "sft":
             return finish(cfg, run_dir, progress, tables, eval_names, info, runlog)
 
@@ -333,17 +395,9 @@ def main(argv=None) -> int:
 
     # 5. Curriculum Mode-Balanced RL (Algorithm 1).
     if progress["phase"] == "rl":
-        run_rl(cfg, policy, engine, tokenizer, rulebook, prompts, labels, sft_examples, tables, diff_path,
-               progress, state, runlog, evaluate, log_eval, info, ckpt_dir, pad_id)
-        engine.sync()
-        export_model(policy, tokenizer, run_dir / "final_model", info)
-        rl_results = evaluate(eval_names)
-        log_eval(rl_results, "rl")
-        progress["history"]["rl"] = rl_results
-        progress["history"]["rl_traces"] = trace_validity(engine, tokenizer, rulebook, prompts["industry"],
-                                                          labels["industry"], 32, cfg, cfg.run.seed)
-        progress.update(phase="done", phase_step=0)
-        C.save_checkpoint(ckpt_dir, policy, None, progress, info)
+        run_rl(cfg, policy, engine, tokenizer, rulebook, prompts, labels, sft_examples, diff_path,
+               progress, saved_opt.get("rl"), runlog, evaluate, log_eval, info, ckpt_dir, pad_id)
+        close_phase("rl", "final_model", "done")
 
     log.info("total time %.1f s", time.time() - t_start)
     return finish(cfg, run_dir, progress, tables, eval_names, info, runlog)
@@ -399,22 +453,26 @@ def load_buckets(path: Path) -> dict:
     return out
 
 
-def run_rl(cfg, policy, engine, tokenizer, rulebook, prompts, labels, sft_examples, tables, diff_path,
-           progress, state, runlog, evaluate, log_eval, info, ckpt_dir, pad_id):
+def run_rl(cfg, policy, engine, tokenizer, rulebook, prompts, labels, sft_examples, diff_path,
+           progress, saved_opt, runlog, evaluate, log_eval, info, ckpt_dir, pad_id):
     rl = cfg.rl
     stages = build_stages(load_buckets(diff_path), rl.stages, cfg.run.seed, rl.random_order)
     plan = stage_schedule(stages, rl.batch_prompts, [s.epochs for s in rl.stages])
     if rl.max_steps:
         plan = plan[:rl.max_steps]
     log.info("curriculum: %s; %d RL steps", [(s.name, s.composition) for s in stages], len(plan))
+    if not plan:
+        log.warning("no RL step to run: every difficulty bucket the stages draw from is empty")
     ref_state = strip_prefix(D.full_model_state(policy)) if progress["phase_step"] == 0 else None
     ref_policy = build_ref_policy(cfg, policy, info, ref_state)
+    del ref_state
     opt = torch.optim.AdamW(policy.parameters(), lr=rl.lr, weight_decay=rl.weight_decay)
-    if state is not None and state["progress"]["phase"] == "rl" and state.get("optimizer") is not None:
-        D.load_full_optimizer_state(policy, opt, state["optimizer"])
+    if saved_opt is not None:
+        D.load_full_optimizer_state(policy, opt, saved_opt)
     weights = None if rl.mode == "grpo" else tuple(rl.token_weights)
     reward_cfg = RewardConfig(gate=rl.gate, gamma=rl.reward_gamma)
     timer = Timer()
+    G = rl.group_size
     bar = tqdm(total=len(plan), initial=progress["phase_step"], desc="rl", disable=not info.is_main)
     for t in range(progress["phase_step"], len(plan)):
         t0 = time.perf_counter()
@@ -422,93 +480,115 @@ def run_rl(cfg, policy, engine, tokenizer, rulebook, prompts, labels, sft_exampl
         stage = stages[si]
         alpha, gamma = stage.alpha, (stage.gamma if rl.mode == "mode_balanced" else 0.0)
         step = progress["step"] + 1
-        local = D.rank_slice(stage_batch(stage, bi, rl.batch_prompts), info)
+        # Global mini-batches first, then each split over ranks: the same updates on any world size.
+        batch = stage_batch(stage, bi, rl.batch_prompts)
+        mb_positions = [D.rank_slice(list(r), info) for r in split_even(len(batch), rl.mini_batches)]
+        positions = [p for mb in mb_positions for p in mb]
+        local = [batch[p] for p in positions]
 
         with timer("rollout"):
+            # seeds keyed by the position in the global batch: a prompt drawn twice samples twice
             ro = rollout_and_verify(engine.engine, tokenizer, rulebook, reward_cfg, local,
                                     [prompts["train"][i] for i in local], [labels["train"][i] for i in local],
-                                    group_size=rl.group_size, temperature=rl.temperature, top_p=rl.top_p,
-                                    max_new_tokens=rl.max_new_tokens, run_seed=cfg.run.seed, step=step)
+                                    group_size=G, temperature=rl.temperature, top_p=rl.top_p,
+                                    max_new_tokens=rl.max_new_tokens, run_seed=cfg.run.seed, step=step,
+                                    seed_keys=positions)
         with timer("verify"):
-            tok_adv = rl_token_advantages(ro, tokenizer, rl.group_size, rl.adv_std_norm, weights)
+            tok_adv = rl_token_advantages(ro, tokenizer, G, rl.adv_std_norm, weights)
         with timer("logprobs"):
-            rl_batch = pack_sequences(ro.prompt_ids, ro.response_ids, pad_id).to(info.device)
-            old_logp = forward_logprobs(policy, rl_batch, rl.temperature)
-            ref_logp = forward_logprobs(ref_policy, rl_batch, rl.temperature)
+            lp_args = dict(pad_id=pad_id, temperature=rl.temperature, device=info.device,
+                           micro_batch=rl.micro_batch_size)
+            old_logp = forward_logprobs(policy, ro.prompt_ids, ro.response_ids, **lp_args)
+            ref_logp = forward_logprobs(ref_policy, ro.prompt_ids, ro.response_ids, **lp_args)
         engine_logp = torch.tensor([x for lp in ro.engine_logp for x in lp], dtype=torch.float32)
-        dlogp = float((engine_logp - old_logp.cpu()).abs().sum()) if len(engine_logp) else 0.0
+        dlogp = float((engine_logp - old_logp).abs().sum()) if len(engine_logp) else 0.0
 
-        sft_global = np.random.default_rng([cfg.run.seed, step, 7]).choice(len(sft_examples), rl.sft_batch,
-                                                                            replace=len(sft_examples) < rl.sft_batch)
-        sft_local = [sft_examples[i] for i in D.rank_slice(sft_global.tolist(), info)] if gamma > 0 else []
-
+        sft_global = np.random.default_rng([cfg.run.seed, step, 7]).choice(
+            len(sft_examples), rl.sft_batch, replace=len(sft_examples) < rl.sft_batch).tolist() if gamma > 0 else []
         stats = []
-        for mb in range(rl.mini_batches):
-            rows = minibatch_rows(ro, tok_adv, old_logp, ref_logp, mb, rl.mini_batches, rl.group_size)
-            sft_mb = sft_local[mb::rl.mini_batches]
-            n_rl, n_sft = D.all_reduce_sum([float(sum(len(r) for r in rows["responses"])),
+        first_group = 0
+        for mb, mb_pos in enumerate(mb_positions):
+            groups = range(first_group, first_group + len(mb_pos))
+            first_group += len(mb_pos)
+            rows = minibatch_rows(ro, tok_adv, old_logp, ref_logp, groups, G)
+            sft_mb = [sft_examples[sft_global[p]] for p in
+                      D.rank_slice(list(split_even(len(sft_global), rl.mini_batches)[mb]), info)]
+            n_rl, n_sft = D.all_reduce_sum([float(sum(map(len, rows["responses"]))),
                                             float(sum(len(e[1]) for e in sft_mb))], info.device)
+            if n_rl + n_sft == 0:
+                continue  # nothing anywhere in this mini-batch: no step, so AdamW's decay does not move the weights
             with timer("loss"):
                 stats.append(rl_loss_backward(policy, rows, sft_mb, pad_id=pad_id, info=info, alpha=alpha,
-                                              gamma=gamma, rl_cfg=rl, ref_policy=ref_policy,
-                                              n_rl_global=n_rl, n_sft_global=n_sft))
+                                              gamma=gamma, rl_cfg=rl, n_rl_global=n_rl, n_sft_global=n_sft))
             with timer("optimizer"):
-                stats[-1]["grad_norm"] = optimizer_step(policy, opt, rl.grad_clip)
+                optimizer_step(policy, opt, rl.grad_clip)
         engine.sync()
 
         res = ro.result
         n_resp, n_tok = len(ro.response_ids), sum(len(r) for r in ro.response_ids)
+        tot = lambda key: sum(s[key] for s in stats)
         sums = D.all_reduce_sum([
             float(res.reward.sum()), float((res.reward.astype(np.float64) ** 2).sum()), float(n_resp),
             float(res.fmt.sum()), float(res.cst.sum()), float(res.logic.sum()),
-            float((res.y_dec == ro.labels).sum()), float(n_tok), dlogp,
-            sum(s["entropy_sum"] for s in stats), sum(s["clip_frac"] * s["n_rl"] for s in stats),
-            sum(s["kl"] * s["n_rl"] for s in stats), float(sum(s["n_rl"] for s in stats)),
-            sum(s["loss"] for s in stats),
+            float((res.y_dec == ro.labels).sum()), float(n_tok), dlogp, tot("entropy_rl"), tot("clipped"),
+            tot("kl_sum"), float(tot("n_rl")), tot("loss"),
         ], info.device)
         (r_sum, r_sq, n, fmt, cst, logic, acc, tok, dl, ent, clip, kl, n_rows, loss) = sums
         dt = time.perf_counter() - t0
         progress["step"] = step
         progress["phase_step"] = t + 1
-        mean = r_sum / max(n, 1)
+        n1 = max(n, 1)
+        mean = r_sum / n1
         record = {"step": step, "stage": stage.name, "alpha": alpha, "gamma": gamma,
-                  "reward_mean": mean, "reward_std": math.sqrt(max(r_sq / max(n, 1) - mean ** 2, 0.0)),
-                  "fmt_rate": fmt / n, "cst_rate": cst / n, "logic_rate": logic / n, "acc_first_token": acc / n,
+                  "reward_mean": mean, "reward_std": math.sqrt(max(r_sq / n1 - mean ** 2, 0.0)),
+                  "fmt_rate": fmt / n1, "cst_rate": cst / n1, "logic_rate": logic / n1, "acc_first_token": acc / n1,
                   "entropy": ent / max(n_rows, 1), "kl": kl / max(n_rows, 1), "clip_frac": clip / max(n_rows, 1),
-                  "response_len": tok / n, "dlogp_engine": dl / max(tok, 1), "tokens_per_s": tok / dt,
+                  "response_len": tok / n1, "dlogp_engine": dl / max(tok, 1), "tokens_per_s": tok / dt,
                   "loss": loss / info.world, **timer.pop()}  # each rank's loss carries the factor world
         runlog.write(record)
-        if info.is_main:
-            runlog.write_rollouts(step, {"prompt_index": ro.prompt_index, "response": ro.texts,
-                                         "label": ro.labels, "reward": res.reward, "fmt": res.fmt,
-                                         "cst": res.cst, "logic": res.logic, "y_dec": res.y_dec,
-                                         "y_hat": res.y_hat})
+        write_rollout_log(runlog, step, ro, info)
         bar.update(1)
         bar.set_postfix(stage=stage.name, reward=f"{mean:.3f}")
-        if cfg.eval.every and step % cfg.eval.every == 0 and t + 1 < len(plan):
+        if cfg.eval.every and (t + 1) % cfg.eval.every == 0 and t + 1 < len(plan):
             log_eval(evaluate(cfg.eval.splits), "rl")
         if cfg.run.checkpoint_every and (t + 1) % cfg.run.checkpoint_every == 0 and t + 1 < len(plan):
             C.save_checkpoint(ckpt_dir, policy, opt, progress, info)
     bar.close()
 
 
-def minibatch_rows(ro, tok_adv, old_logp, ref_logp, mb: int, n_mb: int, group_size: int) -> dict:
-    """The responses of mini-batch mb (whole groups), with their per-token advantages and log-probs."""
-    n_groups = len(ro.response_ids) // group_size
-    groups = range(mb * n_groups // n_mb, (mb + 1) * n_groups // n_mb)
+def split_even(n: int, parts: int) -> list[range]:
+    """[0, n) cut into `parts` consecutive ranges whose sizes differ by at most one."""
+    return [range(k * n // parts, (k + 1) * n // parts) for k in range(parts)]
+
+
+def minibatch_rows(ro, tok_adv, old_logp, ref_logp, groups: range, group_size: int) -> dict:
+    """The responses of the given prompt groups, with their per-token advantages and log-probs."""
     resp_idx = [g * group_size + k for g in groups for k in range(group_size)]
-    starts = np.concatenate([[0], np.cumsum([len(r) for r in ro.response_ids])])
-    tok_idx = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in resp_idx]) if resp_idx else np.zeros(0, int)
+    starts = np.concatenate([[0], np.cumsum([len(r) for r in ro.response_ids])]).astype(np.int64)
+    tok_idx = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in resp_idx]) if resp_idx \
+        else np.zeros(0, dtype=np.int64)
     tok_idx_t = torch.as_tensor(tok_idx, dtype=torch.long)
     return {"prompts": [ro.prompt_ids[i] for i in resp_idx], "responses": [ro.response_ids[i] for i in resp_idx],
-            "advantages": tok_adv[tok_idx], "old_logp": old_logp.cpu()[tok_idx_t], "ref_logp": ref_logp.cpu()[tok_idx_t]}
+            "advantages": tok_adv[tok_idx], "old_logp": old_logp[tok_idx_t], "ref_logp": ref_logp[tok_idx_t]}
+
+
+def write_rollout_log(runlog, step: int, ro, info) -> None:
+    """Every rank's rollouts of the step, gathered into one Parquet file by rank 0."""
+    res = ro.result
+    part = {"prompt_index": ro.prompt_index, "response": ro.texts, "label": ro.labels.tolist(),
+            "reward": res.reward.tolist(), "fmt": res.fmt.tolist(), "cst": res.cst.tolist(),
+            "logic": res.logic.tolist(), "y_dec": res.y_dec.tolist(), "y_hat": res.y_hat.tolist()}
+    parts = D.all_gather_objects(part)
+    if info.is_main:
+        runlog.write_rollouts(step, {k: [x for p in parts for x in p[k]] for k in part})
 
 
 def build_ref_policy(cfg, policy, info, ref_state):
     """The frozen reference π_ref: the SFT model (from the run's sft_model/ on resume)."""
     if ref_state is None:
         from transformers import AutoModelForCausalLM
-        sft = AutoModelForCausalLM.from_pretrained(Path(cfg.run.out_dir) / "sft_model")
+        sft = AutoModelForCausalLM.from_pretrained(Path(cfg.run.out_dir) / "sft_model",
+                                                   dtype=next(policy.lm.parameters()).dtype)
         ref_state = sft.state_dict()
     ref = build_policy(cfg, policy.lm.config.vocab_size, info, ref_state)
     for p in ref.parameters():

@@ -1,5 +1,6 @@
 """The policy module and one RL update against a plain full-logits computation with the HF model."""
 import numpy as np
+import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -57,8 +58,10 @@ def test_policy_logprobs_match_the_models_own_logits():
     assert torch.all(entropy > 0)
 
 
-def test_rl_update_equals_full_logits_objective():
-    """α·Σ_RL L_GRPO/#RL + γ·Σ_SFT (−log p)/#SFT, value and gradient, RL and SFT rows in one batch."""
+@pytest.mark.parametrize("micro_batch", [0, 2])
+def test_rl_update_equals_full_logits_objective(micro_batch):
+    """α·Σ_RL L_GRPO/#RL + γ·Σ_SFT (−log p)/#SFT, value and gradient, RL and SFT rows in one batch
+    (or accumulated over micro-batches of 2 sequences, one of them mixing RL and SFT rows)."""
     rng = np.random.default_rng(1)
     lm = tiny_lm(1)
     rl_prompts, rl_responses = random_sequences(rng, 4)
@@ -69,14 +72,14 @@ def test_rl_update_equals_full_logits_objective():
         cur = full_logits_logp(lm, rl_prompts, rl_responses).float()
     old = cur + torch.tensor(rng.normal(scale=0.3, size=n_rl), dtype=torch.float32)  # ratios far from 1: clipping
     ref = cur + torch.tensor(rng.normal(scale=0.3, size=n_rl), dtype=torch.float32)
-    cfg = RLConfig(beta=0.05, eps_low=0.2, eps_high=0.28, temperature=1.0)
+    cfg = RLConfig(beta=0.05, eps_low=0.2, eps_high=0.28, temperature=1.0, micro_batch_size=micro_batch)
     alpha, gamma = 0.9, 0.1
     n_sft = sum(len(e[1]) for e in sft_examples)
 
     policy = PolicyLoss(lm, loss_backend="torch")
     stats = rl_loss_backward(policy, {"prompts": rl_prompts, "responses": rl_responses, "advantages": adv,
                                       "old_logp": old, "ref_logp": ref}, sft_examples, pad_id=0, info=INFO,
-                             alpha=alpha, gamma=gamma, rl_cfg=cfg, ref_policy=None, n_rl_global=n_rl,
+                             alpha=alpha, gamma=gamma, rl_cfg=cfg, n_rl_global=n_rl,
                              n_sft_global=n_sft)
     got_grad = lm.model.embed_tokens.weight.grad.clone()
 
@@ -89,7 +92,7 @@ def test_rl_update_equals_full_logits_objective():
     want.backward()
     np.testing.assert_allclose(stats["loss"], want.item(), rtol=1e-6)
     np.testing.assert_allclose(got_grad.numpy(), lm.model.embed_tokens.weight.grad.numpy(), rtol=1e-4, atol=1e-7)
-    assert stats["n_rl"] == n_rl and 0 < stats["clip_frac"] < 1
+    assert stats["n_rl"] == n_rl and 0 < stats["clipped"] < n_rl
 
 
 class _Result:
