@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .data import DataError, read_pairs
-from .format import FormatError, build_prompt, label_token_ids, load_tokenizer
+from .format import FormatError, build_prompt, instructions_text, label_token_ids, load_tokenizer
 from .metrics import MetricsError, compute_metrics, expected_score, format_table, write_json
 from .rulebook import RulebookError, load_rulebook
 
@@ -267,6 +267,9 @@ def parse_args(argv):
     ap.add_argument("--predictions", help="also write per-pair predictions parquet here")
     ap.add_argument("--tokenizer", help="tokenizer folder or 'qwen3' (default: the model's, else qwen3)")
     ap.add_argument("--rulebook", help="rulebook YAML for the prompt's instructions (default rulebook)")
+    ap.add_argument("--instructions", default="full", choices=("full", "short"),
+                    help="system prompt: the whole rulebook (full) or its summary (short); use the one the "
+                         "model was trained with (data.instructions in its run's config.yaml)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-prompt-tokens", type=int, default=None)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -286,6 +289,7 @@ def main(argv=None) -> int:
             raise ScoringError(f"{args.model}: model folder not found")
         scorer = FirstTokenScorer(load_model(args.model, args.dtype), tokenizer, rulebook,
                                   batch_size=args.batch_size, device=args.device,
+                                  instructions=instructions_text(rulebook, args.instructions),
                                   max_prompt_tokens=args.max_prompt_tokens, progress=not args.no_progress)
         probs = scorer.score_pairs(table)
         metrics = compute_metrics(table.column("label").to_numpy(zero_copy_only=False), probs,

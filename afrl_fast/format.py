@@ -69,6 +69,14 @@ def render_trace(rulebook: Rulebook, label: int, values: dict, free: dict | None
     return "\n".join(lines)
 
 
+def instructions_text(rulebook: Rulebook, kind: str = "full") -> str:
+    """The system prompt: "full" renders the whole rulebook (steps, vocabularies, decision list);
+    "short" is its one-paragraph summary. Training and evaluation must use the same one."""
+    if kind not in ("full", "short"):
+        raise FormatError(f"instructions must be 'full' or 'short', got {kind!r}")
+    return rulebook.describe() if kind == "full" else rulebook.instructions
+
+
 def user_message(query: str, document: str) -> str:
     return f"Query: {clean_text(query)}\nDocument: {' '.join(str(document).split())}"
 

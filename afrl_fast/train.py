@@ -37,7 +37,7 @@ from afrl_fast.config import DEMO_CONFIG, ConfigError, load_config, to_yaml
 from afrl_fast.curriculum import build_stages, difficulty_bucket, stage_batch, stage_schedule
 from afrl_fast.data import read_pairs, write_synthetic_splits
 from afrl_fast.evaluate import FirstTokenScorer
-from afrl_fast.format import build_prompt, load_tokenizer
+from afrl_fast.format import build_prompt, instructions_text, load_tokenizer
 from afrl_fast.metrics import compute_metrics
 from afrl_fast.observe import RunLog, Timer, log, setup_logging
 from afrl_fast.policy import PolicyLoss, build_lm
@@ -294,7 +294,7 @@ def main(argv=None) -> int:
     # 1. Data: rulebook, splits, prompts rendered with the chat template, expert traces.
     rulebook = load_rulebook(cfg.data.rulebook)
     tokenizer = load_tokenizer(cfg.model.tokenizer)
-    instructions = rulebook.describe() if cfg.data.instructions == "full" else rulebook.instructions
+    instructions = instructions_text(rulebook, cfg.data.instructions)
     tables = prepare_data(cfg, run_dir, rulebook, info)
     prompts = {s: tokenize_prompts(tokenizer, rulebook, tables[s], instructions, cfg.data.max_prompt_tokens)
                for s in SPLITS}
@@ -316,7 +316,7 @@ def main(argv=None) -> int:
         check_same_config(state["progress"].get("config", {}), progress["config"], ckpt_dir)
         progress = copy.deepcopy(state["progress"])
         saved_opt = {progress["phase"]: state.get("optimizer")}
-        C.restore({"model": state["model"], "optimizer": None, "rng": state["rng"]}, policy, None)
+        C.restore(state, policy, None)  # the optimizer is restored by the phase it belongs to
         runlog.truncate_after(progress["step"])
         log.info("resumed at phase %s, step %d", progress["phase"], progress["step"])
         del state

@@ -22,7 +22,7 @@ TINY = [
     "model.head_dim=16", "model.intermediate_size=64",
     "data.n_train=32", "data.n_eval=12", "data.max_response_tokens=400",
     "sft.epochs=1", "sft.batch_size=4", "sft.lr=1e-2", "sft.warmup_steps=1",
-    "difficulty.max_prompts=8", "difficulty.group_size=4", "difficulty.drop_unsolved=false",
+    "difficulty.max_prompts=8", "difficulty.group_size=4", "difficulty.easy_min=4", "difficulty.drop_unsolved=false",
     "rl.group_size=4", "rl.batch_prompts=2", "rl.sft_batch=2", "rl.max_new_tokens=12", "rl.lr=1e-3",
     "rl.stages.0.size=2", "rl.stages.1.size=2", "rl.stages.2.size=2",
     "eval.every=2", "eval.batch_size=8", "run.checkpoint_every=1",
@@ -31,7 +31,7 @@ VOLATILE = ("tokens_per_s", "lr")  # wall-clock derived; everything else must ma
 
 
 def torchrun(out_dir: Path, nproc: int = 1, extra=(), wait=True):
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
            str(ROOT / "afrl_fast" / "train.py"), f"run.out_dir={out_dir}", *TINY, *extra]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
     if not wait:
@@ -118,7 +118,8 @@ def test_exported_policy_loads_in_transformers_and_evaluate(baseline, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(out / "final_model")
     assert model.config.vocab_size == 151936
     res = subprocess.run([sys.executable, "-m", "afrl_fast.evaluate", "--model", str(out / "final_model"),
-                          "--data", str(out / "data" / "industry.parquet"), "--out", str(tmp_path / "m.json")],
+                          "--data", str(out / "data" / "industry.parquet"), "--out", str(tmp_path / "m.json"),
+                          "--instructions", "short"],  # what the demo config trains with
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     got = json.loads((tmp_path / "m.json").read_text())
