@@ -10,8 +10,13 @@ def pytest_addoption(parser):
                      help="run the benchmarks in benchmarks/ (they are skipped otherwise)")
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
     config.addinivalue_line("markers", "benchmark: a benchmark; runs only with --benchmark")
+    if config.getoption("--benchmark") and "P" not in (config.option.reportchars or ""):
+        # show each benchmark's printed table (captured stdout of passed tests) without needing -s;
+        # tryfirst: before the terminal reporter reads the report characters
+        config.option.reportchars = (config.option.reportchars or "") + "P"
 
 
 def pytest_collection_modifyitems(config, items):
