@@ -35,16 +35,16 @@ from afrl_fast import checkpoint as C
 from afrl_fast import dist as D
 from afrl_fast.config import DEMO_CONFIG, ConfigError, load_config, to_yaml
 from afrl_fast.curriculum import build_stages, difficulty_bucket, stage_batch, stage_schedule
-from afrl_fast.data import read_pairs, write_synthetic_splits
+from afrl_fast.data import DataError, read_pairs, write_synthetic_splits
 from afrl_fast.evaluate import FirstTokenScorer
-from afrl_fast.format import build_prompt, instructions_text, load_tokenizer
+from afrl_fast.format import FormatError, build_prompt, instructions_text, load_tokenizer
 from afrl_fast.metrics import compute_metrics
 from afrl_fast.observe import RunLog, Timer, log, setup_logging
 from afrl_fast.policy import PolicyLoss, build_lm
 from afrl_fast.rl import (STREAM_DIFFICULTY, STREAM_EVAL, forward_logprobs, rl_loss_backward,
                           rl_token_advantages, rollout_and_verify)
 from afrl_fast.rollout import make_engine
-from afrl_fast.rulebook import load_rulebook
+from afrl_fast.rulebook import RulebookError, load_rulebook
 from afrl_fast.sft import lr_at, optimizer_step, sft_batches, sft_loss_backward
 from afrl_fast.verify import RewardConfig
 
@@ -76,7 +76,7 @@ def prepare_data(cfg, run_dir: Path, rulebook, info) -> dict:
                                    n_longtail=cfg.data.n_eval, reasons=cfg.data.reasons)
             C.atomic_write_text(manifest, json.dumps(wanted))
     D.barrier()
-    return {s: read_pairs(data_dir / f"{s}.parquet", require_trace=(s == "train")) for s in SPLITS}
+    return {s: read_pairs(data_dir / f"{s}.parquet", require_trace=(s == "train")) for s in SPLITS}, data_dir
 
 
 RUN_ARTIFACTS = ("checkpoints", "difficulty.parquet", "sft_model", "final_model", "engine_init", "rollouts",
@@ -84,8 +84,8 @@ RUN_ARTIFACTS = ("checkpoints", "difficulty.parquet", "sft_model", "final_model"
 
 
 def prepare_run_dir(run_dir: Path, cfg) -> None:
-    """config.yaml as resolved; a fresh (not resumed) run first removes an older run's artifacts, so
-    nothing stale — a checkpoint, a difficulty file, a model — can leak into it."""
+    """A fresh (not resumed) run first removes an older run's artifacts, so nothing stale — a
+    checkpoint, a difficulty file, a model — can leak into it."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if not cfg.run.resume:
         for name in RUN_ARTIFACTS:
@@ -96,7 +96,6 @@ def prepare_run_dir(run_dir: Path, cfg) -> None:
                 path.unlink()
     else:
         C.remove_stale_temp_files(run_dir / "checkpoints")
-    C.atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
 
 
 def comparable_config(cfg) -> dict:
@@ -116,29 +115,31 @@ def check_same_config(saved: dict, current: dict, where: Path) -> None:
     a, b = flat(saved), flat(current)
     diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
     if diff:
-        raise SystemExit(f"{where}: cannot resume, the config differs from the checkpoint's in "
+        raise ConfigError(f"{where}: cannot resume, the config differs from the checkpoint's in "
                          f"{', '.join(f'{k} ({a.get(k)!r} -> {b.get(k)!r})' for k in diff[:6])}")
 
 
-def tokenize_prompts(tokenizer, rulebook, table, instructions: str, max_tokens: int) -> list[list[int]]:
+def tokenize_prompts(tokenizer, rulebook, table, instructions: str, max_tokens: int, where) -> list[list[int]]:
     queries, docs = table.column("query").to_pylist(), table.column("document").to_pylist()
     out = []
     for row, (q, d) in enumerate(zip(queries, docs)):
         ids = tokenizer.encode(build_prompt(tokenizer, rulebook, q, d, instructions), add_special_tokens=False)
         if len(ids) > max_tokens:
-            raise ValueError(f"row {row}: prompt is {len(ids)} tokens > data.max_prompt_tokens={max_tokens}")
+            raise DataError(f"{where}: row {row}, column 'document': the prompt is {len(ids)} tokens, more than "
+                            f"data.max_prompt_tokens={max_tokens}", where, row, "document")
         out.append(ids)
     return out
 
 
-def tokenize_traces(tokenizer, table, max_tokens: int) -> list[list[int]]:
+def tokenize_traces(tokenizer, table, max_tokens: int, where) -> list[list[int]]:
     """SFT targets: the expert trace followed by EOS, so the model learns to stop."""
     eos = tokenizer.eos_token_id
     out = []
     for row, trace in enumerate(table.column("trace").to_pylist()):
         ids = tokenizer.encode(trace, add_special_tokens=False) + [eos]
         if len(ids) > max_tokens:
-            raise ValueError(f"row {row}: trace is {len(ids)} tokens > data.max_response_tokens={max_tokens}")
+            raise DataError(f"{where}: row {row}, column 'trace': {len(ids)} tokens, more than "
+                            f"data.max_response_tokens={max_tokens}", where, row, "trace")
         out.append(ids)
     return out
 
@@ -249,6 +250,8 @@ def majority_baseline(tables, names) -> dict:
 def trace_validity(engine, tokenizer, rulebook, prompt_ids, labels, n: int, cfg, seed) -> dict:
     """Greedy traces of the first n held-out prompts: how many are valid AFRL traces."""
     n = min(n, len(prompt_ids))
+    if n == 0:
+        return {"trace_fmt_rate": None, "trace_cst_rate": None, "trace_logic_rate": None, "n_traces": 0}
     ro = rollout_and_verify(engine.engine, tokenizer, rulebook, RewardConfig(gate="literal"), list(range(n)),
                             prompt_ids[:n], labels[:n], group_size=1, temperature=0.0, top_p=1.0,
                             max_new_tokens=cfg.rl.max_new_tokens, run_seed=seed, step=0,
@@ -267,19 +270,25 @@ def results_table(rows: dict, names) -> str:
         lines.append(f"{'model':<16}" + "".join(f"{h:>10}" for _, h in keys))
         for model, res in rows.items():
             m = res[name]
-            lines.append(f"{model:<16}" + "".join(f"{100 * m[k]:>10.2f}" for k, _ in keys))
+            lines.append(f"{model:<16}" + "".join(f"{100 * m[k]:>10.2f}" if m.get(k) is not None else f"{'n/a':>10}"
+                                                  for k, _ in keys))
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    """Bad inputs (config, rulebook, data files, tokenizer) end the run with one clear line, exit 2."""
     try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        return train(argv)
+    except (ConfigError, DataError, RulebookError, FormatError) as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def train(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
     cfg.run.resume = cfg.run.resume or args.resume
     info = D.init_distributed(cfg.run.device)
     setup_logging(info.is_main)
@@ -295,11 +304,11 @@ def main(argv=None) -> int:
     rulebook = load_rulebook(cfg.data.rulebook)
     tokenizer = load_tokenizer(cfg.model.tokenizer)
     instructions = instructions_text(rulebook, cfg.data.instructions)
-    tables = prepare_data(cfg, run_dir, rulebook, info)
-    prompts = {s: tokenize_prompts(tokenizer, rulebook, tables[s], instructions, cfg.data.max_prompt_tokens)
-               for s in SPLITS}
+    tables, data_dir = prepare_data(cfg, run_dir, rulebook, info)
+    prompts = {s: tokenize_prompts(tokenizer, rulebook, tables[s], instructions, cfg.data.max_prompt_tokens,
+                                   data_dir / f"{s}.parquet") for s in SPLITS}
     labels = {s: tables[s].column("label").to_pylist() for s in SPLITS}
-    traces = tokenize_traces(tokenizer, tables["train"], cfg.data.max_response_tokens)
+    traces = tokenize_traces(tokenizer, tables["train"], cfg.data.max_response_tokens, data_dir / "train.parquet")
     sft_examples = list(zip(prompts["train"], traces))
     pad_id = tokenizer.pad_token_id
     vocab = QWEN_VOCAB if cfg.model.tokenizer == "qwen3" and len(tokenizer) <= QWEN_VOCAB \
@@ -320,6 +329,8 @@ def main(argv=None) -> int:
         runlog.truncate_after(progress["step"])
         log.info("resumed at phase %s, step %d", progress["phase"], progress["step"])
         del state
+    if info.is_main:
+        C.atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))  # as resolved, once resuming is allowed
     engine = Engine(cfg, policy, tokenizer, info, run_dir)
     evaluate = lambda names: evaluate_splits(engine.lm, tokenizer, rulebook, tables, names, cfg, info,
                                              instructions)

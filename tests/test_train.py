@@ -126,3 +126,30 @@ def test_exported_policy_loads_in_transformers_and_evaluate(baseline, tmp_path):
     final_eval = [r for r in training_lines(out) if r.get("split") == "industry"][-1]
     np.testing.assert_allclose(got["acc5"], final_eval["acc5"], atol=1e-9)
     np.testing.assert_allclose(got["pair_acc"], final_eval["pair_acc"], atol=1e-6)
+
+
+def run_train_direct(args, tmp_path):
+    return subprocess.run([sys.executable, str(ROOT / "afrl_fast" / "train.py"), f"run.out_dir={tmp_path}", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_bad_inputs_end_with_one_clear_line(tmp_path):
+    res = run_train_direct(["rl.betaa=0"], tmp_path / "a")
+    assert res.returncode == 2 and "unknown key 'rl.betaa'" in res.stderr and "Traceback" not in res.stderr
+    bad = tmp_path / "data"
+    bad.mkdir()
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    for split in ("train", "industry", "longtail"):
+        pq.write_table(pa.table({"query_id": ["q"], "doc_id": ["d"], "query": ["x"], "document": ["y"],
+                                 "label": pa.array([7], pa.int8()), "trace": ["7"]}), bad / f"{split}.parquet")
+    res = run_train_direct([f"data.dir={bad}"], tmp_path / "b")
+    assert res.returncode == 2 and "train.parquet: row 0, column 'label'" in res.stderr, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+
+
+def test_resume_refuses_a_different_config(baseline):
+    out, _ = baseline
+    res = subprocess.run([sys.executable, str(ROOT / "afrl_fast" / "train.py"), f"run.out_dir={out}", *TINY,
+                          "rl.beta=0.5", "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "cannot resume" in res.stderr and "rl.beta" in res.stderr, res.stderr[-2000:]
