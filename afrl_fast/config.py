@@ -47,7 +47,7 @@ class DataConfig:
     seed: int = 0
     reasons: bool = True             # synthetic traces write a reason sentence before each box
     rulebook: Optional[str] = None      # None = configs/rulebook/default.yaml
-    instructions: str = "full"       # full = the rulebook rendered as expert policy; short = its one-paragraph summary
+    instructions: str = "full"       # full = the rulebook rendered as expert policy; short = its summary; or a text file (PIAR's output)
     max_prompt_tokens: int = 4096
     max_response_tokens: int = 1024
 
@@ -186,7 +186,8 @@ def validate(cfg: Config) -> None:
         (cfg.run.device in ("auto", "cpu", "cuda"), "run.device", cfg.run.device),
         (cfg.run.stop_after in ("", "sft", "difficulty"), "run.stop_after", cfg.run.stop_after),
         (cfg.model.dtype in ("float32", "bfloat16"), "model.dtype", cfg.model.dtype),
-        (cfg.data.instructions in ("full", "short"), "data.instructions", cfg.data.instructions),
+        (cfg.data.instructions in ("full", "short") or Path(cfg.data.instructions).is_file(),
+         "data.instructions (full, short or an existing text file)", cfg.data.instructions),
         (cfg.rl.mini_batches >= 1 and cfg.rl.batch_prompts % cfg.rl.mini_batches == 0,
          "rl.mini_batches (must divide rl.batch_prompts)", cfg.rl.mini_batches),
     ]

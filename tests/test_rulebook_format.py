@@ -134,3 +134,44 @@ def test_label_tokens_error_for_a_tokenizer_that_splits_digits():
             return [1, 2] if text == "3" else [ord(text)]
     with pytest.raises(FormatError, match="label 3 is 2 tokens"):
         label_token_ids(Splitting())
+
+
+# ---------------------------------------------------------------- prompt settings that travel with a model
+
+def test_rulebook_to_dict_round_trips(rb):
+    again = parse_rulebook(yaml.safe_load(yaml.safe_dump(rb.to_dict())), "copy")
+    assert again.steps == rb.steps and again.rules == rb.rules and again.instructions == rb.instructions
+    np.testing.assert_array_equal(again.rule_masks, rb.rule_masks)
+
+
+def test_instructions_from_a_file_and_clear_errors(rb, tmp_path):
+    from afrl_fast.format import instructions_text
+    f = tmp_path / "refined.txt"
+    f.write_text("  Judge relevance carefully.\n")
+    assert instructions_text(rb, str(f)) == "Judge relevance carefully."
+    assert instructions_text(rb, "short") == rb.instructions
+    with pytest.raises(FormatError, match="missing.txt"):
+        instructions_text(rb, str(tmp_path / "missing.txt"))
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(FormatError, match="empty"):
+        instructions_text(rb, str(tmp_path / "empty.txt"))
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(FormatError, match="not UTF-8"):
+        instructions_text(rb, str(tmp_path / "latin1.txt"))
+
+
+def test_prompt_settings_saved_in_a_model_folder_win_over_defaults_but_not_over_flags(rb, tmp_path):
+    from afrl_fast.format import load_prompt_settings, resolve_prompt_settings, save_prompt_settings
+    custom = parse_rulebook({**rb.to_dict(), "name": "custom", "instructions": "Custom policy."}, "custom.yaml")
+    assert load_prompt_settings(tmp_path) is None
+    assert resolve_prompt_settings(tmp_path).instructions == rb.describe()        # nothing saved: full
+    save_prompt_settings(tmp_path, custom, "Trained with this prompt.")
+    got = resolve_prompt_settings(tmp_path)
+    assert got.instructions == "Trained with this prompt." and got.rulebook.name == "custom"
+    assert got.rulebook.rules == custom.rules
+    assert resolve_prompt_settings(tmp_path, instructions="short").instructions == "Custom policy."
+    flagged = resolve_prompt_settings(tmp_path, rulebook=str(DEFAULT_RULEBOOK), instructions="full")
+    assert flagged.rulebook.name == rb.name and flagged.instructions == rb.describe()
+    (tmp_path / "afrl_prompt.json").write_text("{not json")
+    with pytest.raises(FormatError, match="afrl_prompt.json"):
+        load_prompt_settings(tmp_path)
