@@ -6,11 +6,15 @@ setup(
     version="0.1.0",
     description="Answer-First, Reason-Later relevance judges: SFT, Mode-Balanced RL, first-token evaluation",
     python_requires=">=3.10",
-    # The Triton kernels live in the top-level folder kernels/, but a distribution named `kernels`
-    # exists and transformers probes that import name; we install the folder as `afrl_fast_kernels`.
-    packages=["afrl_fast", "afrl_fast_kernels"],
-    package_dir={"afrl_fast": "afrl_fast", "afrl_fast_kernels": "kernels"},
-    package_data={"afrl_fast_kernels": ["*.py"]},
+    # The top-level folders kernels/, csrc/ and configs/ install under collision-proof names: a
+    # distribution named `kernels` exists and transformers probes that import name. csrc/ and configs/
+    # ship as package data, so a regular (non-editable) install still builds the native kernel and
+    # finds the default rulebook.
+    packages=["afrl_fast", "afrl_fast_kernels", "afrl_fast_csrc", "afrl_fast_configs"],
+    package_dir={"afrl_fast": "afrl_fast", "afrl_fast_kernels": "kernels", "afrl_fast_csrc": "csrc",
+                 "afrl_fast_configs": "configs"},
+    package_data={"afrl_fast_csrc": ["*.cpp", "*.h"], "afrl_fast_configs": ["*.yaml", "rulebook/*.yaml"]},
+    include_package_data=False,
     install_requires=[
         "torch>=2.5",
         "triton>=3.1",

@@ -1,4 +1,4 @@
-"""Fused lm_head + GRPO/SFT loss, chunked over rows so full logits never exist (DESIGN §4).
+"""Fused lm_head + GRPO/SFT loss, chunked over rows so full logits never exist.
 
 Equations (the float64 contract is `afrl_fast_kernels.reference.fused_loss_reference`).
 For row i with hidden h_i, target y_i (−100 = ignored), z = h_i·Wᵀ / τ and log p_i = log_softmax(z)[y_i]:
@@ -34,7 +34,8 @@ and the N rows are split into ceil(N / max_rows) chunks of equal size (the last 
 V = 151,936 gives chunks of ≤ 441 rows. Pass `chunk_rows` to override. Bigger chunks mean fewer
 passes of the rank-C update dW += Xᵀ·h_c over the whole [V, H] gradient, which is memory bound on CPU.
 
-Backends implement one function, the vocab pass over a chunk (see `vocab_pass_torch`):
+Backends implement one function, the vocab pass over a chunk (`afrl_fast.backends` holds all of them
+and the dispatch; `vocab_pass_torch` there is the plain-torch version of this contract):
 
     vocab_pass(logits [C,V] raw h·Wᵀ (fp32 or bf16, overwritten in place with dLoss/dlogits when
                with_grad; scratch otherwise), targets [C] int64, is_sft [C] bool, advantages [C] f32,
@@ -43,9 +44,9 @@ Backends implement one function, the vocab pass over a chunk (see `vocab_pass_to
       -> (row_loss = scale·L [C] f32 (0 when ignored), logp [C] f32, entropy [C] f32,
           clipped [C] bool, k3 [C] f32)
 
-    "torch"   here: fp32 math in row blocks, memory bounded by the chunk plus one small block.
+    "torch"   fp32 math in row blocks, memory bounded by the chunk plus one small block.
               It also accepts float64 inputs (then all math is float64): an exact path for checks.
-    "native"  C++ kernel in csrc/ (afrl_fast.native.vocab_pass_native), CPU.
+    "native"  C++ kernel in csrc/ (afrl_fast.backends.vocab_pass_native), CPU.
     "triton"  afrl_fast_kernels.vocab_pass.vocab_pass_triton, CUDA (or CPU under TRITON_INTERPRET=1).
     "auto"    CUDA → triton; CPU → native if it builds, else torch.
 """
@@ -53,27 +54,21 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
-IGNORE_INDEX = -100
-BACKENDS = ("auto", "torch", "native", "triton")
+from afrl_fast_kernels import IGNORE_INDEX
+
+from .backends import BACKENDS, resolve_backend, vocab_pass_torch  # noqa: F401  (re-exported)
+
 
 # One chunk of fp32 logits is at most this many bytes (see the module docstring).
 LOGITS_BUDGET_BYTES = 256 * 2**20
-# The torch vocab pass walks a chunk in row blocks of this many fp32 bytes: its one [rows, V]
-# temporary (the exponentials) stays 1/8 of a chunk, while blocks stay big enough that the ~10
-# parallel ops per block amortise their thread barriers (8 MiB blocks measured 3x slower on 2 cores).
-TORCH_BLOCK_BYTES = {"cpu": 32 * 2**20, "cuda": 64 * 2**20}
 # Low-precision weights are upcast to fp32 in vocabulary tiles of this many rows (CPU has no
 # bf16 GEMM with fp32 output), so the fp32 copy of W never exists in full.
 UPCAST_TILE_ROWS = 8192
-
-VocabPass = Callable[..., tuple]
 
 
 @dataclass
@@ -83,150 +78,6 @@ class FusedLossOutput:
     entropy: torch.Tensor     # [N] fp32, detached, 0 on ignored rows
     clip_frac: torch.Tensor   # scalar fp32, detached
     kl: torch.Tensor          # scalar fp32, detached
-
-
-# ----------------------------------------------------------------------------------------------
-# Per-row scalars: the loss and its derivative w.r.t. log p
-
-
-def rowwise_terms(logp, valid, is_sft, advantages, old_logp, ref_logp, scale, beta, eps_low, eps_high):
-    """(scale·L, c = scale·dL/dlog p, clipped, k3) for a block of rows, fp32.
-
-    clipped and k3 are False/0 outside valid RL rows; row_loss and c are 0 on ignored rows."""
-    ratio = torch.exp(logp - old_logp)
-    adv = advantages
-    pg = -torch.minimum(ratio * adv, ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * adv)
-    # The clamped branch is the min exactly when the ratio left the trust region on the side the
-    # advantage pushes towards; there the clamp is flat, so the policy-gradient term has slope 0.
-    clipped = ((adv > 0) & (ratio > 1.0 + eps_high)) | ((adv < 0) & (ratio < 1.0 - eps_low))
-    dpg = torch.where(clipped, torch.zeros_like(ratio), -adv * ratio)
-    if ref_logp is not None:
-        delta = ref_logp - logp
-        exp_delta = torch.exp(delta)
-        k3 = exp_delta - delta - 1.0
-        dk3 = 1.0 - exp_delta                     # d k3 / d log p
-        rl_loss, drl = pg + beta * k3, dpg + beta * dk3
-    else:
-        k3 = torch.zeros_like(logp)
-        rl_loss, drl = pg, dpg
-    loss = torch.where(is_sft, -logp, rl_loss)
-    dloss = torch.where(is_sft, torch.full_like(logp, -1.0), drl)
-    zero = torch.zeros_like(logp)
-    rl_valid = valid & ~is_sft
-    return (torch.where(valid, scale * loss, zero), torch.where(valid, scale * dloss, zero),
-            clipped & rl_valid, torch.where(rl_valid, k3, zero))
-
-
-# ----------------------------------------------------------------------------------------------
-# The torch backend of the vocab pass
-
-
-def _block_rows(n_cols: int, device: torch.device) -> int:
-    budget = TORCH_BLOCK_BYTES.get(device.type, TORCH_BLOCK_BYTES["cuda"])
-    return max(1, budget // (4 * n_cols))
-
-
-def vocab_pass_torch(logits, targets, is_sft, advantages, old_logp, ref_logp, scale,
-                     beta, eps_low, eps_high, inv_temp, with_grad):
-    """Vocab pass in plain torch (fp32 math). See the module docstring for the contract.
-
-    Per row block x (raw logits):  m = max x,  u = (x − m)·inv_temp,  e = exp(u),  S = Σ e
-        log p = u_y − log S      entropy = log S − Σ e·u / S      (shift by m: exact at |x| ~ 1e4)
-        grad  = c·inv_temp·(onehot(y) − e/S), written over x.
-    """
-    n_rows, n_cols = logits.shape
-    dev = logits.device
-    f32 = torch.float64 if logits.dtype == torch.float64 else torch.float32   # float64: the exact test path
-    row_loss = torch.zeros(n_rows, dtype=f32, device=dev)
-    logp = torch.zeros(n_rows, dtype=f32, device=dev)
-    entropy = torch.zeros(n_rows, dtype=f32, device=dev)
-    clipped = torch.zeros(n_rows, dtype=torch.bool, device=dev)
-    k3 = torch.zeros(n_rows, dtype=f32, device=dev)
-    valid = targets != IGNORE_INDEX
-    safe_t = torch.where(valid, targets, torch.zeros_like(targets))[:, None]
-    rows = min(_block_rows(n_cols, dev), n_rows)
-    exps = torch.empty(rows, n_cols, dtype=f32, device=dev)      # the one block-sized temporary
-    for r0 in range(0, n_rows, rows):
-        r1 = min(r0 + rows, n_rows)
-        x = logits[r0:r1]
-        u = x if x.dtype == f32 else x.float()                    # fp32 math for bf16 logits
-        e = exps[: r1 - r0]
-        u.sub_(u.amax(dim=1, keepdim=True))
-        if inv_temp != 1.0:
-            u.mul_(inv_temp)
-        u_y = u.gather(1, safe_t[r0:r1]).squeeze(1)
-        torch.exp(u, out=e)
-        sum_e = e.sum(dim=1)
-        # u is not needed after Σ e·u (the gradient needs only e and S): multiply in place rather
-        # than allocate a third [rows, V] array.
-        sum_eu = u.mul_(e).sum(dim=1)
-        log_s = torch.log(sum_e)
-        v = valid[r0:r1]
-        lp = torch.where(v, u_y - log_s, torch.zeros_like(log_s))
-        logp[r0:r1] = lp
-        entropy[r0:r1] = torch.where(v, log_s - sum_eu / sum_e, torch.zeros_like(log_s))
-        rl, c, clp, kk = rowwise_terms(lp, v, is_sft[r0:r1], advantages[r0:r1], old_logp[r0:r1],
-                                       None if ref_logp is None else ref_logp[r0:r1],
-                                       scale[r0:r1], beta, eps_low, eps_high)
-        row_loss[r0:r1], clipped[r0:r1], k3[r0:r1] = rl, clp, kk
-        if with_grad:
-            c = c * inv_temp
-            # x ← −c·p (p = e/S), then +c at the target; ignored rows have c = 0 → a zero row.
-            torch.mul(e, (-c / sum_e)[:, None], out=u)
-            u.scatter_add_(1, safe_t[r0:r1], c[:, None])
-            if u is not x:
-                x.copy_(u)
-    return row_loss, logp, entropy, clipped, k3
-
-
-# ----------------------------------------------------------------------------------------------
-# Backend dispatch
-
-
-def _native_vocab_pass() -> VocabPass:
-    try:
-        from afrl_fast import native
-    except ImportError as err:
-        raise RuntimeError(f"backend 'native' is unavailable: afrl_fast.native does not import ({err})") from err
-    if not native.native_available():
-        raise RuntimeError("backend 'native' is unavailable: the C++ vocab pass in csrc/ did not build "
-                           "on this machine (see afrl_fast.native for the compiler error)")
-    return native.vocab_pass_native
-
-
-def _triton_vocab_pass(device: torch.device) -> VocabPass:
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("backend 'triton' needs CUDA tensors (these are on "
-                           f"{device.type}), or TRITON_INTERPRET=1 set before triton is imported")
-    try:
-        from afrl_fast_kernels.vocab_pass import vocab_pass_triton
-    except ImportError as err:
-        raise RuntimeError(f"backend 'triton' is unavailable: afrl_fast_kernels.vocab_pass does not import ({err})") from err
-    return vocab_pass_triton
-
-
-def resolve_backend(backend: str, device: torch.device) -> tuple[str, VocabPass]:
-    """(name, vocab_pass) for a backend name and the device of the inputs."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend == "auto":
-        if device.type == "cuda":
-            try:
-                return "triton", _triton_vocab_pass(device)
-            except RuntimeError as err:
-                warnings.warn(f"fused_loss: falling back to the torch backend ({err})")
-                return "torch", vocab_pass_torch
-        try:
-            return "native", _native_vocab_pass()
-        except RuntimeError:
-            return "torch", vocab_pass_torch
-    if backend == "torch":
-        return "torch", vocab_pass_torch
-    if backend == "native":
-        if device.type != "cpu":
-            raise ValueError(f"backend 'native' runs on CPU tensors only (these are on {device.type})")
-        return "native", _native_vocab_pass()
-    return "triton", _triton_vocab_pass(device)
 
 
 def default_chunk_rows(n_rows: int, vocab_size: int, budget_bytes: int = LOGITS_BUDGET_BYTES) -> int:

@@ -16,8 +16,6 @@ from torch import nn
 from .config import ModelConfig
 from .loss import fused_loss, token_logprobs
 
-IGNORE_INDEX = -100
-
 
 @dataclass
 class TokenBatch:

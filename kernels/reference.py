@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-IGNORE_INDEX = -100
+from afrl_fast_kernels import IGNORE_INDEX
 
 
 @dataclass

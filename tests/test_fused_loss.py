@@ -12,6 +12,7 @@ import os
 import pytest
 import torch
 
+from afrl_fast import backends as B
 from afrl_fast import loss as L
 from afrl_fast.loss import IGNORE_INDEX, default_chunk_rows, fused_loss, token_logprobs
 from afrl_fast_kernels.reference import fused_loss_reference, token_logprobs_reference
@@ -21,9 +22,9 @@ F64 = torch.float64
 
 def _native_skip_reason():
     try:
-        native = importlib.import_module("afrl_fast.native")
+        native = importlib.import_module("afrl_fast.backends")
     except ImportError as err:
-        return f"afrl_fast.native not importable ({err})"
+        return f"afrl_fast.backends not importable ({err})"
     return None if native.native_available() else "native C++ vocab pass did not build here"
 
 
@@ -150,7 +151,7 @@ CASES = {
 def test_matches_reference(backend, name, monkeypatch):
     if backend == "torch" and name in ("mixed", "temperature", "many_chunks", "extreme_logits"):
         # Row blocks of one row, so the block loop inside the torch vocab pass runs many times.
-        monkeypatch.setitem(L.TORCH_BLOCK_BYTES, "cpu", 1)
+        monkeypatch.setitem(B.TORCH_BLOCK_BYTES, "cpu", 1)
     spec = CASES[name]
     temperature = spec["make"].get("temperature", 1.0)
     case = make_case(seed=list(CASES).index(name), **spec["make"])
@@ -173,7 +174,7 @@ def test_extreme_logits_are_extreme():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16_inputs(backend, monkeypatch):
-    monkeypatch.setitem(L.TORCH_BLOCK_BYTES, "cpu", 4 * 517 * 5)      # torch: blocks of 5 rows
+    monkeypatch.setitem(B.TORCH_BLOCK_BYTES, "cpu", 4 * 517 * 5)      # torch: blocks of 5 rows
     case = make_case(n=33, h=32, v=517, seed=3)
     # Compare with the reference evaluated at the bf16-rounded inputs: what remains is our math.
     rounded = dict(case, hidden=case["hidden"].to(torch.bfloat16).to(F64),
@@ -207,7 +208,7 @@ def test_vocab_pass_contract(backend):
     """The backend function itself: outputs and the in-place gradient of one chunk of raw logits."""
     case = make_case(n=9, v=97, ignore=(4,), seed=11)
     dev = _device(backend)
-    _, vocab_pass = L.resolve_backend(backend, torch.device(dev))
+    _, vocab_pass = B.resolve_backend(backend, torch.device(dev))
     raw = (case["hidden"] @ case["weight"].T).requires_grad_()
     inv_temp = 1 / 0.9
     # Reference loss of raw logits: scale the logits by 1/τ through a linear map (weight = I·inv_temp).
@@ -354,17 +355,17 @@ def test_input_validation_names_the_argument():
 
 def test_backend_dispatch():
     with pytest.raises(ValueError, match="unknown backend 'cuda_magic'"):
-        L.resolve_backend("cuda_magic", torch.device("cpu"))
-    name, fn = L.resolve_backend("torch", torch.device("cpu"))
-    assert name == "torch" and fn is L.vocab_pass_torch
-    auto, _ = L.resolve_backend("auto", torch.device("cpu"))
+        B.resolve_backend("cuda_magic", torch.device("cpu"))
+    name, fn = B.resolve_backend("torch", torch.device("cpu"))
+    assert name == "torch" and fn is B.vocab_pass_torch
+    auto, _ = B.resolve_backend("auto", torch.device("cpu"))
     assert auto == ("native" if _native_skip_reason() is None else "torch")
     if _native_skip_reason() is not None:
         with pytest.raises(RuntimeError, match="backend 'native' is unavailable"):
-            L.resolve_backend("native", torch.device("cpu"))
+            B.resolve_backend("native", torch.device("cpu"))
     if os.environ.get("TRITON_INTERPRET") != "1":
         with pytest.raises(RuntimeError, match="needs CUDA tensors"):
-            L.resolve_backend("triton", torch.device("cpu"))
+            B.resolve_backend("triton", torch.device("cpu"))
     if _native_skip_reason() is None:
         with pytest.raises(ValueError, match="float64 inputs run on the torch backend only"):
             fused_loss(torch.randn(2, 3, dtype=F64), torch.randn(5, 3, dtype=F64), torch.zeros(2, dtype=torch.long),

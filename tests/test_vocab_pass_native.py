@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from afrl_fast import native
+from afrl_fast import backends as native
 from afrl_fast_kernels.reference import IGNORE_INDEX, rowwise_loss_reference
 
 HYPER = dict(beta=0.04, eps_low=0.2, eps_high=0.28)

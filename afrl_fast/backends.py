@@ -1,0 +1,337 @@
+"""The vocabulary-pass backends, in one place, and the dispatch that picks one.
+
+A backend is one function, the per-chunk vocabulary pass of the fused loss (its contract is in
+`afrl_fast.loss`'s docstring and, in float64, `afrl_fast_kernels.reference`):
+
+    "torch"   `vocab_pass_torch` below: fp32 math in row blocks, any device; float64 inputs give the
+              exact checking path.
+    "native"  the C++/OpenMP kernel `csrc/vocab_pass.cpp` (installed as the package `afrl_fast_csrc`),
+              compiled on first use with torch.utils.cpp_extension into a per-user cache keyed by a hash
+              of the source, the flags, the torch/Python versions and the CPU (-march=native), so edits
+              rebuild and a cache shared between machines never runs code built for another CPU.
+    "triton"  `afrl_fast_kernels.vocab_pass.vocab_pass_triton`, CUDA (or CPU under TRITON_INTERPRET=1).
+    "auto"    CUDA → triton; CPU → native if it builds, else torch.
+
+Environment:
+    AFRL_FAST_NO_NATIVE=1     never build the native kernel; "auto" uses torch on CPU.
+    AFRL_FAST_CACHE_DIR       cache root (default $XDG_CACHE_HOME/afrl_fast or ~/.cache/afrl_fast).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import sys
+import threading
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import afrl_fast_csrc
+from afrl_fast_kernels import IGNORE_INDEX
+
+BACKENDS = ("auto", "torch", "native", "triton")
+CSRC_DIR = Path(afrl_fast_csrc.__file__).resolve().parent
+VocabPass = Callable[..., tuple]
+
+# The torch vocab pass walks a chunk in row blocks of this many fp32 bytes: its one [rows, V]
+# temporary (the exponentials) stays 1/8 of a chunk, while blocks stay big enough that the ~10
+# parallel ops per block amortise their thread barriers (8 MiB blocks measured 3x slower on 2 cores).
+TORCH_BLOCK_BYTES = {"cpu": 32 * 2**20, "cuda": 64 * 2**20}
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-row scalars: the loss and its derivative w.r.t. log p
+
+
+def rowwise_terms(logp, valid, is_sft, advantages, old_logp, ref_logp, scale, beta, eps_low, eps_high):
+    """(scale·L, c = scale·dL/dlog p, clipped, k3) for a block of rows, fp32.
+
+    clipped and k3 are False/0 outside valid RL rows; row_loss and c are 0 on ignored rows."""
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages
+    pg = -torch.minimum(ratio * adv, ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * adv)
+    # The clamped branch is the min exactly when the ratio left the trust region on the side the
+    # advantage pushes towards; there the clamp is flat, so the policy-gradient term has slope 0.
+    clipped = ((adv > 0) & (ratio > 1.0 + eps_high)) | ((adv < 0) & (ratio < 1.0 - eps_low))
+    dpg = torch.where(clipped, torch.zeros_like(ratio), -adv * ratio)
+    if ref_logp is not None:
+        delta = ref_logp - logp
+        exp_delta = torch.exp(delta)
+        k3 = exp_delta - delta - 1.0
+        dk3 = 1.0 - exp_delta                     # d k3 / d log p
+        rl_loss, drl = pg + beta * k3, dpg + beta * dk3
+    else:
+        k3 = torch.zeros_like(logp)
+        rl_loss, drl = pg, dpg
+    loss = torch.where(is_sft, -logp, rl_loss)
+    dloss = torch.where(is_sft, torch.full_like(logp, -1.0), drl)
+    zero = torch.zeros_like(logp)
+    rl_valid = valid & ~is_sft
+    return (torch.where(valid, scale * loss, zero), torch.where(valid, scale * dloss, zero),
+            clipped & rl_valid, torch.where(rl_valid, k3, zero))
+
+
+# ----------------------------------------------------------------------------------------------
+# The torch backend of the vocab pass
+
+
+def _block_rows(n_cols: int, device: torch.device) -> int:
+    budget = TORCH_BLOCK_BYTES.get(device.type, TORCH_BLOCK_BYTES["cuda"])
+    return max(1, budget // (4 * n_cols))
+
+
+def vocab_pass_torch(logits, targets, is_sft, advantages, old_logp, ref_logp, scale,
+                     beta, eps_low, eps_high, inv_temp, with_grad):
+    """Vocab pass in plain torch (fp32 math). See the module docstring for the contract.
+
+    Per row block x (raw logits):  m = max x,  u = (x − m)·inv_temp,  e = exp(u),  S = Σ e
+        log p = u_y − log S      entropy = log S − Σ e·u / S      (shift by m: exact at |x| ~ 1e4)
+        grad  = c·inv_temp·(onehot(y) − e/S), written over x.
+    """
+    n_rows, n_cols = logits.shape
+    dev = logits.device
+    f32 = torch.float64 if logits.dtype == torch.float64 else torch.float32   # float64: the exact test path
+    row_loss = torch.zeros(n_rows, dtype=f32, device=dev)
+    logp = torch.zeros(n_rows, dtype=f32, device=dev)
+    entropy = torch.zeros(n_rows, dtype=f32, device=dev)
+    clipped = torch.zeros(n_rows, dtype=torch.bool, device=dev)
+    k3 = torch.zeros(n_rows, dtype=f32, device=dev)
+    valid = targets != IGNORE_INDEX
+    safe_t = torch.where(valid, targets, torch.zeros_like(targets))[:, None]
+    rows = min(_block_rows(n_cols, dev), n_rows)
+    exps = torch.empty(rows, n_cols, dtype=f32, device=dev)      # the one block-sized temporary
+    for r0 in range(0, n_rows, rows):
+        r1 = min(r0 + rows, n_rows)
+        x = logits[r0:r1]
+        u = x if x.dtype == f32 else x.float()                    # fp32 math for bf16 logits
+        e = exps[: r1 - r0]
+        u.sub_(u.amax(dim=1, keepdim=True))
+        if inv_temp != 1.0:
+            u.mul_(inv_temp)
+        u_y = u.gather(1, safe_t[r0:r1]).squeeze(1)
+        torch.exp(u, out=e)
+        sum_e = e.sum(dim=1)
+        # u is not needed after Σ e·u (the gradient needs only e and S): multiply in place rather
+        # than allocate a third [rows, V] array.
+        sum_eu = u.mul_(e).sum(dim=1)
+        log_s = torch.log(sum_e)
+        v = valid[r0:r1]
+        lp = torch.where(v, u_y - log_s, torch.zeros_like(log_s))
+        logp[r0:r1] = lp
+        entropy[r0:r1] = torch.where(v, log_s - sum_eu / sum_e, torch.zeros_like(log_s))
+        rl, c, clp, kk = rowwise_terms(lp, v, is_sft[r0:r1], advantages[r0:r1], old_logp[r0:r1],
+                                       None if ref_logp is None else ref_logp[r0:r1],
+                                       scale[r0:r1], beta, eps_low, eps_high)
+        row_loss[r0:r1], clipped[r0:r1], k3[r0:r1] = rl, clp, kk
+        if with_grad:
+            c = c * inv_temp
+            # x ← −c·p (p = e/S), then +c at the target; ignored rows have c = 0 → a zero row.
+            torch.mul(e, (-c / sum_e)[:, None], out=u)
+            u.scatter_add_(1, safe_t[r0:r1], c[:, None])
+            if u is not x:
+                x.copy_(u)
+    return row_loss, logp, entropy, clipped, k3
+
+
+# ----------------------------------------------------------------------------------------------
+# The native backend: csrc/vocab_pass.cpp, built on first use
+
+log = logging.getLogger(__name__)
+
+_SOURCES = [CSRC_DIR / "vocab_pass.cpp"]
+# No -ffast-math: the exp's round-to-integer trick and the NaN-free -inf handling rely on IEEE
+# semantics. fp-contract=fast only lets the compiler fuse a*b+c into FMAs.
+_CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-Wno-class-memaccess"]
+_LDFLAGS = ["-fopenmp"]
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # what the kernel reads and writes directly
+
+_lock = threading.Lock()
+_module = None
+_reason: str | None = None  # set once the build was tried and failed
+
+
+def _cpu_fingerprint() -> str:
+    """The CPU feature flags, so a cache on a shared home never serves another CPU's -march=native."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _build_key() -> str:
+    h = hashlib.sha256()
+    for src in _SOURCES:
+        h.update(src.read_bytes())
+    for part in (*_CFLAGS, *_LDFLAGS, torch.__version__, sys.version, _cpu_fingerprint()):
+        h.update(part.encode())
+    return h.hexdigest()[:16]
+
+
+def _cache_root() -> Path:
+    if os.environ.get("AFRL_FAST_CACHE_DIR"):
+        return Path(os.environ["AFRL_FAST_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "afrl_fast"
+
+
+def _missing_toolchain() -> str | None:
+    if os.environ.get("AFRL_FAST_NO_NATIVE", "") not in ("", "0"):
+        return "disabled by AFRL_FAST_NO_NATIVE"
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        return f"no C++ compiler ({cxx!r} not on PATH)"
+    if not all(src.is_file() for src in _SOURCES):
+        return f"sources not found: {[str(s) for s in _SOURCES]}"
+    return None
+
+
+def _build():
+    from torch.utils import cpp_extension
+
+    cpp_extension.verify_ninja_availability()
+    key = _build_key()
+    build_dir = _cache_root() / "native" / f"vocab_pass_{key}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    # The key is in the module name too, so two versions can coexist in one process.
+    return cpp_extension.load(
+        name=f"afrl_fast_vocab_pass_{key}", sources=[str(s) for s in _SOURCES],
+        extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS, build_directory=str(build_dir),
+        verbose=False)
+
+
+def _short(exc: BaseException, limit: int = 2000) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= limit else "…" + text[-limit:]
+
+
+def _summary(reason: str) -> str:
+    """One line for the warning: the first compiler error if there is one (the full log with the
+    command lines stays in native_unavailable_reason())."""
+    lines = reason.splitlines()
+    return next((ln.strip() for ln in lines if "error:" in ln), lines[0][:300] if lines else "")
+
+
+def _load():
+    """The extension module, or None (reason in _reason). Builds at most once per process."""
+    global _module, _reason
+    if _module is not None or _reason is not None:
+        return _module
+    with _lock:
+        if _module is None and _reason is None:
+            _reason = _missing_toolchain()
+            if _reason is None:
+                try:
+                    _module = _build()
+                except Exception as exc:  # a failed build must not take training down
+                    _reason = "build failed: " + _short(exc)
+            if _reason is not None:
+                log.warning("afrl_fast native vocab pass unavailable (%s); using the torch path. "
+                            "Details: afrl_fast.backends.native_unavailable_reason()",
+                            _summary(_reason))
+    return _module
+
+
+def native_available() -> bool:
+    """True when the extension is built (building it now if needed). Never raises."""
+    return _load() is not None
+
+
+def native_unavailable_reason() -> str:
+    """Why native_available() is False ('' when it is True)."""
+    _load()
+    return _reason or ""
+
+
+def _row_vec(t, dtype, c, name):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"vocab_pass_native: {name} must be a tensor, got {type(t).__name__}")
+    t = t.detach()
+    if t.dim() == 0 and c is not None:
+        t = t.expand(c)
+    return t.to(device="cpu", dtype=dtype).contiguous()
+
+
+def vocab_pass_native(logits, targets, is_sft, advantages, old_logp, ref_logp, scale,
+                      beta, eps_low, eps_high, inv_temp, with_grad):
+    """(row_loss, logp, entropy, clipped, k3) for a chunk of raw logits [C, V] (the contract above).
+
+    float32 and bfloat16 logits are processed in place by the kernel; any other dtype, or
+    non-contiguous logits, go through a float32 copy whose gradient is copied back (when
+    with_grad). Per-row inputs are converted to the kernel's dtypes (scalars broadcast).
+    Raises RuntimeError when the extension is unavailable.
+    """
+    mod = _load()
+    if mod is None:
+        raise RuntimeError(f"afrl_fast native vocab pass unavailable: {_reason}")
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise ValueError("vocab_pass_native: logits must be a 2-D tensor [C, V]")
+    c = logits.shape[0]
+    direct = logits.dtype in _NATIVE_DTYPES and logits.is_contiguous() and logits.device.type == "cpu"
+    work = logits.detach() if direct else logits.detach().to("cpu", torch.float32).contiguous()
+    out = mod.vocab_pass(
+        work, _row_vec(targets, torch.int64, c, "targets"), _row_vec(is_sft, torch.bool, c, "is_sft"),
+        _row_vec(advantages, torch.float32, c, "advantages"),
+        _row_vec(old_logp, torch.float32, c, "old_logp"),
+        None if ref_logp is None else _row_vec(ref_logp, torch.float32, c, "ref_logp"),
+        _row_vec(scale, torch.float32, c, "scale"),
+        float(beta), float(eps_low), float(eps_high), float(inv_temp), bool(with_grad))
+    if with_grad and not direct:
+        with torch.no_grad():
+            logits.copy_(work)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend dispatch
+
+
+def _native_vocab_pass() -> VocabPass:
+    if not native_available():
+        raise RuntimeError("backend 'native' is unavailable: the C++ vocab pass in csrc/ did not build "
+                           f"on this machine ({_summary(_reason or '')}; full log: "
+                           "afrl_fast.backends.native_unavailable_reason())")
+    return vocab_pass_native
+
+
+def _triton_vocab_pass(device: torch.device) -> VocabPass:
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("backend 'triton' needs CUDA tensors (these are on "
+                           f"{device.type}), or TRITON_INTERPRET=1 set before triton is imported")
+    try:
+        from afrl_fast_kernels.vocab_pass import vocab_pass_triton
+    except ImportError as err:
+        raise RuntimeError(f"backend 'triton' is unavailable: afrl_fast_kernels.vocab_pass does not import ({err})") from err
+    return vocab_pass_triton
+
+
+def resolve_backend(backend: str, device: torch.device) -> tuple[str, VocabPass]:
+    """(name, vocab_pass) for a backend name and the device of the inputs."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        if device.type == "cuda":
+            try:
+                return "triton", _triton_vocab_pass(device)
+            except RuntimeError as err:
+                warnings.warn(f"fused_loss: falling back to the torch backend ({err})")
+                return "torch", vocab_pass_torch
+        try:
+            return "native", _native_vocab_pass()
+        except RuntimeError:
+            return "torch", vocab_pass_torch
+    if backend == "torch":
+        return "torch", vocab_pass_torch
+    if backend == "native":
+        if device.type != "cpu":
+            raise ValueError(f"backend 'native' runs on CPU tensors only (these are on {device.type})")
+        return "native", _native_vocab_pass()
+    return "triton", _triton_vocab_pass(device)
