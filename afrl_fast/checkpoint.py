@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -92,3 +93,42 @@ def restore(state: dict, module, optimizer) -> dict:
         D.load_full_optimizer_state(module, optimizer, state["optimizer"])
     set_rng_state(state["rng"])
     return state["progress"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Exported models (save_pretrained folders)
+
+
+def strip_prefix(state: dict, prefix: str = "lm.") -> dict:
+    """A PolicyLoss state dict with the LM's own parameter names."""
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+
+
+def replica_of(lm, device=None):
+    """An unsharded LM of the same class, config and dtype (weights still to be copied in)."""
+    return type(lm)(lm.config).to(dtype=next(lm.parameters()).dtype, device=device)
+
+
+def export_model(policy, tokenizer, path: Path, info, prompt=None) -> None:
+    """save_pretrained of the full (unsharded) LM into `path`, replaced atomically by a rename; with
+    `prompt` = (rulebook, instructions text) the folder also carries its prompt settings, so
+    evaluation and serving prompt the model exactly as it was trained. Collective: every rank calls."""
+    from .format import save_prompt_settings
+
+    path = Path(path)
+    state = strip_prefix(D.full_model_state(policy, rank0_only=True))
+    if info.is_main:
+        fresh = replica_of(policy.lm)
+        fresh.load_state_dict(state)
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        fresh.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if prompt is not None:
+            save_prompt_settings(tmp, *prompt)
+        old = path.with_name(path.name + ".old")
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    D.barrier()

@@ -1,6 +1,6 @@
 """Run configuration: typed dataclasses, loaded from YAML and dotted command-line overrides.
 
-    cfg = load_config("configs/demo.yaml", ["rl.beta=0", "sft.epochs=2"])
+    cfg = load_config("configs/demo.yaml", ["rl.kl_coef=0", "sft.epochs=2"])
 
 OmegaConf checks every key and type against the dataclasses below, so a typo in a YAML file or an
 override is an error naming the key, not a silently ignored setting.
@@ -79,8 +79,8 @@ class StageConfig:
     medium: float = 0.0
     hard: float = 0.0
     size: int = 0                    # prompts in the stage (0 = as many as the composition allows)
-    alpha: float = 0.9               # α_t, weight of L_GRPO
-    gamma: float = 0.1               # γ_t, weight of L_SFT
+    grpo_weight: float = 0.9         # α_t of the paper (Table 8): weight of L_GRPO in the stage
+    sft_weight: float = 0.1          # γ_t of the paper (Table 8): weight of the SFT anchor L_SFT
     epochs: float = 1.0
 
 
@@ -98,18 +98,18 @@ class RLConfig:
     lr: float = 1e-6
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    beta: float = 0.001              # k3 KL to the reference
+    kl_coef: float = 0.001           # β of the paper's k3 KL term to the reference (Table 7)
     eps_low: float = 0.2
     eps_high: float = 0.2
     adv_std_norm: bool = True        # divide group advantages by the group std (GRPO); False = Dr.GRPO-style
     token_weights: List[float] = field(default_factory=lambda: [10.0, 10.0, 5.0])  # decision, steps 4-8 boxes, final
     gate: str = "literal"            # literal (paper) | pred (ŷ == y_pred only; ordinal term live)
-    reward_gamma: float = 0.5
+    reward_ordinal_slope: float = 0.5  # γ of Eq. 7: R_res = −slope·|y_pred − y_gt| when wrong (unspecified in the paper)
     random_order: bool = False       # ablation: one shuffled pool instead of the curriculum
     stages: List[StageConfig] = field(default_factory=lambda: [
-        StageConfig(easy=0.044, medium=0.556, hard=0.400, alpha=0.85, gamma=0.15),
-        StageConfig(easy=0.033, medium=0.410, hard=0.557, alpha=0.90, gamma=0.10),
-        StageConfig(easy=0.082, medium=0.262, hard=0.656, alpha=0.95, gamma=0.05),
+        StageConfig(easy=0.044, medium=0.556, hard=0.400, grpo_weight=0.85, sft_weight=0.15),
+        StageConfig(easy=0.033, medium=0.410, hard=0.557, grpo_weight=0.90, sft_weight=0.10),
+        StageConfig(easy=0.082, medium=0.262, hard=0.656, grpo_weight=0.95, sft_weight=0.05),
     ])
     max_steps: int = 0               # 0 = run every stage to its end
 
@@ -146,7 +146,7 @@ class Config:
 
 
 def load_config(path: str | Path | None = DEMO_CONFIG, overrides: list[str] = ()) -> Config:
-    """Defaults ← YAML file ← dotted overrides (`rl.beta=0`), validated against the dataclasses."""
+    """Defaults ← YAML file ← dotted overrides (`rl.kl_coef=0`), validated against the dataclasses."""
     schema = OmegaConf.structured(Config)
     try:
         layers = [schema]
@@ -165,10 +165,10 @@ def load_config(path: str | Path | None = DEMO_CONFIG, overrides: list[str] = ()
 
 
 def apply_override(merged, item: str) -> None:
-    """`key.sub=value` (list items by index: `rl.stages.0.alpha=0.5`); the value is parsed as YAML."""
+    """`key.sub=value` (list items by index: `rl.stages.0.grpo_weight=0.5`); the value is parsed as YAML."""
     key, sep, value = item.partition("=")
     if not sep or not key:
-        raise ConfigError(f"override {item!r}: expected key=value, e.g. rl.beta=0")
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. rl.kl_coef=0")
     if OmegaConf.select(merged, key, default="__missing__") == "__missing__":
         raise ConfigError(f"override {item!r}: unknown key {key!r}")
     OmegaConf.update(merged, key, yaml.safe_load(value), merge=True)
@@ -197,7 +197,7 @@ def validate(cfg: Config) -> None:
         (0 < cfg.rl.top_p <= 1, "rl.top_p (in (0, 1])", cfg.rl.top_p),
         (cfg.rl.batch_prompts >= 1, "rl.batch_prompts", cfg.rl.batch_prompts),
         (cfg.rl.max_new_tokens >= 1, "rl.max_new_tokens", cfg.rl.max_new_tokens),
-        (cfg.rl.beta >= 0, "rl.beta", cfg.rl.beta),
+        (cfg.rl.kl_coef >= 0, "rl.kl_coef", cfg.rl.kl_coef),
         (0 <= cfg.rl.eps_low < 1 and cfg.rl.eps_high >= 0, "rl.eps_low/eps_high", (cfg.rl.eps_low, cfg.rl.eps_high)),
         (all(w > 0 for w in cfg.rl.token_weights), "rl.token_weights (> 0)", cfg.rl.token_weights),
         (cfg.rl.sft_batch >= 0 and cfg.rl.micro_batch_size >= 0, "rl.sft_batch/micro_batch_size",
@@ -216,8 +216,8 @@ def validate(cfg: Config) -> None:
     for i, st in enumerate(cfg.rl.stages):
         if min(st.easy, st.medium, st.hard) < 0 or st.easy + st.medium + st.hard <= 0:
             raise ConfigError(f"rl.stages[{i}]: composition easy/medium/hard must be >= 0 and not all 0")
-        if min(st.alpha, st.gamma, st.epochs, st.size) < 0:
-            raise ConfigError(f"rl.stages[{i}]: alpha, gamma, epochs and size must be >= 0")
+        if min(st.grpo_weight, st.sft_weight, st.epochs, st.size) < 0:
+            raise ConfigError(f"rl.stages[{i}]: grpo_weight, sft_weight, epochs and size must be >= 0")
 
 
 def to_yaml(cfg: Config) -> str:

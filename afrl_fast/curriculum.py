@@ -3,13 +3,22 @@
 Acc@8 of a prompt is how many of G = 8 samples of the SFT model answer its grade right in the first
 token. Easy: ≥ 7 correct, Medium: 2–6, Hard: exactly 1; prompts nobody answers right are dropped
 (no reliable reward signal). Each stage draws prompts from the buckets in its target composition
-(Table 2), scaled to the data at hand, and carries its α_t / γ_t (Table 8).
+(Table 2), scaled to the data at hand, and carries its α_t / γ_t (Table 8), named grpo_weight / sft_weight.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import dist as D
+from .checkpoint import atomic_write_bytes
+from .observe import log, progress_bar
+from .rollout import STREAM_DIFFICULTY, generate_rollouts, prompt_seed
+from .verify import verify_batch
 
 BUCKETS = ("easy", "medium", "hard")
 
@@ -30,8 +39,8 @@ def difficulty_bucket(n_correct: int, easy_min: int = 7, medium_min: int = 2, dr
 class Stage:
     name: str
     prompts: list[int]        # indices into the RL prompt table
-    alpha: float
-    gamma: float
+    grpo_weight: float        # α_t
+    sft_weight: float         # γ_t
     composition: dict         # bucket -> count actually drawn
 
 
@@ -63,7 +72,7 @@ def build_stages(buckets: dict, stage_cfgs, seed: int, random_order: bool = Fals
             picked += list(rng.choice(buckets[b], size=c, replace=False)) if c else []
             drawn[b] = c
         picked = [int(x) for x in rng.permutation(picked)] if picked else []
-        stages.append(Stage(f"rl{i + 1}", picked, sc.alpha, sc.gamma, drawn))
+        stages.append(Stage(f"rl{i + 1}", picked, sc.grpo_weight, sc.sft_weight, drawn))
     if random_order:
         # the paper's ablation: same prompts and α/γ schedule, order shuffled across stages
         pool = [p for s in stages for p in s.prompts]
@@ -88,3 +97,58 @@ def stage_batch(stage: Stage, batch_index: int, batch_prompts: int) -> list[int]
     n = len(stage.prompts)
     start = batch_index * batch_prompts
     return [stage.prompts[(start + k) % n] for k in range(batch_prompts)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Difficulty estimation: Acc@8 of the SFT model
+
+
+def estimate_difficulty(engine, tokenizer, rulebook, prompt_ids, labels, n_prompts: int, cfg, run_seed: int,
+                        info) -> np.ndarray:
+    """[n_prompts, 2]: correct first-token answers out of G samples, and valid-format samples.
+    Each rank samples its share of the prompts; every rank gets the whole table."""
+    d = cfg.difficulty
+    local = list(range(info.rank, n_prompts, info.world))
+    per_call = max(1, 64 // d.group_size)  # prompts decoded together: ~64 rows per batch
+    rows = []
+    bar = progress_bar(total=len(local), desc="difficulty", enabled=info.is_main, unit="prompt")
+    for start in range(0, len(local), per_call):
+        idx = local[start:start + per_call]
+        ro = generate_rollouts(engine, tokenizer, idx, [prompt_ids[i] for i in idx], [labels[i] for i in idx],
+                               group_size=d.group_size, temperature=d.temperature, top_p=1.0,
+                               max_new_tokens=cfg.rl.max_new_tokens,
+                               seeds=[prompt_seed(run_seed, STREAM_DIFFICULTY, 0, i) for i in idx])
+        res = verify_batch(ro.texts, ro.labels, rulebook)
+        correct = (res.y_dec == ro.labels).reshape(-1, d.group_size).sum(1)
+        fmt = res.fmt.reshape(-1, d.group_size).sum(1)
+        rows += [(i, int(c), int(f)) for i, c, f in zip(idx, correct, fmt)]
+        bar.update(len(idx))
+    bar.close()
+    counts = np.zeros((n_prompts, 2), dtype=np.int64)
+    for part in D.all_gather_objects(rows):
+        for i, c, f in part:
+            counts[i] = (c, f)
+    return counts
+
+
+def write_difficulty(path: Path, table, counts: np.ndarray, cfg) -> None:
+    """difficulty.parquet: per prompt its Acc@8 count, valid-format count and bucket."""
+    n = len(counts)
+    d = cfg.difficulty
+    buckets = [difficulty_bucket(int(c), d.easy_min, d.medium_min, d.drop_unsolved) for c in counts[:, 0]]
+    out = pa.table({"prompt_index": np.arange(n), "query_id": table.column("query_id").slice(0, n),
+                    "doc_id": table.column("doc_id").slice(0, n), "label": table.column("label").slice(0, n),
+                    "n_correct": counts[:, 0], "n_valid_format": counts[:, 1],
+                    "group_size": np.full(n, d.group_size), "bucket": buckets})
+    atomic_write_bytes(path, lambda f: pq.write_table(out, f))
+    log.info("difficulty: %s", {b: buckets.count(b) for b in ("easy", "medium", "hard", "dropped")})
+
+
+def load_buckets(path: Path) -> dict:
+    """bucket name -> prompt indices, from difficulty.parquet."""
+    t = pq.read_table(path)
+    out = {"easy": [], "medium": [], "hard": []}
+    for i, b in zip(t.column("prompt_index").to_pylist(), t.column("bucket").to_pylist()):
+        if b in out:
+            out[b].append(i)
+    return out

@@ -234,6 +234,78 @@ class FirstTokenScorer:
                                f"model's logits are {expect.tolist()}; its logit transform is not supported")
 
 
+# ----------------------------------------------------------------------------- evaluation in a training run
+
+def evaluate_splits(lm, tokenizer, rulebook, tables: dict, names, *, instructions: str, batch_size: int,
+                    max_prompt_tokens: int | None, max_rows: int, info) -> dict:
+    """First-token metrics of `lm` on held-out splits; each rank scores a slice, every rank gets all."""
+    from . import dist as D
+
+    scorer = FirstTokenScorer(lm, tokenizer, rulebook, batch_size=batch_size, device=info.device,
+                              instructions=instructions, max_prompt_tokens=max_prompt_tokens, progress=False)
+    results = {}
+    for name in names:
+        table = tables[name]
+        if max_rows and table.num_rows > max_rows:
+            table = table.slice(0, max_rows)
+        rows = list(range(info.rank, table.num_rows, info.world))
+        probs = scorer.score_pairs(table.take(rows)) if rows else np.zeros((0, 5))
+        full = np.zeros((table.num_rows, 5))
+        for r, p in D.all_gather_objects((rows, probs)):
+            full[r] = p
+        results[name] = compute_metrics(np.asarray(table.column("label").to_pylist()), full,
+                                        np.asarray(table.column("query_id").to_pylist()))
+    return results
+
+
+def majority_baseline(train_table, tables: dict, names) -> dict:
+    """Always predicting the most frequent training grade (all scores tie: Pair-ACC 0.5)."""
+    majority = int(np.bincount(np.asarray(train_table.column("label").to_pylist()), minlength=5).argmax())
+    out = {}
+    for name in names:
+        t = tables[name]
+        probs = np.zeros((t.num_rows, 5))
+        probs[:, majority] = 1.0
+        out[name] = compute_metrics(np.asarray(t.column("label").to_pylist()), probs,
+                                    np.asarray(t.column("query_id").to_pylist()))
+    return out
+
+
+def trace_validity(engine, tokenizer, rulebook, prompt_ids, labels, n: int, *, max_new_tokens: int,
+                   seed: int) -> dict:
+    """Greedy traces of the first n prompts: the share in valid AFRL format, with y_dec = y_final,
+    and whose boxed step values imply the answered grade (ŷ = y_dec)."""
+    from .rollout import STREAM_EVAL, generate_rollouts, prompt_seed
+    from .verify import RewardConfig, verify_batch
+
+    n = min(n, len(prompt_ids))
+    if n == 0:
+        return {"trace_fmt_rate": None, "trace_cst_rate": None, "trace_logic_rate": None, "n_traces": 0}
+    ro = generate_rollouts(engine, tokenizer, list(range(n)), prompt_ids[:n], labels[:n], group_size=1,
+                           temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens,
+                           seeds=[prompt_seed(seed, STREAM_EVAL, 0, i) for i in range(n)])
+    res = verify_batch(ro.texts, ro.labels, rulebook, RewardConfig(gate="literal"))
+    return {"trace_fmt_rate": float(res.fmt.mean()), "trace_cst_rate": float(res.cst.mean()),
+            "trace_logic_rate": float((res.fmt & (res.y_hat == res.y_dec)).mean()), "n_traces": n}
+
+
+RESULT_KEYS = [("acc5", "5-ACC"), ("acc2", "2-ACC"), ("pair_acc", "Pair-ACC"), ("ndcg3", "NDCG@3"),
+               ("macro_f1", "Macro-F1"), ("weighted_f1", "W-F1")]
+
+
+def results_table(rows: dict, names) -> str:
+    """model → split → metrics as one text table per split (percentages)."""
+    lines = []
+    for name in names:
+        lines.append(f"\n{name.upper()}")
+        lines.append(f"{'model':<16}" + "".join(f"{h:>10}" for _, h in RESULT_KEYS))
+        for model, res in rows.items():
+            m = res[name]
+            lines.append(f"{model:<16}" + "".join(f"{100 * m[k]:>10.2f}" if m.get(k) is not None else f"{'n/a':>10}"
+                                                  for k, _ in RESULT_KEYS))
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- data and CLI
 
 def predictions_table(table, probs: np.ndarray):

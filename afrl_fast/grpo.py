@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .verify import response_token_offsets, token_weights
+
 EPS = 1e-6
 
 
@@ -31,3 +33,23 @@ def token_advantages(advantages: np.ndarray, weights: list[np.ndarray]) -> np.nd
         raise ValueError(f"{len(advantages)} advantages but {len(weights)} weight vectors")
     parts = [a * np.asarray(w, dtype=np.float32) for a, w in zip(advantages, weights)]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+
+
+def rollout_token_advantages(ro, tokenizer, group_size: int, std_norm: bool,
+                             weights: tuple[float, float, float] | None) -> np.ndarray:
+    """Per-token advantages of all responses of a `Rollouts` batch (verified): group advantages from
+    the rewards, times each token's stepwise weight; weights None = plain GRPO (w_t = 1).
+
+    The weights come from the verifier's character spans mapped onto the tokens through their
+    offsets in the same text the verifier read (the response without its closing EOS, which keeps
+    weight 1)."""
+    adv = group_advantages(ro.result.reward, group_size, std_norm)
+    per_token = []
+    for i, ids in enumerate(ro.response_ids):
+        w = np.ones(len(ids), dtype=np.float32)
+        n_body = len(ids) - (1 if ids and ro.finished[i] else 0)
+        if weights is not None and n_body > 0:
+            offsets = response_token_offsets(tokenizer, ids[:n_body], skip_special_tokens=False, text=ro.texts[i])
+            w[:n_body] = token_weights(ro.result.spans[i], offsets, weights)
+        per_token.append(w)
+    return token_advantages(adv, per_token)

@@ -129,22 +129,65 @@ def _grad_gemms(grad: torch.Tensor, h_c: torch.Tensor, weight: torch.Tensor,
 
 
 @dataclass
-class _Rows:
-    """Per-row inputs, converted once to the dtypes every backend expects."""
-    targets: torch.Tensor
+class LossRows:
+    """The per-row inputs of the fused loss besides hidden states and targets, one value per row:
+
+    is_sft      bool   True: an SFT row (L = −log p); False: an RL row (clipped ratio + k3)
+    advantages  float  Â·w_t, the group advantage times the token's stepwise weight (RL rows)
+    old_logp    float  log-prob under the policy that sampled the rollout (RL rows)
+    ref_logp    float  log-prob under the frozen reference, or None for no KL term (RL rows)
+    scale       float  the row's share of the batch loss: α_t·world/#RL tokens or γ_t·world/#SFT tokens
+
+    Build them with `LossRows.rl(...)` / `LossRows.sft(...)` and join RL and SFT rows with `cat`."""
     is_sft: torch.Tensor
     advantages: torch.Tensor
     old_logp: torch.Tensor
     ref_logp: Optional[torch.Tensor]
     scale: torch.Tensor
 
-    def chunk(self, r0: int, r1: int) -> tuple:
+    @staticmethod
+    def rl(advantages, old_logp, ref_logp, scale: float) -> "LossRows":
+        adv = torch.as_tensor(advantages, dtype=torch.float32)
+        n = adv.shape[0]
+        return LossRows(torch.zeros(n, dtype=torch.bool), adv, torch.as_tensor(old_logp, dtype=torch.float32),
+                        None if ref_logp is None else torch.as_tensor(ref_logp, dtype=torch.float32),
+                        torch.full((n,), float(scale)))
+
+    @staticmethod
+    def sft(n: int, scale: float) -> "LossRows":
+        zeros = torch.zeros(n)
+        return LossRows(torch.ones(n, dtype=torch.bool), zeros, zeros, zeros, torch.full((n,), float(scale)))
+
+    def __len__(self) -> int:
+        return int(self.is_sft.shape[0])
+
+    @staticmethod
+    def cat(parts: list["LossRows"]) -> "LossRows":
+        """Rows of several batches, in order; a missing reference becomes zeros (unused by SFT rows)."""
+        has_ref = any(p.ref_logp is not None for p in parts)
+        ref = [p.ref_logp if p.ref_logp is not None else torch.zeros(len(p)) for p in parts]
+        return LossRows(torch.cat([p.is_sft for p in parts]), torch.cat([p.advantages for p in parts]),
+                        torch.cat([p.old_logp for p in parts]), torch.cat(ref) if has_ref else None,
+                        torch.cat([p.scale for p in parts]))
+
+    def slice(self, lo: int, hi: int) -> "LossRows":
+        return LossRows(self.is_sft[lo:hi], self.advantages[lo:hi], self.old_logp[lo:hi],
+                        None if self.ref_logp is None else self.ref_logp[lo:hi], self.scale[lo:hi])
+
+    def to(self, device=None, dtype=torch.float32) -> "LossRows":
+        """On `device`, floats in `dtype` (what every backend expects), all contiguous."""
+        f = lambda t: t.to(device=device, dtype=dtype).contiguous()
+        return LossRows(self.is_sft.to(device).contiguous(), f(self.advantages), f(self.old_logp),
+                        None if self.ref_logp is None else f(self.ref_logp), f(self.scale))
+
+    def chunk(self, targets: torch.Tensor, r0: int, r1: int) -> tuple:
+        """(targets, is_sft, advantages, old_logp, ref_logp, scale) of rows [r0, r1), the vocab pass's order."""
         ref = None if self.ref_logp is None else self.ref_logp[r0:r1]
-        return (self.targets[r0:r1], self.is_sft[r0:r1], self.advantages[r0:r1],
-                self.old_logp[r0:r1], ref, self.scale[r0:r1])
+        return (targets[r0:r1], self.is_sft[r0:r1], self.advantages[r0:r1], self.old_logp[r0:r1], ref,
+                self.scale[r0:r1])
 
 
-def _chunk_loop(hidden, weight, rows: _Rows, beta, eps_low, eps_high, inv_temp, vocab_pass,
+def _chunk_loop(hidden, weight, targets, rows: LossRows, beta, eps_low, eps_high, inv_temp, vocab_pass,
                 chunk_rows, need_dh, need_dw):
     """Run the chunks. Returns (loss, logp, entropy, clip_frac, kl, dh or None, dW or None)."""
     n_rows, _ = hidden.shape
@@ -167,18 +210,18 @@ def _chunk_loop(hidden, weight, rows: _Rows, beta, eps_low, eps_high, inv_temp, 
         with _nvtx("afrl.logits_gemm", on_cuda):
             _logits_gemm(h_c, weight, logits)
         with _nvtx("afrl.vocab_pass", on_cuda):
-            row_loss, lp, ent, clipped, k3 = vocab_pass(logits, *rows.chunk(r0, r1), beta, eps_low, eps_high,
+            row_loss, lp, ent, clipped, k3 = vocab_pass(logits, *rows.chunk(targets, r0, r1), beta, eps_low, eps_high,
                                                         inv_temp, with_grad)
         logp[r0:r1], entropy[r0:r1] = lp, ent
         loss += row_loss.sum(dtype=torch.float64)
         # Backends may leave clipped/k3 set on SFT or ignored rows; the metrics are over valid RL rows.
-        rl_valid = (rows.targets[r0:r1] != IGNORE_INDEX) & ~rows.is_sft[r0:r1]
+        rl_valid = (targets[r0:r1] != IGNORE_INDEX) & ~rows.is_sft[r0:r1]
         n_clipped += (clipped & rl_valid).sum()
         kl_sum += torch.where(rl_valid, k3, torch.zeros_like(k3)).sum(dtype=torch.float64)
         if with_grad:
             with _nvtx("afrl.grad_gemms", on_cuda):
                 _grad_gemms(logits, h_c, weight, None if dh is None else dh[r0:r1], dw)
-    n_rl = ((rows.targets != IGNORE_INDEX) & ~rows.is_sft).sum().clamp(min=1).to(torch.float64)
+    n_rl = ((targets != IGNORE_INDEX) & ~rows.is_sft).sum().clamp(min=1).to(torch.float64)
     if dw is not None and dw.dtype != weight.dtype:
         dw = dw.to(weight.dtype)
     return loss.to(f32), logp, entropy, (n_clipped / n_rl).to(f32), (kl_sum / n_rl).to(f32), dh, dw
@@ -188,10 +231,10 @@ class FusedLossFunction(torch.autograd.Function):
     """Loss forward that also computes dLoss/dhidden and dLoss/dweight (see module docstring)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, rows, beta, eps_low, eps_high, inv_temp, vocab_pass, chunk_rows):
+    def forward(ctx, hidden, weight, targets, rows, beta, eps_low, eps_high, inv_temp, vocab_pass, chunk_rows):
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         loss, logp, entropy, clip_frac, kl, dh, dw = _chunk_loop(
-            hidden, weight, rows, beta, eps_low, eps_high, inv_temp, vocab_pass, chunk_rows, need_dh, need_dw)
+            hidden, weight, targets, rows, beta, eps_low, eps_high, inv_temp, vocab_pass, chunk_rows, need_dh, need_dw)
         # Plain attributes, not save_for_backward: backward hands the buffers over and drops its
         # reference, so autograd can adopt them as .grad without another [V, H] copy.
         ctx.grads = (dh, dw)
@@ -209,7 +252,7 @@ class FusedLossFunction(torch.autograd.Function):
         for g in (dh, dw):
             if g is not None and not skip:
                 g.mul_(grad_loss.to(g.dtype))
-        return dh, dw, None, None, None, None, None, None, None
+        return dh, dw, None, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,12 +304,6 @@ def _check_inputs(hidden, weight, targets, is_sft, advantages, old_logp, ref_log
                          f"found {targets[bad][0].item()}")
 
 
-def _rows(targets, is_sft, advantages, old_logp, ref_logp, scale, f32=torch.float32) -> _Rows:
-    return _Rows(targets.to(torch.int64).contiguous(), is_sft.contiguous(),
-                 advantages.to(f32).contiguous(), old_logp.to(f32).contiguous(),
-                 None if ref_logp is None else ref_logp.to(f32).contiguous(), scale.to(f32).contiguous())
-
-
 def fused_loss(hidden, weight, targets, *, is_sft, advantages, old_logp, ref_logp, scale,
                beta=0.0, eps_low=0.2, eps_high=0.2, temperature=1.0, backend="auto",
                chunk_rows=None) -> FusedLossOutput:
@@ -283,10 +320,11 @@ def fused_loss(hidden, weight, targets, *, is_sft, advantages, old_logp, ref_log
     exact = hidden.dtype == torch.float64
     if exact and name != "torch":
         raise ValueError(f"float64 inputs run on the torch backend only (a checking path), not {name!r}")
-    rows = _rows(targets, is_sft, advantages, old_logp, ref_logp, scale, torch.float64 if exact else torch.float32)
+    rows = LossRows(is_sft, advantages, old_logp, ref_logp, scale).to(dtype=torch.float64 if exact else torch.float32)
+    targets = targets.to(torch.int64).contiguous()
     chunk = int(chunk_rows) if chunk_rows else default_chunk_rows(hidden.shape[0], weight.shape[0])
     hidden, weight_c = hidden.contiguous(), weight.contiguous()
-    args = (rows, float(beta), float(eps_low), float(eps_high), 1.0 / float(temperature), vocab_pass, chunk)
+    args = (targets, rows, float(beta), float(eps_low), float(eps_high), 1.0 / float(temperature), vocab_pass, chunk)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         out = FusedLossFunction.apply(hidden, weight_c, *args)
     else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +20,16 @@ import pyarrow.parquet as pq
 from .checkpoint import atomic_write_text
 
 log = logging.getLogger("afrl_fast")
+
+
+def progress_bar(total: int, desc: str, enabled: bool = True, initial: int = 0, unit: str = "it"):
+    """A tqdm bar; when stderr is not a terminal (a log file, CI) it redraws at most every 30 s
+    instead of ten times a second, so logs get a few lines, not thousands."""
+    from tqdm.auto import tqdm
+
+    interactive = sys.stderr.isatty()
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not enabled,
+                mininterval=0.1 if interactive else 30.0, dynamic_ncols=interactive)
 
 
 def setup_logging(is_main: bool) -> None:
@@ -103,5 +114,5 @@ class Timer:
             self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - t0
 
     def pop(self) -> dict[str, float]:
-        out, self.totals = {f"time_{k}": v for k, v in self.totals.items()}, {}
+        out, self.totals = {f"time/{k}": v for k, v in self.totals.items()}, {}
         return out

@@ -2,19 +2,19 @@
 
 The LM head never runs as a module here: the decoder gives hidden states, we gather the rows that
 predict response tokens (hidden at t−1 predicts token t), and `afrl_fast.loss` streams them against
-the head weight chunk by chunk, so no [tokens, V] logits tensor ever exists (DESIGN §4). Wrapping
+the head weight chunk by chunk, so no [tokens, V] logits tensor ever exists. Wrapping
 the LM in `PolicyLoss` makes the head weight part of the root FSDP2 unit, so it is unsharded
 while forward runs.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
 
 from .config import ModelConfig
-from .loss import fused_loss, token_logprobs
+from .loss import LossRows, fused_loss, token_logprobs
 
 
 @dataclass
@@ -64,8 +64,19 @@ def pack_sequences(prompts: list[list[int]], responses: list[list[int]], pad_id:
     return TokenBatch(ids, mask, as_long(pred), as_long(tgt), as_long(seq), as_long(pos))
 
 
+@dataclass(frozen=True)
+class LossSettings:
+    """The scalar settings of the fused loss: the k3 KL coefficient (the paper's β of the KL term),
+    the clip range of the ratio and the sampling temperature the log-probs are taken at."""
+    kl_coef: float = 0.0
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    temperature: float = 1.0
+
+
 class PolicyLoss(nn.Module):
-    """forward(batch, mode="loss", **loss_args) → fused-loss output; mode="logprobs" → (logp, entropy)."""
+    """forward(batch, rows, settings) → the fused loss's output; forward(batch, mode="logprobs",
+    temperature=τ) → (logp, entropy) of every target row, forward only."""
 
     def __init__(self, lm: nn.Module, loss_backend: str = "auto"):
         super().__init__()
@@ -78,14 +89,17 @@ class PolicyLoss(nn.Module):
         h = out.last_hidden_state
         return h.reshape(-1, h.shape[-1])[batch.pred_index]
 
-    def forward(self, batch: TokenBatch, mode: str = "loss", temperature: float = 1.0, **loss_args):
+    def forward(self, batch: TokenBatch, rows: LossRows | None = None, settings: LossSettings = LossSettings(),
+                mode: str = "loss", temperature: float = 1.0):
         hidden = self.hidden_rows(batch)
         weight = self.lm.get_output_embeddings().weight
         if mode == "logprobs":
             return token_logprobs(hidden, weight, batch.targets, temperature=temperature,
                                   backend=self.loss_backend)
-        return fused_loss(hidden, weight, batch.targets, temperature=temperature,
-                          backend=self.loss_backend, **loss_args)
+        return fused_loss(hidden, weight, batch.targets, is_sft=rows.is_sft, advantages=rows.advantages,
+                          old_logp=rows.old_logp, ref_logp=rows.ref_logp, scale=rows.scale,
+                          beta=settings.kl_coef, eps_low=settings.eps_low, eps_high=settings.eps_high,
+                          temperature=settings.temperature, backend=self.loss_backend)
 
 
 def micro_batches(n_seqs: int, size: int = 0) -> list[slice]:
@@ -94,36 +108,63 @@ def micro_batches(n_seqs: int, size: int = 0) -> list[slice]:
     return [slice(i, min(i + size, n_seqs)) for i in range(0, n_seqs, size)]
 
 
-def loss_backward(policy, prompts, responses, rows: dict, *, pad_id: int, device, micro_batch: int = 0,
-                  **loss_args) -> dict:
-    """Fused loss + backward over sequences in micro-batches (gradients accumulate), with per-row
-    tensors `rows` (is_sft, advantages, old_logp, ref_logp, scale) laid out in sequence order. The
-    scales already hold the global token-mean factors, so accumulation needs no rescaling.
-    Returns sums: loss, entropy over RL rows and over all rows, clipped and k3 counts over RL rows."""
+@dataclass
+class LossStats:
+    """Sums over the rows of one backward: loss, entropy (RL rows / all rows), clipped RL rows, k3."""
+    loss: float = 0.0
+    entropy_rl: float = 0.0
+    entropy_all: float = 0.0
+    clipped: float = 0.0
+    kl_sum: float = 0.0
+    n_rl: int = 0
+    n_rows: int = 0
+
+    def __iadd__(self, other: "LossStats") -> "LossStats":
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+        return self
+
+
+def loss_backward(policy, prompts, responses, rows: LossRows, settings: LossSettings, *, pad_id: int, device,
+                  micro_batch: int = 0) -> LossStats:
+    """Fused loss + backward over sequences in micro-batches (gradients accumulate); `rows` are laid
+    out in sequence order. The scales already hold the global token-mean factors, so accumulation
+    needs no rescaling."""
     policy.train()
     starts = [0]
     for r in responses:
         starts.append(starts[-1] + len(r))
-    stats = {"loss": 0.0, "entropy_rl": 0.0, "entropy_all": 0.0, "clipped": 0.0, "kl_sum": 0.0,
-             "n_rl": 0, "n_rows": starts[-1]}
+    stats = LossStats(n_rows=starts[-1])
     for chunk in micro_batches(len(prompts), micro_batch):
         lo, hi = starts[chunk.start], starts[chunk.stop]
         if hi == lo:
             continue
         batch = pack_sequences(prompts[chunk], responses[chunk], pad_id).to(device)
-        part = {k: v[lo:hi].to(device) for k, v in rows.items()}
-        out = policy(batch, **part, **loss_args)
+        part = rows.slice(lo, hi).to(device)
+        out = policy(batch, part, settings)
         out.loss.backward()
-        rl = ~part["is_sft"]
+        rl = ~part.is_sft
         n_rl = int(rl.sum())
         ent = out.entropy.detach().float()
-        stats["loss"] += float(out.loss.detach())
-        stats["entropy_rl"] += float(ent[rl].sum())
-        stats["entropy_all"] += float(ent.sum())
-        stats["clipped"] += float(out.clip_frac) * n_rl      # clip_frac and kl are means over RL rows
-        stats["kl_sum"] += float(out.kl) * n_rl
-        stats["n_rl"] += n_rl
+        stats.loss += float(out.loss.detach())
+        stats.entropy_rl += float(ent[rl].sum())
+        stats.entropy_all += float(ent.sum())
+        stats.clipped += float(out.clip_frac) * n_rl      # clip_frac and kl are means over RL rows
+        stats.kl_sum += float(out.kl) * n_rl
+        stats.n_rl += n_rl
     return stats
+
+
+@torch.no_grad()
+def forward_logprobs(policy, prompts, responses, *, pad_id: int, temperature: float, device,
+                     micro_batch: int = 0) -> torch.Tensor:
+    """Per-token log-probs of the responses under `policy` (forward-only vocab pass), CPU float32."""
+    parts = []
+    for chunk in micro_batches(len(prompts), micro_batch):
+        batch = pack_sequences(prompts[chunk], responses[chunk], pad_id).to(device)
+        logp, _ = policy(batch, mode="logprobs", temperature=temperature)
+        parts.append(logp.float().cpu())
+    return torch.cat(parts) if parts else torch.zeros(0)
 
 
 def build_lm(cfg: ModelConfig, vocab_size: int, dtype=torch.float32) -> nn.Module:

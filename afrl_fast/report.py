@@ -6,7 +6,8 @@ Figures (each skipped, with a printed note, when its fields were never logged):
   eval_over_training.png  Pair-ACC / Macro-F1 / 5-ACC per eval split (Fig. 3, Fig. 5)
   reward_entropy.png      reward mean (+-std) and entropy; KL and clip fraction below (Fig. 4)
   gates.png               format / consistency / logic gate pass rates
-  time_split.png          seconds per step spent in rollout / verify / log-probs / loss / optimizer
+  time_split.png          seconds per step spent in rollout / verify / advantages / log-probs / loss /
+                          optimizer / weight sync
 Curriculum stage changes are drawn as dashed vertical lines on every step axis.
 
 We build `matplotlib.figure.Figure` objects directly instead of going through pyplot: no global
@@ -25,10 +26,10 @@ from matplotlib.figure import Figure
 from matplotlib.transforms import blended_transform_factory
 
 EVAL_METRICS = [("pair_acc", "Pair-ACC"), ("macro_f1", "Macro-F1"), ("acc5", "5-ACC")]
-GATES = [("fmt_rate", "format"), ("cst_rate", "consistency"), ("logic_rate", "logic")]
-TIME_PARTS = [("time_rollout", "rollout"), ("time_verify", "verify"),
-              ("time_logprobs", "log-probs"), ("time_loss", "loss"),
-              ("time_optimizer", "optimizer")]
+GATES = [("gate/fmt", "format"), ("gate/cst", "consistency"), ("gate/logic", "logic")]
+TIME_PARTS = [("time/rollout", "rollout"), ("time/verify", "verify"), ("time/advantages", "advantages"),
+              ("time/logprobs", "log-probs"), ("time/loss", "loss"), ("time/optimizer", "optimizer"),
+              ("time/sync", "weight sync")]
 DPI = 110
 
 
@@ -155,17 +156,17 @@ def plot_eval(eval_rows, boundaries, out_dir: Path) -> Path | None:
 def plot_reward_entropy(train_rows, boundaries, out_dir: Path) -> Path | None:
     name = "reward_entropy.png"
     # RL lines are the ones with a reward; SFT lines would only flatten the entropy panel.
-    rl = [r for r in train_rows if r.get("reward_mean") is not None]
+    rl = [r for r in train_rows if r.get("reward/mean") is not None]
     if not rl:
-        _note(name, "no RL lines with reward_mean")
+        _note(name, "no RL lines with reward/mean")
         return None
     fig = Figure(figsize=(11, 7), layout="constrained")
     (ax_r, ax_e), (ax_k, ax_c) = fig.subplots(2, 2, sharex=True)
     _reward_panel(ax_r, rl)
-    for ax, key, title in [(ax_e, "entropy", "Policy entropy"), (ax_k, "kl", "KL to reference"),
-                           (ax_c, "clip_frac", "Clip fraction")]:
+    for ax, key, title in [(ax_e, "policy/entropy", "Policy entropy"), (ax_k, "policy/kl", "KL to reference"),
+                           (ax_c, "policy/clip_frac", "Clip fraction")]:
         if _has(rl, key):
-            ax.plot(*_series(rl, key), color="C1" if key == "entropy" else "C2")
+            ax.plot(*_series(rl, key), color="C1" if key == "policy/entropy" else "C2")
         else:
             ax.text(0.5, 0.5, f"{key} not logged", ha="center", va="center",
                     transform=ax.transAxes, color="0.5")
@@ -178,12 +179,12 @@ def plot_reward_entropy(train_rows, boundaries, out_dir: Path) -> Path | None:
 
 
 def _reward_panel(ax, rl_rows) -> None:
-    steps, mean = _series(rl_rows, "reward_mean")
+    steps, mean = _series(rl_rows, "reward/mean")
     ax.plot(steps, mean, color="C0", label="reward mean")
-    if _has(rl_rows, "reward_std"):
-        rows = [r for r in rl_rows if r.get("reward_std") is not None]
-        s, m = _series(rows, "reward_mean")
-        std = [_num(r["reward_std"]) for r in rows]
+    if _has(rl_rows, "reward/std"):
+        rows = [r for r in rl_rows if r.get("reward/std") is not None]
+        s, m = _series(rows, "reward/mean")
+        std = [_num(r["reward/std"]) for r in rows]
         ax.fill_between(s, [a - b for a, b in zip(m, std)], [a + b for a, b in zip(m, std)],
                         color="C0", alpha=0.2, linewidth=0, label="±1 std")
         ax.legend(fontsize=8, loc="lower right")
@@ -194,7 +195,7 @@ def plot_gates(train_rows, boundaries, out_dir: Path) -> Path | None:
     name = "gates.png"
     gates = [(k, t) for k, t in GATES if _has(train_rows, k)]
     if not gates:
-        _note(name, "no fmt_rate / cst_rate / logic_rate logged")
+        _note(name, "no gate/fmt / gate/cst / gate/logic logged")
         return None
     fig = Figure(figsize=(9, 4), layout="constrained")
     ax = fig.subplots()
@@ -213,7 +214,7 @@ def plot_time_split(train_rows, boundaries, out_dir: Path) -> Path | None:
     name = "time_split.png"
     parts = [(k, t) for k, t in TIME_PARTS if _has(train_rows, k)]
     if not parts:
-        _note(name, "no time_* fields logged")
+        _note(name, "no time/* fields logged")
         return None
     rows = [r for r in train_rows if any(r.get(k) is not None for k, _ in parts)]
     steps = [r["step"] for r in rows]

@@ -1,119 +1,283 @@
-"""One Mode-Balanced RL step (paper Algorithm 1, DESIGN §1.3).
+"""Mode-Balanced RL (paper §3.5, Algorithm 1): one step, and the curriculum phase that runs the steps.
 
-    1. sample B_RL prompts (this rank's share) and B_SFT expert trajectories
-    2. G rollouts per prompt from the engine (prefix shared across the group)
-    3. verify every response: gates, ŷ, reward, spans of the critical values
-    4. group-normalised advantages; stepwise token weights at the critical positions
-    5. old log-probs from the trainer's own forward, reference log-probs from the frozen SFT model
-    6. L = α_t·L_GRPO + γ_t·L_SFT through the fused loss over RL rows and SFT rows together;
-       AdamW with gradient clipping (one update per mini-batch)
-    7. push the new weights to the rollout engine
+`step(ctx, stage, batch, step_no)` reads top to bottom as the algorithm:
 
-Token-mean aggregation across the global batch: RL rows carry scale α_t·world/#RL tokens and SFT rows
-γ_t·world/#SFT tokens, where the counts are summed over ranks (FSDP averages gradients over ranks).
+    1. this rank's share of the global batch's prompts, cut into mini-batches      (here)
+    2. G rollouts per prompt from the engine, prefix shared across the group       rollout.py
+    3. verify every response: gates, ŷ, reward, spans of the critical values       verify.py
+    4. group-normalised advantages times the stepwise token weights                grpo.py
+    5. old log-probs from the trainer's own forward, reference log-probs           policy.py
+    6. per mini-batch: L = α_t·L_GRPO + γ_t·L_SFT through the fused loss over RL   policy.py, loss.py
+       rows and SFT rows together, backward, AdamW with gradient clipping          optim.py
+    7. push the new weights to the rollout engine                                  rollout.py
+
+α_t / γ_t are the stage's `grpo_weight` / `sft_weight` (paper Table 8); the KL coefficient β of the
+k3 term is `rl.kl_coef`. Token-mean aggregation across the global batch: RL rows carry scale
+α_t·world/#RL tokens and SFT rows γ_t·world/#SFT tokens, where the counts are summed over ranks
+(FSDP averages gradients over ranks), so the gradient is that of the global token mean whatever the
+number of ranks or micro-batches. Plain GRPO (`rl.mode=grpo`) drops the token weights and the SFT
+term; Stepwise-GRPO (`stepwise_grpo`) keeps the weights and drops the SFT term.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import time
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 
-from .grpo import group_advantages, token_advantages
-from .policy import loss_backward, micro_batches, pack_sequences
-from .verify import RewardConfig, response_token_offsets, token_weights, verify_batch
+from . import dist as D
+from .curriculum import Stage, build_stages, load_buckets, stage_batch, stage_schedule
+from .grpo import rollout_token_advantages
+from .loss import LossRows
+from .observe import Timer, log, progress_bar
+from .optim import optimizer_step
+from .policy import LossSettings, LossStats, forward_logprobs, loss_backward
+from .rollout import STREAM_RL, Rollouts, TrainerEngine, generate_rollouts, prompt_seed
+from .verify import RewardConfig, verify_batch
 
 
 @dataclass
-class Rollouts:
-    prompt_index: list[int]          # per response: index of its prompt in the RL table
-    prompt_ids: list[list[int]]
-    response_ids: list[list[int]]
-    engine_logp: list[list[float]]
-    texts: list[str]
-    labels: np.ndarray
-    result: object                   # VerifyResult
+class RLContext:
+    """Everything a step reads besides the stage and its prompts."""
+    cfg: object                        # the run's Config (rl.*, run.seed)
+    info: D.DistInfo
+    policy: torch.nn.Module            # PolicyLoss, trained
+    ref_policy: torch.nn.Module        # PolicyLoss, frozen: the SFT model
+    engine: TrainerEngine
+    optimizer: torch.optim.Optimizer
+    tokenizer: object
+    rulebook: object
+    prompts: list[list[int]]           # token ids of every RL prompt (the training split)
+    labels: list[int]
+    sft_examples: list[tuple[list[int], list[int]]]   # (prompt, trace + EOS) of the SFT anchor
+    pad_id: int
+    timer: Timer
+
+    @property
+    def reward(self) -> RewardConfig:
+        return RewardConfig(gate=self.cfg.rl.gate, gamma=self.cfg.rl.reward_ordinal_slope)
+
+    @property
+    def loss_settings(self) -> LossSettings:
+        rl = self.cfg.rl
+        return LossSettings(kl_coef=rl.kl_coef, eps_low=rl.eps_low, eps_high=rl.eps_high,
+                            temperature=rl.temperature)
 
 
-STREAM_RL, STREAM_DIFFICULTY, STREAM_EVAL = 0, 1, 2
+@dataclass
+class MiniBatch:
+    """The RL rows of one optimizer update on this rank: its prompt groups' responses and the
+    per-token advantages and log-probs, in response order."""
+    prompts: list[list[int]]
+    responses: list[list[int]]
+    advantages: np.ndarray
+    old_logp: torch.Tensor
+    ref_logp: torch.Tensor
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(r) for r in self.responses)
 
 
-def prompt_seed(run_seed: int, stream: int, step: int, key: int) -> int:
-    """Sampling seed of one prompt's group: fixed by (run seed, stream, step, key) — key is the prompt
-    index or its position in the global batch — so samples do not depend on how prompts are split
-    over ranks or on where a resumed run restarted."""
-    return int(np.random.default_rng([run_seed, stream, step, key]).integers(2**62))
+@dataclass
+class StepStats:
+    """Sums over this rank's rollouts and updates of one step; `reduce` sums them over ranks."""
+    responses: float = 0.0
+    reward: float = 0.0
+    reward_sq: float = 0.0
+    fmt: float = 0.0
+    cst: float = 0.0
+    logic: float = 0.0
+    correct_first_token: float = 0.0
+    tokens: float = 0.0
+    dlogp_engine: float = 0.0
+    entropy_rl: float = 0.0
+    clipped: float = 0.0
+    kl: float = 0.0
+    rl_rows: float = 0.0
+    loss: float = 0.0
+    grad_norm: float = 0.0
+    updates: float = 0.0
+
+    @staticmethod
+    def of_rollouts(ro: Rollouts, dlogp_sum: float) -> "StepStats":
+        res = ro.result
+        reward = res.reward.astype(np.float64)
+        return StepStats(responses=len(ro.response_ids), reward=float(reward.sum()),
+                         reward_sq=float((reward ** 2).sum()), fmt=float(res.fmt.sum()), cst=float(res.cst.sum()),
+                         logic=float(res.logic.sum()), correct_first_token=float((res.y_dec == ro.labels).sum()),
+                         tokens=float(ro.n_tokens), dlogp_engine=dlogp_sum)
+
+    def add_update(self, loss: LossStats, grad_norm: float) -> None:
+        self.entropy_rl += loss.entropy_rl
+        self.clipped += loss.clipped
+        self.kl += loss.kl_sum
+        self.rl_rows += loss.n_rl
+        self.loss += loss.loss
+        self.grad_norm += grad_norm
+        self.updates += 1
+
+    def reduce(self, device) -> "StepStats":
+        names = [f.name for f in fields(self)]
+        # grad norms are global already (every rank computed the same one): average, not sum
+        total = StepStats(*D.all_reduce_sum([getattr(self, n) for n in names], device))
+        total.grad_norm, total.updates = self.grad_norm, self.updates
+        return total
+
+    def record(self, world: int) -> dict:
+        """Per-step metrics, grouped by what they describe."""
+        n = max(self.responses, 1)
+        rows = max(self.rl_rows, 1)
+        mean = self.reward / n
+        return {"reward/mean": mean, "reward/std": math.sqrt(max(self.reward_sq / n - mean ** 2, 0.0)),
+                "gate/fmt": self.fmt / n, "gate/cst": self.cst / n, "gate/logic": self.logic / n,
+                "acc/first_token": self.correct_first_token / n,
+                "policy/entropy": self.entropy_rl / rows, "policy/kl": self.kl / rows,
+                "policy/clip_frac": self.clipped / rows,
+                "policy/dlogp_engine": self.dlogp_engine / max(self.tokens, 1),
+                "response/len": self.tokens / n,
+                # each rank's loss carries the factor world (FSDP averages gradients over ranks)
+                "loss": self.loss / world, "optim/grad_norm": self.grad_norm / max(self.updates, 1)}
 
 
-def rollout_and_verify(engine, tokenizer, rulebook, reward_cfg: RewardConfig, prompt_indices: list[int],
-                       prompt_ids: list[list[int]], labels: list[int], *, group_size: int,
-                       temperature: float, top_p: float, max_new_tokens: int, run_seed: int,
-                       step: int, stream: int = STREAM_RL, seed_keys: list[int] | None = None) -> Rollouts:
-    """G samples per prompt, decoded and verified. Shared by difficulty estimation and RL."""
-    # each prompt's group samples from its own seed: the same samples whatever the split of prompts
-    # over ranks (2 ranks reproduce 1) and wherever a resumed run restarted
-    keys = prompt_indices if seed_keys is None else seed_keys
-    seeds = [prompt_seed(run_seed, stream, step, k) for k in keys]
-    groups = engine.generate_groups(prompt_ids, group_size=group_size, temperature=temperature, top_p=top_p,
-                                    max_new_tokens=max_new_tokens, seeds=seeds) if prompt_ids else []
-    out = Rollouts([], [], [], [], [], None, None)
-    flat_labels = []
-    for idx, g, label in zip(prompt_indices, groups, labels):
-        for ids, lps in zip(g.token_ids, g.logprobs):
-            out.prompt_index.append(idx)
-            out.prompt_ids.append(list(g.prompt_ids))
-            out.response_ids.append(list(ids))
-            out.engine_logp.append(list(lps))
-            out.texts.append(tokenizer.decode(ids, skip_special_tokens=True))
-            flat_labels.append(label)
-    out.labels = np.asarray(flat_labels, dtype=np.int64)
-    out.result = verify_batch(out.texts, out.labels, rulebook, reward_cfg)
-    return out
+def split_even(n: int, parts: int) -> list[range]:
+    """[0, n) cut into `parts` consecutive ranges whose sizes differ by at most one."""
+    return [range(k * n // parts, (k + 1) * n // parts) for k in range(parts)]
 
 
-def rl_token_advantages(ro: Rollouts, tokenizer, group_size: int, std_norm: bool,
-                        weights: tuple[float, float, float] | None) -> np.ndarray:
-    """Per-token advantages of all responses; weights None = plain GRPO (w_t = 1)."""
-    adv = group_advantages(ro.result.reward, group_size, std_norm)
-    per_token = []
-    for i, ids in enumerate(ro.response_ids):
-        if weights is None or not ids:
-            per_token.append(np.ones(len(ids), dtype=np.float32))
-        else:
-            offsets = response_token_offsets(tokenizer, ids)
-            per_token.append(token_weights(ro.result.spans[i], offsets, weights))
-    return token_advantages(adv, per_token)
+def minibatch(ro: Rollouts, tok_adv: np.ndarray, old_logp, ref_logp, groups: range, group_size: int) -> MiniBatch:
+    """The responses of the given prompt groups, with their per-token advantages and log-probs."""
+    resp = [g * group_size + k for g in groups for k in range(group_size)]
+    starts = np.concatenate([[0], np.cumsum([len(r) for r in ro.response_ids])]).astype(np.int64)
+    tok = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in resp]) if resp else np.zeros(0, np.int64)
+    tok_t = torch.as_tensor(tok, dtype=torch.long)
+    return MiniBatch([ro.prompt_ids[i] for i in resp], [ro.response_ids[i] for i in resp], tok_adv[tok],
+                     old_logp[tok_t], ref_logp[tok_t])
 
 
-@torch.no_grad()
-def forward_logprobs(policy, prompts, responses, *, pad_id: int, temperature: float, device,
-                     micro_batch: int = 0) -> torch.Tensor:
-    """Per-token log-probs of the responses under `policy` (forward-only vocab pass), CPU float32."""
-    parts = []
-    for chunk in micro_batches(len(prompts), micro_batch):
-        batch = pack_sequences(prompts[chunk], responses[chunk], pad_id).to(device)
-        logp, _ = policy(batch, mode="logprobs", temperature=temperature)
-        parts.append(logp.float().cpu())
-    return torch.cat(parts) if parts else torch.zeros(0)
+def mode_balanced_rows(advantages, old_logp, ref_logp, n_sft: int, *, grpo_weight: float, sft_weight: float,
+                       n_rl_global: float, n_sft_global: float, world: int) -> LossRows:
+    """Rows of L = α_t·L_GRPO + γ_t·L_SFT (Eq. 8) as token means over the global batch: this rank's RL
+    rows with scale α_t·world/#RL tokens, then its n_sft SFT rows with γ_t·world/#SFT tokens."""
+    return LossRows.cat([LossRows.rl(advantages, old_logp, ref_logp, grpo_weight * world / max(n_rl_global, 1.0)),
+                         LossRows.sft(n_sft, sft_weight * world / max(n_sft_global, 1.0))])
 
 
-def rl_loss_backward(policy, ro_slice: dict, sft_examples, *, pad_id: int, info, alpha: float,
-                     gamma: float, rl_cfg, n_rl_global: float, n_sft_global: float) -> dict:
-    """Loss and gradients of one mini-batch: this rank's RL rows (scale α_t·world/#RL tokens) and SFT
-    rows (γ_t·world/#SFT tokens) through the fused loss; returns summed statistics."""
-    n_rl = sum(len(r) for r in ro_slice["responses"])
-    n_sft = sum(len(e[1]) for e in sft_examples)
-    f32 = torch.float32
-    rows = {
-        "is_sft": torch.cat([torch.zeros(n_rl, dtype=torch.bool), torch.ones(n_sft, dtype=torch.bool)]),
-        "advantages": torch.cat([torch.as_tensor(ro_slice["advantages"], dtype=f32), torch.zeros(n_sft)]),
-        "old_logp": torch.cat([ro_slice["old_logp"].to(f32), torch.zeros(n_sft)]),
-        "ref_logp": torch.cat([ro_slice["ref_logp"].to(f32), torch.zeros(n_sft)]),
-        "scale": torch.cat([torch.full((n_rl,), alpha * info.world / max(n_rl_global, 1.0)),
-                            torch.full((n_sft,), gamma * info.world / max(n_sft_global, 1.0))]),
-    }
-    prompts = list(ro_slice["prompts"]) + [e[0] for e in sft_examples]
-    responses = list(ro_slice["responses"]) + [e[1] for e in sft_examples]
-    return loss_backward(policy, prompts, responses, rows, pad_id=pad_id, device=info.device,
-                         micro_batch=rl_cfg.micro_batch_size, beta=rl_cfg.beta, eps_low=rl_cfg.eps_low,
-                         eps_high=rl_cfg.eps_high, temperature=rl_cfg.temperature)
+def step(ctx: RLContext, stage: Stage, batch: list[int], step_no: int) -> tuple[dict, Rollouts]:
+    """One Mode-Balanced RL step over the global batch of prompt indices `batch`; returns the step's
+    metrics (reduced over ranks) and this rank's verified rollouts."""
+    rl, info, timer = ctx.cfg.rl, ctx.info, ctx.timer
+    t0 = time.perf_counter()
+    G = rl.group_size
+    grpo_weight = stage.grpo_weight
+    sft_weight = stage.sft_weight if rl.mode == "mode_balanced" else 0.0
+
+    # 1. Global mini-batches first, then each split over ranks: the same updates on any world size.
+    mb_positions = [D.rank_slice(list(r), info) for r in split_even(len(batch), rl.mini_batches)]
+    positions = [p for mb in mb_positions for p in mb]
+    local = [batch[p] for p in positions]
+
+    # 2. Rollouts; seeds keyed by the position in the global batch: a prompt drawn twice samples twice.
+    with timer("rollout"):
+        ro = generate_rollouts(ctx.engine, ctx.tokenizer, local, [ctx.prompts[i] for i in local],
+                               [ctx.labels[i] for i in local], group_size=G, temperature=rl.temperature,
+                               top_p=rl.top_p, max_new_tokens=rl.max_new_tokens,
+                               seeds=[prompt_seed(ctx.cfg.run.seed, STREAM_RL, step_no, p) for p in positions])
+        ctx.engine.release_memory()
+
+    # 3. The gated reward of every response.
+    with timer("verify"):
+        ro.result = verify_batch(ro.texts, ro.labels, ctx.rulebook, ctx.reward)
+
+    # 4. Group advantages, times λ at the decision, the boxed values of steps 4-8 and the final grade.
+    with timer("advantages"):
+        weights = None if rl.mode == "grpo" else tuple(rl.token_weights)
+        tok_adv = rollout_token_advantages(ro, ctx.tokenizer, G, rl.adv_std_norm, weights)
+
+    # 5. Log-probs of the sampled tokens under the current (= old) policy and the reference.
+    with timer("logprobs"):
+        lp_args = dict(pad_id=ctx.pad_id, temperature=rl.temperature, device=info.device,
+                       micro_batch=rl.micro_batch_size)
+        old_logp = forward_logprobs(ctx.policy, ro.prompt_ids, ro.response_ids, **lp_args)
+        ref_logp = forward_logprobs(ctx.ref_policy, ro.prompt_ids, ro.response_ids, **lp_args)
+    engine_logp = torch.tensor([x for lp in ro.engine_logp for x in lp], dtype=torch.float32)
+    stats = StepStats.of_rollouts(ro, float((engine_logp - old_logp).abs().sum()) if len(engine_logp) else 0.0)
+
+    # 6. One update per mini-batch: RL rows and this mini-batch's share of the SFT anchor batch.
+    sft_global = np.random.default_rng([ctx.cfg.run.seed, step_no, 7]).choice(
+        len(ctx.sft_examples), rl.sft_batch, replace=len(ctx.sft_examples) < rl.sft_batch).tolist() \
+        if sft_weight > 0 else []
+    first_group = 0
+    for mb_index, mb_pos in enumerate(mb_positions):
+        groups = range(first_group, first_group + len(mb_pos))
+        first_group += len(mb_pos)
+        mb = minibatch(ro, tok_adv, old_logp, ref_logp, groups, G)
+        sft_mb = [ctx.sft_examples[sft_global[p]] for p in
+                  D.rank_slice(list(split_even(len(sft_global), rl.mini_batches)[mb_index]), info)]
+        n_sft_local = sum(len(e[1]) for e in sft_mb)
+        n_rl, n_sft = D.all_reduce_sum([float(mb.n_tokens), float(n_sft_local)], info.device)
+        if n_rl + n_sft == 0:
+            continue  # nothing anywhere in this mini-batch: no step, so AdamW's decay does not move the weights
+        with timer("loss"):
+            rows = mode_balanced_rows(mb.advantages, mb.old_logp, mb.ref_logp, n_sft_local, grpo_weight=grpo_weight,
+                                      sft_weight=sft_weight, n_rl_global=n_rl, n_sft_global=n_sft, world=info.world)
+            loss = loss_backward(ctx.policy, mb.prompts + [e[0] for e in sft_mb], mb.responses + [e[1] for e in sft_mb],
+                                 rows, ctx.loss_settings, pad_id=ctx.pad_id, device=info.device,
+                                 micro_batch=rl.micro_batch_size)
+        with timer("optimizer"):
+            stats.add_update(loss, optimizer_step(ctx.policy, ctx.optimizer, rl.grad_clip))
+
+    # 7. The engine samples the next step from the new weights.
+    with timer("sync"):
+        ctx.engine.sync()
+
+    total = stats.reduce(info.device)
+    dt = time.perf_counter() - t0
+    record = {"step": step_no, "phase": "rl", "stage": stage.name, "weight/grpo": grpo_weight,
+              "weight/sft": sft_weight, **total.record(info.world),
+              "throughput/tokens_per_s": total.tokens / dt, **timer.pop()}
+    return record, ro
+
+
+def gather_rollout_log(ro: Rollouts, info) -> dict | None:
+    """Every rank's rollouts of a step as one table's columns (on rank 0; None elsewhere)."""
+    res = ro.result
+    part = {"prompt_index": ro.prompt_index, "response": ro.texts, "label": ro.labels.tolist(),
+            "reward": res.reward.tolist(), "fmt": res.fmt.tolist(), "cst": res.cst.tolist(),
+            "logic": res.logic.tolist(), "y_dec": res.y_dec.tolist(), "y_hat": res.y_hat.tolist()}
+    parts = D.all_gather_objects(part)
+    return {k: [x for p in parts for x in p[k]] for k in part} if info.is_main else None
+
+
+def train_rl(ctx: RLContext, difficulty_path, progress: dict, *, runlog, evaluate, checkpoint) -> None:
+    """The curriculum (paper §3.6): stages built from the difficulty buckets, one step per batch of a
+    stage, from `progress["phase_step"]` on. Each step is logged (metrics and rollouts); every
+    eval.every steps `evaluate()` runs, every run.checkpoint_every steps `checkpoint(optimizer)`."""
+    cfg, rl = ctx.cfg, ctx.cfg.rl
+    stages = build_stages(load_buckets(difficulty_path), rl.stages, cfg.run.seed, rl.random_order)
+    plan = stage_schedule(stages, rl.batch_prompts, [s.epochs for s in rl.stages])
+    if rl.max_steps:
+        plan = plan[:rl.max_steps]
+    log.info("curriculum: %s; %d RL steps", [(s.name, s.composition) for s in stages], len(plan))
+    if not plan:
+        log.warning("no RL step to run: every difficulty bucket the stages draw from is empty")
+    bar = progress_bar(total=len(plan), initial=progress["phase_step"], desc="rl", enabled=ctx.info.is_main)
+    for t in range(progress["phase_step"], len(plan)):
+        stage_index, batch_index = plan[t]
+        stage = stages[stage_index]
+        record, ro = step(ctx, stage, stage_batch(stage, batch_index, rl.batch_prompts), progress["step"] + 1)
+        progress["step"] = record["step"]
+        progress["phase_step"] = t + 1
+        runlog.write(record)
+        rollouts = gather_rollout_log(ro, ctx.info)
+        if rollouts is not None:
+            runlog.write_rollouts(record["step"], rollouts)
+        bar.update(1)
+        bar.set_postfix(stage=stage.name, reward=f"{record['reward/mean']:.3f}")
+        if cfg.eval.every and (t + 1) % cfg.eval.every == 0 and t + 1 < len(plan):
+            evaluate()
+        if cfg.run.checkpoint_every and (t + 1) % cfg.run.checkpoint_every == 0 and t + 1 < len(plan):
+            checkpoint(ctx.optimizer)
+    bar.close()

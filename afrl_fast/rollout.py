@@ -27,9 +27,11 @@ import contextlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-__all__ = ["RolloutGroup", "EmbeddedEngine", "SGLangEngine", "make_engine", "sample_next_tokens"]
+__all__ = ["RolloutGroup", "EmbeddedEngine", "SGLangEngine", "make_engine", "sample_next_tokens", "Rollouts",
+           "generate_rollouts", "prompt_seed", "TrainerEngine"]
 
 # End-of-turn / end-of-text tokens of chat tokenizers (Qwen, and many others that reuse the
 # ChatML names). Generation for the AFRL format ends at the end of the assistant turn.
@@ -570,3 +572,105 @@ def make_engine(kind: str = "embedded", **kwargs):
         tokenizer = kwargs.pop("tokenizer", None)
         return SGLangEngine(model_path, tokenizer, **kwargs)
     raise ValueError(f"unknown rollout engine {kind!r}: use 'embedded' or 'sglang'")
+
+
+# ----------------------------------------------------------------------------------------------
+# Rollouts for the trainer: seeds, the flat response batch, the engine and its weights
+# ----------------------------------------------------------------------------------------------
+
+# Seed streams: the same prompt sampled by RL, by difficulty estimation or by evaluation must not
+# reuse one random stream.
+STREAM_RL, STREAM_DIFFICULTY, STREAM_EVAL = 0, 1, 2
+
+
+def prompt_seed(run_seed: int, stream: int, step: int, key: int) -> int:
+    """Sampling seed of one prompt's group: fixed by (run seed, stream, step, key) — key is the prompt
+    index or its position in the global batch — so samples do not depend on how prompts are split
+    over ranks or on where a resumed run restarted."""
+    return int(np.random.default_rng([run_seed, stream, step, key]).integers(2**62))
+
+
+@dataclass
+class Rollouts:
+    """The responses of a batch of prompts, flat and group-major (row = prompt · G + g).
+
+    `texts` are decoded with special tokens kept, except the EOS that ended a response: the verifier
+    then reads y_dec from the very first generated token, as first-token evaluation does (a special
+    token in first position is a format failure, never silently skipped)."""
+    prompt_index: list[int]          # per response: index of its prompt in the prompt table
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+    engine_logp: list[list[float]]
+    texts: list[str]
+    labels: np.ndarray               # int64 [n], the prompt's grade, repeated per response
+    finished: list[bool]
+    result: "VerifyResult | None" = None   # filled by verification
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(r) for r in self.response_ids)
+
+
+def generate_rollouts(engine, tokenizer, prompt_indices: list[int], prompt_ids: list[list[int]],
+                      labels: list[int], *, group_size: int, temperature: float, top_p: float,
+                      max_new_tokens: int, seeds: list[int]) -> Rollouts:
+    """G samples per prompt from the engine, decoded to text (no verification)."""
+    groups = engine.generate_groups(prompt_ids, group_size=group_size, temperature=temperature, top_p=top_p,
+                                    max_new_tokens=max_new_tokens, seeds=seeds) if prompt_ids else []
+    ro = Rollouts([], [], [], [], [], np.zeros(0, dtype=np.int64), [])
+    flat_labels = []
+    for idx, group, label in zip(prompt_indices, groups, labels):
+        for ids, lps, done in zip(group.token_ids, group.logprobs, group.finished):
+            ro.prompt_index.append(idx)
+            ro.prompt_ids.append(list(group.prompt_ids))
+            ro.response_ids.append(list(ids))
+            ro.engine_logp.append(list(lps))
+            ro.finished.append(bool(done))
+            body = ids[:-1] if done and ids else ids     # a finished response ends with its EOS
+            ro.texts.append(tokenizer.decode(body, skip_special_tokens=False))
+            flat_labels.append(label)
+    ro.labels = np.asarray(flat_labels, dtype=np.int64)
+    return ro
+
+
+class TrainerEngine:
+    """The rollout engine plus how it gets the trainer's weights.
+
+    With one process the embedded engine decodes with the policy's own LM; with FSDP each rank
+    holds an unsharded replica, refreshed parameter by parameter after every optimizer step. The
+    trainer calls, on every rank: `generate_groups` for a step's rollouts, `release_memory()` right
+    after them (a colocated SGLang frees its KV pool while training runs), `sync()` after the
+    optimizer step(s) (pushes the new weights, resumes memory), `shutdown()` at the end."""
+
+    def __init__(self, kind: str, policy, tokenizer, info, export_dir):
+        from . import dist as D
+        from .checkpoint import export_model, replica_of
+
+        self.policy, self.info, self.kind = policy, info, kind
+        lm = policy.lm
+        if D.is_distributed():
+            lm = replica_of(policy.lm, info.device)
+            D.copy_full_params(policy, lm)
+        self.lm = lm  # the full policy on this rank: first-token evaluation scores with it
+        if kind == "sglang":
+            # SGLang loads from disk once, then receives every update in memory (sync below)
+            export_model(policy, tokenizer, export_dir, info)
+            self.engine = make_engine("sglang", model_path=str(export_dir), tokenizer=tokenizer)
+        else:
+            self.engine = make_engine("embedded", model=lm, tokenizer=tokenizer, device=info.device)
+
+    def generate_groups(self, prompts, **kwargs) -> list[RolloutGroup]:
+        return self.engine.generate_groups(prompts, **kwargs)
+
+    def release_memory(self) -> None:
+        self.engine.release_memory()
+
+    def sync(self) -> None:
+        from . import dist as D
+
+        if D.is_distributed():
+            D.copy_full_params(self.policy, self.lm)
+        self.engine.sync_weights(self.lm if self.kind == "embedded" else self.lm.state_dict())
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()

@@ -2,33 +2,21 @@
 
 Each example is (prompt tokens, trace tokens + EOS); the loss is the token mean over the global
 batch: every row's scale is world / (response tokens in the global batch), so after FSDP averages
-gradients over ranks the sum is exactly the global token mean.
+gradients over ranks the sum is exactly the global token mean. The same rows, scaled by γ_t, are the
+SFT anchor of Mode-Balanced RL (afrl_fast.rl).
 """
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
-import torch
 
 from . import dist as D
-from .policy import loss_backward
-
-
-def sft_rows_scale(n_local_tokens: int, info, device) -> float:
-    n_global = D.all_reduce_sum([float(n_local_tokens)], device)[0]
-    return info.world / max(n_global, 1.0)
-
-
-def sft_loss_backward(policy, examples: list[tuple[list[int], list[int]]], *, pad_id: int, info,
-                      micro_batch: int = 0) -> dict:
-    """Token-mean cross-entropy over the global batch, backward included; returns summed stats."""
-    n = sum(len(e[1]) for e in examples)
-    scale = sft_rows_scale(n, info, info.device)
-    rows = {"is_sft": torch.ones(n, dtype=torch.bool), "advantages": torch.zeros(n),
-            "old_logp": torch.zeros(n), "ref_logp": torch.zeros(n), "scale": torch.full((n,), scale)}
-    return loss_backward(policy, [e[0] for e in examples], [e[1] for e in examples], rows, pad_id=pad_id,
-                         device=info.device, micro_batch=micro_batch)
+from .loss import LossRows
+from .observe import progress_bar
+from .optim import lr_at, make_optimizer, optimizer_step, set_lr
+from .policy import LossSettings, LossStats, loss_backward
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -51,20 +39,50 @@ def sft_batches(n_examples: int, batch_size: int, epochs: float, seed: int):
     return out
 
 
-def lr_at(step: int, total: int, base_lr: float, warmup: int) -> float:
-    """Linear warmup then cosine decay to 10% of the base rate."""
-    if step < warmup:
-        return base_lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return base_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+def sft_rows(examples, scale: float) -> LossRows:
+    """SFT rows for the response tokens of `examples`, each carrying `scale`."""
+    return LossRows.sft(sum(len(e[1]) for e in examples), scale)
 
 
-def optimizer_step(module, optimizer, grad_clip: float) -> float:
-    """Clip the global gradient norm (FSDP2-aware through DTensor), step, zero; returns the norm."""
-    params = [p for p in module.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return float(norm)
+def sft_loss_backward(policy, examples: list[tuple[list[int], list[int]]], *, pad_id: int, info,
+                      micro_batch: int = 0) -> LossStats:
+    """Token-mean cross-entropy over the global batch, backward included; returns summed stats."""
+    n_local = sum(len(e[1]) for e in examples)
+    n_global = D.all_reduce_sum([float(n_local)], info.device)[0]
+    rows = sft_rows(examples, info.world / max(n_global, 1.0))
+    return loss_backward(policy, [e[0] for e in examples], [e[1] for e in examples], rows, LossSettings(),
+                         pad_id=pad_id, device=info.device, micro_batch=micro_batch)
+
+
+def train_sft(policy, examples, cfg, info, *, pad_id: int, progress: dict, seed: int, write, checkpoint,
+              optimizer_state=None) -> None:
+    """The SFT phase from `progress["phase_step"]` on: one optimizer step per global batch, a record
+    per step through `write`, `checkpoint(optimizer)` every 4·run.checkpoint_every steps."""
+    sft = cfg.sft
+    batches = sft_batches(len(examples), sft.batch_size, sft.epochs, seed)
+    opt = make_optimizer(policy, sft.lr, sft.weight_decay)
+    if optimizer_state is not None:
+        D.load_full_optimizer_state(policy, opt, optimizer_state)
+    bar = progress_bar(total=len(batches), initial=progress["phase_step"], desc="sft", enabled=info.is_main)
+    for k in range(progress["phase_step"], len(batches)):
+        t0 = time.perf_counter()
+        set_lr(opt, lr_at(k, len(batches), sft.lr, sft.warmup_steps))
+        local = D.rank_slice(batches[k], info)
+        st = sft_loss_backward(policy, [examples[i] for i in local], pad_id=pad_id, info=info,
+                               micro_batch=sft.micro_batch_size)
+        gnorm = optimizer_step(policy, opt, sft.grad_clip)
+        loss_sum, ent_sum, tok = D.all_reduce_sum([st.loss, st.entropy_all, float(st.n_rows)], info.device)
+        progress["step"] += 1
+        progress["phase_step"] = k + 1
+        dt = time.perf_counter() - t0
+        # each rank's loss is its share of the global token mean times world (FSDP averages grads)
+        write({"step": progress["step"], "phase": "sft", "stage": "sft", "loss": loss_sum / info.world,
+               "policy/entropy": ent_sum / max(tok, 1), "optim/lr": opt.param_groups[0]["lr"],
+               "optim/grad_norm": gnorm, "throughput/tokens_per_s": tok / dt})
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_sum / info.world:.3f}")
+        # SFT steps are short: checkpoint every 4·checkpoint_every of them
+        every = cfg.run.checkpoint_every * 4
+        if every and (k + 1) % every == 0 and k + 1 < len(batches):
+            checkpoint(opt)
+    bar.close()

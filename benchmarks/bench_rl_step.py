@@ -2,9 +2,10 @@
 
 Runs the trainer through torchrun on the demo config, shortened (a brief SFT, 16 prompts of
 difficulty, 3 RL steps of 4 prompts × G=8 rollouts plus 8 SFT rows), then reads the per-phase wall
-times every RL step logs to metrics.jsonl and prints them: rollout (prefix-shared generation),
-verify (compiled verifier + token weights), log-probs (old policy and reference, forward-only
-vocabulary pass), loss (fused loss forward+backward), optimizer (clip + AdamW + weight push).
+times every RL step logs to metrics.jsonl and prints them: rollout (prefix-shared generation and
+decoding to text), verify (the compiled verifier), advantages (group advantages and the stepwise
+token weights from tokenizer offsets), log-probs (old policy and reference, forward-only vocabulary
+pass), loss (fused loss forward+backward), optimizer (clip + AdamW), sync (weights to the engine).
 """
 import json
 import os
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PHASES = ("rollout", "verify", "logprobs", "loss", "optimizer")
+PHASES = ("rollout", "verify", "advantages", "logprobs", "loss", "optimizer", "sync")
 
 
 @pytest.mark.benchmark
@@ -29,13 +30,13 @@ def test_rl_step_time_breakdown(tmp_path):
                           env={**os.environ, "TQDM_DISABLE": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    rl = [r for r in rows if str(r.get("stage", "")).startswith("rl")]
+    rl = [r for r in rows if r.get("phase") == "rl" and "split" not in r]
     assert rl, "no RL step ran"
     print(f"\nRL step time breakdown, demo model (hidden 128, 2 layers, V=151,936), "
-          f"{len(rl)} steps, {rl[0]['response_len']:.0f}-token responses on average")
+          f"{len(rl)} steps, {np.mean([r['response/len'] for r in rl]):.0f}-token responses on average")
     print(f"{'phase':<12}{'median s':>10}{'share':>8}")
-    medians = {p: float(np.median([r.get(f'time_{p}', 0.0) for r in rl])) for p in PHASES}
+    medians = {p: float(np.median([r.get(f'time/{p}', 0.0) for r in rl])) for p in PHASES}
     total = sum(medians.values())
     for p in PHASES:
         print(f"{p:<12}{medians[p]:>10.2f}{100 * medians[p] / total:>7.1f}%")
-    print(f"{'total':<12}{total:>10.2f}   tokens/s {np.median([r['tokens_per_s'] for r in rl]):.0f}")
+    print(f"{'total':<12}{total:>10.2f}   tokens/s {np.median([r['throughput/tokens_per_s'] for r in rl]):.0f}")

@@ -4,13 +4,11 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from afrl_fast.config import RLConfig
-from afrl_fast.dist import DistInfo
-from afrl_fast.policy import PolicyLoss, pack_sequences
-from afrl_fast.rl import Rollouts, rl_loss_backward, rl_token_advantages
+from afrl_fast.grpo import rollout_token_advantages
+from afrl_fast.policy import LossSettings, PolicyLoss, loss_backward, pack_sequences
+from afrl_fast.rl import mode_balanced_rows
+from afrl_fast.rollout import Rollouts
 from afrl_fast_kernels.reference import rowwise_loss_reference
-
-INFO = DistInfo(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
 
 
 def tiny_lm(seed=0, vocab=300):
@@ -72,32 +70,29 @@ def test_rl_update_equals_full_logits_objective(micro_batch):
         cur = full_logits_logp(lm, rl_prompts, rl_responses).float()
     old = cur + torch.tensor(rng.normal(scale=0.3, size=n_rl), dtype=torch.float32)  # ratios far from 1: clipping
     ref = cur + torch.tensor(rng.normal(scale=0.3, size=n_rl), dtype=torch.float32)
-    cfg = RLConfig(beta=0.05, eps_low=0.2, eps_high=0.28, temperature=1.0, micro_batch_size=micro_batch)
+    settings = LossSettings(kl_coef=0.05, eps_low=0.2, eps_high=0.28, temperature=1.0)
     alpha, gamma = 0.9, 0.1
     n_sft = sum(len(e[1]) for e in sft_examples)
 
     policy = PolicyLoss(lm, loss_backend="torch")
-    stats = rl_loss_backward(policy, {"prompts": rl_prompts, "responses": rl_responses, "advantages": adv,
-                                      "old_logp": old, "ref_logp": ref}, sft_examples, pad_id=0, info=INFO,
-                             alpha=alpha, gamma=gamma, rl_cfg=cfg, n_rl_global=n_rl,
-                             n_sft_global=n_sft)
+    rows = mode_balanced_rows(adv, old, ref, n_sft, grpo_weight=alpha, sft_weight=gamma, n_rl_global=n_rl,
+                              n_sft_global=n_sft, world=1)
+    stats = loss_backward(policy, rl_prompts + [e[0] for e in sft_examples],
+                          rl_responses + [e[1] for e in sft_examples], rows, settings, pad_id=0,
+                          device=torch.device("cpu"), micro_batch=micro_batch)
     got_grad = lm.model.embed_tokens.weight.grad.clone()
 
     lm.zero_grad()
     lp_rl = full_logits_logp(lm, rl_prompts, rl_responses)
     lp_sft = full_logits_logp(lm, [e[0] for e in sft_examples], [e[1] for e in sft_examples])
     row, _, _ = rowwise_loss_reference(lp_rl, torch.zeros(n_rl, dtype=torch.bool), torch.tensor(adv).double(),
-                                       old.double(), ref.double(), cfg.beta, cfg.eps_low, cfg.eps_high)
+                                       old.double(), ref.double(), settings.kl_coef, settings.eps_low,
+                                       settings.eps_high)
     want = alpha * row.sum() / n_rl + gamma * (-lp_sft).sum() / n_sft
     want.backward()
-    np.testing.assert_allclose(stats["loss"], want.item(), rtol=1e-6)
+    np.testing.assert_allclose(stats.loss, want.item(), rtol=1e-6)
     np.testing.assert_allclose(got_grad.numpy(), lm.model.embed_tokens.weight.grad.numpy(), rtol=1e-4, atol=1e-7)
-    assert stats["n_rl"] == n_rl and 0 < stats["clipped"] < n_rl
-
-
-class _Result:
-    def __init__(self, reward, spans):
-        self.reward, self.spans = np.asarray(reward, np.float32), spans
+    assert stats.n_rl == n_rl and 0 < stats.clipped < n_rl
 
 
 def test_token_advantages_put_the_weights_on_the_critical_tokens():
@@ -113,13 +108,17 @@ def test_token_advantages_put_the_weights_on_the_critical_tokens():
     wrong = text.replace("\\boxed{partial}", "\\boxed{full}", 1)
     ids2 = tok.encode(wrong, add_special_tokens=False)
     res = verify_batch([text, wrong], [2, 2], rb)
-    ro = Rollouts([0, 0], [[1], [1]], [ids, ids2], [[], []], [text, wrong], np.array([2, 2]), res)
-    adv = rl_token_advantages(ro, tok, group_size=2, std_norm=False, weights=(10.0, 10.0, 5.0))
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    # the first response finished on EOS (which keeps weight 1), the second hit the token limit
+    ro = Rollouts([0, 0], [[1], [1]], [ids + [eos], ids2], [[], []], [text, wrong], np.array([2, 2]), [True, False],
+                  res)
+    adv = rollout_token_advantages(ro, tok, group_size=2, std_norm=False, weights=(10.0, 10.0, 5.0))
     first = adv[:len(ids)]
     a0 = (res.reward[0] - res.reward[1]) / 2
+    assert adv[len(ids)] == pytest.approx(a0)          # the closing EOS: weight 1
     assert a0 > 0
     weighted = {tok.decode([t]) for t, a in zip(ids, first) if abs(a - a0) > 1e-6}
     assert {"2", "partial", "consistent", "current", "high"} <= weighted
     np.testing.assert_allclose(sorted(set(np.round(first / a0, 4))), [1.0, 5.0, 10.0])
-    plain = rl_token_advantages(ro, tok, group_size=2, std_norm=False, weights=None)
+    plain = rollout_token_advantages(ro, tok, group_size=2, std_norm=False, weights=None)
     np.testing.assert_allclose(plain[:len(ids)], a0)

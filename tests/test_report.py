@@ -13,15 +13,16 @@ ALL_PNGS = {"eval_over_training.png", "reward_entropy.png", "gates.png", "time_s
 
 def _train_rows():
     """SFT for 10 steps, then three RL stages of 10 steps each, with every optional field."""
-    rows = [{"step": s, "stage": "sft", "loss": 2.0 / (s + 1), "entropy": 0.9 - 0.01 * s}
+    rows = [{"step": s, "phase": "sft", "stage": "sft", "loss": 2.0 / (s + 1), "policy/entropy": 0.9 - 0.01 * s}
             for s in range(10)]
     for s in range(10, 40):
         stage = ["rl1", "rl2", "rl3"][(s - 10) // 10]
-        rows.append({"step": s, "stage": stage, "reward_mean": 0.2 + 0.02 * (s - 10),
-                     "reward_std": 0.3, "entropy": 0.5 - 0.001 * s, "kl": 0.001 * s,
-                     "clip_frac": 0.05, "fmt_rate": 0.95, "cst_rate": 0.9, "logic_rate": 0.8,
-                     "time_rollout": 5.0, "time_verify": 0.5, "time_logprobs": 1.5,
-                     "time_loss": 1.0, "time_optimizer": 0.3, "alpha": 0.9, "gamma": 0.1})
+        rows.append({"step": s, "phase": "rl", "stage": stage, "reward/mean": 0.2 + 0.02 * (s - 10),
+                     "reward/std": 0.3, "policy/entropy": 0.5 - 0.001 * s, "policy/kl": 0.001 * s,
+                     "policy/clip_frac": 0.05, "gate/fmt": 0.95, "gate/cst": 0.9, "gate/logic": 0.8,
+                     "time/rollout": 5.0, "time/verify": 0.5, "time/advantages": 0.1, "time/logprobs": 1.5,
+                     "time/loss": 1.0, "time/optimizer": 0.3, "time/sync": 0.05,
+                     "weight/grpo": 0.9, "weight/sft": 0.1})
     return rows
 
 
@@ -113,8 +114,8 @@ def test_missing_fields_skip_figures(tmp_path, capsys):
 
 def test_partial_optional_fields(tmp_path):
     # RL lines with only the required fields: reward figure yes, no std band, no gates/timing.
-    rows = [{"step": s, "stage": "rl1", "reward_mean": 0.1 * s, "entropy": 0.5, "kl": 0.0,
-             "clip_frac": 0.1, "time_rollout": 2.0} for s in range(5)]
+    rows = [{"step": s, "stage": "rl1", "reward/mean": 0.1 * s, "policy/entropy": 0.5, "policy/kl": 0.0,
+             "policy/clip_frac": 0.1, "time/rollout": 2.0} for s in range(5)]
     paths = draw_report(_write(tmp_path / "run", rows))
     assert {p.name for p in paths} == {"reward_entropy.png", "time_split.png"}
 

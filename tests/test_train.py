@@ -27,7 +27,7 @@ TINY = [
     "rl.stages.0.size=2", "rl.stages.1.size=2", "rl.stages.2.size=2",
     "eval.every=2", "eval.batch_size=8", "run.checkpoint_every=1",
 ]
-VOLATILE = ("tokens_per_s", "lr")  # wall-clock derived; everything else must match
+VOLATILE = ("throughput/tokens_per_s", "optim/lr")  # wall-clock derived; everything else must match
 
 
 def torchrun(out_dir: Path, nproc: int = 1, extra=(), wait=True):
@@ -42,9 +42,16 @@ def torchrun(out_dir: Path, nproc: int = 1, extra=(), wait=True):
     return proc
 
 
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def training_lines(run_dir: Path):
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in VOLATILE and not k.startswith("time_")} for r in rows]
+    return [{k: v for k, v in r.items() if k not in VOLATILE and not k.startswith("time/")} for r in rows]
 
 
 def assert_same_metrics(a, b, rtol=1e-4, atol=1e-5):
@@ -74,8 +81,12 @@ def test_one_rank_runs_the_whole_pipeline(baseline):
     stages = [r["stage"] for r in rows if "stage" in r]
     assert stages[0] == "sft" and "rl1" in stages, stages
     rl = [r for r in rows if r.get("stage", "").startswith("rl")]
-    for key in ("reward_mean", "entropy", "kl", "clip_frac", "fmt_rate", "response_len", "dlogp_engine"):
+    for key in ("reward/mean", "policy/entropy", "policy/kl", "policy/clip_frac", "gate/fmt", "response/len",
+                "policy/dlogp_engine", "weight/grpo", "weight/sft"):
         assert all(key in r for r in rl), key
+    raw = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    for key in ("rollout", "verify", "advantages", "logprobs", "loss", "optimizer", "sync"):
+        assert all(f"time/{key}" in r for r in raw if r.get("phase") == "rl" and "split" not in r), key
     evals = [r for r in rows if "split" in r]
     assert {r["split"] for r in evals} == {"industry", "longtail"}
     assert all(k in evals[0] for k in ("acc5", "pair_acc", "ndcg3", "macro_f1"))
@@ -83,7 +94,7 @@ def test_one_rank_runs_the_whole_pipeline(baseline):
     assert list((out / "rollouts").glob("step_*.parquet"))
     assert list((out / "plots").glob("*.png"))
     # the engine's log-probs and the trainer's agree for the same tokens (same weights, same math)
-    assert max(r["dlogp_engine"] for r in rl) < 1e-3
+    assert max(r["policy/dlogp_engine"] for r in rl) < 1e-3
 
 
 def test_two_ranks_on_gloo_match_one_rank(baseline, tmp_path):
@@ -102,12 +113,18 @@ def test_sigkill_mid_step_then_resume_matches_uninterrupted(baseline, tmp_path):
     while time.time() < deadline and proc.poll() is None:
         if metrics.exists() and any(json.loads(x).get("step", 0) > first_rl_step and "stage" in json.loads(x)
                                     for x in metrics.read_text().splitlines() if x.strip().endswith("}")):
+            # torchrun starts its workers in sessions of their own: kill the worker (its pid is in the
+            # run lock) as well as torchrun, as a crash of the machine would
+            worker = int((tmp_path / ".run.lock").read_text())
             os.killpg(proc.pid, signal.SIGKILL)
+            os.kill(worker, signal.SIGKILL)
             killed = True
             break
         time.sleep(0.05)
     proc.wait()
     assert killed, "the run ended before it could be killed mid-RL"
+    while alive(worker):
+        time.sleep(0.05)
     torchrun(tmp_path, extra=["--resume"])
     assert_same_metrics(training_lines(out1), training_lines(tmp_path))
 
@@ -152,5 +169,45 @@ def test_bad_inputs_end_with_one_clear_line(tmp_path):
 def test_resume_refuses_a_different_config(baseline):
     out, _ = baseline
     res = subprocess.run([sys.executable, str(ROOT / "afrl_fast" / "train.py"), f"run.out_dir={out}", *TINY,
-                          "rl.beta=0.5", "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 2 and "cannot resume" in res.stderr and "rl.beta" in res.stderr, res.stderr[-2000:]
+                          "rl.kl_coef=0.5", "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "cannot resume" in res.stderr and "rl.kl_coef" in res.stderr, res.stderr[-2000:]
+
+
+def test_a_new_run_never_replaces_an_earlier_one_silently(baseline, tmp_path):
+    out, _ = baseline
+    before = {p: p.stat().st_mtime_ns for p in (out / "checkpoints" / "latest.pt", out / "metrics.jsonl")}
+    res = run_train_direct(TINY, out)
+    assert res.returncode == 2 and "already holds a run" in res.stderr and "--resume" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    # --overwrite validates every input before it deletes anything: a bad data folder leaves the run intact
+    bad = tmp_path / "data"
+    bad.mkdir()
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    for split in ("train", "industry", "longtail"):
+        pq.write_table(pa.table({"query_id": ["q"], "doc_id": ["d"], "query": ["x"], "document": ["y"],
+                                 "label": pa.array([9], pa.int8()), "trace": ["9"]}), bad / f"{split}.parquet")
+    res = run_train_direct([*TINY, f"data.dir={bad}", "--overwrite"], out)
+    assert res.returncode == 2 and "column 'label'" in res.stderr, res.stderr[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    assert (out / "final_model" / "config.json").is_file()
+
+
+def test_resume_without_a_checkpoint_is_refused(tmp_path):
+    res = run_train_direct([*TINY, "--resume"], tmp_path)
+    assert res.returncode == 2 and "no checkpoint to resume" in res.stderr, res.stderr[-2000:]
+
+
+def test_a_second_run_in_the_same_folder_is_refused_while_the_first_holds_it(tmp_path):
+    import fcntl
+    tmp_path.mkdir(exist_ok=True)
+    with open(tmp_path / ".run.lock", "a+") as held:       # what a running trainer holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242")
+        held.flush()
+        res = run_train_direct(TINY, tmp_path)
+    assert res.returncode == 2 and "another run is using this folder (pid 4242)" in res.stderr, res.stderr[-2000:]
+    assert not (tmp_path / "metrics.jsonl").exists()
+    # the lock dies with its holder: a later run takes the folder without any clean-up
+    res = run_train_direct([*TINY, "run.stop_after=sft", "sft.epochs=0.1"], tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
