@@ -120,6 +120,8 @@ def export_model(policy, tokenizer, path: Path, info, prompt=None) -> None:
     if info.is_main:
         fresh = replica_of(policy.lm)
         fresh.load_state_dict(state)
+        if getattr(policy, "compute_dtype", None) is not None:   # fp32 master weights → the model's dtype
+            fresh.to(policy.compute_dtype)
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         fresh.save_pretrained(tmp)

@@ -61,6 +61,9 @@ class SFTConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     micro_batch_size: int = 0        # sequences per forward/backward on one rank (0 = the rank's whole batch)
+    # trace = the expert AFRL trace (the AFRL model); grade = the grade token alone + EOS (the paper's
+    # "Standard Scoring" baseline, Tables 3-4: evaluate it with run.stop_after=sft)
+    target: str = "trace"
 
 
 @dataclass
@@ -71,6 +74,11 @@ class DifficultyConfig:
     easy_min: int = 7                # Acc@8 >= 7 correct: Easy
     medium_min: int = 2              # 2..6: Medium; 1: Hard; 0: dropped (paper §4.1)
     drop_unsolved: bool = True       # False keeps 0-correct prompts in Hard (smoke tests of an untrained model)
+    # what "correct" means for Acc@8: first_token = the sampled grade token equals the label (the AFRL
+    # answer; one prefill per prompt, the G first tokens drawn from it); verified_trace = a whole sampled
+    # trace earns the full reward (format, consistency, logic gates, right grade): G full decodes per prompt
+    correct: str = "first_token"
+    batch_prompts: int = 32          # prompts per engine call
 
 
 @dataclass
@@ -112,6 +120,9 @@ class RLConfig:
         StageConfig(easy=0.082, medium=0.262, hard=0.656, grpo_weight=0.95, sft_weight=0.05),
     ])
     max_steps: int = 0               # 0 = run every stage to its end
+    # paper §3.6: stage 3 "targets hard and previously failed samples": prompts none of whose rollouts
+    # earned the full reward in the earlier stages are added to the last stage
+    fold_failed_into_last_stage: bool = True
 
 
 @dataclass
@@ -186,6 +197,12 @@ def validate(cfg: Config) -> None:
         (cfg.run.device in ("auto", "cpu", "cuda"), "run.device", cfg.run.device),
         (cfg.run.stop_after in ("", "sft", "difficulty"), "run.stop_after", cfg.run.stop_after),
         (cfg.model.dtype in ("float32", "bfloat16"), "model.dtype", cfg.model.dtype),
+        (cfg.difficulty.correct in ("first_token", "verified_trace"), "difficulty.correct", cfg.difficulty.correct),
+        (cfg.difficulty.batch_prompts >= 1, "difficulty.batch_prompts", cfg.difficulty.batch_prompts),
+        (cfg.sft.target in ("trace", "grade"), "sft.target", cfg.sft.target),
+        (cfg.sft.target == "trace" or cfg.run.stop_after == "sft",
+         "sft.target=grade trains a grade-only model that writes no trace to verify: set run.stop_after=sft",
+         cfg.run.stop_after),
         (cfg.data.instructions in ("full", "short") or Path(cfg.data.instructions).is_file(),
          "data.instructions (full, short or an existing text file)", cfg.data.instructions),
         (cfg.rl.mini_batches >= 1 and cfg.rl.batch_prompts % cfg.rl.mini_batches == 0,

@@ -92,6 +92,17 @@ def stage_schedule(stages: list[Stage], batch_prompts: int, epochs: list[float])
     return plan
 
 
+def with_failed_prompts(stage: Stage, failed, seed: int) -> Stage:
+    """The stage plus the prompts that failed in earlier stages (paper §3.6, Stage 3: "hard and
+    previously failed samples"), each once, in a fixed shuffled order."""
+    extra = sorted(set(failed) - set(stage.prompts))
+    if not extra:
+        return stage
+    prompts = [int(x) for x in np.random.default_rng([seed, 3]).permutation(stage.prompts + extra)]
+    composition = {**stage.composition, "failed": len(extra)}
+    return Stage(stage.name, prompts, stage.grpo_weight, stage.sft_weight, composition)
+
+
 def stage_batch(stage: Stage, batch_index: int, batch_prompts: int) -> list[int]:
     """The prompts of one step: consecutive slices of the stage, wrapping for extra epochs."""
     n = len(stage.prompts)
@@ -105,22 +116,30 @@ def stage_batch(stage: Stage, batch_index: int, batch_prompts: int) -> list[int]
 
 def estimate_difficulty(engine, tokenizer, rulebook, prompt_ids, labels, n_prompts: int, cfg, run_seed: int,
                         info) -> np.ndarray:
-    """[n_prompts, 2]: correct first-token answers out of G samples, and valid-format samples.
-    Each rank samples its share of the prompts; every rank gets the whole table."""
+    """[n_prompts, 2]: correct samples out of G per prompt, and valid-format samples (−1 when only the
+    first token was sampled). Each rank samples its share of the prompts; every rank gets the table.
+
+    difficulty.correct = first_token: the G samples stop after their first token — one prefill per
+    prompt — since the AFRL answer is that token; the seeds are the full decode's, so the first tokens
+    drawn are the ones a full decode would draw. verified_trace: G whole traces per prompt, correct
+    when one earns the full reward under the paper's literal gate."""
     d = cfg.difficulty
+    first_only = d.correct == "first_token"
     local = list(range(info.rank, n_prompts, info.world))
-    per_call = max(1, 64 // d.group_size)  # prompts decoded together: ~64 rows per batch
-    rows = []
     bar = progress_bar(total=len(local), desc="difficulty", enabled=info.is_main, unit="prompt")
-    for start in range(0, len(local), per_call):
-        idx = local[start:start + per_call]
+    rows = []
+    for start in range(0, len(local), d.batch_prompts):
+        idx = local[start:start + d.batch_prompts]
         ro = generate_rollouts(engine, tokenizer, idx, [prompt_ids[i] for i in idx], [labels[i] for i in idx],
                                group_size=d.group_size, temperature=d.temperature, top_p=1.0,
-                               max_new_tokens=cfg.rl.max_new_tokens,
+                               max_new_tokens=1 if first_only else cfg.rl.max_new_tokens,
                                seeds=[prompt_seed(run_seed, STREAM_DIFFICULTY, 0, i) for i in idx])
         res = verify_batch(ro.texts, ro.labels, rulebook)
-        correct = (res.y_dec == ro.labels).reshape(-1, d.group_size).sum(1)
-        fmt = res.fmt.reshape(-1, d.group_size).sum(1)
+        right = res.y_dec == ro.labels
+        if not first_only:
+            right &= res.fmt & res.cst & res.logic
+        correct = right.reshape(-1, d.group_size).sum(1)
+        fmt = np.full(len(idx), -1) if first_only else res.fmt.reshape(-1, d.group_size).sum(1)
         rows += [(i, int(c), int(f)) for i, c, f in zip(idx, correct, fmt)]
         bar.update(len(idx))
     bar.close()
@@ -138,7 +157,8 @@ def write_difficulty(path: Path, table, counts: np.ndarray, cfg) -> None:
     buckets = [difficulty_bucket(int(c), d.easy_min, d.medium_min, d.drop_unsolved) for c in counts[:, 0]]
     out = pa.table({"prompt_index": np.arange(n), "query_id": table.column("query_id").slice(0, n),
                     "doc_id": table.column("doc_id").slice(0, n), "label": table.column("label").slice(0, n),
-                    "n_correct": counts[:, 0], "n_valid_format": counts[:, 1],
+                    "n_correct": counts[:, 0],
+                    "n_valid_format": pa.array([None if f < 0 else int(f) for f in counts[:, 1]], pa.int64()),
                     "group_size": np.full(n, d.group_size), "bucket": buckets})
     atomic_write_bytes(path, lambda f: pq.write_table(out, f))
     log.info("difficulty: %s", {b: buckets.count(b) for b in ("easy", "medium", "hard", "dropped")})

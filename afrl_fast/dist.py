@@ -49,17 +49,22 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def shard_model(module: torch.nn.Module, layers, info: DistInfo, reshard_after_forward: bool = True):
-    """FSDP2: one unit per decoder layer, then the root (embeddings, final norm, head)."""
+def shard_model(module: torch.nn.Module, layers, info: DistInfo, reshard_after_forward: bool = True,
+                param_dtype: torch.dtype | None = None):
+    """FSDP2: one unit per decoder layer, then the root (embeddings, final norm, head). With
+    `param_dtype` (bf16) the sharded parameters stay in their own dtype (fp32 master weights for the
+    optimizer) and are cast to param_dtype when gathered for compute; gradients are reduced in fp32."""
     if not is_distributed():
         return module
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(info.device.type, (info.world,))
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
+    kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward, **({"mp_policy": mp} if mp else {})}
     for layer in layers:
-        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(layer, **kwargs)
+    fully_shard(module, **kwargs)
     return module
 
 

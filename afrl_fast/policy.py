@@ -78,14 +78,21 @@ class PolicyLoss(nn.Module):
     """forward(batch, rows, settings) → the fused loss's output; forward(batch, mode="logprobs",
     temperature=τ) → (logp, entropy) of every target row, forward only."""
 
-    def __init__(self, lm: nn.Module, loss_backend: str = "auto"):
+    def __init__(self, lm: nn.Module, loss_backend: str = "auto", compute_dtype: torch.dtype | None = None):
         super().__init__()
         self.lm = lm
         self.loss_backend = loss_backend
+        # Mixed precision: the parameters stay fp32 (the optimizer's master weights) and the forward
+        # runs in compute_dtype. Under FSDP2 its MixedPrecisionPolicy casts the unsharded parameters;
+        # on one process autocast does, and the head weight is cast here, so both paths run the same
+        # bf16 GEMMs and the fused loss gets matching dtypes.
+        self.compute_dtype = compute_dtype
 
     def hidden_rows(self, batch: TokenBatch) -> torch.Tensor:
-        out = self.lm.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                    use_cache=False)
+        with torch.autocast(batch.input_ids.device.type, dtype=self.compute_dtype or torch.float32,
+                            enabled=self.compute_dtype is not None):
+            out = self.lm.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                        use_cache=False)
         h = out.last_hidden_state
         return h.reshape(-1, h.shape[-1])[batch.pred_index]
 
@@ -93,6 +100,8 @@ class PolicyLoss(nn.Module):
                 mode: str = "loss", temperature: float = 1.0):
         hidden = self.hidden_rows(batch)
         weight = self.lm.get_output_embeddings().weight
+        if self.compute_dtype is not None:
+            hidden, weight = hidden.to(self.compute_dtype), weight.to(self.compute_dtype)
         if mode == "logprobs":
             return token_logprobs(hidden, weight, batch.targets, temperature=temperature,
                                   backend=self.loss_backend)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from . import dist as D
-from .curriculum import Stage, build_stages, load_buckets, stage_batch, stage_schedule
+from .curriculum import Stage, build_stages, load_buckets, stage_batch, stage_schedule, with_failed_prompts
 from .grpo import rollout_token_advantages
 from .loss import LossRows
 from .observe import Timer, log, progress_bar
@@ -165,9 +165,25 @@ def mode_balanced_rows(advantages, old_logp, ref_logp, n_sft: int, *, grpo_weigh
                          LossRows.sft(n_sft, sft_weight * world / max(n_sft_global, 1.0))])
 
 
-def step(ctx: RLContext, stage: Stage, batch: list[int], step_no: int) -> tuple[dict, Rollouts]:
-    """One Mode-Balanced RL step over the global batch of prompt indices `batch`; returns the step's
-    metrics (reduced over ranks) and this rank's verified rollouts."""
+@dataclass
+class StepResult:
+    record: dict                 # the step's metrics, reduced over ranks
+    rollouts: Rollouts           # this rank's verified rollouts
+    failed_prompts: list[int]    # prompts of the global batch none of whose rollouts earned the full reward
+
+
+def unsolved_prompts(ro: Rollouts, group_size: int) -> list[int]:
+    """Prompt indices (every rank's) whose G responses all missed the full reward: right grade with
+    the format, consistency and logic gates passing."""
+    res = ro.result
+    full = res.fmt & res.cst & res.logic & (res.y_dec == ro.labels)
+    solved = full.reshape(-1, group_size).any(axis=1)
+    local = [ro.prompt_index[g * group_size] for g in range(len(solved)) if not solved[g]]
+    return [i for part in D.all_gather_objects(local) for i in part]
+
+
+def step(ctx: RLContext, stage: Stage, batch: list[int], step_no: int) -> StepResult:
+    """One Mode-Balanced RL step over the global batch of prompt indices `batch`."""
     rl, info, timer = ctx.cfg.rl, ctx.info, ctx.timer
     t0 = time.perf_counter()
     G = rl.group_size
@@ -234,11 +250,12 @@ def step(ctx: RLContext, stage: Stage, batch: list[int], step_no: int) -> tuple[
         ctx.engine.sync()
 
     total = stats.reduce(info.device)
+    failed = unsolved_prompts(ro, G)
     dt = time.perf_counter() - t0
     record = {"step": step_no, "phase": "rl", "stage": stage.name, "weight/grpo": grpo_weight,
-              "weight/sft": sft_weight, **total.record(info.world),
+              "weight/sft": sft_weight, **total.record(info.world), "acc/unsolved_prompts": len(failed) / len(batch),
               "throughput/tokens_per_s": total.tokens / dt, **timer.pop()}
-    return record, ro
+    return StepResult(record, ro, failed)
 
 
 def gather_rollout_log(ro: Rollouts, info) -> dict | None:
@@ -253,31 +270,53 @@ def gather_rollout_log(ro: Rollouts, info) -> dict | None:
 
 def train_rl(ctx: RLContext, difficulty_path, progress: dict, *, runlog, evaluate, checkpoint) -> None:
     """The curriculum (paper §3.6): stages built from the difficulty buckets, one step per batch of a
-    stage, from `progress["phase_step"]` on. Each step is logged (metrics and rollouts); every
-    eval.every steps `evaluate()` runs, every run.checkpoint_every steps `checkpoint(optimizer)`."""
+    stage, from `progress["phase_step"]` on. With rl.fold_failed_into_last_stage the last stage is
+    scheduled only when it starts, with the prompts the earlier stages failed on added to it (they
+    are kept in `progress`, so a resumed run schedules the same stage). Each step is logged (metrics
+    and rollouts); every eval.every steps `evaluate()` runs, every run.checkpoint_every steps
+    `checkpoint(optimizer)`."""
     cfg, rl = ctx.cfg, ctx.cfg.rl
     stages = build_stages(load_buckets(difficulty_path), rl.stages, cfg.run.seed, rl.random_order)
-    plan = stage_schedule(stages, rl.batch_prompts, [s.epochs for s in rl.stages])
-    if rl.max_steps:
-        plan = plan[:rl.max_steps]
-    log.info("curriculum: %s; %d RL steps", [(s.name, s.composition) for s in stages], len(plan))
-    if not plan:
-        log.warning("no RL step to run: every difficulty bucket the stages draw from is empty")
-    bar = progress_bar(total=len(plan), initial=progress["phase_step"], desc="rl", enabled=ctx.info.is_main)
-    for t in range(progress["phase_step"], len(plan)):
+    epochs = [s.epochs for s in rl.stages]
+    fold = rl.fold_failed_into_last_stage and len(stages) > 1
+    failed = progress.setdefault("failed_prompts", [])
+    plan = stage_schedule(stages[:-1] if fold else stages, rl.batch_prompts, epochs)
+    limit = rl.max_steps or math.inf
+    log.info("curriculum: %s; %d RL steps%s", [(s.name, s.composition) for s in stages],
+             len(plan) + (len(stage_schedule(stages[-1:], rl.batch_prompts, epochs[-1:])) if fold else 0),
+             " before the failed prompts join the last stage" if fold else "")
+    bar = progress_bar(total=min(len(plan), limit), initial=progress["phase_step"], desc="rl",
+                       enabled=ctx.info.is_main)
+    t = progress["phase_step"]
+    pending_last = fold            # the last stage still to be scheduled
+    while True:
+        if pending_last and t >= len(plan):
+            pending_last = False
+            stages[-1] = with_failed_prompts(stages[-1], failed, cfg.run.seed)
+            last = stage_schedule(stages[-1:], rl.batch_prompts, epochs[-1:])
+            plan += [(len(stages) - 1, j) for _, j in last]
+            log.info("%s: %s", stages[-1].name, stages[-1].composition)
+            bar.total = min(len(plan), limit)
+        if t >= min(len(plan), limit):
+            break
         stage_index, batch_index = plan[t]
         stage = stages[stage_index]
-        record, ro = step(ctx, stage, stage_batch(stage, batch_index, rl.batch_prompts), progress["step"] + 1)
-        progress["step"] = record["step"]
-        progress["phase_step"] = t + 1
-        runlog.write(record)
-        rollouts = gather_rollout_log(ro, ctx.info)
+        out = step(ctx, stage, stage_batch(stage, batch_index, rl.batch_prompts), progress["step"] + 1)
+        if stage_index < len(stages) - 1:
+            failed[:] = sorted(set(failed) | set(out.failed_prompts))
+        t += 1
+        progress["step"], progress["phase_step"] = out.record["step"], t
+        runlog.write(out.record)
+        rollouts = gather_rollout_log(out.rollouts, ctx.info)
         if rollouts is not None:
-            runlog.write_rollouts(record["step"], rollouts)
+            runlog.write_rollouts(out.record["step"], rollouts)
         bar.update(1)
-        bar.set_postfix(stage=stage.name, reward=f"{record['reward/mean']:.3f}")
-        if cfg.eval.every and (t + 1) % cfg.eval.every == 0 and t + 1 < len(plan):
+        bar.set_postfix(stage=stage.name, reward=f"{out.record['reward/mean']:.3f}")
+        more = t < limit and (t < len(plan) or pending_last)
+        if cfg.eval.every and t % cfg.eval.every == 0 and more:
             evaluate()
-        if cfg.run.checkpoint_every and (t + 1) % cfg.run.checkpoint_every == 0 and t + 1 < len(plan):
+        if cfg.run.checkpoint_every and t % cfg.run.checkpoint_every == 0 and more:
             checkpoint(ctx.optimizer)
     bar.close()
+    if not plan:
+        log.warning("no RL step ran: every difficulty bucket the stages draw from is empty")

@@ -195,6 +195,14 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[tor
     return ids.to(device), mask.to(device)
 
 
+def cache_argument(model: torch.nn.Module) -> str:
+    """The keyword a model's forward takes its KV cache by: `cache` in current transformers,
+    `past_key_values` in releases before the rename (which now warn on every call)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @contextlib.contextmanager
 def eval_mode(model: torch.nn.Module):
     """Eval mode for the duration of generation, then the caller's mode back.
@@ -242,6 +250,7 @@ class EmbeddedEngine:
         self.pad_id = int(pad_id) if pad_id is not None else self.eos_ids[0]
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.max_prompts_per_batch = max_prompts_per_batch
+        self._cache_kw = cache_argument(model)
 
     # -- the interface shared with SGLangEngine ------------------------------------------------
 
@@ -311,9 +320,9 @@ class EmbeddedEngine:
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=cache,
             use_cache=True,
             logits_to_keep=logits_to_keep,
+            **{self._cache_kw: cache},
         )
         return out.logits[:, -1, :]
 

@@ -129,7 +129,8 @@ def prepare_data(cfg, run_dir: Path, rulebook, info) -> tuple[dict, Path]:
                                    n_longtail=cfg.data.n_eval, reasons=cfg.data.reasons)
             C.atomic_write_text(manifest, json.dumps(wanted))
     D.barrier()
-    return {s: read_pairs(data_dir / f"{s}.parquet", require_trace=(s == "train")) for s in SPLITS}, data_dir
+    need_trace = cfg.sft.target == "trace"
+    return {s: read_pairs(data_dir / f"{s}.parquet", require_trace=need_trace and s == "train") for s in SPLITS}, data_dir
 
 
 def comparable_config(cfg) -> dict:
@@ -165,11 +166,13 @@ def tokenize_prompts(tokenizer, rulebook, table, instructions: str, max_tokens: 
     return out
 
 
-def tokenize_traces(tokenizer, table, max_tokens: int, where) -> list[list[int]]:
-    """SFT targets: the expert trace followed by EOS, so the model learns to stop."""
+def tokenize_targets(tokenizer, table, target: str, max_tokens: int, where) -> list[list[int]]:
+    """SFT targets followed by EOS, so the model learns to stop: the expert trace (target=trace), or
+    the grade token alone (target=grade, the standard-scoring baseline)."""
     eos = tokenizer.eos_token_id
+    texts = table.column("trace").to_pylist() if target == "trace" else [str(x) for x in table.column("label").to_pylist()]
     out = []
-    for row, trace in enumerate(table.column("trace").to_pylist()):
+    for row, trace in enumerate(texts):
         ids = tokenizer.encode(trace, add_special_tokens=False) + [eos]
         if len(ids) > max_tokens:
             raise DataError(f"{where}: row {row}, column 'trace': {len(ids)} tokens, more than "
@@ -178,16 +181,23 @@ def tokenize_traces(tokenizer, table, max_tokens: int, where) -> list[list[int]]
     return out
 
 
-def build_policy(cfg, vocab_size: int, info, state_dict=None):
-    dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
-    lm = build_lm(cfg.model, vocab_size, dtype)
+def compute_dtype(cfg) -> torch.dtype | None:
+    return torch.bfloat16 if cfg.model.dtype == "bfloat16" else None
+
+
+def build_policy(cfg, vocab_size: int, info, state_dict=None, trainable: bool = True):
+    """The LM + fused loss, sharded with FSDP2 on several ranks. A trained policy keeps fp32
+    parameters whatever model.dtype says — AdamW's updates at lr 1e-6 are far below bf16's resolution
+    and would round away — and computes in model.dtype; a frozen one is stored in model.dtype."""
+    compute = compute_dtype(cfg)
+    lm = build_lm(cfg.model, vocab_size, torch.float32 if trainable or compute is None else compute)
     if state_dict is not None:
         lm.load_state_dict(state_dict)
-    if cfg.model.gradient_checkpointing:
+    if cfg.model.gradient_checkpointing and trainable:
         lm.gradient_checkpointing_enable()
     lm.to(info.device)
-    policy = PolicyLoss(lm, cfg.run.loss_backend)
-    D.shard_model(policy, lm.get_decoder().layers, info)
+    policy = PolicyLoss(lm, cfg.run.loss_backend, compute_dtype=compute)
+    D.shard_model(policy, lm.get_decoder().layers, info, param_dtype=compute)
     return policy
 
 
@@ -195,10 +205,9 @@ def build_ref_policy(cfg, policy, info, ref_state):
     """The frozen reference π_ref: the SFT model (from the run's sft_model/ on resume)."""
     if ref_state is None:
         from transformers import AutoModelForCausalLM
-        sft = AutoModelForCausalLM.from_pretrained(Path(cfg.run.out_dir) / "sft_model",
-                                                   dtype=next(policy.lm.parameters()).dtype)
-        ref_state = sft.state_dict()
-    ref = build_policy(cfg, policy.lm.config.vocab_size, info, ref_state)
+        ref_state = AutoModelForCausalLM.from_pretrained(Path(cfg.run.out_dir) / "sft_model",
+                                                         dtype=torch.float32).state_dict()
+    ref = build_policy(cfg, policy.lm.config.vocab_size, info, ref_state, trainable=False)
     for p in ref.parameters():
         p.requires_grad_(False)
     return ref.eval()
@@ -243,7 +252,8 @@ def train(argv=None) -> int:
     prompts = {s: tokenize_prompts(tokenizer, rulebook, tables[s], instructions, cfg.data.max_prompt_tokens,
                                    data_dir / f"{s}.parquet") for s in SPLITS}
     labels = {s: tables[s].column("label").to_pylist() for s in SPLITS}
-    traces = tokenize_traces(tokenizer, tables["train"], cfg.data.max_response_tokens, data_dir / "train.parquet")
+    traces = tokenize_targets(tokenizer, tables["train"], cfg.sft.target, cfg.data.max_response_tokens,
+                              data_dir / "train.parquet")
     sft_examples = list(zip(prompts["train"], traces))
     pad_id = tokenizer.pad_token_id
     vocab = QWEN_VOCAB if cfg.model.tokenizer == "qwen3" and len(tokenizer) <= QWEN_VOCAB \
@@ -298,10 +308,11 @@ def train(argv=None) -> int:
         engine().sync()
         C.export_model(policy, tokenizer, run_dir / export_dir, info, prompt=(rulebook, instructions))
         progress["history"][phase] = evaluate(phase)
-        progress["history"][f"{phase}_traces"] = trace_validity(
-            engine(), tokenizer, rulebook, prompts["industry"], labels["industry"], 32,
-            max_new_tokens=cfg.rl.max_new_tokens, seed=cfg.run.seed)
-        log.info("%s traces: %s", phase.upper(), progress["history"][f"{phase}_traces"])
+        if cfg.sft.target == "trace":   # a grade-only model writes no trace
+            progress["history"][f"{phase}_traces"] = trace_validity(
+                engine(), tokenizer, rulebook, prompts["industry"], labels["industry"], 32,
+                max_new_tokens=cfg.rl.max_new_tokens, seed=cfg.run.seed)
+            log.info("%s traces: %s", phase.upper(), progress["history"][f"{phase}_traces"])
         progress.update(phase=next_phase, phase_step=0)
         checkpoint()
 
@@ -354,7 +365,8 @@ def finish(run_dir, progress, tables, eval_names, info, runlog) -> int:
     """Print SFT vs RL vs the majority baseline, save results.json and draw the plots."""
     if info.is_main:
         rows = {"majority-class": majority_baseline(tables["train"], tables, eval_names)}
-        for key, name in (("sft", "SFT"), ("rl", "Mode-Balanced RL")):
+        sft_name = "SFT" if progress["config"]["sft"]["target"] == "trace" else "Standard scoring"
+        for key, name in (("sft", sft_name), ("rl", "Mode-Balanced RL")):
             if key in progress["history"]:
                 rows[name] = progress["history"][key]
         print(results_table(rows, eval_names))

@@ -37,3 +37,46 @@ def test_stage_with_an_empty_bucket_still_trains():
     stages = build_stages({"easy": [], "medium": [1, 2, 3], "hard": []},
                           [StageConfig(easy=0.1, medium=0.5, hard=0.4)], seed=0)
     assert sorted(stages[0].prompts) == [1, 2, 3]
+
+
+def test_failed_prompts_join_the_last_stage_once_in_a_fixed_order():
+    from afrl_fast.curriculum import Stage, with_failed_prompts
+    stage = Stage("rl3", [5, 6, 7], 0.95, 0.05, {"hard": 3})
+    grown = with_failed_prompts(stage, [1, 6, 2, 1], seed=0)
+    assert sorted(grown.prompts) == [1, 2, 5, 6, 7] and grown.composition == {"hard": 3, "failed": 2}
+    assert grown.prompts == with_failed_prompts(stage, [2, 1], seed=0).prompts     # resumable: same order
+    assert with_failed_prompts(stage, [], seed=0) is stage
+
+
+def test_first_token_difficulty_counts_the_first_tokens_a_full_decode_draws():
+    """Acc@8 by first token stops each sample after one token; with the same seeds those tokens are
+    the ones full decodes start with, so the counts equal the full decodes' first-token counts."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from afrl_fast.config import DEMO_CONFIG, load_config
+    from afrl_fast.curriculum import estimate_difficulty
+    from afrl_fast.dist import DistInfo
+    from afrl_fast.format import label_token_ids, load_tokenizer
+    from afrl_fast.rollout import STREAM_DIFFICULTY, EmbeddedEngine, generate_rollouts, prompt_seed
+    from afrl_fast.rulebook import load_rulebook
+
+    tok, rb = load_tokenizer(), load_rulebook()
+    torch.manual_seed(0)
+    # 20 token ids, the grade digits "0".."4" among them (ids 15-19), so grades are drawn often
+    lm = Qwen3ForCausalLM(Qwen3Config(vocab_size=20, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, head_dim=16))
+    assert max(label_token_ids(tok)) < 20
+    engine = EmbeddedEngine(lm, tok)
+    prompts = [[1, 2, 3 + i, 4 + i] for i in range(5)]
+    labels = [0, 1, 2, 3, 4]
+    cfg = load_config(DEMO_CONFIG, ["difficulty.group_size=8", "rl.max_new_tokens=6"])
+    info = DistInfo(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
+    counts = estimate_difficulty(engine, tok, rb, prompts, labels, 5, cfg, run_seed=3, info=info)
+    full = generate_rollouts(engine, tok, list(range(5)), prompts, labels, group_size=8, temperature=1.0, top_p=1.0,
+                             max_new_tokens=6, seeds=[prompt_seed(3, STREAM_DIFFICULTY, 0, i) for i in range(5)])
+    label_ids = label_token_ids(tok)
+    first = np.array([ids[0] for ids in full.response_ids]).reshape(5, 8)
+    want = [(first[i] == label_ids[labels[i]]).sum() for i in range(5)]
+    assert counts[:, 0].tolist() == want and sum(want) > 0
+    assert (counts[:, 1] == -1).all()      # no format counts: no trace was written
