@@ -50,7 +50,7 @@ def format_table(n, h, v, rows):
     except ImportError:
         pass
     head = f"N={n} H={h} V={v}  fp32 fwd+bwd  (one chunk of logits = {chunk_mib:.0f} MiB)"
-    lines = [head, f"{'variant':<22}{'median s':>10}{'x floor':>9}{'peak MiB':>10}{'- grads':>9}  runs"]
+    lines = [head, f"{'variant':<22}{'median s':>10}{'x floor':>9}{'RSS MiB':>10}{'- grads':>9}  runs"]
     for r in rows:
         if "error" in r:
             lines.append(f"{r['variant']:<22}  error: {r['error']}")

@@ -14,6 +14,8 @@ def test_demo_and_gpu_configs_load(tmp_path):
     assert gpu.rl.token_weights == [10.0, 10.0, 5.0]
     assert [(s.grpo_weight, s.sft_weight) for s in gpu.rl.stages] == [(0.85, 0.15), (0.90, 0.10), (0.95, 0.05)]
     assert (gpu.data.max_prompt_tokens, gpu.data.max_response_tokens) == (4096, 1024)
+    # paper §3.6: stage 3 trains hard and previously failed samples with more epochs
+    assert gpu.rl.stages[2].epochs > 1 and gpu.rl.fold_failed_into_last_stage
 
 
 def test_dotted_overrides_and_errors():
