@@ -7,6 +7,7 @@ other path is this environment's site-packages (for torch & co) — without the 
 import hook, so nothing can be found in the source tree by accident.
 """
 import glob
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,8 +24,12 @@ def run(cmd, **kw):
 
 
 def test_regular_install_builds_the_native_kernel_and_finds_its_configs(tmp_path):
+    # build from a copy: pip builds in the source folder and would leave build/ behind in the checkout
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "venv", "runs", "build", "*.egg-info",
+                                                             "__pycache__", ".pytest_cache", "results"))
     run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", tmp_path / "wheel", ROOT])
+         "-w", tmp_path / "wheel", src])
     wheel = next((tmp_path / "wheel").glob("afrl_fast-*.whl"))
     site = tmp_path / "site"
     run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", site, wheel])
