@@ -143,6 +143,9 @@ class RunConfig:
     checkpoint_every: int = 5        # RL steps between checkpoints (SFT steps: 4× as many)
     resume: bool = False
     stop_after: str = ""             # "" | sft | difficulty: end the run after that stage (tests, sweeps)
+    # a run folder that stopped after difficulty (or finished): start RL from its sft_model/ and its
+    # difficulty.parquet, skipping SFT and difficulty (ablation arms share one starting point)
+    init_from: Optional[str] = None
 
 
 @dataclass

@@ -181,6 +181,41 @@ def tokenize_targets(tokenizer, table, target: str, max_tokens: int, where) -> l
     return out
 
 
+def check_init_from(cfg) -> Path:
+    """run.init_from must be a run of the same data and model that got through SFT and difficulty."""
+    base = Path(cfg.run.init_from)
+    for need in ("config.yaml", "sft_model/config.json", "difficulty.parquet", "results.json"):
+        if not (base / need).exists():
+            raise ConfigError(f"run.init_from={base}: missing {need}; run it first with run.stop_after=difficulty")
+    saved = load_config(base / "config.yaml")
+    for section in ("data", "model"):
+        a, b = OmegaConf.structured(getattr(saved, section)), OmegaConf.structured(getattr(cfg, section))
+        if a != b:
+            raise ConfigError(f"run.init_from={base}: its {section} config differs from this run's; "
+                              "RL must start from a model trained on the same data and architecture")
+    return base
+
+
+def start_from_run(base: Path, policy, run_dir: Path, progress: dict, info) -> None:
+    """Fresh run with run.init_from: the policy takes the base run's SFT weights, the run folder its
+    SFT model (the reference) and difficulty file, and the history its SFT evaluation."""
+    from transformers import AutoModelForCausalLM
+
+    state = AutoModelForCausalLM.from_pretrained(base / "sft_model", dtype=torch.float32).state_dict()
+    D.load_full_model_state(policy, {f"lm.{k}": v for k, v in state.items()})
+    if info.is_main:
+        shutil.copytree(base / "sft_model", run_dir / "sft_model", dirs_exist_ok=True)
+        shutil.copy2(base / "difficulty.parquet", run_dir / "difficulty.parquet")
+    results = json.loads((base / "results.json").read_text())
+    sft_name = next((k for k in results["results"] if k != "majority-class"), None)
+    if sft_name is not None:
+        progress["history"]["sft"] = results["results"][sft_name]
+    if "sft_traces" in results:
+        progress["history"]["sft_traces"] = results["sft_traces"]
+    progress.update(phase="rl", phase_step=0)
+    D.barrier()
+
+
 def compute_dtype(cfg) -> torch.dtype | None:
     return torch.bfloat16 if cfg.model.dtype == "bfloat16" else None
 
@@ -237,6 +272,7 @@ def train(argv=None) -> int:
     setup_logging(info.is_main)
     run_dir = Path(cfg.run.out_dir)
     ckpt_dir = run_dir / "checkpoints"
+    base_run = check_init_from(cfg) if cfg.run.init_from else None
     if info.is_main:
         check_run_dir(run_dir, cfg.run.resume, args.overwrite)
         lock = lock_run_dir(run_dir)  # noqa: F841  (held until the process exits)
@@ -280,6 +316,9 @@ def train(argv=None) -> int:
         runlog.truncate_after(progress["step"])
         log.info("resumed at phase %s, step %d", progress["phase"], progress["step"])
         del state
+    elif base_run is not None:
+        start_from_run(base_run, policy, run_dir, progress, info)
+        log.info("starting RL from %s (its SFT model and difficulty file)", base_run)
     if info.is_main:
         C.atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))  # as resolved, once resuming is allowed
     eval_names = list(cfg.eval.splits)

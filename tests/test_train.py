@@ -214,3 +214,16 @@ def test_a_second_run_in_the_same_folder_is_refused_while_the_first_holds_it(tmp
     # the lock dies with its holder: a later run takes the folder without any clean-up
     res = run_train_direct([*TINY, "run.stop_after=sft", "sft.epochs=0.1"], tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_rl_can_start_from_another_runs_sft_model_and_difficulty(baseline, tmp_path):
+    out, _ = baseline
+    torchrun(tmp_path / "arm", extra=[f"run.init_from={out}", "rl.mode=grpo", "run.seed=1", "rl.max_steps=2"])
+    rows = training_lines(tmp_path / "arm")
+    assert [r["phase"] for r in rows if "split" not in r] == ["rl", "rl"]       # no SFT, no difficulty
+    assert (tmp_path / "arm" / "difficulty.parquet").read_bytes() == (out / "difficulty.parquet").read_bytes()
+    mine = json.loads((tmp_path / "arm" / "results.json").read_text())["results"]
+    base = json.loads((out / "results.json").read_text())["results"]
+    assert mine["SFT"] == base["SFT"]
+    res = run_train_direct([*TINY, f"run.init_from={out}", "model.hidden_size=64"], tmp_path / "bad")
+    assert res.returncode == 2 and "model config differs" in res.stderr, res.stderr[-2000:]
