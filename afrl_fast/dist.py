@@ -1,7 +1,7 @@
 """torchrun + FSDP2 plumbing: process group, sharding, rank slices, all-reduce, full state dicts.
 
 Works with one process too (no torchrun): then nothing is sharded and the collectives are no-ops.
-NCCL on GPU, gloo on CPU (DESIGN §6).
+NCCL on GPU, gloo on CPU; on CPU two ranks reproduce one (tests/test_train.py).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-r"""The AFRL response format, the prompt, and the label tokens (DESIGN §2, paper §3.1).
+r"""The AFRL response format, the prompt, and the label tokens (paper §3.1).
 
 A response is exactly (this grammar is what the verifier checks, byte for byte):
 

@@ -1,4 +1,4 @@
-"""Evaluation metrics of a first-token relevance judge (paper §4.2, Tables 3–5; DESIGN §1.4).
+"""Evaluation metrics of a first-token relevance judge (paper §4.2, Tables 3–5).
 
 Inputs, one row per (query, document) pair:
     labels     [n]     gold grades 0..4

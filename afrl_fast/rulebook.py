@@ -1,7 +1,7 @@
 """The rulebook: nine step names, the closed vocabularies of steps 4–8, and the decision list.
 
 One YAML file (configs/rulebook/default.yaml) drives the synthetic data generator, the compiled
-verifier and the expert instructions in the prompt (DESIGN §3). This module loads and validates it
+verifier and the expert instructions in the prompt. This module loads and validates it
 (errors name the file and the bad key) and compiles the decision list into small integer tables:
 
     rule_masks[r, j]  bitmask of the allowed value indices of critical step j (all ones = any)

@@ -1,4 +1,4 @@
-"""Registers / spills / shared memory of every Triton kernel for sm_80 and sm_90 (DESIGN §9).
+"""Registers / spills / shared memory of every Triton kernel for sm_80 and sm_90.
 
 Run with `pytest benchmarks/ --benchmark -s`. Compiles without a GPU (see kernels/compile_check.py);
 the assertions on spills live in tests/test_kernel_compile.py, this only measures and prints.

@@ -1,4 +1,4 @@
-"""First-token scoring vs generating the reasoning first (DESIGN §1.6 and §9).
+"""First-token scoring vs generating the reasoning first: the answer is the first token, so a score costs one prefill.
 
 Run: ``pytest benchmarks/bench_scoring.py --benchmark -s``.
 

@@ -1,4 +1,4 @@
-"""Verifier throughput: the numba batch pass vs the plain-Python regex reference (DESIGN §9).
+"""Verifier throughput: the numba batch pass vs the plain-Python regex reference.
 
     pytest benchmarks/bench_verify.py --benchmark
 

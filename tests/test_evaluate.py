@@ -52,7 +52,7 @@ PAIRS = [("who won the 2023 palme d'or", "Anatomy of a Fall by Justine Triet won
 
 def reference_probs(model, tokenizer, rulebook, pairs):
     """Full-vocabulary softmax at the last prompt position, one unpadded pair at a time,
-    restricted to the label tokens and renormalised (DESIGN §1)."""
+    restricted to the label tokens and renormalised."""
     ids = label_token_ids(tokenizer)
     out = []
     with torch.no_grad():
