@@ -42,13 +42,14 @@ def rollout_token_advantages(ro, tokenizer, group_size: int, std_norm: bool,
 
     The weights come from the verifier's character spans mapped onto the tokens through their
     offsets in the same text the verifier read (the response without its closing EOS, which keeps
-    weight 1)."""
+    weight 1). A response that fails the format gate gets weight 1 everywhere: its −1 penalty is
+    about the trace, not about the grade it answered, so the decision token is not singled out."""
     adv = group_advantages(ro.result.reward, group_size, std_norm)
     per_token = []
     for i, ids in enumerate(ro.response_ids):
         w = np.ones(len(ids), dtype=np.float32)
         n_body = len(ids) - (1 if ids and ro.finished[i] else 0)
-        if weights is not None and n_body > 0:
+        if weights is not None and n_body > 0 and ro.result.fmt[i]:
             offsets = response_token_offsets(tokenizer, ids[:n_body], skip_special_tokens=False, text=ro.texts[i])
             w[:n_body] = token_weights(ro.result.spans[i], offsets, weights)
         per_token.append(w)

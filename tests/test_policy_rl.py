@@ -122,3 +122,23 @@ def test_token_advantages_put_the_weights_on_the_critical_tokens():
     np.testing.assert_allclose(sorted(set(np.round(first / a0, 4))), [1.0, 5.0, 10.0])
     plain = rollout_token_advantages(ro, tok, group_size=2, std_norm=False, weights=None)
     np.testing.assert_allclose(plain[:len(ids)], a0)
+
+
+def test_a_format_failure_spreads_its_advantage_evenly():
+    """The −1 format penalty says nothing about the grade: no token of a broken trace is up-weighted,
+    not even the decision digit the verifier could still read."""
+    from afrl_fast.format import load_tokenizer, render_trace
+    from afrl_fast.rulebook import load_rulebook
+    from afrl_fast.verify import verify_batch
+
+    tok, rb = load_tokenizer(), load_rulebook()
+    values = {"intent": "full", "entity": "consistent", "time": "current", "source": "high", "coverage": "complete"}
+    good = render_trace(rb, rb.expected_label(values), values)
+    broken = good.replace("Step 5", "Step five", 1)
+    res = verify_batch([good, broken], [rb.expected_label(values)] * 2, rb)
+    assert res.fmt.tolist() == [True, False] and res.y_dec[1] == rb.expected_label(values)
+    ids = [tok.encode(t, add_special_tokens=False) for t in (good, broken)]
+    ro = Rollouts([0, 0], [[1], [1]], ids, [[], []], [good, broken], np.array([2, 2]), [False, False], res)
+    adv = rollout_token_advantages(ro, tok, group_size=2, std_norm=False, weights=(10.0, 10.0, 5.0))
+    a1 = (res.reward[1] - res.reward[0]) / 2
+    np.testing.assert_allclose(adv[len(ids[0]):], a1)
