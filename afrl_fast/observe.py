@@ -80,7 +80,7 @@ class RunLog:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
-            prefix = f"eval_{record['split']}/" if "split" in record else "train/"
+            prefix = f"eval_{record['split']}/" if "split" in record else f"{record.get('phase', 'train')}/"
             for k, v in record.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
                     self.tb.add_scalar(prefix + k, v, record.get("step", 0))
