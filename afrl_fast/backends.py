@@ -92,6 +92,8 @@ def vocab_pass_torch(logits, targets, is_sft, advantages, old_logp, ref_logp, sc
     Per row block x (raw logits):  m = max x,  u = (x − m)·inv_temp,  e = exp(u),  S = Σ e
         log p = u_y − log S      entropy = log S − Σ e·u / S      (shift by m: exact at |x| ~ 1e4)
         grad  = c·inv_temp·(onehot(y) − e/S), written over x.
+    A NaN or +inf logit makes S NaN, so the row's outputs and gradient are NaN (as in the float64
+    reference); ignored rows get a zero gradient row whatever their logits hold.
     """
     n_rows, n_cols = logits.shape
     dev = logits.device
@@ -103,6 +105,8 @@ def vocab_pass_torch(logits, targets, is_sft, advantages, old_logp, ref_logp, sc
     k3 = torch.zeros(n_rows, dtype=f32, device=dev)
     valid = targets != IGNORE_INDEX
     safe_t = torch.where(valid, targets, torch.zeros_like(targets))[:, None]
+    # Ignored rows' gradient rows are zeroed explicitly: 0·exp(NaN logit) would be NaN.
+    ignored = (~valid).nonzero().squeeze(1) if with_grad else None
     rows = min(_block_rows(n_cols, dev), n_rows)
     exps = torch.empty(rows, n_cols, dtype=f32, device=dev)      # the one block-sized temporary
     for r0 in range(0, n_rows, rows):
@@ -117,8 +121,9 @@ def vocab_pass_torch(logits, targets, is_sft, advantages, old_logp, ref_logp, sc
         torch.exp(u, out=e)
         sum_e = e.sum(dim=1)
         # u is not needed after Σ e·u (the gradient needs only e and S): multiply in place rather
-        # than allocate a third [rows, V] array.
-        sum_eu = u.mul_(e).sum(dim=1)
+        # than allocate a third [rows, V] array. nansum: a −inf logit gives (−inf)·0 = NaN where
+        # its term is 0 (p log p → 0); any real NaN (a NaN or +inf logit) already made sum_e NaN.
+        sum_eu = u.mul_(e).nansum(dim=1)
         log_s = torch.log(sum_e)
         v = valid[r0:r1]
         lp = torch.where(v, u_y - log_s, torch.zeros_like(log_s))
@@ -133,6 +138,9 @@ def vocab_pass_torch(logits, targets, is_sft, advantages, old_logp, ref_logp, sc
             # x ← −c·p (p = e/S), then +c at the target; ignored rows have c = 0 → a zero row.
             torch.mul(e, (-c / sum_e)[:, None], out=u)
             u.scatter_add_(1, safe_t[r0:r1], c[:, None])
+            if len(ignored):
+                block = ignored[(ignored >= r0) & (ignored < r1)] - r0
+                u.index_fill_(0, block, 0.0)
             if u is not x:
                 x.copy_(u)
     return row_loss, logp, entropy, clipped, k3
