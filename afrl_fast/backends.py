@@ -12,19 +12,30 @@ A backend is one function, the per-chunk vocabulary pass of the fused loss (its 
     "triton"  `afrl_fast_kernels.vocab_pass.vocab_pass_triton`, CUDA (or CPU under TRITON_INTERPRET=1).
     "auto"    CUDA → triton; CPU → native if it builds, else torch.
 
+The native build runs under an OS file lock in its cache folder (released by the kernel when its
+holder dies, so a killed build cannot leave a lock behind); a process waiting for another's build
+says so every few seconds and gives up after AFRL_FAST_BUILD_LOCK_TIMEOUT seconds (the backend
+is then unavailable and "auto" falls back to torch). A cached library is loaded only when it and
+its folder belong to the current user and its SHA-256 matches the one recorded after it was
+built; otherwise it is rebuilt (ours, but damaged) or refused (someone else's).
+
 Environment:
-    AFRL_FAST_NO_NATIVE=1     never build the native kernel; "auto" uses torch on CPU.
-    AFRL_FAST_CACHE_DIR       cache root (default $XDG_CACHE_HOME/afrl_fast or ~/.cache/afrl_fast).
+    AFRL_FAST_NO_NATIVE=1            never build the native kernel; "auto" uses torch on CPU.
+    AFRL_FAST_CACHE_DIR              cache root (default $XDG_CACHE_HOME/afrl_fast or ~/.cache/afrl_fast).
+    AFRL_FAST_BUILD_LOCK_TIMEOUT     seconds to wait for another process's build (default 900).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import platform
 import shutil
+import socket
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -92,6 +103,8 @@ def vocab_pass_torch(logits, targets, is_sft, advantages, old_logp, ref_logp, sc
     Per row block x (raw logits):  m = max x,  u = (x − m)·inv_temp,  e = exp(u),  S = Σ e
         log p = u_y − log S      entropy = log S − Σ e·u / S      (shift by m: exact at |x| ~ 1e4)
         grad  = c·inv_temp·(onehot(y) − e/S), written over x.
+    A NaN or +inf logit makes S NaN, so the row's outputs and gradient are NaN (as in the float64
+    reference); ignored rows get a zero gradient row whatever their logits hold.
     """
     n_rows, n_cols = logits.shape
     dev = logits.device
@@ -103,6 +116,8 @@ def vocab_pass_torch(logits, targets, is_sft, advantages, old_logp, ref_logp, sc
     k3 = torch.zeros(n_rows, dtype=f32, device=dev)
     valid = targets != IGNORE_INDEX
     safe_t = torch.where(valid, targets, torch.zeros_like(targets))[:, None]
+    # Ignored rows' gradient rows are zeroed explicitly: 0·exp(NaN logit) would be NaN.
+    ignored = (~valid).nonzero().squeeze(1) if with_grad else None
     rows = min(_block_rows(n_cols, dev), n_rows)
     exps = torch.empty(rows, n_cols, dtype=f32, device=dev)      # the one block-sized temporary
     for r0 in range(0, n_rows, rows):
@@ -117,8 +132,9 @@ def vocab_pass_torch(logits, targets, is_sft, advantages, old_logp, ref_logp, sc
         torch.exp(u, out=e)
         sum_e = e.sum(dim=1)
         # u is not needed after Σ e·u (the gradient needs only e and S): multiply in place rather
-        # than allocate a third [rows, V] array.
-        sum_eu = u.mul_(e).sum(dim=1)
+        # than allocate a third [rows, V] array. nansum: a −inf logit gives (−inf)·0 = NaN where
+        # its term is 0 (p log p → 0); any real NaN (a NaN or +inf logit) already made sum_e NaN.
+        sum_eu = u.mul_(e).nansum(dim=1)
         log_s = torch.log(sum_e)
         v = valid[r0:r1]
         lp = torch.where(v, u_y - log_s, torch.zeros_like(log_s))
@@ -133,6 +149,9 @@ def vocab_pass_torch(logits, targets, is_sft, advantages, old_logp, ref_logp, sc
             # x ← −c·p (p = e/S), then +c at the target; ignored rows have c = 0 → a zero row.
             torch.mul(e, (-c / sum_e)[:, None], out=u)
             u.scatter_add_(1, safe_t[r0:r1], c[:, None])
+            if len(ignored):
+                block = ignored[(ignored >= r0) & (ignored < r1)] - r0
+                u.index_fill_(0, block, 0.0)
             if u is not x:
                 x.copy_(u)
     return row_loss, logp, entropy, clipped, k3
@@ -194,18 +213,117 @@ def _missing_toolchain() -> str | None:
     return None
 
 
+BUILD_LOCK = "afrl_build.lock"        # flock'ed by the process that builds or loads
+BUILD_OWNER = "afrl_build.owner"      # who holds it, for the waiting message
+TORCH_BATON = "lock"                  # torch.utils.cpp_extension's own lock file in the build folder
+DEFAULT_LOCK_TIMEOUT_S = 900.0        # a build takes about a minute; 15 min of waiting means a problem
+LOCK_NOTICE_EVERY_S = 10.0
+
+
+def _lock_timeout() -> float:
+    try:
+        return float(os.environ.get("AFRL_FAST_BUILD_LOCK_TIMEOUT", DEFAULT_LOCK_TIMEOUT_S))
+    except ValueError:
+        return DEFAULT_LOCK_TIMEOUT_S
+
+
+@contextlib.contextmanager
+def build_lock(build_dir: Path, timeout: float | None = None, notice_every: float = LOCK_NOTICE_EVERY_S):
+    """Hold the build folder's lock: an OS file lock (flock via `filelock`), which the kernel drops
+    when its holder dies, so a killed build leaves nothing stale. torch's own lock file, which a
+    killed build does leave (and on which every later torch build waits forever), is removed while
+    we hold ours: every build of this folder goes through this lock first. RuntimeError after
+    `timeout` seconds of waiting; a log line every `notice_every` seconds until then."""
+    from filelock import FileLock, Timeout
+
+    timeout = _lock_timeout() if timeout is None else timeout
+    lock, owner = FileLock(str(build_dir / BUILD_LOCK)), build_dir / BUILD_OWNER
+    start = time.monotonic()
+    while True:
+        waited = time.monotonic() - start
+        try:
+            lock.acquire(timeout=max(0.0, min(notice_every, timeout - waited)), poll_interval=0.05)
+            break
+        except Timeout:
+            waited = time.monotonic() - start
+            holder = _read_text(owner) or "another process"
+            if waited >= timeout:
+                raise RuntimeError(f"gave up after {waited:.0f} s waiting for {build_dir / BUILD_LOCK} (held by "
+                                   f"{holder}); raise AFRL_FAST_BUILD_LOCK_TIMEOUT if that build is still running")
+            log.warning("afrl_fast: waiting %.0f s for the native kernel build in %s (held by %s; gives up after "
+                        "%.0f s)", waited, build_dir, holder, timeout)
+    try:
+        owner.write_text(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        baton = build_dir / TORCH_BATON
+        if baton.exists():
+            log.warning("afrl_fast: removing %s, left behind by an interrupted build", baton)
+            baton.unlink(missing_ok=True)
+        yield
+    finally:
+        owner.unlink(missing_ok=True)
+        lock.release()
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_cached_library(build_dir: Path, name: str) -> None:
+    """Before anything in build_dir is imported: the folder and the cached library must belong to
+    this user (RuntimeError otherwise: code someone else can replace is never loaded), and the
+    library must match the SHA-256 recorded when it was built (otherwise it is deleted, so the
+    build relinks it: a library a killed link left half-written has no record)."""
+    so, digest = build_dir / f"{name}.so", build_dir / f"{name}.so.sha256"
+    uid = os.getuid()
+    for path in (build_dir, so, digest):
+        if path.exists() and path.stat().st_uid != uid:
+            raise RuntimeError(f"{path} belongs to uid {path.stat().st_uid}, not to this user ({uid}); refusing to "
+                               "load code another user can replace (set AFRL_FAST_CACHE_DIR to a folder of your own)")
+    if build_dir.stat().st_mode & 0o022:
+        os.chmod(build_dir, 0o700)      # ours, but others could swap files in it
+    if so.exists() and _read_text(digest) != _sha256(so):
+        log.warning("afrl_fast: %s %s; rebuilding it", so,
+                    "does not match its recorded SHA-256" if digest.exists() else "has no recorded SHA-256")
+        so.unlink()
+        digest.unlink(missing_ok=True)
+
+
+def record_library_hash(build_dir: Path, name: str) -> None:
+    so = build_dir / f"{name}.so"
+    if so.exists():
+        tmp = build_dir / f".{name}.so.sha256.tmp"
+        tmp.write_text(_sha256(so) + "\n")
+        os.replace(tmp, build_dir / f"{name}.so.sha256")
+
+
 def _build():
     from torch.utils import cpp_extension
 
     cpp_extension.verify_ninja_availability()
     key = _build_key()
     build_dir = _cache_root() / "native" / f"vocab_pass_{key}"
-    build_dir.mkdir(parents=True, exist_ok=True)
+    build_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     # The key is in the module name too, so two versions can coexist in one process.
-    return cpp_extension.load(
-        name=f"afrl_fast_vocab_pass_{key}", sources=[str(s) for s in _SOURCES],
-        extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS, build_directory=str(build_dir),
-        verbose=False)
+    name = f"afrl_fast_vocab_pass_{key}"
+    with build_lock(build_dir):
+        check_cached_library(build_dir, name)
+        module = cpp_extension.load(
+            name=name, sources=[str(s) for s in _SOURCES],
+            extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS, build_directory=str(build_dir),
+            verbose=False)
+        record_library_hash(build_dir, name)
+    return module
 
 
 def _short(exc: BaseException, limit: int = 2000) -> str:

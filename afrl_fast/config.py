@@ -7,6 +7,7 @@ override is an error naming the key, not a silently ignored setting.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import List, Optional
 from pathlib import Path
@@ -15,7 +16,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .rulebook import CONFIG_DIR
+from .rulebook import CONFIG_DIR, load_yaml_file
 
 DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
 
@@ -165,9 +166,13 @@ def load_config(path: str | Path | None = DEMO_CONFIG, overrides: list[str] = ()
     try:
         layers = [schema]
         if path is not None:
-            if not Path(path).is_file():
+            if not Path(path).exists():
                 raise ConfigError(f"{path}: config file not found")
-            layers.append(OmegaConf.load(path))
+            data = load_yaml_file(path, ConfigError, "config file")
+            if not isinstance(data, dict):
+                raise ConfigError(f"{path}: the config must be a YAML mapping of sections (run, model, data, "
+                                  f"sft, difficulty, rl, eval), got {type(data).__name__}")
+            layers.append(OmegaConf.create(data))
         merged = OmegaConf.merge(*layers)
         for item in overrides:
             apply_override(merged, item)
@@ -188,11 +193,57 @@ def apply_override(merged, item: str) -> None:
     OmegaConf.update(merged, key, yaml.safe_load(value), merge=True)
 
 
+# Numeric ranges, checked at load time so a bad value fails before any work (not minutes into a
+# run, or as a NaN loss): key -> (test, what it means). Every value must also be a finite number
+# (a YAML `.nan` or `.inf` slips past comparisons otherwise).
+AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
+AT_LEAST_0 = (lambda v: v >= 0, ">= 0")
+POSITIVE = (lambda v: v > 0, "> 0")
+NUMERIC_RANGES = {
+    "model.hidden_size": AT_LEAST_1, "model.num_layers": AT_LEAST_1, "model.num_heads": AT_LEAST_1,
+    "model.num_kv_heads": AT_LEAST_1, "model.head_dim": AT_LEAST_1, "model.intermediate_size": AT_LEAST_1,
+    "data.n_train": AT_LEAST_1, "data.n_eval": AT_LEAST_1, "data.seed": AT_LEAST_0,
+    "data.max_prompt_tokens": AT_LEAST_1, "data.max_response_tokens": AT_LEAST_1,
+    "sft.epochs": AT_LEAST_0, "sft.batch_size": AT_LEAST_1, "sft.lr": POSITIVE, "sft.warmup_steps": AT_LEAST_0,
+    "sft.weight_decay": AT_LEAST_0, "sft.grad_clip": AT_LEAST_0, "sft.micro_batch_size": AT_LEAST_0,
+    "difficulty.max_prompts": AT_LEAST_0, "difficulty.group_size": AT_LEAST_1, "difficulty.temperature": POSITIVE,
+    "difficulty.batch_prompts": AT_LEAST_1,
+    "rl.batch_prompts": AT_LEAST_1, "rl.sft_batch": AT_LEAST_0, "rl.mini_batches": AT_LEAST_1,
+    "rl.micro_batch_size": AT_LEAST_0, "rl.group_size": (lambda v: v >= 2, ">= 2"), "rl.temperature": POSITIVE,
+    "rl.top_p": (lambda v: 0 < v <= 1, "in (0, 1]"), "rl.max_new_tokens": AT_LEAST_1, "rl.lr": POSITIVE,
+    "rl.weight_decay": AT_LEAST_0, "rl.grad_clip": AT_LEAST_0, "rl.kl_coef": AT_LEAST_0,
+    "rl.eps_low": (lambda v: 0 <= v < 1, "in [0, 1)"), "rl.eps_high": AT_LEAST_0,
+    "rl.reward_ordinal_slope": AT_LEAST_0, "rl.max_steps": AT_LEAST_0,
+    "eval.every": AT_LEAST_0, "eval.max_rows": AT_LEAST_0, "eval.batch_size": AT_LEAST_1,
+    "run.seed": AT_LEAST_0, "run.checkpoint_every": AT_LEAST_0,
+}
+STAGE_RANGES = {"easy": AT_LEAST_0, "medium": AT_LEAST_0, "hard": AT_LEAST_0, "size": AT_LEAST_0,
+                "grpo_weight": AT_LEAST_0, "sft_weight": AT_LEAST_0, "epochs": AT_LEAST_0}
+
+
+def _check_number(key: str, value, rule) -> None:
+    test, meaning = rule
+    finite = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not (finite and test(value)):
+        raise ConfigError(f"{key}: invalid value {value!r} (must be a finite number {meaning})")
+
+
+def validate_numbers(cfg: Config) -> None:
+    for key, rule in NUMERIC_RANGES.items():
+        section, name = key.split(".")
+        _check_number(key, getattr(getattr(cfg, section), name), rule)
+    for i, stage in enumerate(cfg.rl.stages):
+        for name, rule in STAGE_RANGES.items():
+            _check_number(f"rl.stages[{i}].{name}", getattr(stage, name), rule)
+    for i, w in enumerate(cfg.rl.token_weights):
+        _check_number(f"rl.token_weights[{i}]", w, POSITIVE)
+
+
 def validate(cfg: Config) -> None:
+    validate_numbers(cfg)
     checks = [
         (cfg.rl.mode in ("mode_balanced", "stepwise_grpo", "grpo"), "rl.mode", cfg.rl.mode),
         (cfg.rl.gate in ("literal", "pred"), "rl.gate", cfg.rl.gate),
-        (cfg.rl.group_size >= 2, "rl.group_size", cfg.rl.group_size),
         (len(cfg.rl.token_weights) == 3, "rl.token_weights", cfg.rl.token_weights),
         (len(cfg.rl.stages) >= 1, "rl.stages", len(cfg.rl.stages)),
         (cfg.run.loss_backend in ("auto", "triton", "native", "torch"), "run.loss_backend", cfg.run.loss_backend),
@@ -201,43 +252,34 @@ def validate(cfg: Config) -> None:
         (cfg.run.stop_after in ("", "sft", "difficulty"), "run.stop_after", cfg.run.stop_after),
         (cfg.model.dtype in ("float32", "bfloat16"), "model.dtype", cfg.model.dtype),
         (cfg.difficulty.correct in ("first_token", "verified_trace"), "difficulty.correct", cfg.difficulty.correct),
-        (cfg.difficulty.batch_prompts >= 1, "difficulty.batch_prompts", cfg.difficulty.batch_prompts),
         (cfg.sft.target in ("trace", "grade"), "sft.target", cfg.sft.target),
         (cfg.sft.target == "trace" or cfg.run.stop_after == "sft",
          "sft.target=grade trains a grade-only model that writes no trace to verify: set run.stop_after=sft",
          cfg.run.stop_after),
+        (cfg.model.num_heads % cfg.model.num_kv_heads == 0, "model.num_kv_heads (must divide model.num_heads)",
+         cfg.model.num_kv_heads),
         (cfg.data.instructions in ("full", "short") or Path(cfg.data.instructions).is_file(),
          "data.instructions (full, short or an existing text file)", cfg.data.instructions),
-        (cfg.rl.mini_batches >= 1 and cfg.rl.batch_prompts % cfg.rl.mini_batches == 0,
+        (cfg.rl.batch_prompts % cfg.rl.mini_batches == 0,
          "rl.mini_batches (must divide rl.batch_prompts)", cfg.rl.mini_batches),
     ]
     d = cfg.difficulty
     checks += [
-        (cfg.rl.temperature > 0, "rl.temperature (> 0)", cfg.rl.temperature),
-        (0 < cfg.rl.top_p <= 1, "rl.top_p (in (0, 1])", cfg.rl.top_p),
-        (cfg.rl.batch_prompts >= 1, "rl.batch_prompts", cfg.rl.batch_prompts),
-        (cfg.rl.max_new_tokens >= 1, "rl.max_new_tokens", cfg.rl.max_new_tokens),
-        (cfg.rl.kl_coef >= 0, "rl.kl_coef", cfg.rl.kl_coef),
-        (0 <= cfg.rl.eps_low < 1 and cfg.rl.eps_high >= 0, "rl.eps_low/eps_high", (cfg.rl.eps_low, cfg.rl.eps_high)),
-        (all(w > 0 for w in cfg.rl.token_weights), "rl.token_weights (> 0)", cfg.rl.token_weights),
-        (cfg.rl.sft_batch >= 0 and cfg.rl.micro_batch_size >= 0, "rl.sft_batch/micro_batch_size",
-         (cfg.rl.sft_batch, cfg.rl.micro_batch_size)),
-        (cfg.sft.batch_size >= 1 and cfg.sft.micro_batch_size >= 0, "sft.batch_size/micro_batch_size",
-         (cfg.sft.batch_size, cfg.sft.micro_batch_size)),
-        (d.group_size >= 1 and 1 <= d.medium_min < d.easy_min <= d.group_size,
+        (1 <= d.medium_min < d.easy_min <= d.group_size,
          "difficulty (need 1 <= medium_min < easy_min <= group_size)", (d.medium_min, d.easy_min, d.group_size)),
         (set(cfg.eval.splits) <= {"train", "industry", "longtail"}, "eval.splits", cfg.eval.splits),
-        (cfg.eval.every >= 0 and cfg.run.checkpoint_every >= 0, "eval.every/run.checkpoint_every",
-         (cfg.eval.every, cfg.run.checkpoint_every)),
     ]
     for ok, key, value in checks:
         if not ok:
             raise ConfigError(f"{key}: invalid value {value!r}")
     for i, st in enumerate(cfg.rl.stages):
-        if min(st.easy, st.medium, st.hard) < 0 or st.easy + st.medium + st.hard <= 0:
+        if st.easy + st.medium + st.hard <= 0:
             raise ConfigError(f"rl.stages[{i}]: composition easy/medium/hard must be >= 0 and not all 0")
-        if min(st.grpo_weight, st.sft_weight, st.epochs, st.size) < 0:
-            raise ConfigError(f"rl.stages[{i}]: grpo_weight, sft_weight, epochs and size must be >= 0")
+    from .verify import RewardConfig   # numba-compiled module: imported only when a config is checked
+    try:
+        RewardConfig(gamma=cfg.rl.reward_ordinal_slope, gate=cfg.rl.gate)
+    except ValueError as e:
+        raise ConfigError(f"rl.reward_ordinal_slope / rl.gate: {e}") from None
 
 
 def to_yaml(cfg: Config) -> str:

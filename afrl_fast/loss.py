@@ -274,8 +274,21 @@ def _check_row_tensor(name, t, n, dev, kind):
         raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
 
 
+def _check_hyper(temperature, beta, eps_low, eps_high):
+    """Scalars every backend must see the same: a NaN or negative ε/β used to give NaN on one
+    backend, an error on another and a finite loss on the third."""
+    for name, value in (("temperature", temperature), ("beta", beta), ("eps_low", eps_low), ("eps_high", eps_high)):
+        try:
+            x = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a number, got {value!r}") from None
+        if not math.isfinite(x) or x < 0 or (name == "temperature" and x == 0):
+            raise ValueError(f"{name} must be a finite number {'> 0' if name == 'temperature' else '>= 0'}, "
+                             f"got {value!r}")
+
+
 def _check_inputs(hidden, weight, targets, is_sft, advantages, old_logp, ref_logp, scale,
-                  temperature, eps_low, eps_high, chunk_rows):
+                  temperature, beta, eps_low, eps_high, chunk_rows):
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be [N, H] (valid rows only), got shape {list(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
@@ -292,10 +305,7 @@ def _check_inputs(hidden, weight, targets, is_sft, advantages, old_logp, ref_log
         _check_row_tensor(name, t, n, dev, "float")
     if ref_logp is not None:
         _check_row_tensor("ref_logp", ref_logp, n, dev, "float")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if eps_low < 0 or eps_high < 0:
-        raise ValueError(f"eps_low and eps_high must be ≥ 0, got {eps_low}, {eps_high}")
+    _check_hyper(temperature, beta, eps_low, eps_high)
     if chunk_rows is not None and (int(chunk_rows) != chunk_rows or chunk_rows < 1):
         raise ValueError(f"chunk_rows must be a positive integer or None, got {chunk_rows}")
     bad = (targets >= weight.shape[0]) | ((targets < 0) & (targets != IGNORE_INDEX))
@@ -313,9 +323,14 @@ def fused_loss(hidden, weight, targets, *, is_sft, advantages, old_logp, ref_log
     differentiable inputs. Per row: targets [N] (−100 = ignored), is_sft [N] bool, advantages [N]
     (already times the token weight), old_logp [N], ref_logp [N] or None, scale [N]. See the
     module docstring for the equations, backends and the chunk-size rule.
+
+    NaN and ±inf in the inputs propagate exactly as in the float64 reference, on every backend
+    (afrl_fast_kernels.reference states the rule): a NaN logit, weight row or hidden row gives a
+    NaN loss and NaN gradients, never a finite-looking result. temperature, beta, eps_low and
+    eps_high must be finite and ≥ 0 (temperature > 0): ValueError otherwise.
     """
     _check_inputs(hidden, weight, targets, is_sft, advantages, old_logp, ref_logp, scale,
-                  temperature, eps_low, eps_high, chunk_rows)
+                  temperature, beta, eps_low, eps_high, chunk_rows)
     name, vocab_pass = resolve_backend(backend, hidden.device)
     exact = hidden.dtype == torch.float64
     if exact and name != "torch":

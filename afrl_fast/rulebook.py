@@ -228,14 +228,91 @@ def parse_rulebook(data: dict, path: str = "<memory>") -> Rulebook:
                     steps, rules, str(path), masks, labels)
 
 
+# A rulebook (or a run config) is a few kilobytes. Bounds far above that stop a hostile file —
+# megabytes of text, or anchors whose aliases nest to billions of nodes ("billion laughs") —
+# before anything walks it.
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_NODES = 100_000
+
+
+def _expanded_size(root, limit: int) -> int:
+    """Nodes of the YAML tree once every alias is expanded, counted on the composed node graph
+    (where an alias is a shared node) with one memoised, iterative walk: linear in the file even
+    when the expansion is exponential. Stops as soon as `limit` is passed; a node that contains
+    itself (`&a [*a]`) counts as unbounded."""
+    size, on_path = {}, set()
+    stack = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if key in size:
+            continue
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        else:
+            size[key] = 1
+            continue
+        if children_done:
+            on_path.discard(key)
+            size[key] = 1 + sum(size[id(c)] for c in children)
+            if size[key] > limit:
+                return size[key]
+            continue
+        if key in on_path:
+            return limit + 1
+        on_path.add(key)
+        stack.append((node, True))
+        for child in children:
+            if id(child) in on_path:
+                return limit + 1
+            if id(child) not in size:
+                stack.append((child, False))
+    return size[id(root)]
+
+
+def load_yaml_file(path, error=ValueError, what: str = "YAML file"):
+    """A YAML file as plain Python data (safe loader), or `error` with one line naming the file
+    for anything unusable: missing, not UTF-8, invalid YAML, over MAX_YAML_BYTES, or expanding
+    to more than MAX_YAML_NODES nodes through aliases."""
+    path = Path(path)
+    try:
+        if path.stat().st_size > MAX_YAML_BYTES:
+            raise error(f"{path}: {what} is {path.stat().st_size} bytes, more than {MAX_YAML_BYTES}")
+        raw = path.read_bytes()
+    except IsADirectoryError:
+        raise error(f"{path}: {what} is a directory, not a file") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read {what}: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: {what} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, MAX_YAML_NODES) > MAX_YAML_NODES:
+            raise error(f"{path}: {what} expands to more than {MAX_YAML_NODES} YAML nodes (aliases nested too "
+                        "deep, or recursive); refusing to load it")
+        return loader.construct_document(node)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise error(f"{path}: not valid YAML{where}: {e.problem or e.context}") from None
+    except yaml.YAMLError as e:
+        raise error(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    except RecursionError:
+        raise error(f"{path}: {what} is nested too deeply to load") from None
+    finally:
+        loader.dispose()
+
+
 @lru_cache(maxsize=16)
 def _load_cached(path: str, mtime: float) -> Rulebook:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        raise RulebookError(f"{path}: not valid YAML: {e}") from None
-    return parse_rulebook(data, path)
+    return parse_rulebook(load_yaml_file(path, RulebookError, "rulebook"), path)
 
 
 def load_rulebook(path: str | Path | None = None) -> Rulebook:

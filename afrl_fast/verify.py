@@ -6,10 +6,12 @@ rulebook's exact names, steps 4–8 boxing a value of their closed vocabulary, `
 only whitespace after it. From the boxed values the rulebook's decision list gives ŷ, and
 
     R = I_fmt · I_cst · I_logic · (α·R_res + β·R_cot)                                  (Eq. 6)
-    R_res = 1 if y_pred == y_gt else −γ·|y_pred − y_gt|                              (Eq. 7)
 
-with y_pred = y_dec (the first token), R_cot = 1 whenever the gate passes, and the format
-penalty (−1 by default) in place of R when I_fmt fails.
+with y_pred = y_dec (the first token) and the format penalty (−1 by default) in place of R when
+I_fmt fails. Under the paper's literal gate a passing response is always correct, so R is 1, 0 or
+the penalty. Under the `pred` gate the ordinal term is live and the values follow one ordering
+rule: format failure < any gate failure < any passing response, passing ones ordered by
+|y_pred − y_gt| (RewardConfig's docstring has the formula and the value table).
 
 The batch pass takes an Arrow string array as it is: its offsets and UTF-8 data buffer are viewed
 as numpy arrays without copying, the rulebook becomes a few integer tables, and one numba
@@ -39,6 +41,7 @@ from .format import BOX_OPEN
 from .rulebook import CRITICAL_STEPS, LABELS, N_CRITICAL, N_STEPS, Rulebook, RulebookError, load_rulebook
 
 GATES = ("literal", "pred")
+MAX_DISTANCE = LABELS[-1] - LABELS[0]   # the largest |y_pred − y_gt|
 N_SPANS = 2 + N_CRITICAL            # decision digit, the five critical values, final digit
 SPAN_NAMES = ("dec",) + tuple(f"s{n}" for n in CRITICAL_STEPS) + ("final",)
 VALUE_COLUMNS = tuple(f"s{n}_value" for n in CRITICAL_STEPS)
@@ -53,18 +56,45 @@ _MAX_OFFSET32 = 2**31 - 1
 
 @dataclass(frozen=True)
 class RewardConfig:
-    """Coefficients of Eq. 6–7 and the gate.
+    """Coefficients of Eq. 6 and the gate.
 
     alpha, beta: the paper's weights of R_res and R_cot (0.72 / 0.28).
-    gamma: the ordinal slope of Eq. 7. The paper does not give its value; 0.5 means a prediction
-        one grade off scores −0.5 in R_res, two grades off −1.0, and so on.
+    gamma: the ordinal slope (the paper does not give its value): R_res = 1 − γ·d with
+        d = |y_pred − y_gt|, so γ = 0.5 spans +1 (exact) to −1 (four grades off).
     format_penalty: the reward of a response that breaks the format (replaces Eq. 6).
-    gate: "literal" is the paper's I_logic (ŷ == y_pred and ŷ == y_gt). Under it a passing gate
-        implies y_pred == y_gt, so R_res is always 1 and rewards are only 1.0, 0 or the penalty.
+    gate: "literal" is the paper's I_logic (ŷ == y_pred and ŷ == y_gt). A passing gate then
+        implies d = 0, and rewards are exactly the paper's: α + β (= 1.0), 0 for a failed gate,
+        or the penalty.
         "pred" checks only ŷ == y_pred (the trace supports the answer given), which makes the
-        ordinal term −γ·|y_pred − y_gt| reachable.
+        ordinal term reachable. One ordering rule holds over every outcome:
+
+            format failure  <  cst or logic gate failure  <  passing, d = 4 < … < d = 1 < d = 0
+
+        passing:      R = α·(1 − γ·d) + β·[d = 0]   (R_cot is granted only to a correct answer:
+                      the trace supports the correct conclusion)
+        gate failure: halfway between the format penalty and the worst passing value α·(1 − 4γ),
+                      so breaking the reasoning never pays more than a consistent answer, however
+                      far off, and never as little as breaking the format.
+
+        With the defaults (α 0.72, β 0.28, γ 0.5, penalty −1):
+
+            outcome              literal   pred
+            format fails         −1        −1
+            cst/logic fails       0        −0.86
+            passes, d = 0         1.0       1.0
+            passes, d = 1         —         0.36
+            passes, d = 2         —         0.0
+            passes, d = 3         —        −0.36
+            passes, d = 4         —        −0.72
+
+        Eq. 7 as printed (R_res = −γ·d when wrong) would give a gate failure (0) more than a
+        consistent answer one grade off (−0.08) and put four grades off (−1.16) below the format
+        penalty; hence the shifted slope and the placed gate-failure value. A config whose worst
+        passing value α·(1 − 4γ) is not above the penalty (γ ≥ 0.597 with the other defaults),
+        or with α = 0 or γ = 0 (no ordering by distance), is rejected.
     An unknown label (y_gt = −1) fails the gate under both settings: the literal gate cannot hold,
-    and under "pred" R_res would be undefined, so the response earns 0 unless the format fails.
+    and under "pred" R_res would be undefined, so the response earns the gate-failure value unless
+    the format fails.
     """
     alpha: float = 0.72
     beta: float = 0.28
@@ -82,6 +112,30 @@ class RewardConfig:
                 raise ValueError(f"RewardConfig.{name} must be >= 0, got {getattr(self, name)!r}")
         if self.gate not in GATES:
             raise ValueError(f"RewardConfig.gate must be one of {GATES}, got {self.gate!r}")
+        if self.gate == "pred":
+            if self.alpha <= 0 or self.gamma <= 0:
+                raise ValueError(f"RewardConfig: gate 'pred' orders answers by their distance to the label, which "
+                                 f"needs alpha > 0 and gamma > 0 (got {self.alpha!r}, {self.gamma!r})")
+            if not self.worst_passing_reward > self.format_penalty:
+                raise ValueError(f"RewardConfig: with gate 'pred' an answer {MAX_DISTANCE} grades off earns "
+                                 f"alpha*(1 - {MAX_DISTANCE}*gamma) = {self.worst_passing_reward:.4g}, not above "
+                                 f"format_penalty={self.format_penalty!r}; lower gamma (or the penalty)")
+        elif not self.format_penalty < 0:
+            raise ValueError(f"RewardConfig.format_penalty must be below 0, the reward of a failed gate, "
+                             f"got {self.format_penalty!r}")
+
+    @property
+    def worst_passing_reward(self) -> float:
+        """α·(1 − γ·d) at the largest distance d between two grades."""
+        return self.alpha * (1.0 - self.gamma * MAX_DISTANCE)
+
+    @property
+    def gate_failure_reward(self) -> float:
+        """The literal gate keeps the paper's 0; "pred" sits halfway between the format penalty and
+        the worst passing answer (see the class docstring)."""
+        if self.gate == "literal":
+            return 0.0
+        return 0.5 * (self.format_penalty + self.worst_passing_reward)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,8 +316,8 @@ def _parse_response(data, start, end, prefixes, prefix_starts, prefix_cont, box,
 
 
 @njit(cache=True)
-def _reward(fmt, y_dec, y_hat, y_final, y_gt, gate_pred, alpha, beta, gamma, penalty):
-    """(I_cst, I_logic, R) of Eq. 6-7 for one parsed response."""
+def _reward(fmt, y_dec, y_hat, y_final, y_gt, gate_pred, alpha, beta, gamma, penalty, gate_fail):
+    """(I_cst, I_logic, R) of Eq. 6 for one parsed response (values: see RewardConfig)."""
     if not fmt:
         return False, False, penalty
     cst = y_dec == y_final
@@ -274,15 +328,16 @@ def _reward(fmt, y_dec, y_hat, y_final, y_gt, gate_pred, alpha, beta, gamma, pen
     else:
         logic = y_hat == y_dec and y_hat == y_gt
     if not (cst and logic):
-        return cst, logic, 0.0
-    r_res = 1.0 if y_dec == y_gt else -gamma * abs(y_dec - y_gt)
-    return cst, logic, alpha * r_res + beta
+        return cst, logic, gate_fail
+    d = abs(y_dec - y_gt)
+    r_cot = 1.0 if d == 0 else 0.0
+    return cst, logic, alpha * (1.0 - gamma * d) + beta * r_cot
 
 
 @njit(parallel=True, cache=True)
 def _verify_kernel(data, offsets, valid, labels,
                    prefixes, prefix_starts, prefix_cont, box, byte_class, vocab, vocab_starts, step_vocab,
-                   rule_masks, rule_labels, gate_pred, alpha, beta, gamma, penalty,
+                   rule_masks, rule_labels, gate_pred, alpha, beta, gamma, penalty, gate_fail,
                    fmt, cst, logic, y_dec, y_final, y_hat, values, reward, spans):
     """Inputs: the Arrow views, labels; the rulebook tables; the reward config. Outputs: the
     VerifyResult arrays, every entry written (they may come in uninitialised)."""
@@ -300,7 +355,7 @@ def _verify_kernel(data, offsets, valid, labels,
         else:                       # only the decision digit survives a failed format
             values[i, :] = -1
             spans[i, 1:, :] = -1
-        c, g, r = _reward(ok, dec, hat, fin, labels[i], gate_pred, alpha, beta, gamma, penalty)
+        c, g, r = _reward(ok, dec, hat, fin, labels[i], gate_pred, alpha, beta, gamma, penalty, gate_fail)
         fmt[i], cst[i], logic[i], reward[i] = ok, c, g, r
         y_dec[i], y_final[i], y_hat[i] = dec, fin, hat
 
@@ -430,7 +485,7 @@ def allocate_result(n: int, vocab_strings=()) -> VerifyResult:
 
 def verify_batch(responses, labels, rulebook: Rulebook | None = None,
                  config: RewardConfig = RewardConfig()) -> VerifyResult:
-    """Verify every response against the rulebook and score it with Eq. 6-7.
+    """Verify every response against the rulebook and score it with Eq. 6 (values: RewardConfig).
 
     responses: Arrow string/large_string array (chunked is combined), or a list of str/None;
                a null response fails the format.
@@ -450,8 +505,8 @@ def verify_batch(responses, labels, rulebook: Rulebook | None = None,
                    tables.prefixes, tables.prefix_starts, tables.prefix_cont, _BOX, _BYTE_CLASS, tables.vocab,
                    tables.vocab_starts, tables.step_vocab, tables.rule_masks, tables.rule_labels,
                    config.gate == "pred", float(config.alpha), float(config.beta), float(config.gamma),
-                   float(config.format_penalty), res.fmt, res.cst, res.logic, res.y_dec, res.y_final,
-                   res.y_hat, res.values, res.reward, res.spans)
+                   float(config.format_penalty), float(config.gate_failure_reward), res.fmt, res.cst, res.logic,
+                   res.y_dec, res.y_final, res.y_hat, res.values, res.reward, res.spans)
     return res
 
 

@@ -5,6 +5,11 @@
 // dL/dlog p, and (training mode) overwrites the row in place with dLoss/d(raw logits) in a second
 // sweep. The float64 contract is kernels/reference.py; tests/test_vocab_pass_native.py checks it.
 //
+// Non-finite inputs propagate as in the float64 reference: a NaN or +inf logit makes the row's
+// sums NaN (the exp floor below lets NaN through), so its loss, log p, entropy and whole gradient
+// row are NaN, and a NaN advantage / old / ref / scale makes the gradient row NaN. Detecting it in
+// the row statistics costs nothing per element; a −inf logit is still a masked token (p = 0).
+//
 // Vector code uses GCC/Clang vector extensions rather than intrinsics, so the same source compiles
 // to AVX-512, AVX2 or NEON depending on -march; the exp is our own (range reduction + polynomial)
 // because libm's expf does not vectorize and ATen's vectorized exp needs Sleef at build time.
@@ -38,6 +43,9 @@ constexpr float kExpFloor = -88.0f;
 
 inline vf splat(float x) { return vf{} + x; }
 inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+// max(d, floor) that keeps NaN (one maxps, operands swapped): clamping NaN to the floor would turn
+// a NaN logit into a zero probability and hide it.
+inline vf floor_keep_nan(vf d, vf floor) { return floor > d ? floor : d; }
 inline vf vmin(vf a, vf b) { return a < b ? a : b; }
 
 // exp for x in [-88, 0] (callers clamp). x = n·ln2 + r with |r| ≤ ln2/2, exp(r) ≈ 1 + r + r²·q(r),
@@ -142,20 +150,24 @@ Stats tile_stats(const T* x, int64_t n, float inv_temp) {
   if (nv < n) mv = vmax(mv, load_tail(x + nv, n - nv, kNegInf));
   Stats st;
   st.mx = hmax(mv);
-  if (st.mx == kNegInf) return st;  // all -inf: contributes nothing
+  if (st.mx == kNegInf) {  // all -inf contributes nothing, unless the max pass dropped a NaN
+    for (int64_t i = 0; i < n; ++i)
+      if (std::isnan(static_cast<float>(x[i]))) st.sum = std::numeric_limits<double>::quiet_NaN();
+    return st;
+  }
   const vf m = splat(st.mx), floor = splat(kExpFloor);
   vf s0{}, s1{}, t0{}, t1{};  // two accumulator pairs: independent chains for ILP
   int64_t i = 0;
   for (; i + 2 * kW <= nv; i += 2 * kW) {
-    const vf d0 = vmax((load(x + i) - m) * inv_temp, floor);
-    const vf d1 = vmax((load(x + i + kW) - m) * inv_temp, floor);
+    const vf d0 = floor_keep_nan((load(x + i) - m) * inv_temp, floor);
+    const vf d1 = floor_keep_nan((load(x + i + kW) - m) * inv_temp, floor);
     const vf e0 = exp_nonpos(d0), e1 = exp_nonpos(d1);
     s0 += e0; t0 += e0 * d0;
     s1 += e1; t1 += e1 * d1;
   }
   for (; i < n; i += kW) {  // at most one full vector plus the -inf padded tail
     const vf xv = i + kW <= n ? load(x + i) : load_tail(x + i, n - i, kNegInf);
-    const vf d = vmax((xv - m) * inv_temp, floor);
+    const vf d = floor_keep_nan((xv - m) * inv_temp, floor);
     const vf e = exp_nonpos(d);
     s0 += e; t0 += e * d;  // padded lanes: d = -88, e = 0
   }
@@ -185,14 +197,14 @@ double range_grad(T* x, int64_t lo, int64_t hi, float mx, float inv_temp, float 
     vf acc{};
     const int64_t stop = std::min(hi - kW, i + kTile - kW);
     for (; i <= stop; i += kW) {
-      const vf g = k * exp_nonpos(vmax((load(x + i) - m) * inv_temp, floor));
+      const vf g = k * exp_nonpos(floor_keep_nan((load(x + i) - m) * inv_temp, floor));
       store(x + i, g);
       acc += g;
     }
     total += hsum(acc);
   }
   if (i < hi) {
-    const vf d = vmax((load_tail(x + i, hi - i, kNegInf) - m) * inv_temp, floor);
+    const vf d = floor_keep_nan((load_tail(x + i, hi - i, kNegInf) - m) * inv_temp, floor);
     const vf g = k * exp_nonpos(d);  // padded lanes give 0
     store_tail(x + i, hi - i, g);
     total += hsum(g);
@@ -236,8 +248,9 @@ RowResult finalize(const Stats& st, double x_target, const RowParams& p, const H
     const double unclipped = ratio * p.adv;
     const double clip_val = std::clamp(ratio, 1.0 - h.eps_low, 1.0 + h.eps_high) * p.adv;
     loss = -std::min(unclipped, clip_val);
-    // min picks the unclipped branch (ties included: there both branches have gradient A·r)
-    dl_dlogp = unclipped <= clip_val ? -p.adv * ratio : 0.0;
+    // min picks the unclipped branch (ties included: there both branches have gradient A·r);
+    // written so that a NaN ratio or advantage gives a NaN slope, not the clipped branch's 0
+    dl_dlogp = clip_val < unclipped ? 0.0 : -p.adv * ratio;
     if (p.ref) {
       loss += h.beta * r.k3;
       dl_dlogp += h.beta * (1.0 - std::exp(*p.ref - r.logp));
@@ -246,6 +259,12 @@ RowResult finalize(const Stats& st, double x_target, const RowParams& p, const H
   r.loss = p.scale * loss;
   r.c = p.scale * dl_dlogp;
   return r;
+}
+
+// c = 0 zeroes the gradient row only when the softmax is finite: with NaN statistics the
+// reference's gradient is 0·NaN = NaN, and so is ours (the sweep writes k = −c/sum = NaN).
+inline bool zero_grad_row(const RowResult& r, const Stats& st) {
+  return r.c == 0.0 && std::isfinite(st.sum);
 }
 
 // The target's gradient is c·(1 − p_y)/τ = −Σ_{v≠y} grad_v (each gradient row sums to zero).
@@ -299,7 +318,7 @@ void process_row(T* x, const Inputs& in, const Outputs& out, const Hyper& h, int
   const RowResult r = finalize(st, static_cast<float>(x[y]), row_params(in, i), h);
   write_row(out, i, r);
   if (!in.with_grad) return;
-  if (r.c == 0.0) {  // clipped RL row without KL: zero gradient, skip the exps
+  if (zero_grad_row(r, st)) {  // clipped RL row without KL: zero gradient, skip the exps
     std::memset(x, 0, sizeof(T) * in.V);
     return;
   }
@@ -341,12 +360,12 @@ void run_by_segments(T* logits, const Inputs& in, const Outputs& out, const Hype
   if (!in.with_grad) return;
   std::vector<double> written(C * nseg, 0.0);
   for (int64_t i = 0; i < C; ++i)
-    if (in.targets[i] >= 0 && res[i].c != 0.0) hide_target(logits + i * V, in.targets[i]);
+    if (in.targets[i] >= 0 && !zero_grad_row(res[i], rows[i])) hide_target(logits + i * V, in.targets[i]);
 #pragma omp parallel for schedule(static) num_threads(nt)
   for (int64_t t = 0; t < C * nseg; ++t) {
     const int64_t i = t / nseg, lo = std::min(V, (t % nseg) * seg), hi = std::min(V, lo + seg);
     T* x = logits + i * V;
-    if (in.targets[i] < 0 || res[i].c == 0.0) {
+    if (in.targets[i] < 0 || zero_grad_row(res[i], rows[i])) {
       std::memset(x + lo, 0, sizeof(T) * (hi - lo));
     } else {
       const float k = static_cast<float>(-res[i].c * h.inv_temp / rows[i].sum);
@@ -354,7 +373,7 @@ void run_by_segments(T* logits, const Inputs& in, const Outputs& out, const Hype
     }
   }
   for (int64_t i = 0; i < C; ++i) {  // after the sweep: the target may lie in any segment
-    if (in.targets[i] < 0 || res[i].c == 0.0) continue;
+    if (in.targets[i] < 0 || zero_grad_row(res[i], rows[i])) continue;
     double others = 0.0;
     for (int64_t s = 0; s < nseg; ++s) others += written[i * nseg + s];
     set_target(logits + i * V, in.targets[i], others);

@@ -15,6 +15,12 @@ Per valid row i (targets[i] != IGNORE_INDEX), with z = h·Wᵀ / τ and log p = 
     kl        = mean over valid RL rows of the k3 term (0 when ref is None)
 
 Ignored rows give logp = entropy = 0 and contribute nothing.
+
+Non-finite values follow from the equations in float64 (the rule every backend must match): a NaN
+or +inf logit makes the row's softmax NaN, hence its loss, log p, entropy and whole gradient row;
+a NaN advantage, old or ref log-prob, or scale of an RL row makes its loss and gradient row NaN;
+a −inf logit is a masked token (p = 0, entropy term 0·log 0 = 0). An SFT row depends only on its
+logits and scale (advantages, old and ref are placeholders there), an ignored row on nothing.
 """
 from __future__ import annotations
 
@@ -51,6 +57,48 @@ def rowwise_loss_reference(logp, is_sft, advantages, old_logp, ref_logp, beta, e
     return row_loss, is_clipped, k3
 
 
+def contract_row_loss(logp, is_sft, advantages, old_logp, ref_logp, beta, eps_low, eps_high):
+    """rowwise_loss_reference for autograd: an SFT row's loss is −log p alone, so its RL branch is
+    fed a detached log p and its RL inputs (advantages, old, ref are placeholders there) cannot
+    send 0·NaN or 0·inf into the gradient through the unused branch of the `where`."""
+    f64 = torch.float64
+    logp_rl = torch.where(is_sft, logp.detach(), logp)
+    ref = None if ref_logp is None else ref_logp.to(f64)
+    rl_loss, clipped, k3 = rowwise_loss_reference(logp_rl, torch.zeros_like(is_sft), advantages.to(f64),
+                                                  old_logp.to(f64), ref, beta, eps_low, eps_high)
+    return torch.where(is_sft, -logp, rl_loss), clipped, k3
+
+
+def entropy_from_logprobs(logprobs):
+    """−Σ p·log p per row, with 0·log 0 = 0: a −inf logit (a masked token) adds nothing, while a
+    NaN or +inf logit (NaN log-probs) still makes the entropy NaN."""
+    probs = logprobs.exp()
+    return -(probs * logprobs.masked_fill(probs == 0, 0.0)).sum(-1)
+
+
+def vocab_pass_reference(logits, targets, is_sft, advantages, old_logp, ref_logp, scale, *, beta, eps_low,
+                         eps_high, inv_temp):
+    """The per-chunk contract of a vocab pass in float64, from raw logits [C, V]:
+    (row_loss = scale·L, logp, entropy, clipped, k3, d(Σ row_loss)/d(raw logits)).
+
+    Ignored rows contribute nothing whatever their logits hold (their logits are masked before the
+    softmax), so the gradient is the autograd of the contract, not of 0·NaN products."""
+    valid = targets != IGNORE_INDEX
+    x = logits.detach().to(torch.float64).requires_grad_(True)
+    used = torch.where(valid[:, None], x, torch.zeros((), dtype=torch.float64))
+    safe_t = torch.where(valid, targets, torch.zeros_like(targets))
+    logprobs = torch.log_softmax(used * inv_temp, dim=-1)
+    logp = logprobs.gather(1, safe_t[:, None]).squeeze(1)
+    row_loss, clipped, k3 = contract_row_loss(logp, is_sft, advantages, old_logp, ref_logp, beta, eps_low,
+                                              eps_high)
+    zero = torch.zeros((), dtype=torch.float64)
+    row_loss = torch.where(valid, row_loss * scale.to(torch.float64), zero)
+    grad, = torch.autograd.grad(row_loss.sum(), x)
+    return (row_loss.detach(), torch.where(valid, logp, zero).detach(),
+            torch.where(valid, entropy_from_logprobs(logprobs), zero).detach(), clipped & valid,
+            torch.where(valid, k3, zero).detach(), grad)
+
+
 def fused_loss_reference(hidden, weight, targets, *, is_sft, advantages, old_logp, ref_logp, scale,
                          beta=0.0, eps_low=0.2, eps_high=0.2, temperature=1.0) -> LossOutput:
     """Full-logits float64 reference. Differentiable w.r.t. hidden and weight (as float64 leaves
@@ -59,17 +107,17 @@ def fused_loss_reference(hidden, weight, targets, *, is_sft, advantages, old_log
     h, w = hidden.to(f64), weight.to(f64)
     valid = targets != IGNORE_INDEX
     safe_t = torch.where(valid, targets, torch.zeros_like(targets))
-    logits = (h @ w.T) / temperature
+    zero = torch.zeros((), dtype=f64)
+    # ignored rows' logits never enter the softmax (the contract: they contribute nothing)
+    logits = torch.where(valid[:, None], (h @ w.T) / temperature, zero)
     logprobs = torch.log_softmax(logits, dim=-1)
     logp_all = logprobs.gather(1, safe_t[:, None]).squeeze(1)
-    entropy_all = -(logprobs.exp() * logprobs).sum(-1)
-    ref = ref_logp.to(f64) if ref_logp is not None else None
-    row_loss, is_clipped, k3 = rowwise_loss_reference(
-        logp_all, is_sft, advantages.to(f64), old_logp.to(f64), ref, beta, eps_low, eps_high)
-    loss = (torch.where(valid, row_loss, torch.zeros_like(row_loss)) * scale.to(f64)).sum()
+    entropy_all = entropy_from_logprobs(logprobs)
+    row_loss, is_clipped, k3 = contract_row_loss(logp_all, is_sft, advantages, old_logp, ref_logp, beta, eps_low,
+                                                 eps_high)
+    loss = torch.where(valid, row_loss * scale.to(f64), zero).sum()
     rl_valid = valid & ~is_sft
     n_rl = rl_valid.sum().clamp(min=1).to(f64)
-    zero = torch.zeros((), dtype=f64)
     return LossOutput(
         loss=loss,
         logp=torch.where(valid, logp_all, zero),

@@ -67,12 +67,15 @@ def _rl_terms(logp, adv, old, ref, beta, eps_low, eps_high, HAS_REF: tl.constexp
     """(L, dL/dlog p, clipped, k3) of the clipped-ratio policy-gradient row with the k3 KL term."""
     ratio = tl.exp(logp - old)
     unclipped = ratio * adv
-    clipped = tl.minimum(tl.maximum(ratio, 1.0 - eps_low), 1.0 + eps_high) * adv
+    # min/max default to dropping a NaN operand (GPU min.f32); the reference's clamp and min keep it
+    keep_nan: tl.constexpr = tl.PropagateNan.ALL
+    clipped = tl.minimum(tl.maximum(ratio, 1.0 - eps_low, propagate_nan=keep_nan), 1.0 + eps_high,
+                         propagate_nan=keep_nan) * adv
     # The unclipped branch carries the gradient when it is the minimum (ties: both branches have
-    # the same slope, so the sum is the same).
-    active = unclipped <= clipped
-    loss = -tl.minimum(unclipped, clipped)
-    dlogp = tl.where(active, -adv * ratio, 0.0)
+    # the same slope, so the sum is the same). Tested as "not clipped < unclipped" so that a NaN
+    # ratio or advantage gives a NaN slope (as the float64 reference does), not a silent 0.
+    loss = -tl.minimum(unclipped, clipped, propagate_nan=keep_nan)
+    dlogp = tl.where(clipped < unclipped, 0.0, -adv * ratio)
     is_clipped = ((adv > 0.0) & (ratio > 1.0 + eps_high)) | ((adv < 0.0) & (ratio < 1.0 - eps_low))
     k3 = tl.zeros((), tl.float32)
     if HAS_REF:
@@ -86,14 +89,16 @@ def _rl_terms(logp, adv, old, ref, beta, eps_low, eps_high, HAS_REF: tl.constexp
 
 @triton.jit
 def _write_grad(row_ptr, V, y, m, log_s, coef, inv_temp, BLOCK_V: tl.constexpr):
-    """Sweep 2: row ← coef·(onehot(y) − p) with p = exp((x − m)·inv_temp − log s); coef = c/τ."""
+    """Sweep 2: row ← coef·onehot(y) − coef·p with p = exp((x − m)·inv_temp − log s); coef = c/τ.
+    Two terms, as the reference's gradient is formed: an infinite coef then gives the target
+    entry inf − inf = NaN like the reference, not coef·(1 − p_y) = ±inf."""
     offs = tl.arange(0, BLOCK_V)
     for start in range(0, V, BLOCK_V):
         idx = start + offs
         mask = idx < V
         x = tl.load(row_ptr + idx, mask=mask, other=0.0).to(tl.float32)
         p = tl.exp((x - m) * inv_temp - log_s)
-        g = coef * (tl.where(idx == y, 1.0, 0.0) - p)
+        g = tl.where(idx == y, coef, 0.0) - coef * p
         tl.store(row_ptr + idx, g.to(row_ptr.dtype.element_ty), mask=mask)
 
 

@@ -39,8 +39,10 @@ def response_pattern(rulebook: Rulebook) -> re.Pattern:
     return re.compile("".join(parts))
 
 
-def reward_of(y_dec, y_final, y_hat, y_gt, gate, alpha, beta, gamma):
-    """(I_cst, I_logic, R) for a response whose format passed (Eq. 6-7)."""
+def reward_of(y_dec, y_final, y_hat, y_gt, gate, alpha, beta, gamma, format_penalty):
+    """(I_cst, I_logic, R) for a response whose format passed (Eq. 6 with the ordering rule of
+    RewardConfig: the paper's 1 / 0 under the literal gate; under "pred" a failed gate earns the
+    midpoint of the format penalty and the reward of an answer four grades off)."""
     cst = y_dec == y_final
     if y_gt == -1:
         logic = False
@@ -49,9 +51,14 @@ def reward_of(y_dec, y_final, y_hat, y_gt, gate, alpha, beta, gamma):
     else:
         logic = y_hat == y_dec and y_hat == y_gt
     if not (cst and logic):
-        return cst, logic, 0.0
-    r_res = 1.0 if y_dec == y_gt else -gamma * abs(y_dec - y_gt)
-    return cst, logic, alpha * r_res + beta
+        if gate == "literal":
+            return cst, logic, 0.0
+        four_off = alpha - alpha * gamma * 4      # grades 0 and 4 are four apart
+        return cst, logic, (format_penalty + four_off) / 2
+    distance = abs(y_dec - y_gt)
+    if distance == 0:
+        return cst, logic, alpha + beta           # R_res = R_cot = 1
+    return cst, logic, alpha - alpha * gamma * distance  # R_cot only for the correct answer
 
 
 def verify_one(text, y_gt: int, rulebook: Rulebook, pattern: re.Pattern, gate="literal", alpha=0.72,
@@ -75,7 +82,7 @@ def verify_one(text, y_gt: int, rulebook: Rulebook, pattern: re.Pattern, gate="l
     spans.append(m.span("final"))
     y_final = int(m.group("final"))
     y_hat = rulebook.expected_label(values)
-    cst, logic, reward = reward_of(y_dec, y_final, y_hat, y_gt, gate, alpha, beta, gamma)
+    cst, logic, reward = reward_of(y_dec, y_final, y_hat, y_gt, gate, alpha, beta, gamma, format_penalty)
     indices = tuple(step.values.index(values[step.key]) for step in rulebook.critical)
     return ReferenceResult(True, cst, logic, y_dec, y_final, y_hat, indices, reward, tuple(spans))
 

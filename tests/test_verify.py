@@ -250,17 +250,86 @@ def test_reward_literal_gate_hand_checked():
 
 
 def test_reward_pred_gate_gives_the_ordinal_term():
+    """The value table of RewardConfig's docstring, by hand: α·(1 − γ·d) + β·[d = 0] when the gates
+    pass, the midpoint of −1 and α·(1 − 4γ) = −0.72 when one fails."""
     trace = render_trace(RB, 4, PERFECT)
     assert one(trace, 4, gate="pred") == (True, True, True, 1.0)
-    _, _, _, r = one(trace, 3, gate="pred")                    # 0.72·(−0.5·1) + 0.28
-    assert r == pytest.approx(-0.08, abs=1e-6)
-    _, _, _, r = one(trace, 1, gate="pred")                    # 0.72·(−0.5·3) + 0.28
-    assert r == pytest.approx(-0.8, abs=1e-6)
-    _, _, _, r = one(trace, 2, gate="pred", gamma=0.25)        # 0.72·(−0.25·2) + 0.28
-    assert r == pytest.approx(-0.08, abs=1e-6)
-    assert one(trace, -1, gate="pred") == (True, True, False, 0.0)
-    assert one(render_trace(RB, 2, PERFECT), 2, gate="pred") == (True, True, False, 0.0)  # ŷ=4 ≠ 2
-    assert one("", 3, gate="pred", format_penalty=-0.5)[3] == -0.5
+    for y_gt, want in ((3, 0.36), (2, 0.0), (1, -0.36), (0, -0.72)):   # 0.72·(1 − 0.5·d)
+        fmt, cst, logic, r = one(trace, y_gt, gate="pred")
+        assert (fmt, cst, logic) == (True, True, True) and r == pytest.approx(want, abs=1e-6), y_gt
+    _, _, _, r = one(trace, 2, gate="pred", gamma=0.25)        # 0.72·(1 − 0.25·2)
+    assert r == pytest.approx(0.36, abs=1e-6)
+    gate_failed = pytest.approx(-0.86, abs=1e-6)               # (−1 + −0.72) / 2
+    fmt, cst, logic, r = one(trace, -1, gate="pred")
+    assert (fmt, cst, logic, r) == (True, True, False, gate_failed)
+    fmt, cst, logic, r = one(render_trace(RB, 2, PERFECT), 2, gate="pred")  # ŷ = 4 ≠ y_pred = 2
+    assert (fmt, cst, logic, r) == (True, True, False, gate_failed)
+    fmt, cst, logic, r = one("3" + trace[1:], 3, gate="pred")  # y_dec = 3 ≠ y_final = 4
+    assert (fmt, cst, r) == (True, False, gate_failed)
+    assert one("", 3, gate="pred", format_penalty=-1.5)[3] == -1.5
+
+
+OUTCOME_CONFIGS = [RewardConfig(gate="literal"), RewardConfig(gate="pred"),
+                   RewardConfig(gate="literal", alpha=0.6, beta=0.4, format_penalty=-0.3),
+                   RewardConfig(gate="pred", alpha=0.6, beta=0.4, gamma=0.3, format_penalty=-2.5),
+                   RewardConfig(gate="pred", alpha=1.0, beta=0.0, gamma=0.05, format_penalty=-0.01),
+                   RewardConfig(gate="pred", gamma=0.59)]
+
+
+def all_outcomes():
+    """Every (format ok, y_dec, y_final, ŷ, y_gt) a parsed response can have."""
+    grades = range(5)
+    yield from ((False, d, -1, -1, gt) for d in (-1, 0, 4) for gt in (-1, 0, 2, 4))
+    yield from ((True, d, f, h, gt) for d in grades for f in grades for h in grades for gt in range(-1, 5))
+
+
+@pytest.mark.parametrize("config", OUTCOME_CONFIGS, ids=lambda c: f"{c.gate}-{c.alpha}-{c.gamma}-{c.format_penalty}")
+def test_reward_ordering_over_all_outcomes(config):
+    """One ordering rule over every outcome, for both gates, the compiled reward against the
+    reference: format failure < every gate failure < every passing response, passing ones strictly
+    ordered by |y_pred − y_gt|, R_cot (β) only for a correct answer; the literal gate gives exactly
+    the paper's three values."""
+    from afrl_fast.verify import _reward
+    from reference_verifier import reward_of
+
+    classes = {"format": set(), "gate": set()}
+    for fmt, dec, fin, hat, gt in all_outcomes():
+        cst, logic, r = _reward(fmt, dec, hat, fin, gt, config.gate == "pred", config.alpha, config.beta,
+                                config.gamma, config.format_penalty, config.gate_failure_reward)
+        if not fmt:
+            classes["format"].add(r)
+            continue
+        want = reward_of(dec, fin, hat, gt, config.gate, config.alpha, config.beta, config.gamma,
+                         config.format_penalty)
+        assert (cst, logic) == want[:2] and r == pytest.approx(want[2], abs=1e-12), (fmt, dec, fin, hat, gt)
+        if cst and logic:
+            classes.setdefault(abs(dec - gt), set()).add(r)
+        else:
+            classes["gate"].add(r)
+    assert all(len(v) == 1 for v in classes.values()), classes   # a value depends only on the class
+    value = {k: v.pop() for k, v in classes.items()}
+    if config.gate == "literal":
+        assert set(value) == {"format", "gate", 0}                 # passing means correct
+        assert (value["format"], value["gate"], value[0]) == (config.format_penalty, 0.0,
+                                                              config.alpha + config.beta)
+    else:
+        assert sorted(k for k in value if isinstance(k, int)) == [0, 1, 2, 3, 4]
+        ladder = [value["format"], value["gate"], value[4], value[3], value[2], value[1], value[0]]
+        assert all(a < b for a, b in zip(ladder, ladder[1:])), ladder
+        assert value[1] == pytest.approx(config.alpha * (1 - config.gamma))      # no β when wrong
+        assert value[0] == pytest.approx(config.alpha + config.beta)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"gate": "pred", "gamma": 0.6}, "4 grades off earns"),            # 0.72·(1 − 2.4) = −1.008 < −1
+    ({"gate": "pred", "gamma": 0.5, "format_penalty": -0.5}, "lower gamma"),
+    ({"gate": "pred", "gamma": 0.0}, "gamma > 0"),
+    ({"gate": "pred", "alpha": 0.0}, "alpha > 0"),
+    ({"gate": "literal", "format_penalty": 0.0}, "below 0"),
+])
+def test_reward_configs_that_break_the_ordering_are_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        RewardConfig(**kwargs)
 
 
 def test_failed_format_keeps_only_the_decision_digit():

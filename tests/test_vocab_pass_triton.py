@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from afrl_fast_kernels.reference import IGNORE_INDEX, rowwise_loss_reference
+from nonfinite_cases import CASES as NONFINITE_CASES, assert_same_nonfinite, make_case
 
 
 @dataclass(frozen=True)
@@ -141,11 +142,24 @@ def inputs():
     return {name: make_inputs(case, seed=1000 + i) for i, (name, case) in enumerate(CASES.items())}
 
 
+NONFINITE_VOCAB, NONFINITE_BLOCK = 300, 64      # five tiles, the last one partial
+
+
 @pytest.fixture(scope="module")
-def kernel_outputs(inputs, tmp_path_factory):
+def nonfinite_inputs():
+    return {name: make_case(name, NONFINITE_VOCAB, seed=i) for i, name in enumerate(NONFINITE_CASES)}
+
+
+@pytest.fixture(scope="module")
+def kernel_outputs(inputs, nonfinite_inputs, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("vocab_pass")
     in_path, out_path = tmp / "inputs.pt", tmp / "outputs.pt"
     payload = {name: (vars(CASES[name]) | {"dtype": None}, inp) for name, inp in inputs.items()}
+    for name, case in nonfinite_inputs.items():    # the NaN/inf cases shared with the other backends
+        h = case["hyper"]
+        settings = {"beta": h["beta"], "eps_low": h["eps_low"], "eps_high": h["eps_high"],
+                    "temperature": 1.0 / h["inv_temp"], "with_grad": True, "block_v": NONFINITE_BLOCK}
+        payload[f"nonfinite/{name}"] = (settings, case["inputs"])
     torch.save(payload, in_path)
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, __file__, str(in_path), str(out_path)], env=env,
@@ -203,6 +217,15 @@ def test_gradient_written_in_place(name, inputs, kernel_outputs):
 @pytest.mark.parametrize("name", [n for n, c in CASES.items() if not c.with_grad])
 def test_forward_only_leaves_logits_untouched(name, inputs, kernel_outputs):
     assert torch.equal(kernel_outputs[name]["logits_after"], inputs[name]["logits"])
+
+
+@pytest.mark.parametrize("name", NONFINITE_CASES)
+def test_nonfinite_values_propagate_like_the_reference(name, nonfinite_inputs, kernel_outputs):
+    """NaN / ±inf in logits, advantages, old/ref log-probs and scales: outputs and the in-place
+    gradient are non-finite exactly where the float64 reference's are (tests/nonfinite_cases.py)."""
+    got = kernel_outputs[f"nonfinite/{name}"]
+    outputs = tuple(got[k] for k in ("row_loss", "logp", "entropy", "clipped", "k3"))
+    assert_same_nonfinite(name, outputs, got["logits_after"], nonfinite_inputs[name])
 
 
 def test_cases_cover_both_policy_branches(inputs):
