@@ -62,8 +62,9 @@ TORCH_BLOCK_BYTES = {"cpu": 32 * 2**20, "cuda": 64 * 2**20}
 def rowwise_terms(logp, valid, is_sft, advantages, old_logp, ref_logp, scale, beta, eps_low, eps_high):
     """(scale·L, c = scale·dL/dlog p, clipped, k3) for a block of rows, fp32.
 
-    clipped and k3 are False/0 outside valid RL rows; row_loss and c are 0 on ignored rows."""
-    ratio = torch.exp(logp - old_logp)
+    clipped and k3 are False/0 outside valid RL rows; row_loss and c are 0 on ignored rows. old_logp
+    None is on-policy: old is log p itself, so the ratio is exactly 1 (its slope stays that of log p)."""
+    ratio = torch.ones_like(logp) if old_logp is None else torch.exp(logp - old_logp)
     adv = advantages
     pg = -torch.minimum(ratio * adv, ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * adv)
     # The clamped branch is the min exactly when the ratio left the trust region on the side the
@@ -100,9 +101,10 @@ def vocab_pass_torch(logits, targets, is_sft, advantages, old_logp, ref_logp, sc
                      beta, eps_low, eps_high, inv_temp, with_grad):
     """Vocab pass in plain torch (fp32 math). See the module docstring for the contract.
 
-    Per row block x (raw logits):  m = max x,  u = (x − m)·inv_temp,  e = exp(u),  S = Σ e
+    Per row block x (raw logits):  m = max x,  u = (x − m)·t,  e = exp(u),  S = Σ e
         log p = u_y − log S      entropy = log S − Σ e·u / S      (shift by m: exact at |x| ~ 1e4)
-        grad  = c·inv_temp·(onehot(y) − e/S), written over x.
+        grad  = c·t·(onehot(y) − e/S), written over x,
+    with t = inv_temp on RL rows and 1 on SFT rows (SFT rows are plain cross-entropy).
     A NaN or +inf logit makes S NaN, so the row's outputs and gradient are NaN (as in the float64
     reference); ignored rows get a zero gradient row whatever their logits hold.
     """
@@ -126,8 +128,11 @@ def vocab_pass_torch(logits, targets, is_sft, advantages, old_logp, ref_logp, sc
         u = x if x.dtype == f32 else x.float()                    # fp32 math for bf16 logits
         e = exps[: r1 - r0]
         u.sub_(u.amax(dim=1, keepdim=True))
+        t = None
         if inv_temp != 1.0:
-            u.mul_(inv_temp)
+            t = torch.where(is_sft[r0:r1], torch.ones((), dtype=f32, device=dev),
+                            torch.full((), inv_temp, dtype=f32, device=dev))
+            u.mul_(t[:, None])
         u_y = u.gather(1, safe_t[r0:r1]).squeeze(1)
         torch.exp(u, out=e)
         sum_e = e.sum(dim=1)
@@ -140,12 +145,13 @@ def vocab_pass_torch(logits, targets, is_sft, advantages, old_logp, ref_logp, sc
         lp = torch.where(v, u_y - log_s, torch.zeros_like(log_s))
         logp[r0:r1] = lp
         entropy[r0:r1] = torch.where(v, log_s - sum_eu / sum_e, torch.zeros_like(log_s))
-        rl, c, clp, kk = rowwise_terms(lp, v, is_sft[r0:r1], advantages[r0:r1], old_logp[r0:r1],
+        rl, c, clp, kk = rowwise_terms(lp, v, is_sft[r0:r1], advantages[r0:r1],
+                                       None if old_logp is None else old_logp[r0:r1],
                                        None if ref_logp is None else ref_logp[r0:r1],
                                        scale[r0:r1], beta, eps_low, eps_high)
         row_loss[r0:r1], clipped[r0:r1], k3[r0:r1] = rl, clp, kk
         if with_grad:
-            c = c * inv_temp
+            c = c if t is None else c * t
             # x ← −c·p (p = e/S), then +c at the target; ignored rows have c = 0 → a zero row.
             torch.mul(e, (-c / sum_e)[:, None], out=u)
             u.scatter_add_(1, safe_t[r0:r1], c[:, None])
@@ -398,7 +404,7 @@ def vocab_pass_native(logits, targets, is_sft, advantages, old_logp, ref_logp, s
     out = mod.vocab_pass(
         work, _row_vec(targets, torch.int64, c, "targets"), _row_vec(is_sft, torch.bool, c, "is_sft"),
         _row_vec(advantages, torch.float32, c, "advantages"),
-        _row_vec(old_logp, torch.float32, c, "old_logp"),
+        None if old_logp is None else _row_vec(old_logp, torch.float32, c, "old_logp"),
         None if ref_logp is None else _row_vec(ref_logp, torch.float32, c, "ref_logp"),
         _row_vec(scale, torch.float32, c, "scale"),
         float(beta), float(eps_low), float(eps_high), float(inv_temp), bool(with_grad))

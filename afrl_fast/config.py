@@ -99,6 +99,9 @@ class RLConfig:
     batch_prompts: int = 256         # B_RL prompts per step (global)
     sft_batch: int = 256             # B_SFT expert trajectories per step (global)
     mini_batches: int = 1            # optimizer updates per rollout batch (global batch / mini-batch)
+    # with one update per rollout batch the sampling policy is the trained one: take the old log-probs
+    # from the loss pass itself (ratio ≡ 1, same gradient) instead of a separate forward
+    on_policy_shortcut: bool = True
     micro_batch_size: int = 0        # sequences per forward/backward on one rank (0 = the whole mini-batch)
     group_size: int = 8              # G
     temperature: float = 1.0

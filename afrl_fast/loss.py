@@ -1,12 +1,17 @@
 """Fused lm_head + GRPO/SFT loss, chunked over rows so full logits never exist.
 
 Equations (the float64 contract is `afrl_fast_kernels.reference.fused_loss_reference`).
-For row i with hidden h_i, target y_i (−100 = ignored), z = h_i·Wᵀ / τ and log p_i = log_softmax(z)[y_i]:
+For row i with hidden h_i, target y_i (−100 = ignored) and log p_i = log_softmax(z)[y_i]:
 
-    SFT row:  L_i = −log p_i
-    RL row:   r_i = exp(log p_i − old_i)
+    SFT row:  z = h_i·Wᵀ            L_i = −log p_i        (expert tokens: no sampling temperature)
+    RL row:   z = h_i·Wᵀ / τ        (τ: the temperature the rollouts were sampled at)
+              r_i = exp(log p_i − old_i), or r_i ≡ 1 on-policy (old_logp None: old is log p itself)
               L_i = −min(r_i·A_i, clip(r_i, 1−ε_lo, 1+ε_hi)·A_i) + β·k3_i
               k3_i = exp(ref_i − log p_i) − (ref_i − log p_i) − 1        (0 when ref is None)
+
+On-policy: when a rollout batch gets exactly one optimizer update, the policy that sampled it is the
+one being trained, so old = log p (detached): r = 1 in value and dr/dlog p = 1, which is what a
+separate forward of the old policy would give — without that forward.
 
     loss      = Σ_i scale_i·L_i           (scale_i = α_t/#RL tokens or γ_t/#SFT tokens: token-mean)
     entropy_i = −Σ_v p_v·log p_v          (a free by-product of the softmax sweep)
@@ -17,7 +22,8 @@ Gradient. L_i depends on z only through log p_i, so dL_i/dz = c_i·(onehot(y_i) 
 the scalar c_i = scale_i·dL_i/dlog p_i:
     SFT: c = −scale
     RL:  c = scale·(−A·r  [0 when clipped, where the clamp is flat]  + β·(1 − exp(ref − log p)))
-and d/d(raw logits) = dL/dz / τ. Ignored rows get c = 0, so they add nothing to dh or dW.
+and d/d(raw logits) = dL/dz / τ (SFT rows: τ = 1). Ignored rows get c = 0, so they add nothing to
+dh or dW.
 
 The chunk loop (one pass, no logits survive a chunk):
 
@@ -39,8 +45,8 @@ and the dispatch; `vocab_pass_torch` there is the plain-torch version of this co
 
     vocab_pass(logits [C,V] raw h·Wᵀ (fp32 or bf16, overwritten in place with dLoss/dlogits when
                with_grad; scratch otherwise), targets [C] int64, is_sft [C] bool, advantages [C] f32,
-               old_logp [C] f32, ref_logp [C] f32 or None, scale [C] f32, beta, eps_low, eps_high,
-               inv_temp, with_grad)
+               old_logp [C] f32 or None (on-policy), ref_logp [C] f32 or None, scale [C] f32, beta,
+               eps_low, eps_high, inv_temp (applied to RL rows), with_grad)
       -> (row_loss = scale·L [C] f32 (0 when ignored), logp [C] f32, entropy [C] f32,
           clipped [C] bool, k3 [C] f32)
 
@@ -134,14 +140,15 @@ class LossRows:
 
     is_sft      bool   True: an SFT row (L = −log p); False: an RL row (clipped ratio + k3)
     advantages  float  Â·w_t, the group advantage times the token's stepwise weight (RL rows)
-    old_logp    float  log-prob under the policy that sampled the rollout (RL rows)
+    old_logp    float  log-prob under the policy that sampled the rollout (RL rows), or None:
+                       on-policy, the ratio is exactly 1 (see the module docstring)
     ref_logp    float  log-prob under the frozen reference, or None for no KL term (RL rows)
     scale       float  the row's share of the batch loss: α_t·world/#RL tokens or γ_t·world/#SFT tokens
 
     Build them with `LossRows.rl(...)` / `LossRows.sft(...)` and join RL and SFT rows with `cat`."""
     is_sft: torch.Tensor
     advantages: torch.Tensor
-    old_logp: torch.Tensor
+    old_logp: Optional[torch.Tensor]
     ref_logp: Optional[torch.Tensor]
     scale: torch.Tensor
 
@@ -149,7 +156,8 @@ class LossRows:
     def rl(advantages, old_logp, ref_logp, scale: float) -> "LossRows":
         adv = torch.as_tensor(advantages, dtype=torch.float32)
         n = adv.shape[0]
-        return LossRows(torch.zeros(n, dtype=torch.bool), adv, torch.as_tensor(old_logp, dtype=torch.float32),
+        return LossRows(torch.zeros(n, dtype=torch.bool), adv,
+                        None if old_logp is None else torch.as_tensor(old_logp, dtype=torch.float32),
                         None if ref_logp is None else torch.as_tensor(ref_logp, dtype=torch.float32),
                         torch.full((n,), float(scale)))
 
@@ -163,28 +171,33 @@ class LossRows:
 
     @staticmethod
     def cat(parts: list["LossRows"]) -> "LossRows":
-        """Rows of several batches, in order; a missing reference becomes zeros (unused by SFT rows)."""
-        has_ref = any(p.ref_logp is not None for p in parts)
-        ref = [p.ref_logp if p.ref_logp is not None else torch.zeros(len(p)) for p in parts]
+        """Rows of several batches, in order. SFT rows (from `sft`) stand in for a missing reference
+        with zeros, which they do not use; they do not hold an on-policy batch's old log-probs either."""
+        def joined(name):
+            present = [getattr(p, name) for p in parts if getattr(p, name) is not None and not p.is_sft.all()]
+            if not present:
+                return None
+            return torch.cat([getattr(p, name) if getattr(p, name) is not None and not p.is_sft.all()
+                              else torch.zeros(len(p)) for p in parts])
         return LossRows(torch.cat([p.is_sft for p in parts]), torch.cat([p.advantages for p in parts]),
-                        torch.cat([p.old_logp for p in parts]), torch.cat(ref) if has_ref else None,
-                        torch.cat([p.scale for p in parts]))
+                        joined("old_logp"), joined("ref_logp"), torch.cat([p.scale for p in parts]))
 
     def slice(self, lo: int, hi: int) -> "LossRows":
-        return LossRows(self.is_sft[lo:hi], self.advantages[lo:hi], self.old_logp[lo:hi],
-                        None if self.ref_logp is None else self.ref_logp[lo:hi], self.scale[lo:hi])
+        cut = lambda t: None if t is None else t[lo:hi]
+        return LossRows(self.is_sft[lo:hi], self.advantages[lo:hi], cut(self.old_logp), cut(self.ref_logp),
+                        self.scale[lo:hi])
 
     def to(self, device=None, dtype=torch.float32) -> "LossRows":
         """On `device`, floats in `dtype` (what every backend expects), all contiguous."""
-        f = lambda t: t.to(device=device, dtype=dtype).contiguous()
+        f = lambda t: None if t is None else t.to(device=device, dtype=dtype).contiguous()
         return LossRows(self.is_sft.to(device).contiguous(), f(self.advantages), f(self.old_logp),
-                        None if self.ref_logp is None else f(self.ref_logp), f(self.scale))
+                        f(self.ref_logp), f(self.scale))
 
     def chunk(self, targets: torch.Tensor, r0: int, r1: int) -> tuple:
         """(targets, is_sft, advantages, old_logp, ref_logp, scale) of rows [r0, r1), the vocab pass's order."""
-        ref = None if self.ref_logp is None else self.ref_logp[r0:r1]
-        return (targets[r0:r1], self.is_sft[r0:r1], self.advantages[r0:r1], self.old_logp[r0:r1], ref,
-                self.scale[r0:r1])
+        cut = lambda t: None if t is None else t[r0:r1]
+        return (targets[r0:r1], self.is_sft[r0:r1], self.advantages[r0:r1], cut(self.old_logp),
+                cut(self.ref_logp), self.scale[r0:r1])
 
 
 def _chunk_loop(hidden, weight, targets, rows: LossRows, beta, eps_low, eps_high, inv_temp, vocab_pass,
@@ -301,10 +314,11 @@ def _check_inputs(hidden, weight, targets, is_sft, advantages, old_logp, ref_log
     n, dev = hidden.shape[0], hidden.device
     _check_row_tensor("targets", targets, n, dev, "int")
     _check_row_tensor("is_sft", is_sft, n, dev, "bool")
-    for name, t in (("advantages", advantages), ("old_logp", old_logp), ("scale", scale)):
+    for name, t in (("advantages", advantages), ("scale", scale)):
         _check_row_tensor(name, t, n, dev, "float")
-    if ref_logp is not None:
-        _check_row_tensor("ref_logp", ref_logp, n, dev, "float")
+    for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp)):
+        if t is not None:
+            _check_row_tensor(name, t, n, dev, "float")
     _check_hyper(temperature, beta, eps_low, eps_high)
     if chunk_rows is not None and (int(chunk_rows) != chunk_rows or chunk_rows < 1):
         raise ValueError(f"chunk_rows must be a positive integer or None, got {chunk_rows}")
@@ -321,8 +335,9 @@ def fused_loss(hidden, weight, targets, *, is_sft, advantages, old_logp, ref_log
 
     hidden [N, H] and weight [V, H] (fp32 or bf16; weight may be a tied embedding) are the only
     differentiable inputs. Per row: targets [N] (−100 = ignored), is_sft [N] bool, advantages [N]
-    (already times the token weight), old_logp [N], ref_logp [N] or None, scale [N]. See the
-    module docstring for the equations, backends and the chunk-size rule.
+    (already times the token weight), old_logp [N] or None (on-policy: ratio ≡ 1), ref_logp [N] or
+    None, scale [N]. RL rows see `temperature`, SFT rows do not. See the module docstring for the
+    equations, backends and the chunk-size rule.
 
     NaN and ±inf in the inputs propagate exactly as in the float64 reference, on every backend
     (afrl_fast_kernels.reference states the rule): a NaN logit, weight row or hidden row gives a
@@ -349,11 +364,11 @@ def fused_loss(hidden, weight, targets, *, is_sft, advantages, old_logp, ref_log
 
 @torch.no_grad()
 def token_logprobs(hidden, weight, targets, *, temperature=1.0, backend="auto", chunk_rows=None):
-    """(logp [N], entropy [N]) in fp32 for the old-policy / reference passes: forward only, no
-    gradient buffers, memory bounded by one chunk of logits. Ignored rows give zeros."""
+    """(logp [N], entropy [N]) in fp32 at `temperature` for the old-policy / reference passes:
+    forward only, no gradient buffers, memory bounded by one chunk of logits. Ignored rows give zeros."""
     n, dev = hidden.shape[0], hidden.device
-    zeros = torch.zeros(n, dtype=torch.float32, device=dev)   # advantages/old/scale are unused here
-    sft = torch.ones(n, dtype=torch.bool, device=dev)
-    out = fused_loss(hidden, weight, targets, is_sft=sft, advantages=zeros, old_logp=zeros, ref_logp=None,
+    zeros = torch.zeros(n, dtype=torch.float32, device=dev)   # RL rows of zero scale: only logp/entropy count
+    rl = torch.zeros(n, dtype=torch.bool, device=dev)
+    out = fused_loss(hidden, weight, targets, is_sft=rl, advantages=zeros, old_logp=zeros, ref_logp=None,
                      scale=zeros, temperature=temperature, backend=backend, chunk_rows=chunk_rows)
     return out.logp, out.entropy

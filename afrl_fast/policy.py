@@ -135,15 +135,17 @@ class LossStats:
 
 
 def loss_backward(policy, prompts, responses, rows: LossRows, settings: LossSettings, *, pad_id: int, device,
-                  micro_batch: int = 0) -> LossStats:
+                  micro_batch: int = 0) -> tuple[LossStats, torch.Tensor]:
     """Fused loss + backward over sequences in micro-batches (gradients accumulate); `rows` are laid
     out in sequence order. The scales already hold the global token-mean factors, so accumulation
-    needs no rescaling."""
+    needs no rescaling. Returns the summed statistics and every row's log-prob from the pass (CPU
+    float32; on-policy RL rows need no other forward for them)."""
     policy.train()
     starts = [0]
     for r in responses:
         starts.append(starts[-1] + len(r))
     stats = LossStats(n_rows=starts[-1])
+    logps = []
     for chunk in micro_batches(len(prompts), micro_batch):
         lo, hi = starts[chunk.start], starts[chunk.stop]
         if hi == lo:
@@ -161,7 +163,8 @@ def loss_backward(policy, prompts, responses, rows: LossRows, settings: LossSett
         stats.clipped += float(out.clip_frac) * n_rl      # clip_frac and kl are means over RL rows
         stats.kl_sum += float(out.kl) * n_rl
         stats.n_rl += n_rl
-    return stats
+        logps.append(out.logp.detach().float().cpu())
+    return stats, (torch.cat(logps) if logps else torch.zeros(0))
 
 
 @torch.no_grad()

@@ -6,7 +6,8 @@
     2. G rollouts per prompt from the engine, prefix shared across the group       rollout.py
     3. verify every response: gates, ŷ, reward, spans of the critical values       verify.py
     4. group-normalised advantages times the stepwise token weights                grpo.py
-    5. old log-probs from the trainer's own forward, reference log-probs           policy.py
+    5. reference log-probs; old log-probs from the trainer's own forward, or —      policy.py
+       one update per rollout batch — from the loss pass itself (ratio ≡ 1)
     6. per mini-batch: L = α_t·L_GRPO + γ_t·L_SFT through the fused loss over RL   policy.py, loss.py
        rows and SFT rows together, backward, AdamW with gradient clipping          optim.py
     7. push the new weights to the rollout engine                                  rollout.py
@@ -69,12 +70,13 @@ class RLContext:
 @dataclass
 class MiniBatch:
     """The RL rows of one optimizer update on this rank: its prompt groups' responses and the
-    per-token advantages and log-probs, in response order."""
+    per-token advantages and log-probs, in response order (old_logp None: on-policy)."""
     prompts: list[list[int]]
     responses: list[list[int]]
     advantages: np.ndarray
-    old_logp: torch.Tensor
+    old_logp: torch.Tensor | None
     ref_logp: torch.Tensor
+    engine_logp: torch.Tensor
 
     @property
     def n_tokens(self) -> int:
@@ -102,15 +104,16 @@ class StepStats:
     updates: float = 0.0
 
     @staticmethod
-    def of_rollouts(ro: Rollouts, dlogp_sum: float) -> "StepStats":
+    def of_rollouts(ro: Rollouts) -> "StepStats":
         res = ro.result
         reward = res.reward.astype(np.float64)
         return StepStats(responses=len(ro.response_ids), reward=float(reward.sum()),
                          reward_sq=float((reward ** 2).sum()), fmt=float(res.fmt.sum()), cst=float(res.cst.sum()),
                          logic=float(res.logic.sum()), correct_first_token=float((res.y_dec == ro.labels).sum()),
-                         tokens=float(ro.n_tokens), dlogp_engine=dlogp_sum)
+                         tokens=float(ro.n_tokens))
 
-    def add_update(self, loss: LossStats, grad_norm: float) -> None:
+    def add_update(self, loss: LossStats, grad_norm: float, dlogp_engine: float) -> None:
+        self.dlogp_engine += dlogp_engine
         self.entropy_rl += loss.entropy_rl
         self.clipped += loss.clipped
         self.kl += loss.kl_sum
@@ -153,8 +156,9 @@ def minibatch(ro: Rollouts, tok_adv: np.ndarray, old_logp, ref_logp, groups: ran
     starts = np.concatenate([[0], np.cumsum([len(r) for r in ro.response_ids])]).astype(np.int64)
     tok = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in resp]) if resp else np.zeros(0, np.int64)
     tok_t = torch.as_tensor(tok, dtype=torch.long)
+    engine = torch.tensor([x for i in resp for x in ro.engine_logp[i]], dtype=torch.float32)
     return MiniBatch([ro.prompt_ids[i] for i in resp], [ro.response_ids[i] for i in resp], tok_adv[tok],
-                     old_logp[tok_t], ref_logp[tok_t])
+                     None if old_logp is None else old_logp[tok_t], ref_logp[tok_t], engine)
 
 
 def mode_balanced_rows(advantages, old_logp, ref_logp, n_sft: int, *, grpo_weight: float, sft_weight: float,
@@ -212,14 +216,15 @@ def step(ctx: RLContext, stage: Stage, batch: list[int], step_no: int) -> StepRe
         weights = None if rl.mode == "grpo" else tuple(rl.token_weights)
         tok_adv = rollout_token_advantages(ro, ctx.tokenizer, G, rl.adv_std_norm, weights)
 
-    # 5. Log-probs of the sampled tokens under the current (= old) policy and the reference.
+    # 5. Log-probs of the sampled tokens under the reference and, with several updates per rollout
+    #    batch, under the sampling (old) policy; with one update the loss pass supplies the latter.
+    on_policy = rl.on_policy_shortcut and rl.mini_batches == 1
     with timer("logprobs"):
         lp_args = dict(pad_id=ctx.pad_id, temperature=rl.temperature, device=info.device,
                        micro_batch=rl.micro_batch_size)
-        old_logp = forward_logprobs(ctx.policy, ro.prompt_ids, ro.response_ids, **lp_args)
+        old_logp = None if on_policy else forward_logprobs(ctx.policy, ro.prompt_ids, ro.response_ids, **lp_args)
         ref_logp = forward_logprobs(ctx.ref_policy, ro.prompt_ids, ro.response_ids, **lp_args)
-    engine_logp = torch.tensor([x for lp in ro.engine_logp for x in lp], dtype=torch.float32)
-    stats = StepStats.of_rollouts(ro, float((engine_logp - old_logp).abs().sum()) if len(engine_logp) else 0.0)
+    stats = StepStats.of_rollouts(ro)
 
     # 6. One update per mini-batch: RL rows and this mini-batch's share of the SFT anchor batch.
     sft_global = np.random.default_rng([ctx.cfg.run.seed, step_no, 7]).choice(
@@ -239,11 +244,14 @@ def step(ctx: RLContext, stage: Stage, batch: list[int], step_no: int) -> StepRe
         with timer("loss"):
             rows = mode_balanced_rows(mb.advantages, mb.old_logp, mb.ref_logp, n_sft_local, grpo_weight=grpo_weight,
                                       sft_weight=sft_weight, n_rl_global=n_rl, n_sft_global=n_sft, world=info.world)
-            loss = loss_backward(ctx.policy, mb.prompts + [e[0] for e in sft_mb], mb.responses + [e[1] for e in sft_mb],
-                                 rows, ctx.loss_settings, pad_id=ctx.pad_id, device=info.device,
-                                 micro_batch=rl.micro_batch_size)
+            loss, pass_logp = loss_backward(ctx.policy, mb.prompts + [e[0] for e in sft_mb],
+                                            mb.responses + [e[1] for e in sft_mb], rows, ctx.loss_settings,
+                                            pad_id=ctx.pad_id, device=info.device, micro_batch=rl.micro_batch_size)
+        # the engine's log-probs against the trainer's for the same tokens and weights: a health check
+        trainer_logp = pass_logp[:mb.n_tokens] if mb.old_logp is None else mb.old_logp
+        dlogp = float((mb.engine_logp - trainer_logp).abs().sum()) if mb.n_tokens else 0.0
         with timer("optimizer"):
-            stats.add_update(loss, optimizer_step(ctx.policy, ctx.optimizer, rl.grad_clip))
+            stats.add_update(loss, optimizer_step(ctx.policy, ctx.optimizer, rl.grad_clip), dlogp)
 
     # 7. The engine samples the next step from the new weights.
     with timer("sync"):

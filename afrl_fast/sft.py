@@ -50,8 +50,9 @@ def sft_loss_backward(policy, examples: list[tuple[list[int], list[int]]], *, pa
     n_local = sum(len(e[1]) for e in examples)
     n_global = D.all_reduce_sum([float(n_local)], info.device)[0]
     rows = sft_rows(examples, info.world / max(n_global, 1.0))
-    return loss_backward(policy, [e[0] for e in examples], [e[1] for e in examples], rows, LossSettings(),
-                         pad_id=pad_id, device=info.device, micro_batch=micro_batch)
+    stats, _ = loss_backward(policy, [e[0] for e in examples], [e[1] for e in examples], rows, LossSettings(),
+                             pad_id=pad_id, device=info.device, micro_batch=micro_batch)
+    return stats
 
 
 def train_sft(policy, examples, cfg, info, *, pad_id: int, progress: dict, seed: int, write, checkpoint,

@@ -1,6 +1,7 @@
-// Native CPU kernel of the fused vocabulary pass (DESIGN §4).
+// Native CPU kernel of the fused vocabulary pass.
 //
-// For each row of a logits chunk (raw h·Wᵀ, not yet divided by τ) it streams once over V for the
+// For each row of a logits chunk (raw h·Wᵀ, not yet divided by τ; RL rows use τ, SFT rows τ = 1, and
+// without old log-probs RL rows are on-policy: ratio ≡ 1) it streams once over V for the
 // log-sum-exp, the target log-prob and the entropy, computes the per-row RL/SFT loss and its scalar
 // dL/dlog p, and (training mode) overwrites the row in place with dLoss/d(raw logits) in a second
 // sweep. The float64 contract is kernels/reference.py; tests/test_vocab_pass_native.py checks it.
@@ -216,8 +217,10 @@ double range_grad(T* x, int64_t lo, int64_t hi, float mx, float inv_temp, float 
 
 struct RowParams {
   bool sft;
-  double adv, old, scale;
+  double adv, scale;
+  std::optional<double> old;  // none: on-policy, old = log p itself, so the ratio is exactly 1
   std::optional<double> ref;
+  double inv_temp;            // 1/τ on RL rows, 1 on SFT rows (plain cross-entropy)
 };
 struct Hyper {
   double beta, eps_low, eps_high, inv_temp;
@@ -232,9 +235,9 @@ struct RowResult {
 RowResult finalize(const Stats& st, double x_target, const RowParams& p, const Hyper& h) {
   RowResult r;
   const double log_sum = std::log(st.sum);
-  r.logp = (x_target - double(st.mx)) * h.inv_temp - log_sum;
+  r.logp = (x_target - double(st.mx)) * p.inv_temp - log_sum;
   r.entropy = log_sum - st.dsum / st.sum;
-  const double ratio = std::exp(r.logp - p.old);
+  const double ratio = p.old ? std::exp(r.logp - *p.old) : 1.0;
   r.clipped = (p.adv > 0 && ratio > 1.0 + h.eps_high) || (p.adv < 0 && ratio < 1.0 - h.eps_low);
   double dl_dlogp = 0.0, loss = 0.0;
   if (p.ref) {  // k3 is reported for every valid row, as rowwise_loss_reference does
@@ -292,8 +295,10 @@ struct Outputs {
   bool* clipped;
 };
 
-RowParams row_params(const Inputs& in, int64_t i) {
-  RowParams p{in.is_sft[i], in.adv[i], in.old[i], in.scale[i], std::nullopt};
+RowParams row_params(const Inputs& in, const Hyper& h, int64_t i) {
+  RowParams p{in.is_sft[i], in.adv[i], in.scale[i], std::nullopt, std::nullopt,
+              in.is_sft[i] ? 1.0 : h.inv_temp};
+  if (in.old) p.old = in.old[i];
   if (in.ref) p.ref = in.ref[i];
   return p;
 }
@@ -314,17 +319,18 @@ void process_row(T* x, const Inputs& in, const Outputs& out, const Hyper& h, int
     if (in.with_grad) std::memset(x, 0, sizeof(T) * in.V);
     return;
   }
-  const Stats st = range_stats(x, 0, in.V, h.inv_temp);
-  const RowResult r = finalize(st, static_cast<float>(x[y]), row_params(in, i), h);
+  const RowParams p = row_params(in, h, i);
+  const Stats st = range_stats(x, 0, in.V, p.inv_temp);
+  const RowResult r = finalize(st, static_cast<float>(x[y]), p, h);
   write_row(out, i, r);
   if (!in.with_grad) return;
   if (zero_grad_row(r, st)) {  // clipped RL row without KL: zero gradient, skip the exps
     std::memset(x, 0, sizeof(T) * in.V);
     return;
   }
-  const float k = static_cast<float>(-r.c * h.inv_temp / st.sum);
+  const float k = static_cast<float>(-r.c * p.inv_temp / st.sum);
   hide_target(x, y);
-  set_target(x, y, range_grad(x, 0, in.V, st.mx, static_cast<float>(h.inv_temp), k));
+  set_target(x, y, range_grad(x, 0, in.V, st.mx, static_cast<float>(p.inv_temp), k));
 }
 
 // Enough rows for every thread: rows are independent, dynamic schedule absorbs the cheap
@@ -346,15 +352,15 @@ void run_by_segments(T* logits, const Inputs& in, const Outputs& out, const Hype
 #pragma omp parallel for schedule(static) num_threads(nt)
   for (int64_t t = 0; t < C * nseg; ++t) {
     const int64_t i = t / nseg, lo = std::min(V, (t % nseg) * seg), hi = std::min(V, lo + seg);
-    if (in.targets[i] >= 0) parts[t] = range_stats(logits + i * V, lo, hi, h.inv_temp);
+    if (in.targets[i] >= 0) parts[t] = range_stats(logits + i * V, lo, hi, row_params(in, h, i).inv_temp);
   }
   std::vector<Stats> rows(C);
   std::vector<RowResult> res(C);
   for (int64_t i = 0; i < C; ++i) {
     if (in.targets[i] < 0) continue;
-    for (int64_t s = 0; s < nseg; ++s) rows[i] = merge(rows[i], parts[i * nseg + s], h.inv_temp);
-    res[i] = finalize(rows[i], static_cast<float>(logits[i * V + in.targets[i]]),
-                      row_params(in, i), h);
+    const RowParams p = row_params(in, h, i);
+    for (int64_t s = 0; s < nseg; ++s) rows[i] = merge(rows[i], parts[i * nseg + s], p.inv_temp);
+    res[i] = finalize(rows[i], static_cast<float>(logits[i * V + in.targets[i]]), p, h);
     write_row(out, i, res[i]);
   }
   if (!in.with_grad) return;
@@ -368,8 +374,9 @@ void run_by_segments(T* logits, const Inputs& in, const Outputs& out, const Hype
     if (in.targets[i] < 0 || zero_grad_row(res[i], rows[i])) {
       std::memset(x + lo, 0, sizeof(T) * (hi - lo));
     } else {
-      const float k = static_cast<float>(-res[i].c * h.inv_temp / rows[i].sum);
-      written[t] = range_grad(x, lo, hi, rows[i].mx, static_cast<float>(h.inv_temp), k);
+      const float t_i = static_cast<float>(row_params(in, h, i).inv_temp);
+      const float k = static_cast<float>(-res[i].c * t_i / rows[i].sum);
+      written[t] = range_grad(x, lo, hi, rows[i].mx, t_i, k);
     }
   }
   for (int64_t i = 0; i < C; ++i) {  // after the sweep: the target may lie in any segment
@@ -433,7 +440,7 @@ void dispatch(at::Tensor& logits, const Inputs& in, const Outputs& out, const Hy
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vocab_pass(
     at::Tensor logits, const at::Tensor& targets, const at::Tensor& is_sft,
-    const at::Tensor& advantages, const at::Tensor& old_logp,
+    const at::Tensor& advantages, const std::optional<at::Tensor>& old_logp,
     const std::optional<at::Tensor>& ref_logp, const at::Tensor& scale, double beta,
     double eps_low, double eps_high, double inv_temp, bool with_grad) {
   check_logits(logits);
@@ -441,7 +448,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vocab_pas
   check_row_vector(targets, "targets", at::kLong, C);
   check_row_vector(is_sft, "is_sft", at::kBool, C);
   check_row_vector(advantages, "advantages", at::kFloat, C);
-  check_row_vector(old_logp, "old_logp", at::kFloat, C);
+  if (old_logp) check_row_vector(*old_logp, "old_logp", at::kFloat, C);
   if (ref_logp) check_row_vector(*ref_logp, "ref_logp", at::kFloat, C);
   check_row_vector(scale, "scale", at::kFloat, C);
   const Hyper h{beta, eps_low, eps_high, inv_temp};
@@ -455,7 +462,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vocab_pas
   if (C == 0) return {row_loss, logp, entropy, clipped, k3};
 
   const Inputs in{targets.data_ptr<int64_t>(), is_sft.data_ptr<bool>(),
-                  advantages.data_ptr<float>(), old_logp.data_ptr<float>(),
+                  advantages.data_ptr<float>(), old_logp ? old_logp->data_ptr<float>() : nullptr,
                   ref_logp ? ref_logp->data_ptr<float>() : nullptr, scale.data_ptr<float>(),
                   C, V, with_grad};
   const Outputs out{row_loss.data_ptr<float>(), logp.data_ptr<float>(), entropy.data_ptr<float>(),

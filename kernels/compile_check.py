@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ARCHS = (80, 90)
-# The vocabulary the launch config is chosen for: Qwen's (DESIGN §4). A small vocabulary gets the
+# The vocabulary the launch config is chosen for: Qwen's. A small vocabulary gets the
 # largest tile of the 4-warp configuration the launcher uses below 2048 (V not a multiple of 16).
 PRODUCTION_VOCAB = 151_936
 SMALL_VOCAB = 1000
@@ -76,8 +76,8 @@ def _vocab_pass_signature(dtype: str) -> dict:
     ptr = {name: "*fp32" for name in ("adv_ptr", "old_ptr", "ref_ptr", "scale_ptr", "loss_ptr", "logp_ptr",
                                       "entropy_ptr", "k3_ptr")}
     sig = {"logits_ptr": _DTYPES[dtype], "targets_ptr": "*i64", "is_sft_ptr": "*i1", "clipped_ptr": "*i1", **ptr,
-           "V": "i32", "stride": "i32", "inv_temp": "fp32", "beta": "fp32", "eps_low": "fp32", "eps_high": "fp32",
-           "HAS_REF": "constexpr", "WITH_GRAD": "constexpr", "BLOCK_V": "constexpr"}
+           "V": "i32", "stride": "i32", "rl_inv_temp": "fp32", "beta": "fp32", "eps_low": "fp32", "eps_high": "fp32",
+           "HAS_REF": "constexpr", "ON_POLICY": "constexpr", "WITH_GRAD": "constexpr", "BLOCK_V": "constexpr"}
     from .vocab_pass import vocab_pass_kernel
     return {name: sig[name] for name in vocab_pass_kernel.arg_names}   # the kernel's parameter order
 
@@ -92,20 +92,22 @@ def _divisibility_attrs(fn, signature: dict, vocab: int) -> dict:
 
 
 def vocab_pass_variants(vocab: int = PRODUCTION_VOCAB) -> list[Variant]:
-    """Every specialisation the launcher uses at this vocabulary: both modes, with/without ref, fp32/bf16."""
+    """Every specialisation the launcher uses at this vocabulary: both modes, with/without ref, fp32/bf16,
+    and the on-policy training variant (no old log-probs) with a reference."""
     from .vocab_pass import launch_config, vocab_pass_kernel
     block_v, num_warps = launch_config(vocab)
     out = []
     for dtype in _DTYPES:
         for with_grad in (False, True):
-            for has_ref in (False, True):
+            for has_ref, on_policy in ((False, False), (True, False)) + (((True, True),) if with_grad else ()):
                 sig = _vocab_pass_signature(dtype)
                 out.append(Variant(
                     fn=vocab_pass_kernel, signature=sig,
-                    constexprs={"HAS_REF": has_ref, "WITH_GRAD": with_grad, "BLOCK_V": block_v},
+                    constexprs={"HAS_REF": has_ref, "ON_POLICY": on_policy, "WITH_GRAD": with_grad,
+                                "BLOCK_V": block_v},
                     options={"num_warps": num_warps}, attrs=_divisibility_attrs(vocab_pass_kernel, sig, vocab),
-                    label=f"{dtype} {'train' if with_grad else 'fwd'} {'ref' if has_ref else 'noref'} "
-                          f"BLOCK_V={block_v} w{num_warps}"))
+                    label=f"{dtype} {'train' if with_grad else 'fwd'} {'ref' if has_ref else 'noref'}"
+                          f"{' on-policy' if on_policy else ''} BLOCK_V={block_v} w{num_warps}"))
     return out
 
 

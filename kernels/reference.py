@@ -1,13 +1,15 @@
-"""Float64 torch reference of the fused vocabulary-pass loss (DESIGN §4).
+"""Float64 torch reference of the fused vocabulary-pass loss.
 
 This is the contract every backend (Triton, native C++, chunked torch) is tested against. It builds
 the full logits, so it is only for tests and small shapes.
 
-Per valid row i (targets[i] != IGNORE_INDEX), with z = h·Wᵀ / τ and log p = log_softmax(z)[y]:
+Per valid row i (targets[i] != IGNORE_INDEX), with log p = log_softmax(z)[y]:
 
-    RL row:   r = exp(log p − old)
+    RL row:   z = h·Wᵀ / τ   (the sampling temperature)
+              r = exp(log p − old), or r ≡ 1 on-policy (old_logp None: old is log p itself, detached)
               L = −min(r·A, clip(r, 1−ε_lo, 1+ε_hi)·A) + β·(exp(ref − log p) − (ref − log p) − 1)
-    SFT row:  L = −log p
+    SFT row:  z = h·Wᵀ       (cross-entropy on expert tokens: no sampling temperature)
+              L = −log p
 
     loss      = Σ_i scale_i · L_i                      (scale carries α_t/#RL or γ_t/#SFT tokens)
     entropy_i = −Σ_v p_v log p_v
@@ -41,8 +43,10 @@ class LossOutput:
 
 
 def rowwise_loss_reference(logp, is_sft, advantages, old_logp, ref_logp, beta, eps_low, eps_high):
-    """Per-row loss L_i and the clipped / k3 indicators from per-row log-probs (any dtype)."""
-    ratio = torch.exp(logp - old_logp)
+    """Per-row loss L_i and the clipped / k3 indicators from per-row log-probs (any dtype).
+    old_logp None is the on-policy case: the ratio is exp(log p − stop_grad(log p)) ≡ 1 in value,
+    with the gradient of log p."""
+    ratio = torch.exp(logp - (logp.detach() if old_logp is None else old_logp))
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * advantages
     pg = -torch.minimum(unclipped, clipped)
@@ -64,8 +68,9 @@ def contract_row_loss(logp, is_sft, advantages, old_logp, ref_logp, beta, eps_lo
     f64 = torch.float64
     logp_rl = torch.where(is_sft, logp.detach(), logp)
     ref = None if ref_logp is None else ref_logp.to(f64)
+    old = None if old_logp is None else old_logp.to(f64)
     rl_loss, clipped, k3 = rowwise_loss_reference(logp_rl, torch.zeros_like(is_sft), advantages.to(f64),
-                                                  old_logp.to(f64), ref, beta, eps_low, eps_high)
+                                                  old, ref, beta, eps_low, eps_high)
     return torch.where(is_sft, -logp, rl_loss), clipped, k3
 
 
@@ -74,6 +79,11 @@ def entropy_from_logprobs(logprobs):
     NaN or +inf logit (NaN log-probs) still makes the entropy NaN."""
     probs = logprobs.exp()
     return -(probs * logprobs.masked_fill(probs == 0, 0.0)).sum(-1)
+
+
+def row_inv_temp(is_sft, inv_temp, dtype=torch.float64):
+    """[N, 1] per-row factor on the raw logits: 1/τ for RL rows, 1 for SFT rows."""
+    return torch.where(is_sft, torch.ones((), dtype=dtype), torch.full((), inv_temp, dtype=dtype))[:, None]
 
 
 def vocab_pass_reference(logits, targets, is_sft, advantages, old_logp, ref_logp, scale, *, beta, eps_low,
@@ -87,7 +97,7 @@ def vocab_pass_reference(logits, targets, is_sft, advantages, old_logp, ref_logp
     x = logits.detach().to(torch.float64).requires_grad_(True)
     used = torch.where(valid[:, None], x, torch.zeros((), dtype=torch.float64))
     safe_t = torch.where(valid, targets, torch.zeros_like(targets))
-    logprobs = torch.log_softmax(used * inv_temp, dim=-1)
+    logprobs = torch.log_softmax(used * row_inv_temp(is_sft, inv_temp), dim=-1)
     logp = logprobs.gather(1, safe_t[:, None]).squeeze(1)
     row_loss, clipped, k3 = contract_row_loss(logp, is_sft, advantages, old_logp, ref_logp, beta, eps_low,
                                               eps_high)
@@ -109,7 +119,7 @@ def fused_loss_reference(hidden, weight, targets, *, is_sft, advantages, old_log
     safe_t = torch.where(valid, targets, torch.zeros_like(targets))
     zero = torch.zeros((), dtype=f64)
     # ignored rows' logits never enter the softmax (the contract: they contribute nothing)
-    logits = torch.where(valid[:, None], (h @ w.T) / temperature, zero)
+    logits = torch.where(valid[:, None], (h @ w.T) * row_inv_temp(is_sft, 1.0 / temperature), zero)
     logprobs = torch.log_softmax(logits, dim=-1)
     logp_all = logprobs.gather(1, safe_t[:, None]).squeeze(1)
     entropy_all = entropy_from_logprobs(logprobs)
@@ -128,10 +138,10 @@ def fused_loss_reference(hidden, weight, targets, *, is_sft, advantages, old_log
 
 
 def token_logprobs_reference(hidden, weight, targets, *, temperature=1.0):
-    """(logp [N], entropy [N]) in float64; ignored rows give zeros."""
+    """(logp [N], entropy [N]) in float64 at temperature τ (RL rows of zero scale); ignored rows give zeros."""
     n = targets.shape[0]
     zeros = torch.zeros(n, dtype=hidden.dtype)
-    out = fused_loss_reference(hidden, weight, targets, is_sft=torch.ones(n, dtype=torch.bool),
+    out = fused_loss_reference(hidden, weight, targets, is_sft=torch.zeros(n, dtype=torch.bool),
                                advantages=zeros, old_logp=zeros, ref_logp=None, scale=zeros,
                                temperature=temperature)
     return out.logp, out.entropy

@@ -1,4 +1,4 @@
-"""Triton kernel of the fused vocabulary pass (DESIGN §4) and its launcher.
+"""Triton kernel of the fused vocabulary pass and its launcher.
 
 One program handles one row of a chunk of raw logits x = h·Wᵀ (not yet divided by τ):
 
@@ -63,9 +63,13 @@ def _online_stats(row_ptr, V, inv_temp, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
-def _rl_terms(logp, adv, old, ref, beta, eps_low, eps_high, HAS_REF: tl.constexpr):
-    """(L, dL/dlog p, clipped, k3) of the clipped-ratio policy-gradient row with the k3 KL term."""
-    ratio = tl.exp(logp - old)
+def _rl_terms(logp, adv, old, ref, beta, eps_low, eps_high, HAS_REF: tl.constexpr, ON_POLICY: tl.constexpr):
+    """(L, dL/dlog p, clipped, k3) of the clipped-ratio policy-gradient row with the k3 KL term.
+    ON_POLICY: old is log p itself, so the ratio is exactly 1 (its slope stays that of log p)."""
+    if ON_POLICY:
+        ratio = tl.full((), 1.0, tl.float32)
+    else:
+        ratio = tl.exp(logp - old)
     unclipped = ratio * adv
     # min/max default to dropping a NaN operand (GPU min.f32); the reference's clamp and min keep it
     keep_nan: tl.constexpr = tl.PropagateNan.ALL
@@ -116,8 +120,8 @@ def _zero_row(row_ptr, V, BLOCK_V: tl.constexpr):
 def vocab_pass_kernel(
     logits_ptr, targets_ptr, is_sft_ptr, adv_ptr, old_ptr, ref_ptr, scale_ptr,
     loss_ptr, logp_ptr, entropy_ptr, clipped_ptr, k3_ptr,
-    V, stride, inv_temp, beta, eps_low, eps_high,
-    HAS_REF: tl.constexpr, WITH_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    V, stride, rl_inv_temp, beta, eps_low, eps_high,
+    HAS_REF: tl.constexpr, ON_POLICY: tl.constexpr, WITH_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride       # int64: C·V passes 2³¹ for large chunks
@@ -131,6 +135,9 @@ def vocab_pass_kernel(
         if WITH_GRAD:
             _zero_row(row_ptr, V, BLOCK_V)
     else:
+        sft = tl.load(is_sft_ptr + row)
+        # RL rows see the sampling temperature; SFT rows are plain cross-entropy (τ = 1)
+        inv_temp = tl.where(sft, 1.0, rl_inv_temp)
         m, s, t = _online_stats(row_ptr, V, inv_temp, BLOCK_V)
         log_s = tl.log(s)
         x_y = tl.load(row_ptr + y).to(tl.float32)
@@ -138,9 +145,11 @@ def vocab_pass_kernel(
         ref = 0.0
         if HAS_REF:
             ref = tl.load(ref_ptr + row)
+        old = 0.0
+        if not ON_POLICY:
+            old = tl.load(old_ptr + row)
         rl_loss, rl_dlogp, is_clipped, k3 = _rl_terms(
-            logp, tl.load(adv_ptr + row), tl.load(old_ptr + row), ref, beta, eps_low, eps_high, HAS_REF)
-        sft = tl.load(is_sft_ptr + row)
+            logp, tl.load(adv_ptr + row), old, ref, beta, eps_low, eps_high, HAS_REF, ON_POLICY)
         scale = tl.load(scale_ptr + row)
         tl.store(loss_ptr + row, scale * tl.where(sft, -logp, rl_loss))
         tl.store(logp_ptr + row, logp)
@@ -173,6 +182,7 @@ def vocab_pass_triton(logits, targets, is_sft, advantages, old_logp, ref_logp, s
                       inv_temp, with_grad, *, block_v=None):
     """Fused vocabulary pass over a chunk of rows.
 
+    RL rows use inv_temp, SFT rows 1; old_logp None means on-policy (ratio ≡ 1).
     Returns (row_loss = scale·L [C] f32 with 0 for ignored rows, logp [C] f32, entropy [C] f32,
     clipped [C] bool, k3 [C] f32). `clipped` and `k3` follow `rowwise_loss_reference` for every
     valid row whatever its kind (callers average them over RL rows); ignored rows give zeros/False,
@@ -190,11 +200,12 @@ def vocab_pass_triton(logits, targets, is_sft, advantages, old_logp, ref_logp, s
     if n_rows == 0:
         return row_loss, logp, entropy, clipped, k3
     block, num_warps = launch_config(vocab, block_v)
-    has_ref = ref_logp is not None
+    has_ref, on_policy = ref_logp is not None, old_logp is None
     vocab_pass_kernel[(n_rows,)](
-        logits, targets, is_sft, advantages, old_logp, ref_logp if has_ref else old_logp, scale,
+        logits, targets, is_sft, advantages, advantages if on_policy else old_logp,
+        ref_logp if has_ref else advantages, scale,
         row_loss, logp, entropy, clipped, k3,
         vocab, logits.stride(0), float(inv_temp), float(beta), float(eps_low), float(eps_high),
-        HAS_REF=has_ref, WITH_GRAD=bool(with_grad), BLOCK_V=block, num_warps=num_warps,
+        HAS_REF=has_ref, ON_POLICY=on_policy, WITH_GRAD=bool(with_grad), BLOCK_V=block, num_warps=num_warps,
     )
     return row_loss, logp, entropy, clipped, k3

@@ -57,7 +57,7 @@ def _device(backend):
 
 
 def make_case(n=29, h=12, v=131, *, sft_frac=0.3, ignore=(), logit_scale=1.0, with_ref=True, seed=0,
-              temperature=1.0):
+              temperature=1.0, on_policy=False):
     """Random float64 inputs. old/ref log-probs sit near the true log p so ratios straddle the
     clip range and k3 stays finite even at extreme logits."""
     g = torch.Generator().manual_seed(seed)
@@ -73,7 +73,7 @@ def make_case(n=29, h=12, v=131, *, sft_frac=0.3, ignore=(), logit_scale=1.0, wi
     case = dict(
         hidden=hidden, weight=weight, targets=targets, is_sft=is_sft,
         advantages=torch.randn(n, generator=g, dtype=F64),
-        old_logp=true_lp + 0.3 * torch.randn(n, generator=g, dtype=F64),
+        old_logp=None if on_policy else true_lp + 0.3 * torch.randn(n, generator=g, dtype=F64),
         ref_logp=(true_lp + 0.3 * torch.randn(n, generator=g, dtype=F64)) if with_ref else None,
         scale=torch.rand(n, generator=g, dtype=F64) / n,
     )
@@ -143,6 +143,9 @@ CASES = {
     # near-tied tokens (hence the gradient) and ref − log p (hence k3) are only known to ~1e-3
     # relative: a looser tolerance for those, loss/logp/entropy stay tight.
     "extreme_logits": dict(make=dict(logit_scale=1e4, v=257), kw=dict(beta=0.1, chunk_rows=7, diff_tol=1e-2)),
+    # on-policy RL rows (no old log-probs: ratio ≡ 1) mixed with SFT rows, at a temperature that
+    # applies to the RL rows only
+    "on_policy": dict(make=dict(on_policy=True, temperature=0.7), kw=dict(beta=0.1, temperature=0.7)),
 }
 
 
@@ -211,10 +214,10 @@ def test_vocab_pass_contract(backend):
     _, vocab_pass = B.resolve_backend(backend, torch.device(dev))
     raw = (case["hidden"] @ case["weight"].T).requires_grad_()
     inv_temp = 1 / 0.9
-    # Reference loss of raw logits: scale the logits by 1/τ through a linear map (weight = I·inv_temp).
-    ref = fused_loss_reference(raw, torch.eye(97, dtype=F64) * inv_temp, case["targets"], is_sft=case["is_sft"],
+    # Reference loss of raw logits: the identity as the head (RL rows at 1/τ, SFT rows at 1)
+    ref = fused_loss_reference(raw, torch.eye(97, dtype=F64), case["targets"], is_sft=case["is_sft"],
                                advantages=case["advantages"], old_logp=case["old_logp"],
-                               ref_logp=case["ref_logp"], scale=case["scale"], beta=0.1)
+                               ref_logp=case["ref_logp"], scale=case["scale"], beta=0.1, temperature=1 / inv_temp)
     ref.loss.backward()
     f = lambda t: t.to(dev, torch.float32).contiguous()
     logits = f(raw.detach())
@@ -433,3 +436,30 @@ def test_triton_backend_cases_pass_under_the_interpreter():
     assert proc.returncode == 0, tail
     summary = proc.stdout.strip().splitlines()[-1]
     assert " passed" in summary and "skipped" not in summary and "deselected" in summary, summary
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_on_policy_equals_the_recomputed_old_logprobs(backend):
+    """One update per rollout batch: old = the current policy's log-probs. Passing old_logp=None
+    (the ratio is 1 inside the pass) gives the loss and gradients of passing those log-probs
+    recomputed by a separate forward — without the forward."""
+    case = make_case(n=23, sft_frac=0.3, seed=5, temperature=0.8)
+    dev = _device(backend)
+    h32, w32 = case["hidden"].to(dev, torch.float32), case["weight"].to(dev, torch.float32)
+    old, _ = token_logprobs(h32, w32, case["targets"].to(dev), temperature=0.8, backend=backend)
+    recomputed, dh_r, dw_r = run_ours({**case, "old_logp": old.double().cpu()}, backend, beta=0.1, temperature=0.8)
+    shortcut, dh_s, dw_s = run_ours({**case, "old_logp": None}, backend, beta=0.1, temperature=0.8)
+    assert_close(shortcut.loss, recomputed.loss.detach().double().cpu(), 1e-5, "loss")
+    assert_close(dh_s, dh_r.double().cpu(), 1e-5, "dh")
+    assert_close(dw_s, dw_r.double().cpu(), 1e-5, "dW")
+    assert shortcut.clip_frac.item() == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sft_rows_ignore_the_sampling_temperature(backend):
+    """The SFT anchor is cross-entropy on expert tokens: the rollouts' temperature is not its business."""
+    case = make_case(n=17, sft_frac=1.0, seed=6)
+    at_1, dh_1, dw_1 = run_ours(case, backend)
+    at_06, dh_06, dw_06 = run_ours(case, backend, temperature=0.6)
+    assert_close(at_06.loss, at_1.loss.detach().double().cpu(), 1e-6, "loss")
+    assert_close(dw_06, dw_1.double().cpu(), 1e-6, "dW")

@@ -77,9 +77,10 @@ def test_rl_update_equals_full_logits_objective(micro_batch):
     policy = PolicyLoss(lm, loss_backend="torch")
     rows = mode_balanced_rows(adv, old, ref, n_sft, grpo_weight=alpha, sft_weight=gamma, n_rl_global=n_rl,
                               n_sft_global=n_sft, world=1)
-    stats = loss_backward(policy, rl_prompts + [e[0] for e in sft_examples],
-                          rl_responses + [e[1] for e in sft_examples], rows, settings, pad_id=0,
-                          device=torch.device("cpu"), micro_batch=micro_batch)
+    stats, pass_logp = loss_backward(policy, rl_prompts + [e[0] for e in sft_examples],
+                                     rl_responses + [e[1] for e in sft_examples], rows, settings, pad_id=0,
+                                     device=torch.device("cpu"), micro_batch=micro_batch)
+    np.testing.assert_allclose(pass_logp[:n_rl].numpy(), cur.numpy(), rtol=1e-5, atol=1e-6)
     got_grad = lm.model.embed_tokens.weight.grad.clone()
 
     lm.zero_grad()

@@ -1,6 +1,7 @@
 """The native CPU vocabulary pass (csrc/vocab_pass.cpp) against the float64 reference.
 
-The reference works at the logits level: torch.log_softmax of the float64 logits·inv_temp gives
+The reference works at the logits level: torch.log_softmax of the float64 logits·inv_temp (RL rows;
+SFT rows at temperature 1) gives
 log p and the entropy, afrl_fast_kernels.reference.rowwise_loss_reference the per-row loss, and
 float64 autograd of Σ scale·L w.r.t. the raw logits the gradient the kernel writes in place.
 
@@ -28,7 +29,9 @@ def reference(logits, targets, is_sft, adv, old, ref, scale, *, beta, eps_low, e
     x = logits.detach().double().requires_grad_(True)
     valid = targets != IGNORE_INDEX
     safe = torch.where(valid, targets, torch.zeros_like(targets))
-    logprobs = torch.log_softmax(x * inv_temp, dim=-1)
+    # RL rows at the sampling temperature, SFT rows at 1 (plain cross-entropy)
+    t = torch.where(is_sft, 1.0, inv_temp).double()[:, None]
+    logprobs = torch.log_softmax(x * t, dim=-1)
     logp = logprobs.gather(1, safe[:, None]).squeeze(1)
     probs = logprobs.exp()
     entropy = -(probs * logprobs.masked_fill(probs == 0, 0.0)).sum(-1)  # 0·log 0 = 0 (−inf logits)

@@ -82,11 +82,12 @@ def make_inputs(case: Case, seed: int) -> dict:
     logits = _make_logits(case, gen)
     targets = torch.randint(0, case.vocab, (case.rows,), generator=gen)
     targets[torch.randperm(case.rows, generator=gen)[:case.n_ignored]] = IGNORE_INDEX
-    true_logp = _logp_all(logits, targets, case.temperature)
+    is_sft = _kinds(case, gen)
+    true_logp = _logp_all(logits, targets, torch.where(is_sft, 1.0, case.temperature).double()[:, None])
     # old / ref near the current log-prob so ratios straddle the clip range (both branches hit).
     noise = lambda: (torch.randn(case.rows, generator=gen) * 0.35).double()  # noqa: E731
     return {
-        "logits": logits, "targets": targets, "is_sft": _kinds(case, gen),
+        "logits": logits, "targets": targets, "is_sft": is_sft,
         "advantages": torch.randn(case.rows, generator=gen),
         "old_logp": (true_logp + noise()).float(),
         "ref_logp": (true_logp + noise()).float() if case.has_ref else None,
@@ -106,7 +107,9 @@ def reference(case: Case, inp: dict) -> dict:
     """Per-row outputs and d(Σ scale·L)/d(raw logits), all float64."""
     x = inp["logits"].double().requires_grad_(True)
     valid = inp["targets"] != IGNORE_INDEX
-    logprobs = torch.log_softmax(x / case.temperature, -1)
+    # RL rows at the sampling temperature, SFT rows at 1 (plain cross-entropy)
+    temp = torch.where(inp["is_sft"], 1.0, case.temperature).double()[:, None]
+    logprobs = torch.log_softmax(x / temp, -1)
     logp = logprobs.gather(1, inp["targets"].clamp(min=0)[:, None]).squeeze(1)
     entropy = -(logprobs.exp() * logprobs).sum(-1)
     ref = inp["ref_logp"].double() if case.has_ref else None
