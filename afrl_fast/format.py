@@ -9,11 +9,15 @@ A response is exactly (this grammar is what the verifier checks, byte for byte):
     TEXT    any characters except "\n", "{", "}"   (may be empty; the box is the first "\boxed{")
     VALUE   one or more characters except "\n", "{", "}"
             steps 4-8: exactly one value of that step's vocabulary in the rulebook
+            step 9 (the verdict): exactly one grade digit "0".."4"
     FINAL   "Final: \boxed{" D "}" with D in "0".."4"   y_final
+
+The consistency gate asks the three statements of the grade — DEC, step 9's verdict and FINAL — to
+agree.
     TRAIL   only whitespace (space, tab, CR, LF)
 
 So every step closes with exactly one box, the box ends its line, and nested or unclosed braces
-break the format. Steps 1-3 box a short free text, step 9 boxes the verdict.
+break the format. Steps 1-3 box a short free text.
 """
 from __future__ import annotations
 

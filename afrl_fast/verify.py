@@ -264,63 +264,70 @@ def _expected_label(values, rule_masks, rule_labels):
 def _parse_response(data, start, end, prefixes, prefix_starts, prefix_cont, box, byte_class, vocab,
                     vocab_starts, step_vocab, values, spans):
     """Parse one response occupying data[start:end]; fills values[5] and spans[7, 2] (character
-    offsets relative to the response) as it goes. Returns (format ok, y_dec, y_final); y_dec is
-    set whenever the first byte is a label digit, even if the rest fails."""
+    offsets relative to the response) as it goes. Returns (format ok, y_dec, y_final, y_verdict —
+    step 9's boxed grade); y_dec is set whenever the first byte is a label digit, even if the rest
+    fails."""
     if end <= start or data[start] < _ZERO or data[start] > _FOUR:
-        return False, -1, -1
+        return False, -1, -1, -1
     y_dec = data[start] - _ZERO
     spans[0, 0], spans[0, 1] = 0, 1
     p = start + 1
     if p >= end or data[p] != _NL:
-        return False, y_dec, -1
+        return False, y_dec, -1, -1
     p += 1
     # cont: UTF-8 continuation bytes in data[start:p], so byte p is character (p - start - cont)
     cont = 0
+    verdict = -1
     for s in range(N_STEPS):
         if not _matches_at(data, p, end, prefixes, prefix_starts[s], prefix_starts[s + 1]):
-            return False, y_dec, -1
+            return False, y_dec, -1, -1
         text_start = p + prefix_starts[s + 1] - prefix_starts[s]
         cont += prefix_cont[s]
         brace, text_cont = _scan_free_text(data, text_start, end, byte_class)
         cont += text_cont
         # TEXT holds no brace, so the first "{" must close the step's "\boxed{"
         if brace >= end or data[brace] != _LBRACE or brace + 1 - _BOX_LEN < text_start:
-            return False, y_dec, -1
+            return False, y_dec, -1, -1
         if not _matches_at(data, brace + 1 - _BOX_LEN, end, box, 0, _BOX_LEN):
-            return False, y_dec, -1
+            return False, y_dec, -1, -1
         v0 = brace + 1
         close, value_cont = _scan_free_text(data, v0, end, byte_class)
         if close >= end or data[close] != _RBRACE or close == v0:
-            return False, y_dec, -1
+            return False, y_dec, -1, -1
         j = s + 1 - CRITICAL_STEPS[0]
         if 0 <= j < N_CRITICAL:
             k = _vocab_index(data, v0, close, vocab, vocab_starts, step_vocab[j], step_vocab[j + 1])
             if k < 0:
-                return False, y_dec, -1
+                return False, y_dec, -1, -1
             values[j] = k
             spans[1 + j, 0] = v0 - start - cont
             spans[1 + j, 1] = close - start - cont - value_cont
+        elif s == N_STEPS - 1:                               # step 9 boxes the verdict: one grade digit
+            if close != v0 + 1 or data[v0] < _ZERO or data[v0] > _FOUR:
+                return False, y_dec, -1, -1
+            verdict = data[v0] - _ZERO
         cont += value_cont
         if close + 1 >= end or data[close + 1] != _NL:       # the box ends its line
-            return False, y_dec, -1
+            return False, y_dec, -1, -1
         p = close + 2
     if not _matches_at(data, p, end, prefixes, prefix_starts[N_STEPS], prefix_starts[N_STEPS + 1]):
-        return False, y_dec, -1
+        return False, y_dec, -1, -1
     d = p + prefix_starts[N_STEPS + 1] - prefix_starts[N_STEPS]
     if d + 1 >= end or data[d] < _ZERO or data[d] > _FOUR or data[d + 1] != _RBRACE:
-        return False, y_dec, -1
+        return False, y_dec, -1, -1
     if not _only_whitespace(data, d + 2, end):
-        return False, y_dec, -1
+        return False, y_dec, -1, -1
     spans[N_SPANS - 1, 0], spans[N_SPANS - 1, 1] = d - start - cont, d - start - cont + 1
-    return True, y_dec, data[d] - _ZERO
+    return True, y_dec, data[d] - _ZERO, verdict
 
 
 @njit(cache=True)
-def _reward(fmt, y_dec, y_hat, y_final, y_gt, gate_pred, alpha, beta, gamma, penalty, gate_fail):
-    """(I_cst, I_logic, R) of Eq. 6 for one parsed response (values: see RewardConfig)."""
+def _reward(fmt, y_dec, y_hat, y_final, y_verdict, y_gt, gate_pred, alpha, beta, gamma, penalty, gate_fail):
+    """(I_cst, I_logic, R) of Eq. 6 for one parsed response (values: see RewardConfig). I_cst: the
+    three statements of the grade agree — the decision token, step 9's verdict and the final box."""
     if not fmt:
         return False, False, penalty
-    cst = y_dec == y_final
+    cst = y_dec == y_final and y_verdict == y_final
     if y_gt < 0:                    # unknown label: no gate can pass (see RewardConfig)
         logic = False
     elif gate_pred:
@@ -344,18 +351,18 @@ def _verify_kernel(data, offsets, valid, labels,
     for i in prange(labels.shape[0]):
         values[i, :] = -1
         spans[i, :, :] = -1
-        ok, dec, fin = False, -1, -1
+        ok, dec, fin, verdict = False, -1, -1, -1
         if valid[i]:
-            ok, dec, fin = _parse_response(data, offsets[i], offsets[i + 1], prefixes, prefix_starts,
-                                           prefix_cont, box, byte_class, vocab, vocab_starts, step_vocab,
-                                           values[i], spans[i])
+            ok, dec, fin, verdict = _parse_response(data, offsets[i], offsets[i + 1], prefixes, prefix_starts,
+                                                    prefix_cont, box, byte_class, vocab, vocab_starts,
+                                                    step_vocab, values[i], spans[i])
         hat = -1
         if ok:
             hat = _expected_label(values[i], rule_masks, rule_labels)
         else:                       # only the decision digit survives a failed format
             values[i, :] = -1
             spans[i, 1:, :] = -1
-        c, g, r = _reward(ok, dec, hat, fin, labels[i], gate_pred, alpha, beta, gamma, penalty, gate_fail)
+        c, g, r = _reward(ok, dec, hat, fin, verdict, labels[i], gate_pred, alpha, beta, gamma, penalty, gate_fail)
         fmt[i], cst[i], logic[i], reward[i] = ok, c, g, r
         y_dec[i], y_final[i], y_hat[i] = dec, fin, hat
 

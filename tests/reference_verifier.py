@@ -32,18 +32,20 @@ def response_pattern(rulebook: Rulebook) -> re.Pattern:
     """DEC \n STEP_1 \n … STEP_9 \n FINAL TRAIL as one regex; groups v1..v9 hold the boxed values."""
     parts = [r"(?P<dec>[0-4])\n"]
     for step in rulebook.steps:
-        # TEXT: no newline or brace; VALUE: at least one such character; the box ends the line
+        # TEXT: no newline or brace; VALUE: at least one such character (step 9: one grade digit);
+        # the box ends the line
+        value = "[0-4]" if step.number == 9 else "[^\n{}]+"
         parts.append(rf"Step {step.number} \({re.escape(step.name)}\): [^\n{{}}]*"
-                     rf"\\boxed\{{(?P<v{step.number}>[^\n{{}}]+)\}}\n")
+                     rf"\\boxed\{{(?P<v{step.number}>{value})\}}\n")
     parts.append(r"Final: \\boxed\{(?P<final>[0-4])\}[ \t\r\n]*")
     return re.compile("".join(parts))
 
 
-def reward_of(y_dec, y_final, y_hat, y_gt, gate, alpha, beta, gamma, format_penalty):
+def reward_of(y_dec, y_final, y_hat, y_gt, gate, alpha, beta, gamma, format_penalty, y_verdict=None):
     """(I_cst, I_logic, R) for a response whose format passed (Eq. 6 with the ordering rule of
     RewardConfig: the paper's 1 / 0 under the literal gate; under "pred" a failed gate earns the
     midpoint of the format penalty and the reward of an answer four grades off)."""
-    cst = y_dec == y_final
+    cst = y_dec == y_final and (y_verdict is None or y_verdict == y_final)
     if y_gt == -1:
         logic = False
     elif gate == "pred":
@@ -82,7 +84,8 @@ def verify_one(text, y_gt: int, rulebook: Rulebook, pattern: re.Pattern, gate="l
     spans.append(m.span("final"))
     y_final = int(m.group("final"))
     y_hat = rulebook.expected_label(values)
-    cst, logic, reward = reward_of(y_dec, y_final, y_hat, y_gt, gate, alpha, beta, gamma, format_penalty)
+    cst, logic, reward = reward_of(y_dec, y_final, y_hat, y_gt, gate, alpha, beta, gamma, format_penalty,
+                                   y_verdict=int(m.group("v9")))
     indices = tuple(step.values.index(values[step.key]) for step in rulebook.critical)
     return ReferenceResult(True, cst, logic, y_dec, y_final, y_hat, indices, reward, tuple(spans))
 

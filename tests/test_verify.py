@@ -277,10 +277,11 @@ OUTCOME_CONFIGS = [RewardConfig(gate="literal"), RewardConfig(gate="pred"),
 
 
 def all_outcomes():
-    """Every (format ok, y_dec, y_final, ŷ, y_gt) a parsed response can have."""
+    """Every (format ok, y_dec, y_final, y_verdict, ŷ, y_gt) a parsed response can have."""
     grades = range(5)
-    yield from ((False, d, -1, -1, gt) for d in (-1, 0, 4) for gt in (-1, 0, 2, 4))
-    yield from ((True, d, f, h, gt) for d in grades for f in grades for h in grades for gt in range(-1, 5))
+    yield from ((False, d, -1, -1, -1, gt) for d in (-1, 0, 4) for gt in (-1, 0, 2, 4))
+    yield from ((True, d, f, v, h, gt) for d in grades for f in grades for v in grades for h in grades
+                for gt in range(-1, 5))
 
 
 @pytest.mark.parametrize("config", OUTCOME_CONFIGS, ids=lambda c: f"{c.gate}-{c.alpha}-{c.gamma}-{c.format_penalty}")
@@ -293,15 +294,16 @@ def test_reward_ordering_over_all_outcomes(config):
     from reference_verifier import reward_of
 
     classes = {"format": set(), "gate": set()}
-    for fmt, dec, fin, hat, gt in all_outcomes():
-        cst, logic, r = _reward(fmt, dec, hat, fin, gt, config.gate == "pred", config.alpha, config.beta,
+    for fmt, dec, fin, verdict, hat, gt in all_outcomes():
+        cst, logic, r = _reward(fmt, dec, hat, fin, verdict, gt, config.gate == "pred", config.alpha, config.beta,
                                 config.gamma, config.format_penalty, config.gate_failure_reward)
         if not fmt:
             classes["format"].add(r)
             continue
         want = reward_of(dec, fin, hat, gt, config.gate, config.alpha, config.beta, config.gamma,
-                         config.format_penalty)
-        assert (cst, logic) == want[:2] and r == pytest.approx(want[2], abs=1e-12), (fmt, dec, fin, hat, gt)
+                         config.format_penalty, y_verdict=verdict)
+        assert (cst, logic) == want[:2] and r == pytest.approx(want[2], abs=1e-12), (fmt, dec, fin, verdict, hat, gt)
+        assert cst == (dec == fin == verdict)
         if cst and logic:
             classes.setdefault(abs(dec - gt), set()).add(r)
         else:
@@ -536,3 +538,22 @@ def test_token_offsets_fall_back_to_prefix_decoding():
     assert text[offsets[7, 0]:offsets[7, 1]] == " é"
     w = token_weights([[0, 1]] + [[-1, -1]] * 6, offsets)       # failed format: only the decision
     assert w.tolist() == [10.0] + [1.0] * (len(ids) - 1)
+
+
+def test_step_9_boxes_a_grade_that_agrees_with_the_answer():
+    """Step 9 is the verdict: its box must hold one grade digit (else the format fails), and a
+    verdict that disagrees with the decision and the final grade fails the consistency gate."""
+    from afrl_fast.format import render_trace
+    values = {"intent": "full", "entity": "consistent", "time": "current", "source": "high", "coverage": "complete"}
+    y = RB.expected_label(values)
+    good = render_trace(RB, y, values)
+    step9 = good.splitlines()[9]
+    assert step9.startswith("Step 9") and step9.endswith(f"\\boxed{{{y}}}")
+    other = (y + 1) % 5
+    texts = [good, good.replace(step9, step9[:-3] + "{yes}"), good.replace(step9, step9[:-3] + "{12}"),
+             good.replace(step9, step9[:-3] + f"{{{other}}}")]
+    res = verify_batch(texts, [y] * 4, RB)
+    assert res.fmt.tolist() == [True, False, False, True]
+    assert res.cst.tolist() == [True, False, False, False]
+    ref = verify_all(texts, [y] * 4, RB)
+    assert [r.fmt for r in ref] == res.fmt.tolist() and [r.cst for r in ref] == res.cst.tolist()
