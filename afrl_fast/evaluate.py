@@ -139,44 +139,23 @@ def appendable_cache(config) -> bool:
     return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
 
 
-# ----------------------------------------------------------------------------- the scorer
+# ----------------------------------------------------------------------------- prompts
 
-class FirstTokenScorer:
-    """P(0..4) of the first answer token for (query, document) pairs, one prefill each.
+class PromptEncoder:
+    """Token ids of the AFRL prompt of (query, document) pairs, as `format.build_prompt` renders
+    it with the model's chat template.
 
-    model        a Hugging Face causal LM (moved to `device` if given, put in eval mode)
-    tokenizer    its tokenizer; "0".."4" must be single tokens (format.label_token_ids)
-    rulebook     gives the expert instructions of the prompt (format.build_prompt)
     max_prompt_tokens  over-long prompts get their DOCUMENT text cut (template and query intact);
-                 `n_truncated` counts them after each call
-    check_head   on construction, compare the 5-row head with the model's own full-vocab logits on
-                 a short probe; a mismatch means an architecture with an unknown logit transform
-    share_prefix compute the KV of the prompts' common prefix once and prefill only each prompt's
-                 suffix (module docstring); `n_full_prefill` counts prompts that could not use it
+                       after each `prompt_ids` call, `truncated_rows` lists the rows cut and
+                       `n_truncated` counts them
     """
 
-    def __init__(self, model, tokenizer, rulebook, *, batch_size: int = 8, device=None,
-                 instructions: str | None = None, max_prompt_tokens: int | None = None,
-                 progress: bool = True, check_head: bool = True, share_prefix: bool = True):
-        if batch_size < 1:
-            raise ScoringError(f"batch_size must be >= 1, got {batch_size}")
-        self.model = model.to(device) if device is not None else model
-        self.model.eval()
-        self.device = next(self.model.parameters()).device
+    def __init__(self, tokenizer, rulebook, instructions: str | None = None,
+                 max_prompt_tokens: int | None = None):
         self.tokenizer, self.rulebook, self.instructions = tokenizer, rulebook, instructions
-        self.batch_size, self.max_prompt_tokens, self.progress = batch_size, max_prompt_tokens, progress
-        self.label_ids = label_token_ids(tokenizer)
-        self.base = decoder_stack(self.model)
-        self.head_weight, self.head_bias = label_head(self.model, self.label_ids)
-        self.transform = logit_transform(self.model.config)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.n_truncated = self.n_full_prefill = 0
-        self.prefix: SharedPrefix | None = None
-        if check_head:
-            self.check_head()
-        self.prefix = self.build_prefix() if share_prefix else None
-
-    # --- prompts -------------------------------------------------------------------------------
+        self.max_prompt_tokens = max_prompt_tokens
+        self.truncated_rows: list[int] = []
+        self.n_truncated = 0
 
     def prompt_text(self, query: str, document: str) -> str:
         return build_prompt(self.tokenizer, self.rulebook, query, document, self.instructions)
@@ -219,13 +198,52 @@ class FirstTokenScorer:
         """Token ids of every prompt; fast batch tokenisation, then the over-long ones cut."""
         texts = [self.prompt_text(q, d) for q, d in zip(queries, documents)]
         all_ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        self.n_truncated = 0
+        self.truncated_rows = []
         if self.max_prompt_tokens is not None:
             for i, ids in enumerate(all_ids):
                 if len(ids) > self.max_prompt_tokens:
                     all_ids[i] = self.fit_document(queries[i], documents[i], ids)
-                    self.n_truncated += 1
+                    self.truncated_rows.append(i)
+        self.n_truncated = len(self.truncated_rows)
         return all_ids
+
+
+# ----------------------------------------------------------------------------- the scorer
+
+class FirstTokenScorer(PromptEncoder):
+    """P(0..4) of the first answer token for (query, document) pairs, one prefill each.
+
+    model        a Hugging Face causal LM (moved to `device` if given, put in eval mode)
+    tokenizer    its tokenizer; "0".."4" must be single tokens (format.label_token_ids)
+    rulebook     gives the expert instructions of the prompt (format.build_prompt)
+    max_prompt_tokens  over-long prompts get their DOCUMENT text cut (template and query intact);
+                 `n_truncated` counts them after each call
+    check_head   on construction, compare the 5-row head with the model's own full-vocab logits on
+                 a short probe; a mismatch means an architecture with an unknown logit transform
+    share_prefix compute the KV of the prompts' common prefix once and prefill only each prompt's
+                 suffix (module docstring); `n_full_prefill` counts prompts that could not use it
+    """
+
+    def __init__(self, model, tokenizer, rulebook, *, batch_size: int = 8, device=None,
+                 instructions: str | None = None, max_prompt_tokens: int | None = None,
+                 progress: bool = True, check_head: bool = True, share_prefix: bool = True):
+        if batch_size < 1:
+            raise ScoringError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model.to(device) if device is not None else model
+        self.model.eval()
+        self.device = next(self.model.parameters()).device
+        super().__init__(tokenizer, rulebook, instructions, max_prompt_tokens)
+        self.batch_size, self.progress = batch_size, progress
+        self.label_ids = label_token_ids(tokenizer)
+        self.base = decoder_stack(self.model)
+        self.head_weight, self.head_bias = label_head(self.model, self.label_ids)
+        self.transform = logit_transform(self.model.config)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.n_full_prefill = 0
+        self.prefix: SharedPrefix | None = None
+        if check_head:
+            self.check_head()
+        self.prefix = self.build_prefix() if share_prefix else None
 
     # --- the forward ---------------------------------------------------------------------------
 
