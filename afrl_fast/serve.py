@@ -243,15 +243,18 @@ class Batcher:
     """Pairs from every request go into one bounded asyncio queue; `run` takes batches off it and
     scores them in the single inference thread.
 
-    A batch closes when it holds max_batch pairs, or when max_wait has passed since its first pair
-    arrived AND the previous batch has finished: while the worker is busy nothing is lost by
-    waiting, so the batch keeps filling (under load batches grow by themselves)."""
+    A batch closes when it holds max_batch pairs, or, once the previous batch has finished, when
+    max_wait has passed since its first pair arrived or no request is on its way to the queue
+    (`incoming`: admitted by a handler, still being tokenised). While the worker is busy nothing is
+    lost by waiting, so the batch keeps filling and batches grow with the load by themselves; with
+    nothing on its way, waiting would only add latency (a lone client never waits)."""
 
     def __init__(self, score_fn, worker: ThreadPoolExecutor, cfg: ServeConfig, metrics: Metrics | None = None):
         self.score_fn, self.worker, self.cfg = score_fn, worker, cfg
         self.queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=cfg.max_queue)
         self.metrics = metrics
         self.max_wait = cfg.max_wait_ms / 1000.0
+        self.incoming = 0
 
     def submit(self, all_ids: list[list[int]]) -> list[asyncio.Future]:
         """Enqueue every pair of one request, or none of them (Overloaded) if they do not all fit."""
@@ -283,7 +286,7 @@ class Batcher:
                 break
             busy = running is not None and not running.done()
             remaining = deadline - loop.time()
-            if remaining <= 0 and not busy:
+            if not busy and (remaining <= 0 or self.incoming == 0):
                 break
             getter = asyncio.ensure_future(self.queue.get())
             await asyncio.wait({getter, running} if busy else {getter},
@@ -403,16 +406,14 @@ class Service:
     async def score(self, pairs) -> tuple[list[list[int]], np.ndarray, list[int]]:
         loop = asyncio.get_running_loop()
         queries, documents = [p.query for p in pairs], [p.document for p in pairs]
+        self.batcher.incoming += 1
         try:
             ids, truncated = await loop.run_in_executor(self.tokenize_pool, self.encode_pairs, queries, documents)
+            self.check_lengths(ids)
         except ScoringError as e:      # --truncate, but the prompt is too long without its document
             raise ApiError(400, f"pairs: {e}", "pairs", "context_length_exceeded") from None
-        limit = self.prompt_limit
-        for i, row in enumerate(ids):
-            if len(row) > limit:
-                raise ApiError(400, f"pairs[{i}].document: the prompt is {len(row)} tokens, more than the model's "
-                                    f"limit of {limit} (start the service with --truncate to cut long documents)",
-                               f"pairs[{i}].document", "context_length_exceeded")
+        finally:
+            self.batcher.incoming -= 1
         try:
             futures = self.batcher.submit(ids)
         except Overloaded:
@@ -422,6 +423,14 @@ class Service:
         probs = np.stack(await asyncio.gather(*futures))
         self.metrics.full_prefill.set(self.backend.full_prefill_pairs)
         return ids, probs, truncated
+
+    def check_lengths(self, ids: list[list[int]]) -> None:
+        limit = self.prompt_limit
+        for i, row in enumerate(ids):
+            if len(row) > limit:
+                raise ApiError(400, f"pairs[{i}].document: the prompt is {len(row)} tokens, more than the model's "
+                                    f"limit of {limit} (start the service with --truncate to cut long documents)",
+                               f"pairs[{i}].document", "context_length_exceeded")
 
     # --- generation ----------------------------------------------------------------------------
 
@@ -643,8 +652,9 @@ def create_app(backend, cfg: ServeConfig, encoder: PromptEncoder, worker: Thread
         if req.explain:
             for result, extra in zip(results, await svc.explain(ids, grades)):
                 result.update(extra)
-        return {"model": cfg.model_name, "results": results,
-                "usage": {"pairs": len(ids), "prompt_tokens": sum(map(len, ids))}}
+        # a Response skips FastAPI's generic encoder: the content is plain JSON types already
+        return JSONResponse({"model": cfg.model_name, "results": results,
+                             "usage": {"pairs": len(ids), "prompt_tokens": sum(map(len, ids))}})
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
@@ -673,9 +683,9 @@ def create_app(backend, cfg: ServeConfig, encoder: PromptEncoder, worker: Thread
                 n_out += used
                 svc.metrics.generated.inc(len(group.token_ids[j]))
         n_in = sum(map(len, prompts))
-        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": cfg.model_name, "choices": choices,
-                "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}}
+        return JSONResponse({"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+                             "created": int(time.time()), "model": cfg.model_name, "choices": choices,
+                             "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}})
 
     @app.get("/v1/models")
     async def models():
@@ -727,6 +737,9 @@ def parse_args(argv):
     ap.add_argument("--backend", default="embedded", choices=BACKENDS)
     ap.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:1 ...")
     ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads for inference (default: torch's, one per core); on a CPU the "
+                         "event loop and the tokenizer need a core too")
     ap.add_argument("--max-batch", type=int, default=64, help="pairs per inference batch")
     ap.add_argument("--max-wait-ms", type=float, default=5.0, help="longest a pair waits for its batch to fill")
     ap.add_argument("--max-queue", type=int, default=1024, help="pairs waiting before requests get 503")
@@ -754,6 +767,12 @@ def build(args):
                       explain_max_tokens=args.explain_max_tokens,
                       model_name=args.served_model_name or Path(args.model).resolve().name)
     cfg.check()
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ServeError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     if not Path(args.model).is_dir():
         raise ServeError(f"{args.model}: model folder not found")
     prompt = resolve_prompt_settings(args.model, args.rulebook, args.instructions)
