@@ -202,7 +202,11 @@ class PromptEncoder:
         if self.max_prompt_tokens is not None:
             for i, ids in enumerate(all_ids):
                 if len(ids) > self.max_prompt_tokens:
-                    all_ids[i] = self.fit_document(queries[i], documents[i], ids)
+                    try:
+                        all_ids[i] = self.fit_document(queries[i], documents[i], ids)
+                    except ScoringError as e:
+                        e.row = i           # callers name the row
+                        raise
                     self.truncated_rows.append(i)
         self.n_truncated = len(self.truncated_rows)
         return all_ids

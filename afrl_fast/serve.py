@@ -18,9 +18,10 @@ prompt prefix every pair shares (system prompt and chat template up to the user'
 computed once at start-up; a pair prefills only its own suffix, and only the five label rows of the
 LM head are applied (`afrl_fast.evaluate.FirstTokenScorer`, the offline evaluator's code). Pairs
 from all clients go through one asyncio queue; a batching task takes up to --max-batch of them,
-waiting at most --max-wait-ms after the first one arrived (and keeps filling the batch while the
-previous one is still computing), and inference runs in one worker thread, so the event loop keeps
-accepting requests. A full queue answers 503 with Retry-After instead of growing memory.
+keeps filling the batch while the previous one is still computing, then waits at most --max-wait-ms
+after its first pair arrived for requests still being tokenised (not at all when there are none);
+inference runs in one worker thread, so the event loop keeps accepting requests. A full queue
+answers 503 with Retry-After instead of growing memory.
 
 Bad input gets a JSON 4xx naming the field (and pair index): {"error": {"message", "type", "param",
 "code"}}, the OpenAI error shape. SIGTERM stops accepting connections, finishes the requests in
@@ -47,7 +48,7 @@ from .evaluate import PromptEncoder, ScoringError
 from .format import FormatError, resolve_prompt_settings
 from .metrics import expected_score
 from .rulebook import RulebookError
-from .serve_backends import BACKENDS, ServeError, load_backend
+from .serve_backends import BACKENDS, ServeError, load_backend, pick_device
 from .verify import RewardConfig, verify_batch
 
 log = logging.getLogger("afrl_fast.serve")
@@ -125,7 +126,7 @@ def validation_message(err: dict) -> tuple[str, str]:
 class Metrics:
     """Prometheus metrics of one service, in their own registry (several apps can live in one process)."""
 
-    def __init__(self, queue_depth):
+    def __init__(self, queue_depth, generation_rows=lambda: 0):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = r = CollectorRegistry()
@@ -143,6 +144,9 @@ class Metrics:
                                        buckets=(.001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5))
         self.queue = Gauge("afrl_queue_pairs", "pairs waiting in the batching queue", registry=r)
         self.queue.set_function(queue_depth)
+        self.generation = Gauge("afrl_generation_rows", "completion and explain rows submitted to the inference "
+                                "thread and not finished", registry=r)
+        self.generation.set_function(generation_rows)
         self.rejected = Counter("afrl_rejected", "requests refused before inference, by reason", ["reason"],
                                 registry=r)
         self.generated = Counter("afrl_generated_tokens", "tokens generated (completions and explain traces)",
@@ -411,7 +415,8 @@ class Service:
             ids, truncated = await loop.run_in_executor(self.tokenize_pool, self.encode_pairs, queries, documents)
             self.check_lengths(ids)
         except ScoringError as e:      # --truncate, but the prompt is too long without its document
-            raise ApiError(400, f"pairs: {e}", "pairs", "context_length_exceeded") from None
+            param = f"pairs[{getattr(e, 'row', 0)}].query"
+            raise ApiError(400, f"{param}: {e}", param, "context_length_exceeded") from None
         finally:
             self.batcher.incoming -= 1
         try:
@@ -452,8 +457,9 @@ class Service:
         verifier's verdict on grade + trace."""
         label_ids = self.backend.label_ids
         prompts = [row + [label_ids[g]] for row, g in zip(ids, grades)]
-        budget = min(self.cfg.explain_max_tokens, self.backend.context_tokens - max(map(len, prompts))
-                     if self.backend.context_tokens else self.cfg.explain_max_tokens)
+        budget = self.cfg.explain_max_tokens
+        if self.backend.context_tokens:
+            budget = min(budget, self.backend.context_tokens - max(map(len, prompts)))
         if budget < 1:
             raise ApiError(400, "pairs: no room left in the model's context for an explanation", "pairs",
                            "context_length_exceeded")
@@ -609,7 +615,8 @@ def create_app(backend, cfg: ServeConfig, encoder: PromptEncoder, worker: Thread
             worker.shutdown(wait=False)
 
     app = FastAPI(title="afrl-fast scoring service", lifespan=lifespan, docs_url=None, redoc_url=None)
-    svc.metrics = Metrics(lambda: svc.batcher.queue.qsize() if svc.batcher is not None else 0)
+    svc.metrics = Metrics(lambda: svc.batcher.queue.qsize() if svc.batcher is not None else 0,
+                          lambda: svc.pending_rows)
     app.state.service = svc
 
     @app.exception_handler(ApiError)
@@ -738,8 +745,8 @@ def parse_args(argv):
     ap.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:1 ...")
     ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     ap.add_argument("--threads", type=int, default=None,
-                    help="torch intra-op threads for inference (default: torch's, one per core); on a CPU the "
-                         "event loop and the tokenizer need a core too")
+                    help="torch threads for inference; default on CPU: one per core but one, which the event "
+                         "loop and the tokenizer need")
     ap.add_argument("--max-batch", type=int, default=64, help="pairs per inference batch")
     ap.add_argument("--max-wait-ms", type=float, default=5.0, help="longest a pair waits for its batch to fill")
     ap.add_argument("--max-queue", type=int, default=1024, help="pairs waiting before requests get 503")
@@ -767,12 +774,15 @@ def build(args):
                       explain_max_tokens=args.explain_max_tokens,
                       model_name=args.served_model_name or Path(args.model).resolve().name)
     cfg.check()
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ServeError(f"--threads must be >= 1, got {args.threads}")
-        import torch
+    if args.threads is not None and args.threads < 1:
+        raise ServeError(f"--threads must be >= 1, got {args.threads}")
+    import torch
 
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
+    elif args.backend == "embedded" and pick_device(args.device) == "cpu":
+        # Inference threads spin-wait at every op; one sharing a core with the event loop stalls both.
+        torch.set_num_threads(max(1, torch.get_num_threads() - 1))
     if not Path(args.model).is_dir():
         raise ServeError(f"{args.model}: model folder not found")
     prompt = resolve_prompt_settings(args.model, args.rulebook, args.instructions)

@@ -177,27 +177,41 @@ def batch_totals(url) -> tuple[float, float]:
     return values.get("afrl_batch_pairs_sum", 0.0), values.get("afrl_batch_pairs_count", 0.0)
 
 
-def suffix_forward_ms(model_dir, pairs) -> tuple[float, float, int]:
-    """Median ms of one forward over a single pair's suffix after the cached prefix (the scorer's
-    own code, in this process), the median suffix length and the prefix length, in tokens."""
+def median_ms(fn, items) -> float:
+    """Median ms of fn(item) over the items, after one warm-up pass."""
+    times = []
+    for item in list(items) + list(items):
+        t0 = time.perf_counter()
+        fn(item)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times[len(items):])
+
+
+def in_process_costs(model_dir, pairs) -> dict:
+    """Per-pair costs measured in this process with THREADS threads, no HTTP: tokenising one pair's
+    prompt, one forward over a single pair's suffix after the cached prefix (the latency floor),
+    ours per pair in batches of 32, and the naive handler's forward (whole prompt, full-vocab head)."""
     from afrl_fast.evaluate import FirstTokenScorer, load_model
     from afrl_fast.format import load_tokenizer, resolve_prompt_settings
 
     prompt = resolve_prompt_settings(model_dir, None, "full")
-    scorer = FirstTokenScorer(load_model(str(model_dir), "auto"), load_tokenizer(model_dir), prompt.rulebook,
-                              instructions=prompt.instructions, progress=False)
-    suffixes = [row[len(scorer.prefix):] for row in scorer.prompt_ids(*zip(*pairs[:64]))]
+    model = load_model(str(model_dir), "auto")
+    scorer = FirstTokenScorer(model, load_tokenizer(model_dir), prompt.rulebook, instructions=prompt.instructions,
+                              progress=False, batch_size=32)
+    ids = scorer.prompt_ids(*zip(*pairs[:64]))
+    suffixes = [row[len(scorer.prefix):] for row in ids]
     threads = torch.get_num_threads()
     torch.set_num_threads(THREADS)
-    times = []
     try:
-        for s in suffixes + suffixes:            # the first pass warms up
-            t0 = time.perf_counter()
-            scorer.suffix_label_logits([s])
-            times.append(time.perf_counter() - t0)
+        with torch.inference_mode():
+            return {"tokenize": median_ms(lambda p: scorer.prompt_ids([p[0]], [p[1]]), pairs[:64]),
+                    "suffix": median_ms(lambda s: scorer.suffix_label_logits([s]), suffixes),
+                    "batched": median_ms(scorer.score_token_ids, [ids[:32], ids[32:]]) / 32,
+                    "naive": median_ms(lambda row: torch.softmax(model(input_ids=torch.tensor([row]), logits_to_keep=1)
+                                                                 .logits[0, -1].double(), -1), ids[:32]),
+                    "suffix_len": statistics.median(map(len, suffixes)), "prefix_len": len(scorer.prefix)}
     finally:
         torch.set_num_threads(threads)
-    return 1e3 * statistics.median(times[len(suffixes):]), statistics.median(map(len, suffixes)), len(scorer.prefix)
 
 
 @pytest.mark.benchmark
@@ -213,7 +227,8 @@ def test_bench_serve(tmp_path, capsys):
     # a ranker scoring one query's candidates sends them together
     multi = [json.dumps({"pairs": [{"query": q, "document": d} for q, d in pairs[i:i + MULTI]]}).encode()
              for i in range(0, len(pairs), MULTI)]
-    floor_ms, suffix_len, prefix_len = suffix_forward_ms(model_dir, pairs)
+    costs = in_process_costs(model_dir, pairs)
+    floor_ms = costs["suffix"]
 
     py, model = sys.executable, ["--model", str(model_dir), "--instructions", "full"]
     baseline = [py, "benchmarks/_serve_baselines.py"]
@@ -253,7 +268,7 @@ def test_bench_serve(tmp_path, capsys):
 
     lines = [f"scoring service, {os.cpu_count()} CPU cores, torch {torch.__version__}, {THREADS} torch thread(s) per "
              f"handler; model: {'trained ' + trained if trained else 'demo architecture, random weights'}; "
-             f"--instructions full: shared prefix {prefix_len} tokens, pair suffix median {suffix_len:.0f} tokens; "
+             f"--instructions full: shared prefix {costs['prefix_len']} tokens, pair suffix median {costs['suffix_len']:.0f} tokens; "
              f"one pair per request, {DURATION:.0f} s per point ({FLOOR_DURATION:.0f} s for /health)",
              f"{'handler':<26}{'clients':>8}{'pairs/s':>10}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'errors':>8}"
              f"{'batch':>7}"]
@@ -264,6 +279,9 @@ def test_bench_serve(tmp_path, capsys):
     lines.append(f"(batch: mean pairs per inference batch during the point; the {MULTI} pairs/request row: "
                  f"{32 // MULTI} clients, so 32 pairs in flight as with 32 one-pair clients, latency per request)")
     lines.append(f"latency floor: one forward over a single pair's suffix after the cached prefix: {floor_ms:.2f} ms")
+    lines.append(f"in process, no HTTP, per pair: tokenising the prompt {costs['tokenize']:.2f} ms; ours in batches of 32 "
+                 f"{costs['batched']:.2f} ms; naive forward {costs['naive']:.2f} ms "
+                 f"({costs['naive'] / costs['batched']:.1f}x ours)")
     best_naive = max(rows[("naive", 32)]["pairs_s"], rows[("naive, 2 threads", 32)]["pairs_s"])
     speedup = rows[("ours", 32)]["pairs_s"] / max(best_naive, 1e-9)
     p99 = rows[("ours", 1)]["p99"]

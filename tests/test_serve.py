@@ -89,8 +89,9 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.log = open(log_path, "w")
+        # one torch thread: on a small shared machine two spin-waiting OpenMP threads stall each other
         self.proc = subprocess.Popen([sys.executable, "-m", "afrl_fast.serve", "--model", str(model_dir),
-                                      "--port", str(self.port), *flags],
+                                      "--port", str(self.port), "--threads", "1", *flags],
                                      stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -259,7 +260,8 @@ def test_metrics_endpoint_is_prometheus_text(server):
     r = httpx.get(server.url + "/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     for name in ("afrl_requests_total", "afrl_request_seconds_bucket", "afrl_pairs_scored_total",
-                 "afrl_batch_pairs_bucket", "afrl_queue_pairs", "afrl_batch_seconds_bucket"):
+                 "afrl_batch_pairs_bucket", "afrl_queue_pairs", "afrl_batch_seconds_bucket",
+                 "afrl_generation_rows", "afrl_generated_tokens_total"):
         assert name in r.text
 
 
@@ -444,9 +446,33 @@ def test_bad_completion_requests(server, name, body, status, param):
     assert r.json()["error"]["param"] == param
 
 
+def test_truncate_flag_cuts_documents_like_the_offline_evaluator(model_dir, model, tokenizer, prompt, tmp_path):
+    srv = Server(model_dir, tmp_path / "truncate.log", "--truncate", "--max-prompt-tokens", "300")
+    try:
+        pairs = [("tower height", LONG_DOCUMENT), ("tower height", "It is 330 metres tall.")]
+        results = score(srv.url, pairs)
+        assert [r["truncated"] for r in results] == [True, False]
+        offline = FirstTokenScorer(model, tokenizer, prompt.rulebook, instructions=prompt.instructions,
+                                   max_prompt_tokens=300, progress=False, share_prefix=False)
+        np.testing.assert_allclose([r["probs"] for r in results], offline.score(*zip(*pairs)), atol=1e-5)
+        # a query that alone does not fit cannot be cut: 400 naming it
+        r = httpx.post(srv.url + "/v1/score", json={"pairs": [{"query": "q", "document": "d"},
+                                                              {"query": "tall " * 400, "document": "d"}]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "pairs[1].query"
+    finally:
+        srv.stop()
+
+
 # ----------------------------------------------------------------------------------------------
 # Overload, shutdown, start-up errors
 # ----------------------------------------------------------------------------------------------
+
+def wait_until(condition, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
 
 def test_full_queue_answers_503_and_sigterm_finishes_in_flight(model_dir, tmp_path):
     srv = Server(model_dir, tmp_path / "small.log", "--max-queue", "4", "--max-batch", "1", "--max-wait-ms", "0")
@@ -460,24 +486,27 @@ def test_full_queue_answers_503_and_sigterm_finishes_in_flight(model_dir, tmp_pa
         # keep the inference thread busy with a long generation, fill the queue, overflow it
         slow = {}
         gen = threading.Thread(target=lambda: slow.update(r=httpx.post(
-            srv.url + "/v1/completions", json={"prompt": [1, 2, 3], "n": 4, "max_tokens": 900, "seed": 0},
+            srv.url + "/v1/completions", json={"prompt": [1, 2, 3], "n": 2, "max_tokens": 600, "seed": 0},
             timeout=300)))
         gen.start()
-        time.sleep(0.5)
+        wait_until(lambda: metric(srv.url, "afrl_generation_rows") == 2)
         filler = {}
         fill = threading.Thread(target=lambda: filler.update(r=httpx.post(
             srv.url + "/v1/score", json={"pairs": [pair] * 4}, timeout=300)))
         fill.start()
-        time.sleep(0.5)
+        # max batch 1 and a busy worker: one pair waits for the worker, the next batch of one is
+        # formed, two pairs stay in the queue of four
+        wait_until(lambda: metric(srv.url, "afrl_queue_pairs") == 2)
         overflow = httpx.post(srv.url + "/v1/score", json={"pairs": [pair] * 3}, timeout=60)
         assert overflow.status_code == 503, overflow.text
         assert metric(srv.url, "afrl_rejected_total", reason="queue_full") == 2
+        assert "r" not in slow and "r" not in filler          # both still in flight
 
         # SIGTERM while the generation and the queued pairs are in flight: both are answered
         srv.proc.send_signal(signal.SIGTERM)
         gen.join(timeout=300)
         fill.join(timeout=300)
-        assert slow["r"].status_code == 200 and len(slow["r"].json()["choices"]) == 4
+        assert slow["r"].status_code == 200 and len(slow["r"].json()["choices"]) == 2
         assert filler["r"].status_code == 200 and len(filler["r"].json()["results"]) == 4
         # uvicorn re-raises the signal it caught once the requests are answered: the process ends by SIGTERM
         assert srv.proc.wait(timeout=60) == -signal.SIGTERM
