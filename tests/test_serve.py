@@ -298,7 +298,7 @@ def test_explain_verdict_on_a_valid_trace(tokenizer, prompt):
 
     from afrl_fast.evaluate import PromptEncoder
     from afrl_fast.rollout import RolloutGroup
-    from afrl_fast.serve import ServeConfig, Service
+    from afrl_fast.serve import Metrics, ServeConfig, Service
 
     rb = prompt.rulebook
     values = {step.key: step.values[0] for step in rb.steps if step.values}
@@ -314,7 +314,6 @@ def test_explain_verdict_on_a_valid_trace(tokenizer, prompt):
             return [RolloutGroup(p, [c], [[0.0] * len(c)], [True]) for p, c in zip(prompts, continuations)]
 
     svc = Service(Stub(), ServeConfig(), PromptEncoder(tokenizer, rb, prompt.instructions), ThreadPoolExecutor(1))
-    from afrl_fast.serve import Metrics
     svc.metrics = Metrics(lambda: 0)
     out = asyncio.run(svc.explain([[1, 2], [3, 4]], [grade, (grade + 1) % 5]))
     reference = verify_all([good, wrong], [grade, (grade + 1) % 5], rb, gate="pred")
