@@ -1,6 +1,9 @@
 """afrl-fast: a fast trainer for Answer-First, Reason-Later relevance judges."""
 from setuptools import setup
 
+# The online scoring service (python -m afrl_fast.serve); the tests need it, so dev pulls it in.
+SERVE = ["fastapi>=0.110", "uvicorn[standard]>=0.29", "pydantic>=2", "prometheus-client>=0.20"]
+
 setup(
     name="afrl-fast",
     version="0.1.0",
@@ -31,7 +34,9 @@ setup(
         "filelock>=3.12",
     ],
     extras_require={
-        "dev": ["pytest>=8", "scikit-learn>=1.4", "liger-kernel>=0.6", "ninja>=1.11"],
+        "dev": ["pytest>=8", "scikit-learn>=1.4", "liger-kernel>=0.6", "ninja>=1.11", *SERVE, "httpx>=0.27",
+                "openai>=1.40"],
+        "serve": SERVE,
         "gpu": ["flash-attn>=2.6"],
         "sglang": ["sglang>=0.4"],
     },

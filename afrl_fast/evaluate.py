@@ -8,6 +8,12 @@ P(0..4) renormalised over the label tokens, exactly the full-vocabulary softmax 
 and renormalised (the log-sum-exp over the rest of the vocabulary cancels). The head costs
 5·H instead of V·H (V = 151,936 for Qwen3) and no [B, V] logits are ever materialised.
 
+Every prompt starts with the same tokens (system prompt and chat template up to the user's text).
+Their KV is computed once (`SharedPrefix`); a prompt that starts with them prefills only its own
+suffix on top of a copy of that KV. Attention over the cached keys gives the same hidden states
+as a full prefill, so this changes no score beyond float rounding (the scorer checks it on a
+probe at start-up). The online service (`afrl_fast.serve`) scores through this same code.
+
     python -m afrl_fast.evaluate --model DIR --data pairs.parquet --out metrics.json \
         [--predictions preds.parquet] [--tokenizer T] [--batch-size B] [--max-prompt-tokens L]
 """
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +30,7 @@ import torch
 from .data import DataError, read_pairs
 from .format import FormatError, build_prompt, label_token_ids, load_tokenizer, resolve_prompt_settings
 from .metrics import MetricsError, compute_metrics, expected_score, format_table, write_json
+from .rollout import cache_argument
 from .rulebook import RulebookError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
@@ -81,40 +89,73 @@ def logit_transform(config):
     return apply
 
 
-# ----------------------------------------------------------------------------- the scorer
+# ----------------------------------------------------------------------------- the shared prefix
 
-class FirstTokenScorer:
-    """P(0..4) of the first answer token for (query, document) pairs, one prefill each.
+# Unlike first characters (letter, digit, punctuation, non-Latin scripts): the token ids all their
+# prompts share end before the user's text, whatever that text starts with.
+PREFIX_PROBES = (("alpha", "beta"), ("7 zeta", "9 omega"), ("(x) Überblick", "[y]"), ("東京", "…テスト"))
 
-    model        a Hugging Face causal LM (moved to `device` if given, put in eval mode)
-    tokenizer    its tokenizer; "0".."4" must be single tokens (format.label_token_ids)
-    rulebook     gives the expert instructions of the prompt (format.build_prompt)
+
+def common_prefix(seqs: list[list[int]]) -> list[int]:
+    """The longest list every sequence starts with."""
+    first = seqs[0]
+    n = min(len(s) for s in seqs)
+    for i in range(n):
+        if any(s[i] != first[i] for s in seqs):
+            return list(first[:i])
+    return list(first[:n])
+
+
+@dataclass
+class SharedPrefix:
+    """The token ids every prompt starts with, and their keys/values [1, kv_heads, P, head_dim]
+    per layer, computed once."""
+    ids: list[int]
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def starts(self, ids: list[int]) -> bool:
+        """Whether a prompt can reuse the prefix: its first ids are exactly the prefix's (a
+        tokenizer may merge the prefix's last token with the user's text) and a suffix follows."""
+        return len(ids) > len(self.ids) and ids[:len(self.ids)] == self.ids
+
+    def cache(self, config, rows: int):
+        """A fresh KV cache holding the prefix for `rows` sequences; the forward appends to it."""
+        from transformers import DynamicCache
+
+        return DynamicCache([(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in self.layers],
+                            config=config)
+
+
+def appendable_cache(config) -> bool:
+    """Only plain full-attention KV layers can be extended from a copied prefix; sliding-window or
+    recurrent layers keep state that concatenation would not reproduce."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    layers = DynamicCache(config=config).layers
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+# ----------------------------------------------------------------------------- prompts
+
+class PromptEncoder:
+    """Token ids of the AFRL prompt of (query, document) pairs, as `format.build_prompt` renders
+    it with the model's chat template.
+
     max_prompt_tokens  over-long prompts get their DOCUMENT text cut (template and query intact);
-                 `n_truncated` counts them after each call
-    check_head   on construction, compare the 5-row head with the model's own full-vocab logits on
-                 a short probe; a mismatch means an architecture with an unknown logit transform
+                       after each `prompt_ids` call, `truncated_rows` lists the rows cut and
+                       `n_truncated` counts them
     """
 
-    def __init__(self, model, tokenizer, rulebook, *, batch_size: int = 8, device=None,
-                 instructions: str | None = None, max_prompt_tokens: int | None = None,
-                 progress: bool = True, check_head: bool = True):
-        if batch_size < 1:
-            raise ScoringError(f"batch_size must be >= 1, got {batch_size}")
-        self.model = model.to(device) if device is not None else model
-        self.model.eval()
-        self.device = next(self.model.parameters()).device
+    def __init__(self, tokenizer, rulebook, instructions: str | None = None,
+                 max_prompt_tokens: int | None = None):
         self.tokenizer, self.rulebook, self.instructions = tokenizer, rulebook, instructions
-        self.batch_size, self.max_prompt_tokens, self.progress = batch_size, max_prompt_tokens, progress
-        self.label_ids = label_token_ids(tokenizer)
-        self.base = decoder_stack(self.model)
-        self.head_weight, self.head_bias = label_head(self.model, self.label_ids)
-        self.transform = logit_transform(self.model.config)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.max_prompt_tokens = max_prompt_tokens
+        self.truncated_rows: list[int] = []
         self.n_truncated = 0
-        if check_head:
-            self.check_head()
-
-    # --- prompts -------------------------------------------------------------------------------
 
     def prompt_text(self, query: str, document: str) -> str:
         return build_prompt(self.tokenizer, self.rulebook, query, document, self.instructions)
@@ -157,13 +198,56 @@ class FirstTokenScorer:
         """Token ids of every prompt; fast batch tokenisation, then the over-long ones cut."""
         texts = [self.prompt_text(q, d) for q, d in zip(queries, documents)]
         all_ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        self.n_truncated = 0
+        self.truncated_rows = []
         if self.max_prompt_tokens is not None:
             for i, ids in enumerate(all_ids):
                 if len(ids) > self.max_prompt_tokens:
-                    all_ids[i] = self.fit_document(queries[i], documents[i], ids)
-                    self.n_truncated += 1
+                    try:
+                        all_ids[i] = self.fit_document(queries[i], documents[i], ids)
+                    except ScoringError as e:
+                        e.row = i           # callers name the row
+                        raise
+                    self.truncated_rows.append(i)
+        self.n_truncated = len(self.truncated_rows)
         return all_ids
+
+
+# ----------------------------------------------------------------------------- the scorer
+
+class FirstTokenScorer(PromptEncoder):
+    """P(0..4) of the first answer token for (query, document) pairs, one prefill each.
+
+    model        a Hugging Face causal LM (moved to `device` if given, put in eval mode)
+    tokenizer    its tokenizer; "0".."4" must be single tokens (format.label_token_ids)
+    rulebook     gives the expert instructions of the prompt (format.build_prompt)
+    max_prompt_tokens  over-long prompts get their DOCUMENT text cut (template and query intact);
+                 `n_truncated` counts them after each call
+    check_head   on construction, compare the 5-row head with the model's own full-vocab logits on
+                 a short probe; a mismatch means an architecture with an unknown logit transform
+    share_prefix compute the KV of the prompts' common prefix once and prefill only each prompt's
+                 suffix (module docstring); `n_full_prefill` counts prompts that could not use it
+    """
+
+    def __init__(self, model, tokenizer, rulebook, *, batch_size: int = 8, device=None,
+                 instructions: str | None = None, max_prompt_tokens: int | None = None,
+                 progress: bool = True, check_head: bool = True, share_prefix: bool = True):
+        if batch_size < 1:
+            raise ScoringError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model.to(device) if device is not None else model
+        self.model.eval()
+        self.device = next(self.model.parameters()).device
+        super().__init__(tokenizer, rulebook, instructions, max_prompt_tokens)
+        self.batch_size, self.progress = batch_size, progress
+        self.label_ids = label_token_ids(tokenizer)
+        self.base = decoder_stack(self.model)
+        self.head_weight, self.head_bias = label_head(self.model, self.label_ids)
+        self.transform = logit_transform(self.model.config)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.n_full_prefill = 0
+        self.prefix: SharedPrefix | None = None
+        if check_head:
+            self.check_head()
+        self.prefix = self.build_prefix() if share_prefix else None
 
     # --- the forward ---------------------------------------------------------------------------
 
@@ -179,16 +263,83 @@ class FirstTokenScorer:
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         return input_ids.to(self.device), mask.to(self.device), positions.to(self.device)
 
-    @torch.inference_mode()
-    def label_logits(self, batch: list[list[int]]) -> torch.Tensor:
-        """[B, 5] logits of the label tokens at the first answer position, float32."""
-        input_ids, mask, positions = self.left_pad(batch)
-        out = self.base(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False)
-        last = out.last_hidden_state[:, -1].float()          # left padding: the last column is real
-        logits = last @ self.head_weight.T
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[B, H] last hidden states -> [B, 5] label logits, float32."""
+        logits = hidden.float() @ self.head_weight.T
         if self.head_bias is not None:
             logits = logits + self.head_bias
         return self.transform(logits)
+
+    @torch.inference_mode()
+    def label_logits(self, batch: list[list[int]]) -> torch.Tensor:
+        """[B, 5] logits of the label tokens at the first answer position, float32. Prompts that
+        start with the shared prefix prefill only their suffix; the others the whole prompt."""
+        if self.prefix is None:
+            return self.full_label_logits(batch)
+        reuse = [self.prefix.starts(ids) for ids in batch]
+        if all(reuse):
+            return self.suffix_label_logits([ids[len(self.prefix):] for ids in batch])
+        self.n_full_prefill += len(batch) - sum(reuse)
+        logits = torch.empty((len(batch), 5), device=self.device)
+        for rows, fn in ((np.flatnonzero(reuse), self.suffix_label_logits),
+                         (np.flatnonzero(np.logical_not(reuse)), self.full_label_logits)):
+            if len(rows):
+                cut = len(self.prefix) if fn == self.suffix_label_logits else 0
+                logits[torch.as_tensor(rows, device=self.device)] = fn([batch[i][cut:] for i in rows])
+        return logits
+
+    @torch.inference_mode()
+    def full_label_logits(self, batch: list[list[int]]) -> torch.Tensor:
+        """Label logits after a full prefill of left-padded prompts."""
+        input_ids, mask, positions = self.left_pad(batch)
+        out = self.base(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False)
+        return self.head_logits(out.last_hidden_state[:, -1])   # left padding: the last column is real
+
+    @torch.inference_mode()
+    def suffix_label_logits(self, suffixes: list[list[int]]) -> torch.Tensor:
+        """Label logits of prompts = shared prefix + suffix, prefilling only the suffixes.
+
+        Suffixes are right-padded after the prefix: a pad only ever follows its row's real tokens,
+        so causal attention alone keeps it out of every real position and no mask is needed.
+        Positions continue from the prefix length; each row's last real position is gathered."""
+        lengths = torch.as_tensor([len(s) for s in suffixes], device=self.device)
+        width, start = int(lengths.max()), len(self.prefix)
+        input_ids = torch.full((len(suffixes), width), self.pad_id, dtype=torch.long)
+        for row, ids in enumerate(suffixes):
+            input_ids[row, :len(ids)] = torch.as_tensor(ids)
+        positions = torch.arange(start, start + width, device=self.device).expand(len(suffixes), -1)
+        out = self.base(input_ids=input_ids.to(self.device), position_ids=positions, use_cache=True,
+                        **{cache_argument(self.base): self.prefix.cache(self.model.config, len(suffixes))})
+        last = out.last_hidden_state[torch.arange(len(suffixes), device=self.device), lengths - 1]
+        return self.head_logits(last)
+
+    @torch.inference_mode()
+    def build_prefix(self) -> SharedPrefix | None:
+        """The shared prefix and its KV, or None where it cannot be reused (cache layout, no
+        common tokens). A probe prompt scored both ways must agree, else the model's attention
+        does something the cache copy does not reproduce."""
+        if not appendable_cache(self.model.config):
+            return None
+        probes = self.tokenizer([self.prompt_text(q, d) for q, d in PREFIX_PROBES], add_special_tokens=False)
+        ids = common_prefix(probes["input_ids"])
+        if not ids:
+            return None
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        self.base(input_ids=torch.as_tensor([ids], device=self.device), use_cache=True,
+                  **{cache_argument(self.base): cache})
+        prefix = SharedPrefix(ids, [(layer.keys, layer.values) for layer in cache.layers])
+        probe = probes["input_ids"][0]
+        full = self.full_label_logits([probe])
+        self.prefix = prefix
+        reused = self.suffix_label_logits([probe[len(ids):]])
+        exact = next(self.model.parameters()).dtype == torch.float32
+        tol = 1e-3 if exact else 5e-2 * max(1.0, float(full.abs().max()))
+        if not torch.allclose(reused, full, atol=tol, rtol=1e-3 if exact else 2e-2):
+            raise ScoringError(f"{type(self.model).__name__}: scoring after the cached prompt prefix gives "
+                               f"{reused.tolist()} but a full prefill {full.tolist()}; use share_prefix=False")
+        return prefix
 
     def score_token_ids(self, all_ids: list[list[int]]) -> np.ndarray:
         """[n, 5] probabilities, in input order. Batches are formed longest-first over prompts

@@ -24,6 +24,8 @@ Conventions, identical for both engines (the trainer relies on them):
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -31,7 +33,7 @@ import numpy as np
 import torch
 
 __all__ = ["RolloutGroup", "EmbeddedEngine", "SGLangEngine", "make_engine", "sample_next_tokens", "Rollouts",
-           "generate_rollouts", "prompt_seed", "TrainerEngine"]
+           "generate_rollouts", "prompt_seed", "TrainerEngine", "cache_argument"]
 
 # End-of-turn / end-of-text tokens of chat tokenizers (Qwen, and many others that reuse the
 # ChatML names). Generation for the AFRL format ends at the end of the assistant turn.
@@ -51,6 +53,9 @@ class RolloutGroup:
     token_ids: list[list[int]]
     logprobs: list[list[float]]
     finished: list[bool]
+    # Only when asked for (generate_groups(top_logprobs=k)): per response, per token, the k most
+    # likely (token id, log-prob) pairs under the same distribution as `logprobs`, best first.
+    top_logprobs: list[list[list[tuple[int, float]]]] | None = None
 
     @property
     def group_size(self) -> int:
@@ -122,18 +127,24 @@ def sample_next_tokens(
     The log-prob is taken under the temperature-scaled, untruncated distribution (module docstring).
     Math in fp32 whatever the model dtype, so bf16 policies sample from the same distribution.
     """
-    logits = logits.float()
+    logprobs = scaled_logprobs(logits, temperature)
     if temperature == 0:
-        logprobs = torch.log_softmax(logits, dim=-1)
         tokens = logits.argmax(dim=-1)
     else:
-        scaled = logits if temperature == 1.0 else logits / temperature
-        logprobs = torch.log_softmax(scaled, dim=-1)
         probs = logprobs.exp()
         if top_p < 1.0:
             probs = probs.masked_fill(~top_p_mask(logprobs, top_p), 0.0)
         tokens = inverse_cdf_sample(probs, generator)
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def scaled_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log_softmax(logits / T) in fp32, T = 1 for greedy: the distribution every reported log-prob
+    refers to (module docstring)."""
+    logits = logits.float()
+    if temperature not in (0, 1.0):
+        logits = logits / temperature
+    return torch.log_softmax(logits, dim=-1)
 
 
 def inverse_cdf_sample(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -178,6 +189,18 @@ def make_generator(seed: int | torch.Generator | None, device: torch.device) -> 
 # Embedded engine
 # ----------------------------------------------------------------------------------------------
 
+@functools.cache
+def _cache_argument_of(forward) -> str:
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def cache_argument(module: torch.nn.Module) -> str:
+    """The name under which this module's forward takes a KV cache: transformers 5.x renamed
+    `past_key_values` to `cache` (the old name warns, and goes away in a later release), while
+    older 5.x releases only know the old one."""
+    return _cache_argument_of(type(module).forward)
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad prompts into (input_ids [P, L], attention_mask [P, L]).
 
@@ -193,14 +216,6 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[tor
         ids[row, width - len(prompt):] = torch.as_tensor(list(prompt), dtype=torch.long)
         mask[row, width - len(prompt):] = 1
     return ids.to(device), mask.to(device)
-
-
-def cache_argument(model: torch.nn.Module) -> str:
-    """The keyword a model's forward takes its KV cache by: `cache` in current transformers,
-    `past_key_values` in releases before the rename (which now warn on every call)."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 @contextlib.contextmanager
@@ -250,7 +265,6 @@ class EmbeddedEngine:
         self.pad_id = int(pad_id) if pad_id is not None else self.eos_ids[0]
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.max_prompts_per_batch = max_prompts_per_batch
-        self._cache_kw = cache_argument(model)
 
     # -- the interface shared with SGLangEngine ------------------------------------------------
 
@@ -263,12 +277,16 @@ class EmbeddedEngine:
         max_new_tokens: int = 1024,
         seed: int | torch.Generator | None = None,
         seeds: Sequence[int] | None = None,
+        top_logprobs: int = 0,
     ) -> list[RolloutGroup]:
         """Sample ``group_size`` responses for each prompt (token ids). Deterministic given ``seed``;
         with ``seeds`` (one per prompt) each group draws from its own RNG, so a prompt's samples are
-        the same whichever prompts share its batch (data-parallel ranks, resumed runs)."""
+        the same whichever prompts share its batch (data-parallel ranks, resumed runs).
+        ``top_logprobs = k > 0`` also records the k most likely tokens at every step."""
         if group_size < 1 or max_new_tokens < 1:
             raise ValueError("group_size and max_new_tokens must be ≥ 1")
+        if top_logprobs < 0:
+            raise ValueError("top_logprobs must be ≥ 0")
         if temperature < 0 or not 0 < top_p <= 1:
             raise ValueError("need temperature ≥ 0 and 0 < top_p ≤ 1")
         if seeds is not None and len(seeds) != len(prompts):
@@ -282,7 +300,7 @@ class EmbeddedEngine:
                 gen = generator if seeds is None else \
                     [make_generator(int(s), self.device) for s in seeds[start:start + step]]
                 groups += self._generate_batch(chunk, group_size, temperature, top_p,
-                                               max_new_tokens, gen)
+                                               max_new_tokens, gen, top_logprobs)
         return groups
 
     def sync_weights(self, model_or_state_dict=None) -> None:
@@ -322,7 +340,7 @@ class EmbeddedEngine:
             position_ids=position_ids,
             use_cache=True,
             logits_to_keep=logits_to_keep,
-            **{self._cache_kw: cache},
+            **{cache_argument(self.model): cache},
         )
         return out.logits[:, -1, :]
 
@@ -339,7 +357,8 @@ class EmbeddedEngine:
         logits = self._forward(ids, mask, positions, cache, logits_to_keep=1)
         return logits, cache, mask
 
-    def _generate_batch(self, prompts, group_size, temperature, top_p, max_new_tokens, generator):
+    def _generate_batch(self, prompts, group_size, temperature, top_p, max_new_tokens, generator,
+                        top_k=0):
         logits, cache, mask = self._prefill(prompts)
 
         # Prefix sharing: the prompt KV is computed once and repeated G times; the G rows of a
@@ -357,6 +376,10 @@ class EmbeddedEngine:
         lengths = torch.zeros(n_rows, dtype=torch.long, device=self.device)
         stopped = torch.zeros(n_rows, dtype=torch.bool, device=self.device)
         eos = torch.tensor(self.eos_ids, device=self.device)
+        top_k = min(top_k, logits.shape[-1])
+        top_buf = (torch.zeros((n_rows, max_new_tokens, top_k), device=self.device),
+                   torch.zeros((n_rows, max_new_tokens, top_k), dtype=torch.long, device=self.device)) \
+            if top_k else None
 
         for step in range(max_new_tokens):
             row_gen = generator if not isinstance(generator, list) else \
@@ -364,6 +387,9 @@ class EmbeddedEngine:
             tokens, logps = sample_next_tokens(logits, temperature, top_p, row_gen)
             token_buf[rows, step] = tokens
             logp_buf[rows, step] = logps
+            if top_k:
+                top_buf[0][rows, step], top_buf[1][rows, step] = \
+                    scaled_logprobs(logits, temperature).topk(top_k, dim=-1)
             lengths[rows] = step + 1
             hit_eos = torch.isin(tokens, eos)
             stopped[rows] = hit_eos
@@ -383,13 +409,16 @@ class EmbeddedEngine:
             logits = self._forward(tokens[:, None], mask, positions[:, None], cache)
             positions = positions + 1
 
-        return self._collect_groups(prompts, group_size, token_buf, logp_buf, lengths, stopped)
+        return self._collect_groups(prompts, group_size, token_buf, logp_buf, lengths, stopped, top_buf)
 
     @staticmethod
-    def _collect_groups(prompts, group_size, token_buf, logp_buf, lengths, stopped):
+    def _collect_groups(prompts, group_size, token_buf, logp_buf, lengths, stopped, top_buf=None):
         """Device buffers → one RolloutGroup per prompt (a single device→host copy per buffer)."""
         token_buf, logp_buf = token_buf.cpu().tolist(), logp_buf.cpu().tolist()
         lengths, stopped = lengths.cpu().tolist(), stopped.cpu().tolist()
+        if top_buf is not None:
+            top_val, top_idx = top_buf[0].cpu().tolist(), top_buf[1].cpu().tolist()
+            top = lambda r: [list(zip(top_idx[r][t], top_val[r][t])) for t in range(lengths[r])]
         groups = []
         for p, prompt in enumerate(prompts):
             rows = range(p * group_size, (p + 1) * group_size)
@@ -398,6 +427,7 @@ class EmbeddedEngine:
                 token_ids=[token_buf[r][:lengths[r]] for r in rows],
                 logprobs=[logp_buf[r][:lengths[r]] for r in rows],
                 finished=[bool(stopped[r]) for r in rows],
+                top_logprobs=[top(r) for r in rows] if top_buf is not None else None,
             ))
         return groups
 

@@ -1,0 +1,212 @@
+"""Where the online service's model runs: the scoring and generation backends of `afrl_fast.serve`.
+
+* ``EmbeddedBackend`` (default, any device): the Hugging Face model in the service's process.
+  Scores go through `afrl_fast.evaluate.FirstTokenScorer` — the KV of the prompt prefix every pair
+  shares is computed once at start-up, each batch prefills only the pairs' suffixes, and only the
+  five label rows of the LM head are applied. Generation (explain traces, /v1/completions) goes
+  through `afrl_fast.rollout.EmbeddedEngine`, which prefills a prompt once and expands its KV for
+  the n samples.
+* ``SGLangBackend`` (GPU, `--backend sglang`): SGLang's offline ``sglang.Engine`` in the same
+  process. A score is one ``generate`` call with ``max_new_tokens=1`` asking, through
+  ``token_ids_logprob``, for the log-probs of the five label tokens at the first output position;
+  SGLang's radix cache keeps the shared prefix's KV, so only the suffixes are prefilled. Written
+  against SGLang 0.5.x's ``Engine.generate`` (``return_logprob``, ``logprob_start_len``,
+  ``top_logprobs_num``, ``token_ids_logprob``); it has not run here (no GPU).
+
+Both backends take token ids, never text: prompts are built and tokenised by the service with
+`afrl_fast.evaluate.PromptEncoder`, the same code the offline evaluator uses. Every method of a
+backend (its constructor included) runs in the service's single inference thread.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .evaluate import FirstTokenScorer, has_tokenizer, load_model
+from .format import PromptSettings, label_token_ids, load_tokenizer
+from .rollout import EmbeddedEngine, RolloutGroup, resolve_eos_ids
+
+BACKENDS = ("embedded", "sglang")
+SGLANG_MISSING = ("--backend sglang needs SGLang, which is not installed (pip install 'afrl-fast[sglang]' on a GPU "
+                  "machine); the default embedded backend runs everywhere")
+
+
+class ServeError(ValueError):
+    """A model folder, flag or backend the service cannot start with; the message says why."""
+
+
+def model_tokenizer(model_dir: str):
+    """The tokenizer saved with the model, else the real Qwen3 tokenizer."""
+    return load_tokenizer(model_dir if has_tokenizer(model_dir) else "qwen3")
+
+
+def check_model_dir(model_dir: str) -> None:
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise ServeError(f"{model_dir}: model folder not found")
+    if not (path / "config.json").is_file():
+        raise ServeError(f"{model_dir}: not a model folder (no config.json; expected a save_pretrained export)")
+
+
+def pick_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+class EmbeddedBackend:
+    """The model in this process (see the module docstring)."""
+
+    kind = "embedded"
+
+    def __init__(self, model_dir: str, prompt: PromptSettings, *, device: str = "auto", dtype: str = "auto",
+                 max_batch: int = 64, share_prefix: bool = True):
+        check_model_dir(model_dir)
+        self.tokenizer = model_tokenizer(model_dir)
+        try:
+            model = load_model(model_dir, dtype)
+        except Exception as e:  # from_pretrained raises many types; start-up must end in one line
+            raise ServeError(f"{model_dir}: cannot load the model ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        self.scorer = FirstTokenScorer(model, self.tokenizer, prompt.rulebook, batch_size=max_batch,
+                                       device=pick_device(device), instructions=prompt.instructions,
+                                       progress=False, share_prefix=share_prefix)
+        self.model = self.scorer.model
+        self.engine = EmbeddedEngine(self.model, self.tokenizer)
+        self.eos_ids = self.engine.eos_ids
+        self.label_ids = self.scorer.label_ids
+        self.device = str(self.scorer.device)
+        self.context_tokens = int(getattr(self.model.config.get_text_config(), "max_position_embeddings", 0) or 0)
+        self.prefix_tokens = len(self.scorer.prefix) if self.scorer.prefix is not None else 0
+
+    @property
+    def full_prefill_pairs(self) -> int:
+        """Pairs so far whose tokens did not start with the cached prefix (scored by a full prefill)."""
+        return self.scorer.n_full_prefill
+
+    def score(self, batch: list[list[int]]) -> np.ndarray:
+        """[B, 5] P(0..4) renormalised over the label tokens, float64."""
+        return self.scorer.score_token_ids(batch)
+
+    def generate(self, prompts: list[list[int]], *, n: int, temperature: float, top_p: float,
+                 max_tokens: int, seed: int | None, top_logprobs: int = 0) -> list[RolloutGroup]:
+        return self.engine.generate_groups(prompts, group_size=n, temperature=temperature, top_p=top_p,
+                                           max_new_tokens=max_tokens, seed=seed, top_logprobs=top_logprobs)
+
+    def close(self) -> None:
+        """Nothing to release: the model goes with the process."""
+
+
+# ----------------------------------------------------------------------------------------------
+# SGLang
+# ----------------------------------------------------------------------------------------------
+
+def import_sglang():
+    """SGLang, imported only when asked for: installing it would replace the CPU build of torch."""
+    try:
+        import sglang
+    except ImportError:
+        raise ServeError(SGLANG_MISSING) from None
+    return sglang
+
+
+def label_probs_from_sglang(output: Mapping, label_ids: Sequence[int]) -> np.ndarray:
+    """P(0..4) from one SGLang response that asked ``token_ids_logprob=label_ids``.
+
+    ``meta_info["output_token_ids_logprobs"][0]`` holds ``(logprob, token_id, text)`` for each
+    requested id at the first output position, i.e. the next-token distribution after the prompt.
+    A softmax over those five log-probs renormalises them over the label tokens (the full
+    vocabulary's log-sum-exp cancels), the same quantity the embedded scorer computes."""
+    meta = output["meta_info"]
+    entries = (meta.get("output_token_ids_logprobs") or [None])[0]
+    if not entries:
+        raise RuntimeError("SGLang returned no label-token log-probs (is return_logprob honoured?)")
+    by_id = {int(token_id): float(logprob) for logprob, token_id, *_ in entries}
+    missing = [t for t in label_ids if t not in by_id]
+    if missing:
+        raise RuntimeError(f"SGLang returned no log-prob for label token ids {missing}")
+    logp = torch.tensor([by_id[t] for t in label_ids], dtype=torch.float64)
+    return torch.softmax(logp, dim=0).numpy()
+
+
+def group_from_sglang(prompt: list[int], outputs: Sequence[Mapping], top_logprobs: int) -> RolloutGroup:
+    """The n SGLang responses of one prompt as a RolloutGroup (the embedded engine's shape).
+    ``output_token_logprobs`` is ``(logprob, token_id, text)`` per generated token, the matched
+    stop token included; ``finish_reason["type"]`` is "stop" or "length"."""
+    token_ids, logprobs, finished, tops = [], [], [], []
+    for out in outputs:
+        meta = out["meta_info"]
+        triples = meta["output_token_logprobs"]
+        token_ids.append([int(t[1]) for t in triples])
+        logprobs.append([float(t[0]) for t in triples])
+        reason = meta.get("finish_reason") or {}
+        finished.append(isinstance(reason, Mapping) and reason.get("type") == "stop")
+        if top_logprobs:
+            tops.append([[(int(t[1]), float(t[0])) for t in (step or [])]
+                         for step in meta.get("output_top_logprobs") or []])
+    return RolloutGroup(prompt_ids=list(prompt), token_ids=token_ids, logprobs=logprobs, finished=finished,
+                        top_logprobs=tops if top_logprobs else None)
+
+
+class SGLangBackend:
+    """SGLang's offline engine in this process (GPU). Built and called in the inference thread:
+    ``Engine.generate`` drives the event loop the engine made when it was constructed, which is
+    that thread's own."""
+
+    kind = "sglang"
+
+    def __init__(self, model_dir: str, prompt: PromptSettings, *, engine_kwargs: dict | None = None):
+        check_model_dir(model_dir)
+        sglang = import_sglang()
+        self.tokenizer = model_tokenizer(model_dir)
+        self.label_ids = label_token_ids(self.tokenizer)
+        self.eos_ids = resolve_eos_ids(self.tokenizer)
+        # The radix cache (on by default) keeps the shared prompt prefix's KV across requests.
+        self.engine = sglang.Engine(model_path=str(model_dir), **(engine_kwargs or {}))
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_dir)
+        self.context_tokens = int(getattr(config.get_text_config(), "max_position_embeddings", 0) or 0)
+        self.device, self.prefix_tokens, self.full_prefill_pairs = "cuda (SGLang)", 0, 0
+
+    def score(self, batch: list[list[int]]) -> np.ndarray:
+        # temperature 1: the reported log-probs are then those of the model's own distribution
+        # (SGLang scales them by the sampling temperature); the one sampled token is discarded.
+        outputs = self.engine.generate(input_ids=[list(ids) for ids in batch],
+                                       sampling_params={"max_new_tokens": 1, "temperature": 1.0},
+                                       return_logprob=True, logprob_start_len=-1,
+                                       token_ids_logprob=list(self.label_ids))
+        if isinstance(outputs, Mapping):
+            outputs = [outputs]
+        return np.stack([label_probs_from_sglang(o, self.label_ids) for o in outputs])
+
+    def generate(self, prompts: list[list[int]], *, n: int, temperature: float, top_p: float,
+                 max_tokens: int, seed: int | None, top_logprobs: int = 0) -> list[RolloutGroup]:
+        params = {"n": n, "temperature": float(temperature), "top_p": float(top_p),
+                  "max_new_tokens": int(max_tokens), "stop_token_ids": list(self.eos_ids)}
+        if seed is not None:
+            params["sampling_seed"] = int(seed)   # honoured under --enable-deterministic-inference
+        outputs = self.engine.generate(input_ids=[list(p) for p in prompts], sampling_params=params,
+                                       return_logprob=True, logprob_start_len=-1,
+                                       top_logprobs_num=top_logprobs or None)
+        if isinstance(outputs, Mapping):
+            outputs = [outputs]
+        if len(outputs) != len(prompts) * n:
+            raise RuntimeError(f"SGLang returned {len(outputs)} responses for {len(prompts)} prompts x n={n}")
+        return [group_from_sglang(p, outputs[i * n:(i + 1) * n], top_logprobs) for i, p in enumerate(prompts)]
+
+    def close(self) -> None:
+        self.engine.shutdown()
+
+
+def load_backend(kind: str, model_dir: str, prompt: PromptSettings, *, device: str = "auto",
+                 dtype: str = "auto", max_batch: int = 64, share_prefix: bool = True,
+                 sglang_kwargs: dict | None = None):
+    if kind == "embedded":
+        return EmbeddedBackend(model_dir, prompt, device=device, dtype=dtype, max_batch=max_batch,
+                               share_prefix=share_prefix)
+    if kind == "sglang":
+        return SGLangBackend(model_dir, prompt, engine_kwargs=sglang_kwargs)
+    raise ServeError(f"--backend must be one of {BACKENDS}, got {kind!r}")

@@ -1,0 +1,595 @@
+"""The online scoring service: a real `python -m afrl_fast.serve` in a subprocess on a free loopback
+port, a tiny Qwen3 (hidden 32, 1 layer, the real 151,936-token Qwen3 tokenizer) saved the way the
+trainer exports models, and real HTTP clients (httpx, the official openai client).
+
+Oracles: the full-vocabulary softmax of the causal LM over the whole prompt (restricted to the
+label tokens and renormalised), `afrl_fast.evaluate.FirstTokenScorer` without prefix reuse,
+teacher-forced log-probs of the sampled tokens, HF greedy `generate`, and the regex reference
+verifier in tests/reference_verifier.py.
+"""
+import asyncio
+import csv
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from afrl_fast.data import synthesize
+from afrl_fast.evaluate import FirstTokenScorer
+from afrl_fast.format import (build_prompt, instructions_text, label_token_ids, load_tokenizer,
+                              render_trace, resolve_prompt_settings, save_prompt_settings)
+from afrl_fast.rollout import EmbeddedEngine
+from afrl_fast.rulebook import load_rulebook
+from afrl_fast.serve import main as serve_main
+
+sys.path.insert(0, str(Path(__file__).parent))
+from reference_verifier import verify_all  # noqa: E402
+
+NOVELEVAL = Path("/work/shared/data/noveleval/noveleval_graded.tsv")
+CONTEXT = 1024
+TINY = dict(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=16, tie_word_embeddings=True, max_position_embeddings=CONTEXT)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fixtures: an exported model folder and servers
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer):
+    torch.manual_seed(0)
+    model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**TINY))
+    with torch.no_grad():      # a larger spread than the default init, so the five label probabilities differ
+        model.model.embed_tokens.weight.normal_(0, 0.5)
+    out = tmp_path_factory.mktemp("export") / "tiny_judge"
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    rulebook = load_rulebook()
+    save_prompt_settings(out, rulebook, instructions_text(rulebook, "short"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    return transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def prompt(model_dir):
+    return resolve_prompt_settings(model_dir)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`python -m afrl_fast.serve` on 127.0.0.1 in a subprocess; output goes to a file."""
+
+    def __init__(self, model_dir, log_path, *flags):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.log = open(log_path, "w")
+        # one torch thread: on a small shared machine two spin-waiting OpenMP threads stall each other
+        self.proc = subprocess.Popen([sys.executable, "-m", "afrl_fast.serve", "--model", str(model_dir),
+                                      "--port", str(self.port), "--threads", "1", *flags],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{Path(log_path).read_text()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"server did not come up:\n{Path(log_path).read_text()}")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+MAX_REQUEST_PAIRS, MAX_BODY = 32, 40_000
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    srv = Server(model_dir, tmp_path_factory.mktemp("logs") / "server.log", "--max-batch", "8",
+                 "--max-wait-ms", "20", "--max-queue", "256", "--max-request-pairs", str(MAX_REQUEST_PAIRS),
+                 "--max-body-bytes", str(MAX_BODY), "--explain-max-tokens", "24")
+    yield srv
+    srv.stop()
+
+
+# ----------------------------------------------------------------------------------------------
+# Data and oracles
+# ----------------------------------------------------------------------------------------------
+
+def noveleval(n):
+    with open(NOVELEVAL, encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    rows = rows[::max(len(rows) // n, 1)][:n]
+    return [(r["query"], r["passage"][:600]) for r in rows]
+
+
+def pairs_for_tests():
+    synth = synthesize(12, seed=3, split="longtail")
+    pairs = list(zip(synth.column("query").to_pylist(), synth.column("document").to_pylist()))
+    # queries that start with a digit, punctuation or a non-Latin script probe the prefix boundary
+    pairs += noveleval(8) + [("7 wonders", "A list."), ("(brackets) {braces}", "x"), ("東京 タワー", "高さ"),
+                             ("\tleading tab", "  spaced   document  ")]
+    return pairs
+
+
+PAIRS = pairs_for_tests()
+
+
+def full_vocab_reference(model, tokenizer, prompt, pairs) -> np.ndarray:
+    """The causal LM over each whole prompt alone; softmax over all 151,936 logits at the last
+    position, restricted to "0".."4" and renormalised (float64)."""
+    ids = label_token_ids(tokenizer)
+    out = []
+    with torch.no_grad():
+        for q, d in pairs:
+            text = build_prompt(tokenizer, prompt.rulebook, q, d, prompt.instructions)
+            x = torch.tensor([tokenizer.encode(text, add_special_tokens=False)])
+            p = torch.softmax(model(input_ids=x).logits[0, -1].double(), -1)[ids]
+            out.append((p / p.sum()).numpy())
+    return np.stack(out)
+
+
+def score(url, pairs, **extra):
+    body = {"pairs": [{"query": q, "document": d, "id": f"p{i}"} for i, (q, d) in enumerate(pairs)], **extra}
+    r = httpx.post(url + "/v1/score", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()["results"]
+
+
+def metric(url, name, **labels) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+# ----------------------------------------------------------------------------------------------
+# Scores
+# ----------------------------------------------------------------------------------------------
+
+def test_scores_equal_the_offline_evaluator(server, model, tokenizer, prompt):
+    results = score(server.url, PAIRS)
+    probs = np.array([r["probs"] for r in results])
+    offline = FirstTokenScorer(model, tokenizer, prompt.rulebook, instructions=prompt.instructions,
+                               progress=False, share_prefix=False).score(*zip(*PAIRS))
+    np.testing.assert_allclose(probs, offline, atol=1e-5)
+    np.testing.assert_allclose(probs, full_vocab_reference(model, tokenizer, prompt, PAIRS), atol=1e-5)
+    assert [r["id"] for r in results] == [f"p{i}" for i in range(len(PAIRS))]
+    assert [r["grade"] for r in results] == probs.argmax(1).tolist()
+    np.testing.assert_allclose([r["score"] for r in results], [sum(k * p for k, p in enumerate(row)) for row in probs])
+    assert np.abs(np.diff(probs, axis=0)).max() > 1e-3        # distinct pairs: a row mix-up would show
+    health = httpx.get(server.url + "/health").json()
+    assert health["prefix_tokens"] > 0 and health["backend"] == "embedded"
+    assert metric(server.url, "afrl_full_prefill_pairs") == 0   # every pair reused the cached prefix
+
+
+def test_batched_equals_one_by_one(server):
+    together = np.array([r["probs"] for r in score(server.url, PAIRS)])
+    alone = np.array([score(server.url, [pair])[0]["probs"] for pair in PAIRS])
+    np.testing.assert_allclose(together, alone, atol=1e-6)
+
+
+def test_prefix_reuse_equals_no_reuse(model, tokenizer, prompt):
+    kwargs = dict(instructions=prompt.instructions, progress=False, batch_size=5)
+    reuse = FirstTokenScorer(model, tokenizer, prompt.rulebook, **kwargs)
+    plain = FirstTokenScorer(model, tokenizer, prompt.rulebook, share_prefix=False, **kwargs)
+    assert reuse.prefix is not None and plain.prefix is None
+    ids = reuse.prompt_ids(*zip(*PAIRS))
+    assert all(row[:len(reuse.prefix)] == reuse.prefix.ids for row in ids)
+    # a prompt that does not start with the cached prefix is mixed into the batches: full prefill
+    other = tokenizer.encode(build_prompt(tokenizer, prompt.rulebook, "q", "d", "another system prompt"),
+                             add_special_tokens=False)
+    ids.insert(3, other)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)      # the cache goes in under its current name
+        np.testing.assert_allclose(reuse.score_token_ids(ids), plain.score_token_ids(ids), atol=1e-6)
+        EmbeddedEngine(model, tokenizer).generate_groups([ids[0]], group_size=2, max_new_tokens=2, seed=0)
+    assert reuse.n_full_prefill == 1
+
+
+def test_64_concurrent_clients_get_their_own_answers(server, model, tokenizer, prompt):
+    pairs = [PAIRS[i % len(PAIRS)] if i < len(PAIRS) else (f"query number {i}", f"document {i} " * (1 + i % 7))
+             for i in range(64)]
+    expect = full_vocab_reference(model, tokenizer, prompt, pairs)
+    batches_before = metric(server.url, "afrl_batch_pairs_count")
+    pairs_before = metric(server.url, "afrl_pairs_scored_total")
+    ok_before = metric(server.url, "afrl_requests_total", endpoint="/v1/score", status="200")
+
+    async def client(i, http):
+        r = await http.post("/v1/score", json={"pairs": [{"query": pairs[i][0], "document": pairs[i][1],
+                                                          "id": f"client-{i}"}]})
+        return r.status_code, r.json()
+
+    async def all_clients():
+        async with httpx.AsyncClient(base_url=server.url, timeout=120,
+                                     limits=httpx.Limits(max_connections=64)) as http:
+            return await asyncio.gather(*(client(i, http) for i in range(64)))
+
+    answers = asyncio.run(all_clients())
+    for i, (status, body) in enumerate(answers):
+        assert status == 200, body
+        assert body["results"][0]["id"] == f"client-{i}"
+        np.testing.assert_allclose(body["results"][0]["probs"], expect[i], atol=1e-5)
+    assert metric(server.url, "afrl_pairs_scored_total") - pairs_before == 64
+    assert metric(server.url, "afrl_requests_total", endpoint="/v1/score", status="200") - ok_before == 64
+    # pairs of different clients were merged: fewer batches than pairs
+    assert metric(server.url, "afrl_batch_pairs_count") - batches_before < 64
+
+
+def test_metrics_endpoint_is_prometheus_text(server):
+    r = httpx.get(server.url + "/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    for name in ("afrl_requests_total", "afrl_request_seconds_bucket", "afrl_pairs_scored_total",
+                 "afrl_batch_pairs_bucket", "afrl_queue_pairs", "afrl_batch_seconds_bucket",
+                 "afrl_generation_rows", "afrl_generated_tokens_total"):
+        assert name in r.text
+
+
+# ----------------------------------------------------------------------------------------------
+# Explain
+# ----------------------------------------------------------------------------------------------
+
+def test_explain_returns_the_greedy_trace_and_the_verifiers_verdict(server, model, tokenizer, prompt):
+    pairs = PAIRS[:3]
+    results = score(server.url, pairs, explain=True)
+    label_ids = label_token_ids(tokenizer)
+    traces = []
+    for (q, d), r in zip(pairs, results):
+        ids = tokenizer.encode(build_prompt(tokenizer, prompt.rulebook, q, d, prompt.instructions),
+                               add_special_tokens=False) + [label_ids[r["grade"]]]
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=24,
+                                 pad_token_id=tokenizer.pad_token_id)
+        expect = tokenizer.decode(out[0, len(ids) - 1:], skip_special_tokens=True)
+        assert r["trace"] == expect
+        assert r["trace"].startswith(str(r["grade"]))
+        traces.append(r["trace"])
+    reference = verify_all(traces, [r["grade"] for r in results], prompt.rulebook, gate="pred")
+    for r, ref in zip(results, reference):
+        v = r["verdict"]
+        assert (v["format"], v["consistent"], v["logic"]) == (ref.fmt, ref.cst, ref.logic)
+        assert v["y_dec"] == r["grade"]
+
+
+def test_explain_verdict_on_a_valid_trace(tokenizer, prompt):
+    """The verdict fields on traces that pass the format (a random model never writes one): a stub
+    backend 'generates' rendered traces, one consistent, one whose rules imply another grade."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from afrl_fast.evaluate import PromptEncoder
+    from afrl_fast.rollout import RolloutGroup
+    from afrl_fast.serve import Metrics, ServeConfig, Service
+
+    rb = prompt.rulebook
+    values = {step.key: step.values[0] for step in rb.steps if step.values}
+    good = render_trace(rb, rb.expected_label(values), values)
+    grade = rb.expected_label(values)
+    wrong = render_trace(rb, (grade + 1) % 5, values)
+    continuations = [tokenizer.encode(t[1:], add_special_tokens=False) for t in (good, wrong)]
+
+    class Stub:
+        label_ids, eos_ids, context_tokens = label_token_ids(tokenizer), [tokenizer.eos_token_id], 4096
+
+        def generate(self, prompts, **kw):
+            return [RolloutGroup(p, [c], [[0.0] * len(c)], [True]) for p, c in zip(prompts, continuations)]
+
+    svc = Service(Stub(), ServeConfig(), PromptEncoder(tokenizer, rb, prompt.instructions), ThreadPoolExecutor(1))
+    svc.metrics = Metrics(lambda: 0)
+    out = asyncio.run(svc.explain([[1, 2], [3, 4]], [grade, (grade + 1) % 5]))
+    reference = verify_all([good, wrong], [grade, (grade + 1) % 5], rb, gate="pred")
+    assert [o["trace"] for o in out] == [good, wrong]
+    for o, ref in zip(out, reference):
+        v = o["verdict"]
+        assert (v["format"], v["consistent"], v["logic"], v["y_hat"]) == (ref.fmt, ref.cst, ref.logic, ref.y_hat)
+    assert out[0]["verdict"]["logic"] and not out[1]["verdict"]["logic"] and out[1]["verdict"]["format"]
+
+
+# ----------------------------------------------------------------------------------------------
+# OpenAI-compatible completions
+# ----------------------------------------------------------------------------------------------
+
+def teacher_forced_logprobs(model, prompt_ids, token_ids, temperature):
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt_ids + token_ids])).logits[0].double()
+    rows = logits[len(prompt_ids) - 1:len(prompt_ids) - 1 + len(token_ids)]
+    return torch.log_softmax(rows / (temperature or 1.0), -1)
+
+
+def test_openai_client_gets_n_completions_with_logprobs(server, model, tokenizer):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    prompt_ids = tokenizer.encode("Query: cheap phones\nDocument: The Brava Z5 costs", add_special_tokens=False)
+    kwargs = dict(model="tiny_judge", prompt=prompt_ids, n=3, max_tokens=6, temperature=0.8, seed=11, logprobs=3,
+                  extra_body={"return_tokens_as_token_ids": True})
+    first = client.completions.create(**kwargs)
+    assert len(first.choices) == 3 and [c.index for c in first.choices] == [0, 1, 2]
+    samples = set()
+    for choice in first.choices:
+        ids = [int(t.removeprefix("token_id:")) for t in choice.logprobs.tokens]
+        assert 1 <= len(ids) <= 6 and tokenizer.decode(ids, skip_special_tokens=True) == choice.text
+        ref = teacher_forced_logprobs(model, prompt_ids, ids, 0.8)
+        np.testing.assert_allclose(choice.logprobs.token_logprobs, ref[torch.arange(len(ids)), ids].numpy(),
+                                   atol=1e-4)
+        for k, top in enumerate(choice.logprobs.top_logprobs):
+            values, idx = ref[k].topk(3)
+            assert sorted(int(t.removeprefix("token_id:")) for t in top) == sorted(idx.tolist())
+            np.testing.assert_allclose(sorted(top.values()), sorted(values.tolist()), atol=1e-4)
+        samples.add(tuple(ids))
+    assert len(samples) > 1                    # n samples, not one sample n times
+    assert first.usage.prompt_tokens == len(prompt_ids)
+    again = client.completions.create(**kwargs)
+    assert [c.text for c in again.choices] == [c.text for c in first.choices]      # seeded
+
+    # stop sequences cut the text before them
+    text = first.choices[0].text
+    stop = text[len(text) // 2:len(text) // 2 + 2] or text
+    cut = client.completions.create(**{**kwargs, "stop": [stop]})
+    assert cut.choices[0].text == text[:text.find(stop)] and cut.choices[0].finish_reason == "stop"
+
+    # a text prompt and greedy decoding: the argmax continuation
+    greedy = client.completions.create(model="tiny_judge", prompt="The Brava Z5", max_tokens=4, temperature=0)
+    ids = tokenizer("The Brava Z5")["input_ids"]
+    with torch.no_grad():
+        expect = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=4,
+                                pad_token_id=tokenizer.pad_token_id)[0, len(ids):]
+    assert greedy.choices[0].text == tokenizer.decode(expect, skip_special_tokens=True)
+    assert greedy.choices[0].logprobs is None
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------------------
+
+LONG_DOCUMENT = "The tower is 330 metres tall and was finished in 1889. " * 120      # > CONTEXT tokens
+
+BAD_SCORE_BODIES = [
+    ("missing query", {"pairs": [{"document": "d"}]}, 422, "pairs[0].query"),
+    ("empty document", {"pairs": [{"query": "q", "document": "d"}, {"query": "q", "document": ""}]}, 422,
+     "pairs[1].document"),
+    ("blank query", {"pairs": [{"query": "   ", "document": "d"}]}, 422, "pairs[0].query"),
+    ("non-string query", {"pairs": [{"query": "q", "document": "d"}, {"query": 5, "document": "d"}]}, 422,
+     "pairs[1].query"),
+    ("non-string id", {"pairs": [{"query": "q", "document": "d", "id": 3}]}, 422, "pairs[0].id"),
+    ("pairs not a list", {"pairs": "q"}, 422, "pairs"),
+    ("no pairs", {"pairs": []}, 422, "pairs"),
+    ("missing pairs", {"explain": True}, 422, "pairs"),
+    ("unknown field", {"pairs": [{"query": "q", "document": "d", "title": "t"}]}, 422, "pairs[0].title"),
+    ("too many pairs", {"pairs": [{"query": "q", "document": "d"}] * (MAX_REQUEST_PAIRS + 1)}, 413, "pairs"),
+    ("longer than the context", {"pairs": [{"query": "q", "document": "d"}, {"query": "q", "document": LONG_DOCUMENT}]},
+     400, "pairs[1].document"),
+]
+
+
+@pytest.mark.parametrize("name, body, status, param", BAD_SCORE_BODIES, ids=[b[0] for b in BAD_SCORE_BODIES])
+def test_bad_score_requests_get_a_4xx_naming_the_field(server, name, body, status, param):
+    r = httpx.post(server.url + "/v1/score", json=body, timeout=60)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and error["message"].startswith(param) and "\n" not in error["message"]
+    assert score(server.url, PAIRS[:1])[0]["grade"] in range(5)          # the server still answers
+
+
+def test_raw_bodies_get_a_4xx(server):
+    big = b'{"pairs": [{"query": "q", "document": "' + b"x" * MAX_BODY + b'"}]}'
+    r = httpx.post(server.url + "/v1/score", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["param"] == "body"
+
+    def chunks():                               # no Content-Length: the limit applies while reading
+        for _ in range(8):
+            yield b"x" * (MAX_BODY // 4)
+    r = httpx.post(server.url + "/v1/score", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["param"] == "body"
+
+    r = httpx.post(server.url + "/v1/score", content=b'{"pairs": [', headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "body"
+    assert "invalid JSON" in r.json()["error"]["message"]
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
+BAD_COMPLETIONS = [
+    ("streaming", {"prompt": "hi", "stream": True}, 400, "stream"),
+    ("n = 0", {"prompt": "hi", "n": 0}, 422, "n"),
+    ("token id outside the vocabulary", {"prompt": [1, 2, 10 ** 7]}, 400, "prompt[0]"),
+    ("empty prompt", {"prompt": ""}, 400, "prompt[0]"),
+    ("prompt + max_tokens over the context", {"prompt": [1] * 1000, "max_tokens": 100}, 400, "prompt[0]"),
+    ("temperature out of range", {"prompt": "hi", "temperature": 3}, 422, "temperature"),
+    ("unsupported option", {"prompt": "hi", "echo": True}, 400, "echo"),
+]
+
+
+@pytest.mark.parametrize("name, body, status, param", BAD_COMPLETIONS, ids=[b[0] for b in BAD_COMPLETIONS])
+def test_bad_completion_requests(server, name, body, status, param):
+    r = httpx.post(server.url + "/v1/completions", json={"model": "tiny_judge", **body}, timeout=60)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_truncate_flag_cuts_documents_like_the_offline_evaluator(model_dir, model, tokenizer, prompt, tmp_path):
+    srv = Server(model_dir, tmp_path / "truncate.log", "--truncate", "--max-prompt-tokens", "300")
+    try:
+        pairs = [("tower height", LONG_DOCUMENT), ("tower height", "It is 330 metres tall.")]
+        results = score(srv.url, pairs)
+        assert [r["truncated"] for r in results] == [True, False]
+        offline = FirstTokenScorer(model, tokenizer, prompt.rulebook, instructions=prompt.instructions,
+                                   max_prompt_tokens=300, progress=False, share_prefix=False)
+        np.testing.assert_allclose([r["probs"] for r in results], offline.score(*zip(*pairs)), atol=1e-5)
+        # a query that alone does not fit cannot be cut: 400 naming it
+        r = httpx.post(srv.url + "/v1/score", json={"pairs": [{"query": "q", "document": "d"},
+                                                              {"query": "tall " * 400, "document": "d"}]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "pairs[1].query"
+    finally:
+        srv.stop()
+
+
+# ----------------------------------------------------------------------------------------------
+# Overload, shutdown, start-up errors
+# ----------------------------------------------------------------------------------------------
+
+def wait_until(condition, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+def test_full_queue_answers_503_and_sigterm_finishes_in_flight(model_dir, tmp_path):
+    srv = Server(model_dir, tmp_path / "small.log", "--max-queue", "4", "--max-batch", "1", "--max-wait-ms", "0")
+    try:
+        pair = {"query": "q", "document": "d"}
+        # a request that alone needs more slots than the queue has is refused whole
+        r = httpx.post(srv.url + "/v1/score", json={"pairs": [pair] * 5})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["code"] == "overloaded"
+
+        # keep the inference thread busy with a long generation, fill the queue, overflow it
+        slow = {}
+        gen = threading.Thread(target=lambda: slow.update(r=httpx.post(
+            srv.url + "/v1/completions", json={"prompt": [1, 2, 3], "n": 2, "max_tokens": 600, "seed": 0},
+            timeout=300)))
+        gen.start()
+        wait_until(lambda: metric(srv.url, "afrl_generation_rows") == 2)
+        filler = {}
+        fill = threading.Thread(target=lambda: filler.update(r=httpx.post(
+            srv.url + "/v1/score", json={"pairs": [pair] * 4}, timeout=300)))
+        fill.start()
+        # max batch 1 and a busy worker: one pair waits for the worker, the next batch of one is
+        # formed, two pairs stay in the queue of four
+        wait_until(lambda: metric(srv.url, "afrl_queue_pairs") == 2)
+        overflow = httpx.post(srv.url + "/v1/score", json={"pairs": [pair] * 3}, timeout=60)
+        assert overflow.status_code == 503, overflow.text
+        assert metric(srv.url, "afrl_rejected_total", reason="queue_full") == 2
+        assert "r" not in slow and "r" not in filler          # both still in flight
+
+        # SIGTERM while the generation and the queued pairs are in flight: both are answered
+        srv.proc.send_signal(signal.SIGTERM)
+        gen.join(timeout=300)
+        fill.join(timeout=300)
+        assert slow["r"].status_code == 200 and len(slow["r"].json()["choices"]) == 2
+        assert filler["r"].status_code == 200 and len(filler["r"].json()["results"]) == 4
+        # uvicorn re-raises the signal it caught once the requests are answered: the process ends by SIGTERM
+        assert srv.proc.wait(timeout=60) == -signal.SIGTERM
+    finally:
+        srv.stop()
+
+
+def test_startup_errors_end_in_one_line_and_exit_2(tmp_path, capsys, model_dir):
+    not_a_model = tmp_path / "empty"
+    not_a_model.mkdir()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    cases = [(["--model", str(tmp_path / "missing")], "model folder not found"),
+             (["--model", str(not_a_model)], "not a model folder"),
+             (["--model", str(broken)], "cannot load the model"),
+             (["--model", str(model_dir), "--max-batch", "0"], "--max-batch"),
+             (["--model", str(model_dir), "--instructions", str(tmp_path / "nope.txt")], "instructions")]
+    try:
+        import sglang  # noqa: F401
+    except ImportError:
+        cases.append((["--model", str(model_dir), "--backend", "sglang"], "needs SGLang"))
+    for argv, words in cases:
+        assert serve_main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and words in err[0], (argv, err)
+
+
+# ----------------------------------------------------------------------------------------------
+# The SGLang backend against a stand-in engine
+# ----------------------------------------------------------------------------------------------
+
+class StandInEngine:
+    """Answers `generate` the way SGLang 0.5's Engine does for the calls the backend makes, computing
+    the log-probs with the HF model (so the scores can be checked), and records the calls."""
+
+    def __init__(self, model, **kwargs):
+        self.model, self.kwargs, self.calls = model, kwargs, []
+
+    def generate(self, input_ids=None, sampling_params=None, return_logprob=False, logprob_start_len=None,
+                 top_logprobs_num=None, token_ids_logprob=None, **kw):
+        self.calls.append(dict(input_ids=input_ids, sampling_params=sampling_params, return_logprob=return_logprob,
+                               logprob_start_len=logprob_start_len, token_ids_logprob=token_ids_logprob,
+                               top_logprobs_num=top_logprobs_num))
+        out = []
+        for ids in input_ids:
+            for _ in range(sampling_params.get("n", 1)):
+                with torch.no_grad():
+                    logp = torch.log_softmax(self.model(input_ids=torch.tensor([ids])).logits[0, -1].float(), -1)
+                token = int(logp.argmax())
+                meta = {"output_token_logprobs": [(float(logp[token]), token, None)],
+                        "finish_reason": {"type": "length", "length": 1}}
+                if token_ids_logprob:
+                    meta["output_token_ids_logprobs"] = [[(float(logp[t]), t, None) for t in token_ids_logprob]]
+                if top_logprobs_num:
+                    v, i = logp.topk(top_logprobs_num)
+                    meta["output_top_logprobs"] = [[(float(a), int(b), None) for a, b in zip(v, i)]]
+                out.append({"text": "", "meta_info": meta})
+        return out
+
+    def shutdown(self):
+        self.calls.append("shutdown")
+
+
+def test_sglang_backend_scores_like_the_embedded_scorer(monkeypatch, model_dir, model, tokenizer, prompt):
+    import types
+
+    from afrl_fast.serve_backends import SGLangBackend
+
+    engines = []
+    fake = types.ModuleType("sglang")
+    fake.Engine = lambda **kw: engines.append(StandInEngine(model, **kw)) or engines[-1]
+    monkeypatch.setitem(sys.modules, "sglang", fake)
+    backend = SGLangBackend(str(model_dir), prompt, engine_kwargs={"tp_size": 1})
+    scorer = FirstTokenScorer(model, tokenizer, prompt.rulebook, instructions=prompt.instructions, progress=False)
+    ids = scorer.prompt_ids(*zip(*PAIRS[:5]))
+    np.testing.assert_allclose(backend.score(ids), scorer.score_token_ids(ids), atol=1e-5)
+    call = engines[0].calls[0]
+    assert call["return_logprob"] and call["token_ids_logprob"] == label_token_ids(tokenizer)
+    assert call["sampling_params"]["max_new_tokens"] == 1 and call["sampling_params"]["temperature"] == 1.0
+    assert engines[0].kwargs == {"model_path": str(model_dir), "tp_size": 1}
+    groups = backend.generate([ids[0], ids[1]], n=2, temperature=0.5, top_p=0.9, max_tokens=1, seed=3,
+                              top_logprobs=2)
+    assert [g.group_size for g in groups] == [2, 2] and len(groups[0].top_logprobs[0][0]) == 2
+    assert engines[0].calls[-1]["sampling_params"]["sampling_seed"] == 3
+    backend.close()
+    assert engines[0].calls[-1] == "shutdown"
