@@ -238,7 +238,7 @@ class EmbeddedEngine:
 
     Args:
         model: a causal LM whose forward takes ``input_ids, attention_mask, position_ids,
-            past_key_values, use_cache, logits_to_keep`` (transformers ≥ 4.51 decoders). Shared
+            cache (or past_key_values), use_cache, logits_to_keep`` (transformers ≥ 4.51 decoders). Shared
             with the trainer, not copied.
         tokenizer: used only to find the EOS ids (and the pad id).
         eos_ids / pad_id: explicit ids; override the tokenizer's. The pad value never reaches the

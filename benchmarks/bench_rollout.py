@@ -34,7 +34,7 @@ import pytest
 import torch
 from transformers import DynamicCache, Qwen3Config, Qwen3ForCausalLM
 
-from afrl_fast.rollout import EmbeddedEngine
+from afrl_fast.rollout import EmbeddedEngine, cache_argument
 
 PROMPT_LEN = 512
 GROUP = 8
@@ -75,12 +75,12 @@ def timed(fn):
 def floor_forwards(model, prompt, new_tokens):
     with torch.inference_mode():
         cache = DynamicCache(config=model.config)
-        model(input_ids=torch.tensor([prompt]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(input_ids=torch.tensor([prompt]), use_cache=True, logits_to_keep=1, **{cache_argument(model): cache})
         cache.batch_repeat_interleave(GROUP)
         token = torch.zeros((GROUP, 1), dtype=torch.long)
         for step in range(new_tokens - 1):
             pos = torch.full((GROUP, 1), PROMPT_LEN + step)
-            model(input_ids=token, position_ids=pos, past_key_values=cache, use_cache=True)
+            model(input_ids=token, position_ids=pos, use_cache=True, **{cache_argument(model): cache})
 
 
 def run_config(layers, new_tokens):
