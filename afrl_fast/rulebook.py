@@ -12,6 +12,7 @@ rule_masks[r, j]. Both the numba verifier and the plain-Python reference use the
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -192,8 +193,8 @@ def _parse_rules(path, raw, steps) -> tuple[Rule, ...]:
         if not isinstance(label, int) or isinstance(label, bool) or label not in LABELS:
             _fail(path, f"{where}.label", f"must be an integer grade 0-4, got {label!r}")
         freq = item.get("freq", 1.0)
-        if not isinstance(freq, (int, float)) or freq < 0:
-            _fail(path, f"{where}.freq", f"must be a non-negative number, got {freq!r}")
+        if isinstance(freq, bool) or not isinstance(freq, (int, float)) or not math.isfinite(freq) or freq < 0:
+            _fail(path, f"{where}.freq", f"must be a finite non-negative number, got {freq!r}")
         rules.append(Rule(str(item["name"]), cond, label, float(freq), bool(item.get("tail", False))))
     if rules[-1].when:
         _fail(path, f"rules[{len(rules) - 1}].when", "the last rule must be a catch-all (`when: {}`)")

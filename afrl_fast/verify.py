@@ -411,7 +411,8 @@ def as_label_array(labels, n: int) -> np.ndarray:
     if isinstance(labels, (pa.Array, pa.ChunkedArray)):
         if not pa.types.is_integer(labels.type):
             raise TypeError(f"labels must be integers, got Arrow type {labels.type}")
-        labels = labels.fill_null(-1).to_numpy(zero_copy_only=False)
+        # int64 first: -1 does not fit an unsigned column's fill value
+        labels = labels.cast(pa.int64()).fill_null(-1).to_numpy(zero_copy_only=False)
     arr = np.asarray(labels)
     if arr.ndim != 1:
         raise ValueError(f"labels must be one-dimensional, got shape {arr.shape}")
@@ -614,6 +615,9 @@ def read_inputs(path: Path, response_column: str, label_column: str) -> pa.Table
 def run_cli(args) -> str:
     import pyarrow.parquet as pq
 
+    from .checkpoint import atomic_write_bytes, check_output_path
+
+    out_path = check_output_path(args.out, CliError)
     try:
         config = RewardConfig(gate=args.gate)
         rulebook = load_rulebook(args.rulebook)
@@ -630,9 +634,7 @@ def run_cli(args) -> str:
     ids = table.drop_columns([c for c in table.column_names if c == args.response_column or c in out.column_names])
     for name in out.column_names:
         ids = ids.append_column(name, out.column(name))
-    out_path = Path(args.out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(ids, out_path)
+    atomic_write_bytes(out_path, lambda f: pq.write_table(ids, f))
     n = len(res)
     fmt_rate = float(res.fmt.mean()) if n else 0.0
     mean_reward = float(res.reward.mean()) if n else 0.0
@@ -659,6 +661,9 @@ def main(argv=None) -> int:
         print(run_cli(args))
     except CliError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:        # e.g. the disk filled up while writing: the old output is intact
+        print(f"error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
         return 2
     return 0
 
