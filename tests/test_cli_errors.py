@@ -94,8 +94,8 @@ def files(tmp_path_factory):
     (d / "a_dir").mkdir()
     rulebook_variant(d / "rb_latin1.yaml", "You are an expert", "You are an expert caf\xe9".encode("latin-1"))
     rulebook_variant(d / "rb_nan_freq.yaml", "    label: 0\n    freq: 20\n", "    label: 0\n    freq: .nan\n")
-    bomb = "name: bomb\nx0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
-        f"x{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 10))
+    bomb = "rules: []\nsteps:\n  - &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
+        f"  - &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 10))
     (d / "rb_bomb.yaml").write_text(bomb)
     (d / "empty_model").mkdir()
     (d / "odd_model").mkdir()
