@@ -1,4 +1,6 @@
 """Config loading and overrides, group advantages, difficulty buckets and the curriculum."""
+import re
+
 import numpy as np
 import pytest
 
@@ -92,3 +94,39 @@ def test_sft_batches_are_deterministic_epoch_permutations():
     assert len(set(first_epoch)) == 48
     assert sft_batches(50, 8, 0.0, seed=3) == []
     assert lr_at(0, 100, 1.0, 10) == pytest.approx(0.1) and lr_at(100, 100, 1.0, 10) == pytest.approx(0.1)
+
+
+LIST_KEYS = {"rl.stages.1.alpha": "rl.stages[1].alpha", "rl.stages.0.epochs": "rl.stages[0].epochs",
+             "rl.token_weights.2": "rl.token_weights[2]"}   # override syntax -> how the error names it
+
+
+def _numeric_keys():
+    from afrl_fast.config import NUMERIC_RANGES
+    return sorted(NUMERIC_RANGES) + list(LIST_KEYS)
+
+
+@pytest.mark.parametrize("key", _numeric_keys())
+def test_every_numeric_field_is_range_checked_at_load(key):
+    """Negative, NaN and infinite values fail at config check with the key named, not minutes
+    into a run (sft.lr=-1 used to fail after the data and model were built)."""
+    from omegaconf import OmegaConf
+    default = OmegaConf.select(OmegaConf.structured(load_config(None)), key)
+    assert isinstance(default, (int, float)) and not isinstance(default, bool), (key, default)
+    bad = ["-1"] + ([".nan", ".inf"] if isinstance(default, float) else [])
+    for value in bad:
+        with pytest.raises(ConfigError, match=re.escape(LIST_KEYS.get(key, key))):
+            load_config(None, [f"{key}={value}"])
+
+
+def test_numeric_ranges_name_real_fields():
+    from afrl_fast.config import NUMERIC_RANGES
+    cfg = load_config(None)
+    for key in NUMERIC_RANGES:
+        section, name = key.split(".")
+        assert hasattr(getattr(cfg, section), name), key
+
+
+def test_pred_gate_reward_is_checked_with_the_config():
+    assert load_config(None, ["rl.gate=pred", "rl.reward_gamma=0.5"]).rl.gate == "pred"
+    with pytest.raises(ConfigError, match="rl.reward_gamma"):
+        load_config(None, ["rl.gate=pred", "rl.reward_gamma=0.7"])
