@@ -108,6 +108,7 @@ def billion_laughs(levels: int, width: int = 10) -> str:
     ("huge", "name: x\ninstructions: '" + "y" * (2 << 20) + "'\n", "bytes, more than"),
     ("latin1", None, "not UTF-8"),
     ("two_documents", "name: a\n---\nname: b\n", "not valid YAML at line 2"),
+    ("duplicate_key", "name: a\nsteps: []\nrules: []\nsteps: [1]\n", "line 4: key 'steps' is given twice"),
 ])
 def test_hostile_yaml_is_refused_with_one_line(tmp_path, name, text, needle):
     """A rulebook is parsed to nodes, its expanded size counted on the node graph (linear even for
