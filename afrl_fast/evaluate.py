@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoint import atomic_write_bytes, check_output_path
 from .data import DataError, read_pairs
 from .format import FormatError, build_prompt, label_token_ids, load_tokenizer, resolve_prompt_settings
 from .metrics import MetricsError, compute_metrics, expected_score, format_table, write_json
@@ -295,8 +296,6 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from .checkpoint import atomic_write_bytes, check_output_path
-
     try:
         # everything that can be checked cheaply is, before the model is loaded and scored
         check_output_path(args.out, ScoringError)

@@ -96,7 +96,12 @@ def query_index(query_ids, n: int) -> tuple[np.ndarray, int]:
     ids = np.asarray(query_ids)
     if ids.shape != (n,):
         raise MetricsError(f"query_ids must have {n} entries (one per label), got shape {ids.shape}")
-    null = np.array([x is None or (isinstance(x, float) and x != x) for x in ids.tolist()], dtype=bool)
+    if ids.dtype.kind == "f":
+        null = np.isnan(ids)
+    elif ids.dtype.kind == "O":
+        null = np.array([x is None or (isinstance(x, float) and x != x) for x in ids.tolist()], dtype=bool)
+    else:                      # integer or string arrays cannot hold a null
+        null = np.zeros(n, dtype=bool)
     if null.any():
         raise MetricsError(f"query_id is null in row {int(np.argmax(null))} ({int(null.sum())} null ids)")
     try:
@@ -305,7 +310,7 @@ def read_predictions(path: str):
 
 def write_json(metrics: dict, path: str) -> None:
     """The metrics as indented JSON, written atomically (no half-written file on a crash)."""
-    from .checkpoint import atomic_write_text
+    from .checkpoint import atomic_write_text      # imports torch: only when a file is written
 
     atomic_write_text(path, json.dumps(metrics, indent=2) + "\n")
 
@@ -319,7 +324,7 @@ def main(argv=None) -> int:
     ap.add_argument("--exp-gain", action="store_true", help="NDCG gain 2^g-1 instead of g")
     ap.add_argument("--ndcg-ties", choices=("pessimistic", "input"), default="pessimistic")
     args = ap.parse_args(argv)
-    from .checkpoint import check_output_path
+    from .checkpoint import check_output_path      # imports torch: the metrics module itself does not
 
     try:
         if args.out:

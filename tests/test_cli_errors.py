@@ -7,9 +7,7 @@ The CLIs run in-process (their `main(argv)`), so the table is fast; the trainer'
 needs a built model (a damaged checkpoint on --resume) runs it in a subprocess.
 """
 import json
-import math
 import os
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
