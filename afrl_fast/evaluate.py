@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write_bytes, check_output_path
+from .checkpoint import atomic_write_many, check_output_path
 from .data import DataError, read_pairs
 from .format import FormatError, build_prompt, label_token_ids, load_tokenizer, resolve_prompt_settings
-from .metrics import MetricsError, compute_metrics, expected_score, format_table, write_json
+from .metrics import MetricsError, compute_metrics, expected_score, format_table, metrics_json
 from .rulebook import RulebookError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
@@ -317,11 +317,12 @@ def main(argv=None) -> int:
                                   np.asarray(table.column("query_id").to_pylist(), dtype=object))
         metrics.update(model=str(args.model), data=str(args.data), n_truncated=scorer.n_truncated,
                        max_prompt_tokens=args.max_prompt_tokens)
-        write_json(metrics, args.out)
+        outputs = {Path(args.out): lambda f: f.write(metrics_json(metrics).encode("utf-8"))}
         if args.predictions:
             import pyarrow.parquet as pq
             preds = predictions_table(table, probs)
-            atomic_write_bytes(Path(args.predictions), lambda f: pq.write_table(preds, f))
+            outputs[Path(args.predictions)] = lambda f: pq.write_table(preds, f)
+        atomic_write_many(outputs)              # both files or neither
     except (DataError, ScoringError, MetricsError, FormatError, RulebookError, OSError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

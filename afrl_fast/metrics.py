@@ -308,11 +308,15 @@ def read_predictions(path: str):
     return labels, probs, np.asarray(table.column("query_id").to_pylist(), dtype=object)
 
 
+def metrics_json(metrics: dict) -> str:
+    return json.dumps(metrics, indent=2) + "\n"
+
+
 def write_json(metrics: dict, path: str) -> None:
     """The metrics as indented JSON, written atomically (no half-written file on a crash)."""
     from .checkpoint import atomic_write_text      # imports torch: only when a file is written
 
-    atomic_write_text(path, json.dumps(metrics, indent=2) + "\n")
+    atomic_write_text(path, metrics_json(metrics))
 
 
 def main(argv=None) -> int:
