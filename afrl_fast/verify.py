@@ -90,7 +90,7 @@ class RewardConfig:
         Eq. 7 as printed (R_res = −γ·d when wrong) would give a gate failure (0) more than a
         consistent answer one grade off (−0.08) and put four grades off (−1.16) below the format
         penalty; hence the shifted slope and the placed gate-failure value. A config whose worst
-        passing value α·(1 − 4γ) is not above the penalty (γ ≥ 0.597 with the other defaults),
+        passing value α·(1 − 4γ) is not above the penalty (γ above 0.597 with the other defaults),
         or with α = 0 or γ = 0 (no ordering by distance), is rejected.
     An unknown label (y_gt = −1) fails the gate under both settings: the literal gate cannot hold,
     and under "pred" R_res would be undefined, so the response earns the gate-failure value unless
