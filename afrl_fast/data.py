@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import re
 import sys
-import tempfile
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -37,6 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .checkpoint import atomic_write_bytes, atomic_write_many, check_output_path
 from .format import render_trace
 from .rulebook import LABELS, Rulebook, RulebookError, load_rulebook
 
@@ -206,38 +205,11 @@ def read_pairs(path, require_trace: bool = False) -> pa.Table:
 
 
 def write_table(table: pa.Table, path) -> Path:
-    """Write Parquet atomically: a temp file in the same folder, fsync, then os.replace, so a
-    reader never sees a half-written file and a crash leaves the old file intact."""
+    """Write Parquet atomically (afrl_fast.checkpoint.atomic_write_bytes): a reader never sees a
+    half-written file and a crash leaves the old file intact."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pq.write_table(table, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())     # mkstemp makes 0600; give the file the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, lambda f: pq.write_table(table, f))
     return path
-
-
-def _umask() -> int:
-    """The process umask, read without changing it where Linux allows (os.umask is a set-and-get,
-    racy in a threaded trainer)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    old = os.umask(0o022)
-    os.umask(old)
-    return old
 
 
 # ----------------------------------------------------------------------------------------------
@@ -509,8 +481,8 @@ def synthesize(n: int, seed: int, rulebook: Rulebook | str | Path | None = None,
     Each query gets 3-6 documents with at least two different grades. Each document draws a rule
     (P from rule_probabilities with the split's tail share, or `tail_share` if given), then uniform
     step 4-8 values among the combos for which that rule is the first match; label = the rule's."""
-    if n < 1:
-        raise DataError(f"synthesize: n must be >= 1, got {n}")
+    check_synth_size("synthesize: n", n)
+    check_synth_seed("synthesize: seed", seed)
     rb = rulebook if isinstance(rulebook, Rulebook) else load_rulebook(rulebook)
     check_cue_coverage(rb)
     combos = rule_combos(rb)
@@ -596,57 +568,76 @@ def _check_grade_map(grade_map) -> dict[int, int]:
     return out
 
 
+_UNDECODABLE = re.compile("[\udc80-\udcff]")   # what surrogateescape makes of bytes that are not UTF-8
+
+
+def text_lines(path, newline=None):
+    """(line number, line) of a UTF-8 text file. Undecodable bytes are an error naming the line
+    and column (decoding per line keeps the numbers exact, unlike a decode error from a buffered
+    reader); a missing file, a directory or an unreadable file is one DataError line too."""
+    path = str(path)
+    try:
+        f = open(path, encoding="utf-8", errors="surrogateescape", newline=newline)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found", path) from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror or e}", path) from None
+    with f:
+        try:
+            for line_no, line in enumerate(f, 1):
+                bad = _UNDECODABLE.search(line)
+                if bad:
+                    raise DataError(f"{path}: line {line_no}: not UTF-8 text (byte 0x{ord(bad.group()) - 0xDC00:02x} "
+                                    f"at column {bad.start() + 1})", path, line_no)
+                yield line_no, line
+        except OSError as e:
+            raise DataError(f"{path}: cannot read: {e.strerror or e}", path) from None
+
+
 def read_id_text_tsv(path) -> dict[str, tuple[str, int]]:
     """{id: (text, line number)} from `id<TAB>text` lines. The text is everything after the first
     tab, verbatim (the TREC/MS MARCO convention; no CSV unquoting)."""
     path = str(path)
     out = {}
-    try:
-        f = open(path, encoding="utf-8", newline="")
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found", path) from None
-    with f:
-        for line_no, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            parts = line.split("\t", 1)
-            if len(parts) != 2:
-                raise DataError(f"{path}: line {line_no}: expected 'id<TAB>text', got {line[:80]!r}", path, line_no)
-            key = parts[0].strip()
-            if key in out:
-                raise DataError(f"{path}: line {line_no}: duplicate id {key!r} (first at line {out[key][1]})",
-                                path, line_no)
-            out[key] = (parts[1], line_no)
+    for line_no, line in text_lines(path, newline=""):
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            continue
+        parts = line.split("\t", 1)
+        if len(parts) != 2:
+            raise DataError(f"{path}: line {line_no}: expected 'id<TAB>text', got {line[:80]!r}", path, line_no)
+        key = parts[0].strip()
+        if key in out:
+            raise DataError(f"{path}: line {line_no}: duplicate id {key!r} (first at line {out[key][1]})",
+                            path, line_no)
+        out[key] = (parts[1], line_no)
     return out
 
 
 def read_qrels(path) -> list[tuple[str, str, int, int]]:
-    """[(qid, docid, grade, line number)] from TREC qrels lines `qid iter docid grade`."""
+    """[(qid, docid, grade, line number)] from TREC qrels lines `qid iter docid grade`; a file
+    without any judgement is an error (it would make an empty pairs table)."""
     path = str(path)
     rows, seen = [], {}
-    try:
-        f = open(path, encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found", path) from None
-    with f:
-        for line_no, line in enumerate(f, 1):
-            fields = line.split()
-            if not fields:
-                continue
-            if len(fields) != 4:
-                raise DataError(f"{path}: line {line_no}: expected 'qid Q0 docid grade', got {line.strip()[:80]!r}",
-                                path, line_no)
-            qid, _, docid, grade = fields
-            try:
-                grade = int(grade)
-            except ValueError:
-                raise DataError(f"{path}: line {line_no}: grade {grade!r} is not an integer", path, line_no) from None
-            if (qid, docid) in seen:
-                raise DataError(f"{path}: line {line_no}: duplicate judgement ({qid}, {docid}), first at line "
-                                f"{seen[qid, docid]}", path, line_no)
-            seen[qid, docid] = line_no
-            rows.append((qid, docid, grade, line_no))
+    for line_no, line in text_lines(path):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 4:
+            raise DataError(f"{path}: line {line_no}: expected 'qid Q0 docid grade', got {line.strip()[:80]!r}",
+                            path, line_no)
+        qid, _, docid, grade = fields
+        try:
+            grade = int(grade)
+        except ValueError:
+            raise DataError(f"{path}: line {line_no}: grade {grade!r} is not an integer", path, line_no) from None
+        if (qid, docid) in seen:
+            raise DataError(f"{path}: line {line_no}: duplicate judgement ({qid}, {docid}), first at line "
+                            f"{seen[qid, docid]}", path, line_no)
+        seen[qid, docid] = line_no
+        rows.append((qid, docid, grade, line_no))
+    if not rows:
+        raise DataError(f"{path}: no judgements (expected lines 'qid Q0 docid grade')", path)
     return rows
 
 
@@ -716,25 +707,57 @@ def _build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def write_synthetic_splits(out, n_train: int, seed: int, rulebook=None, n_industry: int | None = None,
-                           n_longtail: int | None = None, progress: bool = False,
-                           reasons: bool = True) -> dict[str, pa.Table]:
-    """Synthesize train/industry/longtail (eval splits default to n_train/4) and write
-    out/{split}.parquet atomically; returns the tables."""
-    rb = rulebook if isinstance(rulebook, Rulebook) else load_rulebook(rulebook)
+MAX_SYNTH_ROWS = 1_000_000     # per split: ~1 GB of traces in memory; more is a typo, not a data set
+
+
+def check_synth_size(name: str, n) -> None:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise DataError(f"{name} must be >= 1, got {n!r}")
+    if n > MAX_SYNTH_ROWS:
+        raise DataError(f"{name} must be <= {MAX_SYNTH_ROWS:,} rows per split, got {n:,} (use several seeds "
+                        "for more)")
+
+
+def check_synth_seed(name: str, seed) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise DataError(f"{name} must be an integer >= 0, got {seed!r}")
+
+
+def synth_sizes(n_train: int, n_industry: int | None = None, n_longtail: int | None = None,
+                names=("n_train", "n_industry", "n_longtail")) -> dict[str, int]:
+    """Rows per split, each checked (eval splits default to n_train/4)."""
+    check_synth_size(names[0], n_train)
     default_eval = max(1, n_train // 4)
     sizes = {"train": n_train,
              "industry": default_eval if n_industry is None else n_industry,
              "longtail": default_eval if n_longtail is None else n_longtail}
-    tables = {}
-    for split, n in sizes.items():
-        tables[split] = synthesize(n, seed, rb, split, progress=progress, reasons=reasons)
-        write_table(tables[split], Path(out) / f"{split}.parquet")
+    for name, n in zip(names, sizes.values()):
+        check_synth_size(name, n)
+    return sizes
+
+
+def write_synthetic_splits(out, n_train: int, seed: int, rulebook=None, n_industry: int | None = None,
+                           n_longtail: int | None = None, progress: bool = False,
+                           reasons: bool = True) -> dict[str, pa.Table]:
+    """Synthesize train/industry/longtail (eval splits default to n_train/4) and write
+    out/{split}.parquet; returns the tables. Everything is checked and generated before the first
+    byte is written, and the three files land together (all or none)."""
+    sizes = synth_sizes(n_train, n_industry, n_longtail)
+    check_synth_seed("seed", seed)
+    rb = rulebook if isinstance(rulebook, Rulebook) else load_rulebook(rulebook)
+    tables = {split: synthesize(n, seed, rb, split, progress=progress, reasons=reasons)
+              for split, n in sizes.items()}
+    atomic_write_many({Path(out) / f"{split}.parquet": (lambda f, t=table: pq.write_table(t, f))
+                       for split, table in tables.items()})
     return tables
 
 
 def _run_synth(args) -> None:
+    synth_sizes(args.n, args.n_industry, args.n_longtail, names=("--n", "--n-industry", "--n-longtail"))
+    check_synth_seed("--seed", args.seed)
+    check_output_path(args.out, DataError, kind="dir")
     rb = load_rulebook(args.rulebook)
+    check_cue_coverage(rb)
     tables = write_synthetic_splits(args.out, args.n, args.seed, rb, args.n_industry, args.n_longtail,
                                     progress=not args.no_progress, reasons=not args.no_reasons)
     print(f"wrote {', '.join(f'{s}.parquet' for s in tables)} to {args.out} (seed {args.seed}, rulebook {rb.path})")
@@ -742,6 +765,7 @@ def _run_synth(args) -> None:
 
 
 def _run_trec(args) -> None:
+    check_output_path(args.out, DataError)
     table = load_trec(args.qrels, args.corpus, args.queries, args.grade_map)
     write_table(table, args.out)
     counts = label_distribution(table)
@@ -755,6 +779,9 @@ def main(argv=None) -> int:
         _run_synth(args) if args.cmd == "synth" else _run_trec(args)
     except (DataError, RulebookError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:        # the disk filled up, a folder vanished: nothing was left half-written
+        print(f"error: {e.filename or ''}: {e.strerror or e}".lstrip(": "), file=sys.stderr)
         return 2
     return 0
 

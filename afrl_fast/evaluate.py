@@ -27,9 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoint import atomic_write_many, check_output_path
 from .data import DataError, read_pairs
 from .format import FormatError, build_prompt, label_token_ids, load_tokenizer, resolve_prompt_settings
-from .metrics import MetricsError, compute_metrics, expected_score, format_table, write_json
+from .metrics import MetricsError, compute_metrics, expected_score, format_table, metrics_json
 from .rollout import cache_argument
 from .rulebook import RulebookError
 
@@ -478,8 +479,23 @@ def has_tokenizer(directory: str) -> bool:
 def load_model(path: str, dtype: str):
     from transformers import AutoModelForCausalLM
 
+    if not (Path(path) / "config.json").is_file():
+        raise ScoringError(f"{path}: no config.json, so not a Hugging Face model folder (save_pretrained output)")
     kwargs = {} if dtype == "auto" else {"dtype": getattr(torch, dtype)}
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, KeyError) as e:   # no config/weights, an unknown model_type, …
+        raise ScoringError(f"{path}: cannot load the model: {' '.join(str(e).split())[:300]}") from None
+
+
+def check_device(name: str) -> None:
+    """--device must name a device this machine has (checked before any loading)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ScoringError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1, …)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ScoringError(f"--device {name}: no CUDA device is visible on this machine (use --device cpu)")
 
 
 def parse_args(argv):
@@ -504,6 +520,11 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        # everything that can be checked cheaply is, before the model is loaded and scored
+        check_output_path(args.out, ScoringError)
+        if args.predictions:
+            check_output_path(args.predictions, ScoringError)
+        check_device(args.device)
         table = read_pairs(args.data)           # validates the schema; errors name file and column
         tok_path = args.tokenizer or (args.model if has_tokenizer(args.model) else "qwen3")
         tokenizer = load_tokenizer(tok_path)
@@ -517,15 +538,17 @@ def main(argv=None) -> int:
         probs = scorer.score_pairs(table)
         metrics = compute_metrics(table.column("label").to_numpy(zero_copy_only=False), probs,
                                   np.asarray(table.column("query_id").to_pylist(), dtype=object))
+        metrics.update(model=str(args.model), data=str(args.data), n_truncated=scorer.n_truncated,
+                       max_prompt_tokens=args.max_prompt_tokens)
+        outputs = {Path(args.out): lambda f: f.write(metrics_json(metrics).encode("utf-8"))}
+        if args.predictions:
+            import pyarrow.parquet as pq
+            preds = predictions_table(table, probs)
+            outputs[Path(args.predictions)] = lambda f: pq.write_table(preds, f)
+        atomic_write_many(outputs)              # both files or neither
     except (DataError, ScoringError, MetricsError, FormatError, RulebookError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    metrics.update(model=str(args.model), data=str(args.data), n_truncated=scorer.n_truncated,
-                   max_prompt_tokens=args.max_prompt_tokens)
-    write_json(metrics, args.out)
-    if args.predictions:
-        import pyarrow.parquet as pq
-        pq.write_table(predictions_table(table, probs), args.predictions)
     print(format_table(metrics))
     if args.max_prompt_tokens is not None:
         print(f"truncated documents: {scorer.n_truncated} of {metrics['n']} "

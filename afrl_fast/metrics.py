@@ -91,10 +91,19 @@ def check_probs(probs, n: int, renormalise: bool = False) -> np.ndarray:
 
 
 def query_index(query_ids, n: int) -> tuple[np.ndarray, int]:
-    """Dense index 0..Q-1 of each row's query, and Q."""
+    """Dense index 0..Q-1 of each row's query, and Q. A null id (None or NaN) is an error: grouping
+    all of them as one query would invent pairs between unrelated documents."""
     ids = np.asarray(query_ids)
     if ids.shape != (n,):
         raise MetricsError(f"query_ids must have {n} entries (one per label), got shape {ids.shape}")
+    if ids.dtype.kind == "f":
+        null = np.isnan(ids)
+    elif ids.dtype.kind == "O":
+        null = np.array([x is None or (isinstance(x, float) and x != x) for x in ids.tolist()], dtype=bool)
+    else:                      # integer or string arrays cannot hold a null
+        null = np.zeros(n, dtype=bool)
+    if null.any():
+        raise MetricsError(f"query_id is null in row {int(np.argmax(null))} ({int(null.sum())} null ids)")
     try:
         uniq, inverse = np.unique(ids, return_inverse=True)
     except TypeError:   # mixed types in an object array do not sort; compare them as text
@@ -269,7 +278,9 @@ def format_table(metrics: dict) -> str:
 # ----------------------------------------------------------------------------- CLI
 
 def read_predictions(path: str):
-    """labels, probs [n, 5], query_ids from a predictions parquet; MetricsError names file and column."""
+    """labels, probs [n, 5], query_ids from a predictions parquet; MetricsError names file, column
+    and row (types are checked here, so a string or list column is a message, not a traceback)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
@@ -279,16 +290,33 @@ def read_predictions(path: str):
     for col in ("query_id", "label", *PROB_COLUMNS):
         if col not in table.column_names:
             raise MetricsError(f"{path}: missing column {col!r} (have {table.column_names})")
+    number = lambda t: pa.types.is_floating(t) or pa.types.is_integer(t)     # noqa: E731
+    text_or_int = lambda t: (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+                             or pa.types.is_integer(t) or pa.types.is_dictionary(t))  # noqa: E731
+    kinds = {"query_id": (text_or_int, "strings or integers"), "label": (number, "grades 0-4"),
+             **{c: (number, "numbers") for c in PROB_COLUMNS}}
+    for col, (ok, what) in kinds.items():
+        column = table.column(col)
+        if not ok(column.type):
+            raise MetricsError(f"{path}: column {col!r} must be {what}, got {column.type}")
+        if column.null_count:
+            row = column.is_null().to_numpy(zero_copy_only=False).argmax()
+            raise MetricsError(f"{path}: column {col!r} is null in row {int(row)}")
     labels = table.column("label").to_numpy(zero_copy_only=False)
     probs = np.stack([table.column(c).to_numpy(zero_copy_only=False).astype(np.float64)
                       for c in PROB_COLUMNS], axis=1)
     return labels, probs, np.asarray(table.column("query_id").to_pylist(), dtype=object)
 
 
+def metrics_json(metrics: dict) -> str:
+    return json.dumps(metrics, indent=2) + "\n"
+
+
 def write_json(metrics: dict, path: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(metrics, f, indent=2)
-        f.write("\n")
+    """The metrics as indented JSON, written atomically (no half-written file on a crash)."""
+    from .checkpoint import atomic_write_text      # imports torch: only when a file is written
+
+    atomic_write_text(path, metrics_json(metrics))
 
 
 def main(argv=None) -> int:
@@ -300,16 +328,23 @@ def main(argv=None) -> int:
     ap.add_argument("--exp-gain", action="store_true", help="NDCG gain 2^g-1 instead of g")
     ap.add_argument("--ndcg-ties", choices=("pessimistic", "input"), default="pessimistic")
     args = ap.parse_args(argv)
+    from .checkpoint import check_output_path      # imports torch: the metrics module itself does not
+
     try:
+        if args.out:
+            check_output_path(args.out, MetricsError)      # before the work, not after the table
         labels, probs, qids = read_predictions(args.predictions)
         metrics = compute_metrics(labels, probs, qids, renormalise=args.renormalise,
                                   exp_gain=args.exp_gain, ndcg_ties=args.ndcg_ties)
+        if args.out:
+            write_json(metrics, args.out)
     except MetricsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
+        return 2
     print(format_table(metrics))
-    if args.out:
-        write_json(metrics, args.out)
     return 0
 
 

@@ -12,6 +12,7 @@ rule_masks[r, j]. Both the numba verifier and the plain-Python reference use the
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -192,8 +193,8 @@ def _parse_rules(path, raw, steps) -> tuple[Rule, ...]:
         if not isinstance(label, int) or isinstance(label, bool) or label not in LABELS:
             _fail(path, f"{where}.label", f"must be an integer grade 0-4, got {label!r}")
         freq = item.get("freq", 1.0)
-        if not isinstance(freq, (int, float)) or freq < 0:
-            _fail(path, f"{where}.freq", f"must be a non-negative number, got {freq!r}")
+        if isinstance(freq, bool) or not isinstance(freq, (int, float)) or not math.isfinite(freq) or freq < 0:
+            _fail(path, f"{where}.freq", f"must be a finite non-negative number, got {freq!r}")
         rules.append(Rule(str(item["name"]), cond, label, float(freq), bool(item.get("tail", False))))
     if rules[-1].when:
         _fail(path, f"rules[{len(rules) - 1}].when", "the last rule must be a catch-all (`when: {}`)")
@@ -272,10 +273,32 @@ def _expanded_size(root, limit: int) -> int:
     return size[id(root)]
 
 
+def _duplicate_key(root):
+    """(key, line) of the first mapping key given twice, or None: PyYAML keeps the last value
+    silently, so `lr: 0.1` followed later by another `lr:` would drop a setting unseen."""
+    seen, stack = set(), [root]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            keys = set()
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                    if key.value in keys:
+                        return key.value, key.start_mark.line + 1
+                    keys.add(key.value)
+                stack += [key, value]
+        elif isinstance(node, yaml.SequenceNode):
+            stack += node.value
+    return None
+
+
 def load_yaml_file(path, error=ValueError, what: str = "YAML file"):
     """A YAML file as plain Python data (safe loader), or `error` with one line naming the file
-    for anything unusable: missing, not UTF-8, invalid YAML, over MAX_YAML_BYTES, or expanding
-    to more than MAX_YAML_NODES nodes through aliases."""
+    for anything unusable: missing, not UTF-8, invalid YAML, a mapping key given twice, over
+    MAX_YAML_BYTES, or expanding to more than MAX_YAML_NODES nodes through aliases."""
     path = Path(path)
     try:
         if path.stat().st_size > MAX_YAML_BYTES:
@@ -297,6 +320,9 @@ def load_yaml_file(path, error=ValueError, what: str = "YAML file"):
         if _expanded_size(node, MAX_YAML_NODES) > MAX_YAML_NODES:
             raise error(f"{path}: {what} expands to more than {MAX_YAML_NODES} YAML nodes (aliases nested too "
                         "deep, or recursive); refusing to load it")
+        duplicate = _duplicate_key(node)
+        if duplicate:
+            raise error(f"{path}: line {duplicate[1]}: key {duplicate[0]!r} is given twice")
         return loader.construct_document(node)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark

@@ -90,7 +90,7 @@ class RewardConfig:
         Eq. 7 as printed (R_res = −γ·d when wrong) would give a gate failure (0) more than a
         consistent answer one grade off (−0.08) and put four grades off (−1.16) below the format
         penalty; hence the shifted slope and the placed gate-failure value. A config whose worst
-        passing value α·(1 − 4γ) is not above the penalty (γ ≥ 0.597 with the other defaults),
+        passing value α·(1 − 4γ) is not above the penalty (γ above 0.597 with the other defaults),
         or with α = 0 or γ = 0 (no ordering by distance), is rejected.
     An unknown label (y_gt = −1) fails the gate under both settings: the literal gate cannot hold,
     and under "pred" R_res would be undefined, so the response earns the gate-failure value unless
@@ -418,7 +418,8 @@ def as_label_array(labels, n: int) -> np.ndarray:
     if isinstance(labels, (pa.Array, pa.ChunkedArray)):
         if not pa.types.is_integer(labels.type):
             raise TypeError(f"labels must be integers, got Arrow type {labels.type}")
-        labels = labels.fill_null(-1).to_numpy(zero_copy_only=False)
+        # int64 first: -1 does not fit an unsigned column's fill value
+        labels = labels.cast(pa.int64()).fill_null(-1).to_numpy(zero_copy_only=False)
     arr = np.asarray(labels)
     if arr.ndim != 1:
         raise ValueError(f"labels must be one-dimensional, got shape {arr.shape}")
@@ -621,6 +622,9 @@ def read_inputs(path: Path, response_column: str, label_column: str) -> pa.Table
 def run_cli(args) -> str:
     import pyarrow.parquet as pq
 
+    from .checkpoint import atomic_write_bytes, check_output_path
+
+    out_path = check_output_path(args.out, CliError)
     try:
         config = RewardConfig(gate=args.gate)
         rulebook = load_rulebook(args.rulebook)
@@ -637,9 +641,7 @@ def run_cli(args) -> str:
     ids = table.drop_columns([c for c in table.column_names if c == args.response_column or c in out.column_names])
     for name in out.column_names:
         ids = ids.append_column(name, out.column(name))
-    out_path = Path(args.out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(ids, out_path)
+    atomic_write_bytes(out_path, lambda f: pq.write_table(ids, f))
     n = len(res)
     fmt_rate = float(res.fmt.mean()) if n else 0.0
     mean_reward = float(res.reward.mean()) if n else 0.0
@@ -666,6 +668,9 @@ def main(argv=None) -> int:
         print(run_cli(args))
     except CliError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:        # e.g. the disk filled up while writing: the old output is intact
+        print(f"error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
         return 2
     return 0
 

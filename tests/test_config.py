@@ -1,4 +1,6 @@
 """Config loading, dotted overrides and their errors."""
+import re
+
 import pytest
 
 from afrl_fast.config import DEMO_CONFIG, ConfigError, StageConfig, load_config
@@ -26,3 +28,39 @@ def test_dotted_overrides_and_errors():
                         ("nonsense", "key=value"), ("rl.mini_batches=3", "mini_batches")]:
         with pytest.raises(ConfigError, match=needle):
             load_config(DEMO_CONFIG, [bad])
+
+
+LIST_KEYS = {"rl.stages.1.grpo_weight": "rl.stages[1].grpo_weight", "rl.stages.0.epochs": "rl.stages[0].epochs",
+             "rl.token_weights.2": "rl.token_weights[2]"}   # override syntax -> how the error names it
+
+
+def _numeric_keys():
+    from afrl_fast.config import NUMERIC_RANGES
+    return sorted(NUMERIC_RANGES) + list(LIST_KEYS)
+
+
+@pytest.mark.parametrize("key", _numeric_keys())
+def test_every_numeric_field_is_range_checked_at_load(key):
+    """Negative, NaN and infinite values fail at config check with the key named, not minutes
+    into a run (sft.lr=-1 used to fail after the data and model were built)."""
+    from omegaconf import OmegaConf
+    default = OmegaConf.select(OmegaConf.structured(load_config(None)), key)
+    assert isinstance(default, (int, float)) and not isinstance(default, bool), (key, default)
+    bad = ["-1"] + ([".nan", ".inf"] if isinstance(default, float) else [])
+    for value in bad:
+        with pytest.raises(ConfigError, match=re.escape(LIST_KEYS.get(key, key))):
+            load_config(None, [f"{key}={value}"])
+
+
+def test_numeric_ranges_name_real_fields():
+    from afrl_fast.config import NUMERIC_RANGES
+    cfg = load_config(None)
+    for key in NUMERIC_RANGES:
+        section, name = key.split(".")
+        assert hasattr(getattr(cfg, section), name), key
+
+
+def test_pred_gate_reward_is_checked_with_the_config():
+    assert load_config(None, ["rl.gate=pred", "rl.reward_ordinal_slope=0.5"]).rl.gate == "pred"
+    with pytest.raises(ConfigError, match="rl.reward_ordinal_slope"):
+        load_config(None, ["rl.gate=pred", "rl.reward_ordinal_slope=0.7"])

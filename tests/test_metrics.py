@@ -237,3 +237,12 @@ def test_cli_missing_column_exits_2_without_traceback(tmp_path):
 def test_cli_missing_file_exits_2(tmp_path, capsys):
     assert metrics_main(["--predictions", str(tmp_path / "nope.parquet")]) == 2
     assert "nope.parquet" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("null", [None, float("nan")])
+def test_null_query_ids_are_rejected_not_grouped(null):
+    """Null ids would all become one query and create pairs between unrelated documents."""
+    labels = np.array([0, 2, 1, 4])
+    probs = np.full((4, 5), 0.2)
+    with pytest.raises(MetricsError, match="query_id is null in row 1"):
+        compute_metrics(labels, probs, np.array(["a", null, "b", null], dtype=object))

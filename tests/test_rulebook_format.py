@@ -72,6 +72,8 @@ def _default_data():
     (lambda d: d["rules"].pop(), "catch-all"),
     (lambda d: d.update(extra=1), "extra"),
     (lambda d: d["rules"][0].update(freq=-1), "rules[0].freq"),
+    (lambda d: d["rules"][0].update(freq=float("nan")), "rules[0].freq"),
+    (lambda d: d["rules"][2].update(freq=float("inf")), "rules[2].freq"),
 ])
 def test_bad_rulebooks_name_the_key(mutate, needle):
     data = _default_data()
@@ -88,6 +90,55 @@ def test_missing_and_invalid_yaml_files(tmp_path):
     bad.write_text("steps: [unclosed")
     with pytest.raises(RulebookError, match="bad.yaml"):
         load_rulebook(bad)
+
+
+def billion_laughs(levels: int, width: int = 10) -> str:
+    """A rulebook whose steps are anchors nested `levels` deep, each alias list `width` wide:
+    width**(levels+1) nodes once expanded (the error message for a wrong `steps` used to print
+    them, which never finished)."""
+    items = [f"  - &a0 [{', '.join(['lol'] * width)}]"]
+    items += [f"  - &a{i} [{', '.join([f'*a{i - 1}'] * width)}]" for i in range(1, levels + 1)]
+    return "name: lol\nrules: []\nsteps:\n" + "\n".join(items) + "\n"
+
+
+@pytest.mark.parametrize("name, text, needle", [
+    ("bomb", billion_laughs(9), "expands to more than"),            # 10**10 nodes
+    ("recursive", "steps: &s [*s]\n", "expands to more than"),
+    ("deep", "[" * 20000 + "]" * 20000, "nested too deeply"),
+    ("huge", "name: x\ninstructions: '" + "y" * (2 << 20) + "'\n", "bytes, more than"),
+    ("latin1", None, "not UTF-8"),
+    ("two_documents", "name: a\n---\nname: b\n", "not valid YAML at line 2"),
+    ("duplicate_key", "name: a\nsteps: []\nrules: []\nsteps: [1]\n", "line 4: key 'steps' is given twice"),
+])
+def test_hostile_yaml_is_refused_with_one_line(tmp_path, name, text, needle):
+    """A rulebook is parsed to nodes, its expanded size counted on the node graph (linear even for
+    an exponential alias bomb) and refused before anything walks it."""
+    path = tmp_path / f"{name}.yaml"
+    if text is None:
+        path.write_bytes(DEFAULT_RULEBOOK.read_bytes().replace(b"expert", "expért".encode("latin-1"), 1))
+    else:
+        path.write_text(text)
+    with pytest.raises(RulebookError) as err:
+        load_rulebook(path)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(str(path)) and needle in message, message
+
+
+def test_yaml_aliases_within_the_bound_still_work(tmp_path):
+    """Anchors are legitimate YAML: a rulebook sharing one value list through an alias loads the
+    same as the plain default, and a moderate expansion (8**4 nodes) is within the bound."""
+    text = DEFAULT_RULEBOOK.read_text()
+    assert text.count("when: {intent: [weak]}") == 1 and text.count("when: {intent: [partial]}") == 1
+    shared = text.replace("when: {intent: [weak], coverage: [minimal]}", "when: {intent: &weak [weak], coverage: [minimal]}")
+    shared = shared.replace("when: {intent: [weak]}", "when: {intent: *weak}")
+    path = tmp_path / "aliases.yaml"
+    path.write_text(shared)
+    assert "*weak" in path.read_text()
+    assert load_rulebook(path).rules == load_rulebook().rules
+    from afrl_fast.rulebook import load_yaml_file
+    moderate = tmp_path / "moderate.yaml"
+    moderate.write_text(billion_laughs(3, width=8))
+    assert [len(x) for x in load_yaml_file(moderate)["steps"]] == [8] * 4
 
 
 def test_render_trace_follows_the_grammar(rb):

@@ -1,0 +1,264 @@
+"""Every command-line tool, fed bad input as a careless or hostile user would: each case must exit
+with code 2, print exactly ONE line on stderr (starting "error: ", naming the file / row / field),
+print no traceback, and leave no partial output behind (no output file, no temp file next to it,
+for synth no split written before the failure).
+
+The CLIs run in-process (their `main(argv)`), so the table is fast; the trainer's one case that
+needs a built model (a damaged checkpoint on --resume) runs it in a subprocess.
+"""
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import transformers
+
+from afrl_fast import data, evaluate, metrics, train, verify
+from afrl_fast.format import load_tokenizer, render_trace
+from afrl_fast.rulebook import DEFAULT_RULEBOOK, load_rulebook
+
+ROOT = Path(__file__).resolve().parents[1]
+PERFECT = {"intent": "full", "entity": "consistent", "time": "current", "source": "high", "coverage": "complete"}
+
+
+@dataclass
+class Case:
+    cli: str                              # data | verify | metrics | evaluate | train
+    argv: list                            # {d} is the case's folder
+    outputs: list = field(default_factory=list)   # paths (with {d}) that must not exist afterwards
+    needle: str = ""                      # a fragment the error line must contain
+    before: str = ""                      # name of a setup step in SETUPS
+
+
+def write_pairs(path: Path, n_queries=2, docs=3):
+    rows = [(f"q{q}", f"d{q}-{k}", f"query {q}", f"document {q} {k}", (q + k) % 5)
+            for q in range(n_queries) for k in range(docs)]
+    pq.write_table(pa.table({"query_id": [r[0] for r in rows], "doc_id": [r[1] for r in rows],
+                             "query": [r[2] for r in rows], "document": [r[3] for r in rows],
+                             "label": pa.array([r[4] for r in rows], pa.int8())}), path)
+
+
+def write_predictions(path: Path, p0=None, qid=None):
+    n = 4
+    probs = np.full((n, 5), 0.2)
+    cols = {"query_id": qid if qid is not None else ["a", "a", "b", "b"], "label": pa.array([0, 2, 1, 4], pa.int8())}
+    cols.update({f"p{k}": probs[:, k] for k in range(5)})
+    if p0 is not None:
+        cols["p0"] = p0
+    pq.write_table(pa.table(cols), path)
+
+
+def rulebook_variant(path: Path, old: str, new: bytes | str):
+    text = DEFAULT_RULEBOOK.read_bytes()
+    path.write_bytes(text.replace(old.encode(), new if isinstance(new, bytes) else new.encode(), 1))
+
+
+def tiny_model_dir(path: Path):
+    torch.manual_seed(0)
+    config = transformers.Qwen3Config(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                      tie_word_embeddings=True)
+    transformers.Qwen3ForCausalLM(config).save_pretrained(path)
+    load_tokenizer().save_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Shared inputs, valid and broken."""
+    d = tmp_path_factory.mktemp("inputs")
+    write_pairs(d / "pairs.parquet")
+    rb = load_rulebook()
+    trace = render_trace(rb, 4, PERFECT)
+    pq.write_table(pa.table({"response": [trace, trace[:-3]], "label": pa.array([4, 200], pa.uint8())}),
+                   d / "responses_uint8.parquet")
+    pq.write_table(pa.table({"response": [trace], "label": pa.array([4], pa.int8())}), d / "responses.parquet")
+    write_predictions(d / "preds.parquet")
+    write_predictions(d / "preds_str.parquet", p0=["0.2", "0.2", "x", "0.2"])
+    write_predictions(d / "preds_list.parquet", p0=[[0.2], [0.2], [0.2], [0.2]])
+    write_predictions(d / "preds_null_qid.parquet", qid=["a", None, "b", None])
+    (d / "qrels.txt").write_text("q1 0 d1 1\nq1 0 d2 0\n")
+    (d / "qrels_empty.txt").write_text("\n\n")
+    (d / "corpus.tsv").write_text("d1\tfirst passage\nd2\tsecond passage\n")
+    (d / "corpus_latin1.tsv").write_bytes("d1\tcaf\xe9 passage\nd2\tsecond\n".encode("latin-1"))
+    (d / "queries.tsv").write_text("q1\ta query\n")
+    (d / "a_file").write_text("not a folder\n")
+    (d / "a_dir").mkdir()
+    rulebook_variant(d / "rb_latin1.yaml", "You are an expert", "You are an expert caf\xe9".encode("latin-1"))
+    rulebook_variant(d / "rb_nan_freq.yaml", "    label: 0\n    freq: 20\n", "    label: 0\n    freq: .nan\n")
+    bomb = "rules: []\nsteps:\n  - &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
+        f"  - &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 10))
+    (d / "rb_bomb.yaml").write_text(bomb)
+    (d / "empty_model").mkdir()
+    (d / "odd_model").mkdir()
+    (d / "odd_model" / "config.json").write_text(json.dumps({"model_type": "not_a_real_architecture"}))
+    tiny_model_dir(d / "model")
+    (d / "config_malformed.yaml").write_text("sft:\n  lr: [1e-3\n")
+    (d / "config_list.yaml").write_text("- sft\n- rl\n")
+    return d
+
+
+def A(name):
+    return "{inputs}/" + name
+
+
+CASES = {
+    # verify
+    "verify_uint8_label_out_of_range": Case("verify", ["--responses", A("responses_uint8.parquet"), "--out", "{d}/o.parquet"],
+                                            ["{d}/o.parquet"], "label 200 at index 1"),
+    "verify_out_parent_is_a_file": Case("verify", ["--responses", A("responses.parquet"), "--out", A("a_file") + "/o.parquet"],
+                                        [], "a_file"),
+    "verify_out_is_a_directory": Case("verify", ["--responses", A("responses.parquet"), "--out", A("a_dir")], [],
+                                      "is a directory"),
+    "verify_out_unwritable": Case("verify", ["--responses", A("responses.parquet"), "--out", "/proc/self/o.parquet"],
+                                  [], "/proc/self"),
+    "verify_alias_bomb_rulebook": Case("verify", ["--responses", A("responses.parquet"), "--out", "{d}/o.parquet",
+                                                  "--rulebook", A("rb_bomb.yaml")], ["{d}/o.parquet"], "aliases"),
+    # data trec
+    "trec_invalid_utf8_corpus": Case("data", ["trec", "--qrels", A("qrels.txt"), "--corpus", A("corpus_latin1.tsv"),
+                                              "--queries", A("queries.tsv"), "--grade-map", "0:0,1:4", "--out",
+                                              "{d}/p.parquet"], ["{d}/p.parquet"], "line 1"),
+    "trec_qrels_is_a_directory": Case("data", ["trec", "--qrels", A("a_dir"), "--corpus", A("corpus.tsv"), "--queries",
+                                               A("queries.tsv"), "--grade-map", "0:0,1:4", "--out", "{d}/p.parquet"],
+                                      ["{d}/p.parquet"], "a_dir"),
+    "trec_out_parent_is_a_file": Case("data", ["trec", "--qrels", A("qrels.txt"), "--corpus", A("corpus.tsv"),
+                                               "--queries", A("queries.tsv"), "--grade-map", "0:0,1:4", "--out",
+                                               A("a_file") + "/p.parquet"], [], "a_file"),
+    "trec_out_is_a_directory": Case("data", ["trec", "--qrels", A("qrels.txt"), "--corpus", A("corpus.tsv"),
+                                             "--queries", A("queries.tsv"), "--grade-map", "0:0,1:4", "--out", A("a_dir")],
+                                    [], "is a directory"),
+    "trec_empty_qrels": Case("data", ["trec", "--qrels", A("qrels_empty.txt"), "--corpus", A("corpus.tsv"), "--queries",
+                                      A("queries.tsv"), "--grade-map", "0:0,1:4", "--out", "{d}/p.parquet"],
+                             ["{d}/p.parquet"], "no judgements"),
+    # data synth
+    "synth_negative_seed": Case("data", ["synth", "--n", "20", "--seed", "-1", "--out", "{d}/s", "--no-progress"],
+                                ["{d}/s"], "--seed"),
+    "synth_nan_freq_rulebook": Case("data", ["synth", "--n", "20", "--out", "{d}/s", "--no-progress", "--rulebook",
+                                             A("rb_nan_freq.yaml")], ["{d}/s"], "freq"),
+    "synth_latin1_rulebook": Case("data", ["synth", "--n", "20", "--out", "{d}/s", "--no-progress", "--rulebook",
+                                           A("rb_latin1.yaml")], ["{d}/s"], "not UTF-8"),
+    "synth_alias_bomb_rulebook": Case("data", ["synth", "--n", "20", "--out", "{d}/s", "--no-progress", "--rulebook",
+                                               A("rb_bomb.yaml")], ["{d}/s"], "aliases"),
+    "synth_out_parent_is_a_file": Case("data", ["synth", "--n", "20", "--out", A("a_file") + "/s", "--no-progress"], [],
+                                       "a_file"),
+    "synth_out_is_a_file": Case("data", ["synth", "--n", "20", "--out", A("a_file"), "--no-progress"], [],
+                                "not a directory"),
+    "synth_zero_industry_rows": Case("data", ["synth", "--n", "20", "--n-industry", "0", "--out", "{d}/s",
+                                              "--no-progress"], ["{d}/s"], "--n-industry"),
+    "synth_absurd_n": Case("data", ["synth", "--n", str(10 ** 13), "--out", "{d}/s", "--no-progress"], ["{d}/s"], "--n"),
+    # metrics
+    "metrics_string_p_column": Case("metrics", ["--predictions", A("preds_str.parquet"), "--out", "{d}/m.json"],
+                                    ["{d}/m.json"], "'p0'"),
+    "metrics_list_p_column": Case("metrics", ["--predictions", A("preds_list.parquet"), "--out", "{d}/m.json"],
+                                  ["{d}/m.json"], "'p0'"),
+    "metrics_null_query_id": Case("metrics", ["--predictions", A("preds_null_qid.parquet"), "--out", "{d}/m.json"],
+                                  ["{d}/m.json"], "query_id"),
+    "metrics_out_parent_is_a_file": Case("metrics", ["--predictions", A("preds.parquet"), "--out", A("a_file") + "/m.json"],
+                                         [], "a_file"),
+    "metrics_out_is_a_directory": Case("metrics", ["--predictions", A("preds.parquet"), "--out", A("a_dir")], [],
+                                       "is a directory"),
+    # evaluate
+    "evaluate_empty_model_folder": Case("evaluate", ["--model", A("empty_model"), "--data", A("pairs.parquet"), "--out",
+                                                     "{d}/m.json", "--tokenizer", "qwen3"], ["{d}/m.json"], "no config.json"),
+    "evaluate_unknown_model_type": Case("evaluate", ["--model", A("odd_model"), "--data", A("pairs.parquet"), "--out",
+                                                     "{d}/m.json", "--tokenizer", "qwen3"], ["{d}/m.json"], "odd_model"),
+    "evaluate_out_parent_is_a_file": Case("evaluate", ["--model", A("model"), "--data", A("pairs.parquet"), "--out",
+                                                       A("a_file") + "/m.json"], [], "a_file", before="no_model_load"),
+    "evaluate_predictions_out_is_a_directory": Case("evaluate", ["--model", A("model"), "--data", A("pairs.parquet"),
+                                                                 "--out", "{d}/m.json", "--predictions", A("a_dir")],
+                                                    ["{d}/m.json"], "is a directory", before="no_model_load"),
+    "evaluate_cuda_without_cuda": Case("evaluate", ["--model", A("model"), "--data", A("pairs.parquet"), "--out",
+                                                    "{d}/m.json", "--device", "cuda"], ["{d}/m.json"], "CUDA",
+                                       before="no_cuda"),
+    # train: the config is checked before anything is done
+    "train_malformed_yaml": Case("train", ["--config", A("config_malformed.yaml"), "run.out_dir={d}/run"], ["{d}/run"],
+                                 "not valid YAML at line"),
+    "train_config_not_a_mapping": Case("train", ["--config", A("config_list.yaml"), "run.out_dir={d}/run"], ["{d}/run"],
+                                       "mapping"),
+    "train_negative_lr": Case("train", ["sft.lr=-1", "run.out_dir={d}/run"], ["{d}/run"], "sft.lr"),
+    "train_pred_gate_gamma_breaks_ordering": Case("train", ["rl.gate=pred", "rl.reward_gamma=0.9", "run.out_dir={d}/run"],
+                                        ["{d}/run"], "rl.reward_gamma"),
+}
+MAINS = {"data": data.main, "verify": verify.main, "metrics": metrics.main, "evaluate": evaluate.main,
+         "train": train.main}
+
+
+def setup(step: str, monkeypatch):
+    if step == "no_model_load":      # the output path must be checked before the model is even loaded
+        def refuse(*a, **k):
+            raise AssertionError("the model was loaded before the output path was checked")
+        monkeypatch.setattr(evaluate, "load_model", refuse)
+    elif step == "no_cuda":          # the same answer on a machine with a GPU
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_is_one_line_exit_2_and_no_partial_output(name, files, tmp_path, capsys, monkeypatch):
+    case = CASES[name]
+    fill = lambda s: s.format(d=tmp_path, inputs=files)   # noqa: E731
+    if case.before:
+        setup(case.before, monkeypatch)
+    before = {p: p.stat().st_mtime_ns for p in files.rglob("*")}
+    rc = MAINS[case.cli]([fill(a) for a in case.argv])
+    out, err = capsys.readouterr()
+    lines = err.splitlines()
+    assert rc == 2, f"exit {rc}; stderr: {err[-2000:]}"
+    assert len(lines) == 1 and lines[0].startswith("error: "), err[-2000:]
+    assert "Traceback" not in err and case.needle in lines[0], lines[0]
+    for path in case.outputs:
+        assert not Path(fill(path)).exists(), f"partial output left: {fill(path)}"
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")], "temp files left"
+    # the inputs (and the file/dir used as a bad --out) are untouched
+    assert {p: p.stat().st_mtime_ns for p in files.rglob("*")} == before
+
+
+def test_uint8_labels_in_range_are_fine(files, tmp_path, capsys):
+    """The uint8 column that used to crash the verifier works when its labels are grades."""
+    table = pq.read_table(files / "responses_uint8.parquet").slice(0, 1)
+    pq.write_table(table, tmp_path / "r.parquet")
+    assert verify.main(["--responses", str(tmp_path / "r.parquet"), "--out", str(tmp_path / "o.parquet")]) == 0
+    assert pq.read_table(tmp_path / "o.parquet").column("reward").to_pylist() == [1.0]
+
+
+def test_synth_writes_all_splits_or_none(tmp_path, capsys, monkeypatch):
+    """A failure while writing the last split leaves no split behind, not even the old ones
+    replaced (validate first, write all three together last)."""
+    out = tmp_path / "s"
+    out.mkdir()
+    (out / "train.parquet").write_bytes(b"the previous train split")
+    real = pq.write_table
+
+    def fail_on_longtail(table, where, **kw):
+        if table.column("query_id")[0].as_py().startswith("longtail"):
+            raise OSError(28, "No space left on device")
+        return real(table, where, **kw)
+
+    monkeypatch.setattr(pq, "write_table", fail_on_longtail)
+    assert data.main(["synth", "--n", "20", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and len(err.splitlines()) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["train.parquet"]
+    assert (out / "train.parquet").read_bytes() == b"the previous train split"
+
+
+def test_train_refuses_a_damaged_checkpoint_with_one_line(tmp_path):
+    """--resume on a truncated latest.pt: one line, exit 2, and the file is left for inspection."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    ckpt = run / "checkpoints" / "latest.pt"
+    ckpt.write_bytes(b"PK\x03\x04 truncated")
+    tiny = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=1",
+            "model.head_dim=16", "model.intermediate_size=64", "data.n_train=8", "data.n_eval=4"]
+    res = subprocess.run([sys.executable, str(ROOT / "afrl_fast" / "train.py"), f"run.out_dir={run}", *tiny,
+                          "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TQDM_DISABLE": "1"})
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error: ")]
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert len(errors) == 1 and str(ckpt) in errors[0] and "truncated" in errors[0], res.stderr[-3000:]
+    assert ckpt.read_bytes() == b"PK\x03\x04 truncated"
