@@ -182,8 +182,8 @@ CASES = {
     "train_config_not_a_mapping": Case("train", ["--config", A("config_list.yaml"), "run.out_dir={d}/run"], ["{d}/run"],
                                        "mapping"),
     "train_negative_lr": Case("train", ["sft.lr=-1", "run.out_dir={d}/run"], ["{d}/run"], "sft.lr"),
-    "train_pred_gate_gamma_breaks_ordering": Case("train", ["rl.gate=pred", "rl.reward_gamma=0.9", "run.out_dir={d}/run"],
-                                        ["{d}/run"], "rl.reward_gamma"),
+    "train_pred_gate_gamma_breaks_ordering": Case("train", ["rl.gate=pred", "rl.reward_ordinal_slope=0.9", "run.out_dir={d}/run"],
+                                        ["{d}/run"], "rl.reward_ordinal_slope"),
 }
 MAINS = {"data": data.main, "verify": verify.main, "metrics": metrics.main, "evaluate": evaluate.main,
          "train": train.main}
