@@ -5,7 +5,7 @@ difficulty, 3 RL steps of 4 prompts × G=8 rollouts plus 8 SFT rows), then reads
 times every RL step logs to metrics.jsonl and prints them: rollout (prefix-shared generation and
 decoding to text), verify (the compiled verifier), advantages (group advantages and the stepwise
 token weights from tokenizer offsets), log-probs (old policy and reference, forward-only vocabulary
-pass), loss (fused loss forward+backward), optimizer (clip + AdamW), sync (weights to the engine).
+pass; the old-policy pass is skipped on-policy), loss (fused loss forward+backward), optimizer (clip + AdamW), sync (weights to the engine).
 """
 import json
 import os
@@ -20,23 +20,36 @@ ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("rollout", "verify", "advantages", "logprobs", "loss", "optimizer", "sync")
 
 
-@pytest.mark.benchmark
-def test_rl_step_time_breakdown(tmp_path):
+def run_steps(out_dir: Path, on_policy_shortcut: bool) -> list[dict]:
+    """Run the shortened trainer and return its RL metrics lines."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--standalone",
-           str(ROOT / "afrl_fast" / "train.py"), f"run.out_dir={tmp_path}", "sft.epochs=0.5",
+           str(ROOT / "afrl_fast" / "train.py"), f"run.out_dir={out_dir}", "sft.epochs=0.5",
            "difficulty.max_prompts=16", "difficulty.drop_unsolved=false", "rl.max_steps=3",
-           "rl.stages.0.size=12", "eval.every=0"]
+           "rl.stages.0.size=12", "eval.every=0", f"rl.on_policy_shortcut={str(on_policy_shortcut).lower()}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800,
                           env={**os.environ, "TQDM_DISABLE": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
     rl = [r for r in rows if r.get("phase") == "rl" and "split" not in r]
     assert rl, "no RL step ran"
-    print(f"\nRL step time breakdown, demo model (hidden 128, 2 layers, V=151,936), "
-          f"{len(rl)} steps, {np.mean([r['response/len'] for r in rl]):.0f}-token responses on average")
-    print(f"{'phase':<12}{'median s':>10}{'share':>8}")
-    medians = {p: float(np.median([r.get(f'time/{p}', 0.0) for r in rl])) for p in PHASES}
-    total = sum(medians.values())
+    return rl
+
+
+@pytest.mark.benchmark
+def test_rl_step_time_breakdown(tmp_path):
+    # The old-policy forward is what the on-policy shortcut removes: run the step with it recomputed
+    # (the path several mini-batches take) and with the shortcut (one update per rollout batch).
+    runs = {"recomputed": run_steps(tmp_path / "recomputed", False),
+            "on-policy": run_steps(tmp_path / "on_policy", True)}
+    lens = np.mean([r["response/len"] for rl in runs.values() for r in rl])
+    print(f"\nRL step time breakdown, demo model (hidden 128, 2 layers, V=151,936), 3 steps per run, "
+          f"{lens:.0f}-token responses on average; median seconds (share)")
+    print(f"{'phase':<12}" + "".join(f"{name:>20}" for name in runs))
+    medians = {name: {p: float(np.median([r.get(f'time/{p}', 0.0) for r in rl])) for p in PHASES}
+               for name, rl in runs.items()}
+    totals = {name: sum(m.values()) for name, m in medians.items()}
     for p in PHASES:
-        print(f"{p:<12}{medians[p]:>10.2f}{100 * medians[p] / total:>7.1f}%")
-    print(f"{'total':<12}{total:>10.2f}   tokens/s {np.median([r['throughput/tokens_per_s'] for r in rl]):.0f}")
+        print(f"{p:<12}" + "".join(f"{m[p]:>12.2f} ({100 * m[p] / totals[n]:4.1f}%)" for n, m in medians.items()))
+    print(f"{'total':<12}" + "".join(f"{totals[n]:>20.2f}" for n in runs))
+    print(f"{'tokens/s':<12}" + "".join(f"{np.median([r['throughput/tokens_per_s'] for r in rl]):>20.0f}"
+                                          for rl in runs.values()))
