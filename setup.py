@@ -16,7 +16,7 @@ setup(
     packages=["afrl_fast", "afrl_fast_kernels", "afrl_fast_csrc", "afrl_fast_configs"],
     package_dir={"afrl_fast": "afrl_fast", "afrl_fast_kernels": "kernels", "afrl_fast_csrc": "csrc",
                  "afrl_fast_configs": "configs"},
-    package_data={"afrl_fast_csrc": ["*.cpp", "*.h"], "afrl_fast_configs": ["*.yaml", "rulebook/*.yaml"]},
+    package_data={"afrl_fast_csrc": ["*.cpp", "*.h"], "afrl_fast_configs": ["*.yaml", "rulebook/*.yaml", "prompts/*.txt"]},
     include_package_data=False,
     install_requires=[
         "torch>=2.5",

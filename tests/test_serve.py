@@ -11,8 +11,6 @@ import asyncio
 import csv
 import os
 import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -35,6 +33,7 @@ from afrl_fast.serve import main as serve_main
 
 sys.path.insert(0, str(Path(__file__).parent))
 from reference_verifier import verify_all  # noqa: E402
+from serving import Server  # noqa: E402
 
 NOVELEVAL = Path("/work/shared/data/noveleval/noveleval_graded.tsv")
 CONTEXT = 1024
@@ -73,47 +72,6 @@ def model(model_dir):
 @pytest.fixture(scope="module")
 def prompt(model_dir):
     return resolve_prompt_settings(model_dir)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`python -m afrl_fast.serve` on 127.0.0.1 in a subprocess; output goes to a file."""
-
-    def __init__(self, model_dir, log_path, *flags):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self.log = open(log_path, "w")
-        # one torch thread: on a small shared machine two spin-waiting OpenMP threads stall each other
-        self.proc = subprocess.Popen([sys.executable, "-m", "afrl_fast.serve", "--model", str(model_dir),
-                                      "--port", str(self.port), "--threads", "1", *flags],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{Path(log_path).read_text()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"server did not come up:\n{Path(log_path).read_text()}")
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
 
 
 MAX_REQUEST_PAIRS, MAX_BODY = 32, 40_000

@@ -1,0 +1,430 @@
+"""Trace synthesis (paper §3.3): human-labelled pairs in, one verified expert AFRL trace per pair out.
+
+    python -m afrl_fast.synthesize --pairs P.parquet --endpoint URL --model NAME --out DIR \\
+        [--n 10] [--temperature 1.0] [--max-tokens 1024] [--concurrency 32] \\
+        [--judge-endpoint URL --judge-model NAME] [--instructions full|short|PATH] [--rulebook R] \\
+        [--eval industry=I.parquet --eval longtail=L.parquet] [--resume]
+    torchrun --nproc_per_node=1 afrl_fast/train.py data.dir=DIR      # the output trains as it is
+
+1. Diversity sampling: N responses per pair from any OpenAI-compatible server (SGLang, vLLM,
+   `python -m afrl_fast.serve`), prompted with exactly the trainer's system prompt
+   (`afrl_fast.format.resolve_prompt_settings`, the same flags as the trainer's data section).
+2. Consistency filtering with the compiled verifier against the human label. A sample is kept only
+   if it is complete (not cut at --max-tokens), well formed, its decision token, step 9's verdict
+   and its final grade agree, the grade the rulebook derives from its boxed steps 4–8 (ŷ) is the
+   label, and its final grade is the label. Each rejected sample records the first reason it failed
+   in that order.
+3. Best-of-N: with a judge endpoint every survivor of a pair with more than one is scored 0–10 for logical soundness and rule
+   adherence (rubric: configs/prompts/judge_rubric.txt; an unparseable reply is asked again twice,
+   then ranked last); the highest score wins. Ties, and runs without a judge, keep the shortest
+   trace (the most concise of equally verified arguments), then the lowest sample index — fully
+   deterministic.
+4. Output (DIR): train.parquet (the pair schema + rule, tail, the step columns, trace — what the
+   synthetic generator writes, so `read_pairs(require_trace=True)` and the trainer accept it);
+   rejected.parquet (every rejected sample with its reason); hard.parquet (pairs no sample
+   survived: the hard samples, listed, never dropped silently); report.json (yield per grade and per
+   rule, rejection reasons, requests and tokens, wall time); the --eval splits copied beside them.
+
+Results land in DIR/shards/ as each shard of pairs finishes (atomic files): a killed run loses at most
+the shard in flight, and `--resume` skips every finished pair, so no pair is asked twice and none is
+written twice. An unreachable endpoint fails after the client's retries with one line naming the URL.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import re
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from afrl_fast_configs import __file__ as _configs_init
+
+from .checkpoint import atomic_write_many, atomic_write_text, check_output_path
+from .data import PAIR_COLUMNS, DataError, read_pairs
+from .endpoint import APIS, Endpoint, EndpointError, RequestRefused, Usage, chat_prompt, strip_thinking
+from .format import FormatError, build_messages, build_prompt, load_tokenizer, resolve_prompt_settings
+from .observe import progress_bar
+from .rulebook import LABELS, RulebookError
+from .verify import verify_batch
+
+JUDGE_RUBRIC = Path(_configs_init).resolve().parent / "prompts" / "judge_rubric.txt"
+# Why a sample is rejected, in the order they are checked (the first that applies is recorded).
+REASONS = ("request_refused", "truncated", "format", "inconsistent", "rules_imply_other_grade", "final_not_label")
+SHARD_COLUMNS = ["pair", "sample", "text", "finish_reason", "reason", "judge_score", "chosen",
+                 "requests", "prompt_tokens", "completion_tokens"]
+JUDGE_TRIES = 3
+SEED_MOD = 2 ** 31 - 1       # servers that keep the seed in an int32 must not overflow
+
+
+class SynthesisError(ValueError):
+    """Bad arguments or a run folder that cannot be used; one line."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Filtering and selection (pure functions: the tests check them against the verifier's fields)
+# ----------------------------------------------------------------------------------------------
+
+def rejection_reasons(texts: list[str], finish_reasons: list[str], label: int, rulebook) -> list[str | None]:
+    """None for a kept sample, else the first failed check of REASONS."""
+    if not texts:
+        return []
+    res = verify_batch(texts, [label] * len(texts), rulebook)
+    out = []
+    for j, finish in enumerate(finish_reasons):
+        if finish == "length":
+            out.append("truncated")
+        elif not res.fmt[j]:
+            out.append("format")
+        elif not res.cst[j]:
+            out.append("inconsistent")
+        elif res.y_hat[j] != label:
+            out.append("rules_imply_other_grade")
+        elif res.y_final[j] != label:
+            out.append("final_not_label")
+        else:
+            out.append(None)
+    return out
+
+
+def choose(texts: list[str], kept: list[int], scores: dict[int, float | None]) -> int | None:
+    """The best kept sample: highest judge score (unscored last), then shortest, then lowest index."""
+    if not kept:
+        return None
+    return min(kept, key=lambda j: (-scores[j] if scores.get(j) is not None else float("inf"), len(texts[j]), j))
+
+
+_SCORE = re.compile(r"score\s*[:=]?\s*\**\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
+
+
+def parse_judge_score(reply: str) -> float | None:
+    """The judge's 0–10 score: the last "Score: x" in the reply, or a reply that is only a number."""
+    hits = _SCORE.findall(reply or "")
+    text = hits[-1] if hits else (reply or "").strip().rstrip(".")
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if 0.0 <= value <= 10.0 else None
+
+
+def trace_columns(text: str, rulebook) -> dict:
+    """The step columns, rule and tail of a kept trace (what the synthetic generator writes)."""
+    res = verify_batch([text], [-1], rulebook)
+    values = {step.key: res.value_strings(j)[0] for j, step in enumerate(rulebook.critical)}
+    rule = rulebook.first_rule(values)
+    return {"rule": rule.name, "tail": rule.tail, **values}
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling one pair
+# ----------------------------------------------------------------------------------------------
+
+class Synthesizer:
+    def __init__(self, endpoint: Endpoint, judge: Endpoint | None, tokenizer, prompt, n: int, temperature: float,
+                 max_tokens: int, seed: int):
+        self.endpoint, self.judge, self.tokenizer, self.prompt = endpoint, judge, tokenizer, prompt
+        self.n, self.temperature, self.max_tokens, self.seed = n, temperature, max_tokens, seed
+        self.rubric = JUDGE_RUBRIC.read_text(encoding="utf-8") if judge is not None else None
+
+    def request(self, endpoint: Endpoint, messages: list[dict]) -> dict:
+        """Plain chat messages in the form the endpoint's API takes."""
+        if endpoint.api == "chat":
+            return {"messages": messages}
+        return {"prompt": chat_prompt(self.tokenizer, messages)}
+
+    async def sample_pair(self, index: int, row: dict) -> list[dict]:
+        """Every sample of one pair as shard rows (reason None = kept; the chosen one flagged)."""
+        rb = self.prompt.rulebook
+        messages = build_messages(rb, row["query"], row["document"], self.prompt.instructions)
+        req = ({"messages": messages} if self.endpoint.api == "chat" else
+               {"prompt": build_prompt(self.tokenizer, rb, row["query"], row["document"], self.prompt.instructions)})
+        used = Usage()
+        try:
+            choices = await self.endpoint.generate(**req, n=self.n, temperature=self.temperature,
+                                                   max_tokens=self.max_tokens, seed=pair_seed(self.seed, index),
+                                                   usage=used)
+            texts = [strip_thinking(c.text) for c in choices]
+            reasons = rejection_reasons(texts, [c.finish_reason for c in choices], row["label"], rb)
+            finishes = [c.finish_reason for c in choices]
+        except RequestRefused as e:
+            texts, finishes, reasons = [f"<refused: {e}>"], ["error"], ["request_refused"]
+        kept = [j for j, r in enumerate(reasons) if r is None]
+        scores = (await self.judge_scores(index, row, texts, kept, used)
+                  if self.judge is not None and len(kept) > 1 else {})
+        best = choose(texts, kept, scores)
+        rows = []
+        for j, (text, finish, reason) in enumerate(zip(texts, finishes, reasons)):
+            first = j == 0
+            rows.append({"pair": index, "sample": j, "text": text, "finish_reason": finish, "reason": reason,
+                         "judge_score": scores.get(j), "chosen": j == best,
+                         "requests": used.requests if first else 0,
+                         "prompt_tokens": used.prompt_tokens if first else 0,
+                         "completion_tokens": used.completion_tokens if first else 0})
+        return rows
+
+    async def judge_scores(self, index: int, row: dict, texts: list[str], kept: list[int],
+                           used: Usage) -> dict[int, float | None]:
+        async def one(j):
+            content = self.rubric.format(rules=self.prompt.rulebook.describe(), query=row["query"],
+                                         document=row["document"], label=row["label"], trace=texts[j])
+            messages = [{"role": "user", "content": content}]
+            for attempt in range(JUDGE_TRIES):
+                try:
+                    reply = await self.judge.generate(**self.request(self.judge, messages), n=1, temperature=0.0,
+                                                      max_tokens=256, seed=pair_seed(self.seed, index) + attempt,
+                                                      usage=used)
+                except RequestRefused:
+                    return None
+                score = parse_judge_score(strip_thinking(reply[0].text))
+                if score is not None:
+                    return score
+            return None
+        found = await asyncio.gather(*(one(j) for j in kept))
+        return dict(zip(kept, found))
+
+
+def pair_seed(seed: int, index: int) -> int:
+    return (seed * 1_000_003 + index) % SEED_MOD
+
+
+# ----------------------------------------------------------------------------------------------
+# The run folder: settings, shards, resume
+# ----------------------------------------------------------------------------------------------
+
+def run_settings(args, pairs_path: Path, n_pairs: int, instructions: str) -> dict:
+    """What a resumed run must share with the run it continues (else its shards would mix two runs)."""
+    digest = hashlib.sha256(Path(pairs_path).read_bytes()).hexdigest()
+    return {"pairs_sha256": digest, "n_pairs": n_pairs, "model": args.model, "n": args.n,
+            "temperature": args.temperature, "max_tokens": args.max_tokens, "seed": args.seed,
+            "instructions_sha256": hashlib.sha256(instructions.encode("utf-8")).hexdigest(),
+            "judge_model": args.judge_model, "api": args.api}
+
+
+def prepare_out_dir(out: Path, settings: dict, resume: bool) -> None:
+    check_output_path(out, SynthesisError, kind="dir")
+    state = out / "synthesis.json"
+    if resume:
+        if not state.exists():
+            raise SynthesisError(f"{out}: nothing to resume (no synthesis.json); run without --resume")
+        saved = json.loads(state.read_text(encoding="utf-8"))
+        diff = sorted(k for k in settings.keys() | saved.keys() if settings.get(k) != saved.get(k))
+        if diff:
+            raise SynthesisError(f"{out}: cannot resume, this run differs from the saved one in {', '.join(diff)}")
+        return
+    if out.exists() and any(out.iterdir()):
+        raise SynthesisError(f"{out}: folder is not empty; use --resume to continue it or a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(state, json.dumps(settings, indent=2))
+
+
+def finished_pairs(out: Path) -> tuple[set[int], int]:
+    """Pair indices already in shards, and the next shard number."""
+    done, shards = set(), sorted((out / "shards").glob("*.parquet"))
+    for path in shards:
+        done.update(pq.read_table(path, columns=["pair"]).column("pair").to_pylist())
+    return done, (int(shards[-1].stem) + 1 if shards else 0)
+
+
+def write_shard(out: Path, number: int, rows: list[dict]) -> None:
+    table = pa.Table.from_pylist(rows, schema=pa.schema([
+        ("pair", pa.int64()), ("sample", pa.int32()), ("text", pa.string()), ("finish_reason", pa.string()),
+        ("reason", pa.string()), ("judge_score", pa.float64()), ("chosen", pa.bool_()), ("requests", pa.int64()),
+        ("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64())]))
+    atomic_write_many({out / "shards" / f"{number:06d}.parquet": lambda f: pq.write_table(table, f)})
+
+
+async def sample_all(synth: Synthesizer, pairs: list[dict], todo: list[int], out: Path, first_shard: int,
+                     shard_size: int, n_done: int) -> None:
+    bar = progress_bar(len(pairs), "synthesize", initial=n_done, unit="pair")
+    kept = 0
+    try:
+        for s, start in enumerate(range(0, len(todo), shard_size)):
+            batch = todo[start:start + shard_size]
+            results = await asyncio.gather(*(_with_progress(synth.sample_pair(i, pairs[i]), bar) for i in batch))
+            rows = [r for pair_rows in results for r in pair_rows]
+            write_shard(out, first_shard + s, rows)
+            kept += sum(any(r["reason"] is None for r in pair_rows) for pair_rows in results)
+            bar.set_postfix(yield_this_run=f"{kept / (start + len(batch)):.0%}")
+    finally:
+        bar.close()
+        await synth.endpoint.close()
+        if synth.judge is not None:
+            await synth.judge.close()
+
+
+async def _with_progress(coro, bar):
+    result = await coro
+    bar.update(1)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Assembly: shards -> train / rejected / hard / report
+# ----------------------------------------------------------------------------------------------
+
+def assemble(out: Path, pairs_table: pa.Table, rulebook, eval_splits: dict[str, pa.Table], wall_s: float,
+             settings: dict) -> dict:
+    shards = [pq.read_table(p) for p in sorted((out / "shards").glob("*.parquet"))]
+    samples = pa.concat_tables(shards).to_pylist() if shards else []
+    pairs = pairs_table.select(list(PAIR_COLUMNS)).to_pylist()
+    by_pair: dict[int, list[dict]] = {}
+    for r in samples:
+        by_pair.setdefault(r["pair"], []).append(r)
+    train, rejected, hard = [], [], []
+    reasons, per_rule, per_rule_samples = Counter(), Counter(), Counter()
+    grade_pairs, grade_kept = Counter(), Counter()
+    for i, pair in enumerate(pairs):
+        rows = sorted(by_pair.get(i, []), key=lambda r: r["sample"])
+        grade_pairs[pair["label"]] += 1
+        for r in rows:
+            if r["reason"] is not None:
+                reasons[r["reason"]] += 1
+                rejected.append({**pair, "sample": r["sample"], "reason": r["reason"], "finish_reason": r["finish_reason"],
+                                 "text": r["text"]})
+            else:
+                per_rule_samples[trace_columns(r["text"], rulebook)["rule"]] += 1
+        chosen = [r for r in rows if r["chosen"]]
+        if chosen:
+            cols = trace_columns(chosen[0]["text"], rulebook)
+            per_rule[cols["rule"]] += 1
+            grade_kept[pair["label"]] += 1
+            train.append({**pair, **cols, "trace": chosen[0]["text"], "judge_score": chosen[0]["judge_score"],
+                          "n_kept": sum(r["reason"] is None for r in rows)})
+        else:
+            hard.append({**pair, "n_samples": len(rows),
+                         "reasons": json.dumps(dict(Counter(r["reason"] for r in rows)), sort_keys=True)})
+    n_samples = len(samples)
+    report = {
+        "pairs": len(pairs), "pairs_with_trace": len(train), "hard_pairs": len(hard),
+        "yield": len(train) / max(len(pairs), 1),
+        "samples": n_samples, "samples_kept": n_samples - sum(reasons.values()),
+        "sample_yield": (n_samples - sum(reasons.values())) / max(n_samples, 1),
+        "yield_per_grade": {str(k): {"pairs": grade_pairs[k], "with_trace": grade_kept[k],
+                                     "yield": grade_kept[k] / grade_pairs[k] if grade_pairs[k] else None}
+                            for k in LABELS},
+        "traces_per_rule": dict(sorted(per_rule.items())),
+        "kept_samples_per_rule": dict(sorted(per_rule_samples.items())),
+        "rejections": {k: reasons[k] for k in REASONS},
+        "requests": sum(r["requests"] for r in samples),
+        "prompt_tokens": sum(r["prompt_tokens"] for r in samples),
+        "completion_tokens": sum(r["completion_tokens"] for r in samples),
+        "wall_s_this_invocation": round(wall_s, 2), "settings": settings,
+        "eval_splits": sorted(eval_splits),
+    }
+    step_fields = [pa.field(k, pa.string()) for k in rulebook.keys]
+    base = list(pairs_table.select(list(PAIR_COLUMNS)).schema)
+    train_schema = pa.schema(base + [pa.field("rule", pa.string()), pa.field("tail", pa.bool_())] + step_fields
+                             + [pa.field("trace", pa.string()), pa.field("judge_score", pa.float64()),
+                                pa.field("n_kept", pa.int32())])
+    rejected_schema = pa.schema(base + [pa.field("sample", pa.int32()), pa.field("reason", pa.string()),
+                                        pa.field("finish_reason", pa.string()), pa.field("text", pa.string())])
+    hard_schema = pa.schema(base + [pa.field("n_samples", pa.int32()), pa.field("reasons", pa.string())])
+    tables = {"train.parquet": pa.Table.from_pylist(train, schema=train_schema),
+              "rejected.parquet": pa.Table.from_pylist(rejected, schema=rejected_schema),
+              "hard.parquet": pa.Table.from_pylist(hard, schema=hard_schema),
+              **{f"{name}.parquet": t for name, t in eval_splits.items()}}
+    writes = {out / name: (lambda t: lambda f: pq.write_table(t, f))(t) for name, t in tables.items()}
+    writes[out / "report.json"] = lambda f: f.write(json.dumps(report, indent=2).encode("utf-8"))
+    atomic_write_many(writes)
+    return report
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------
+
+def parse_eval(items: list[str]) -> dict[str, pa.Table]:
+    splits = {}
+    for item in items or []:
+        name, sep, path = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z0-9_-]+", name) or name == "train":
+            raise SynthesisError(f"--eval {item!r}: expected NAME=PATH with a split name other than train")
+        splits[name] = read_pairs(path)
+    return splits
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m afrl_fast.synthesize", description=__doc__.split("\n")[0])
+    p.add_argument("--pairs", required=True, help="labelled pairs (Parquet: query_id, doc_id, query, document, label)")
+    p.add_argument("--endpoint", required=True, help="OpenAI-compatible server URL (http://host:port or .../v1)")
+    p.add_argument("--model", required=True, help="model name the server knows")
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=int, default=10, help="samples per pair")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--max-tokens", type=int, default=1024)
+    p.add_argument("--concurrency", type=int, default=32, help="requests in flight at once")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
+    p.add_argument("--retries", type=int, default=5, help="retries (with backoff) on 429, 5xx and connection errors")
+    p.add_argument("--judge-endpoint")
+    p.add_argument("--judge-model")
+    p.add_argument("--api", choices=APIS, default="completions",
+                   help="completions: the prompt is rendered here with --tokenizer's chat template; chat: the server's")
+    p.add_argument("--tokenizer", default="qwen3", help="tokenizer whose chat template renders prompts (completions API)")
+    p.add_argument("--instructions", default="full", help="full | short | a text file (e.g. PIAR's output)")
+    p.add_argument("--rulebook", default=None)
+    p.add_argument("--eval", action="append", default=[], metavar="NAME=PATH",
+                   help="an evaluation split copied into --out (the trainer reads industry and longtail)")
+    p.add_argument("--shard-size", type=int, default=64, help="pairs per result shard")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true")
+    return p
+
+
+def check_args(args) -> None:
+    for name, low in (("n", 1), ("max_tokens", 1), ("concurrency", 1), ("shard_size", 1), ("retries", 0), ("seed", 0)):
+        if getattr(args, name) < low:
+            raise SynthesisError(f"--{name.replace('_', '-')} must be ≥ {low}, got {getattr(args, name)}")
+    if not (0.0 <= args.temperature <= 10.0):
+        raise SynthesisError(f"--temperature must be in [0, 10], got {args.temperature}")
+    if bool(args.judge_endpoint) != bool(args.judge_model):
+        raise SynthesisError("--judge-endpoint and --judge-model go together")
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    t0 = time.time()
+    out = Path(args.out)
+    try:
+        check_args(args)
+        pairs_table = read_pairs(args.pairs)
+        eval_splits = parse_eval(args.eval)
+        prompt = resolve_prompt_settings(None, args.rulebook, args.instructions)
+        tokenizer = load_tokenizer(args.tokenizer)
+        settings = run_settings(args, Path(args.pairs), pairs_table.num_rows, prompt.instructions)
+        prepare_out_dir(out, settings, args.resume)
+        endpoint = Endpoint(args.endpoint, args.model, api=args.api, concurrency=args.concurrency,
+                            timeout=args.timeout, retries=args.retries)
+        judge = (Endpoint(args.judge_endpoint, args.judge_model, api=args.api, concurrency=args.concurrency,
+                          timeout=args.timeout, retries=args.retries) if args.judge_endpoint else None)
+        done, next_shard = finished_pairs(out)
+        pairs = pairs_table.select(list(PAIR_COLUMNS)).to_pylist()
+        todo = [i for i in range(len(pairs)) if i not in done]
+        synth = Synthesizer(endpoint, judge, tokenizer, prompt, args.n, args.temperature, args.max_tokens, args.seed)
+        try:
+            asyncio.run(sample_all(synth, pairs, todo, out, next_shard, args.shard_size, len(done)))
+        except (EndpointError, KeyboardInterrupt) as e:
+            kept, _ = finished_pairs(out)
+            why = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
+            print(f"error: {' '.join(why.split())}; {len(kept)} of {len(pairs)} pairs are saved in {out}/shards, "
+                  f"rerun with --resume to finish", file=sys.stderr)
+            return 2 if isinstance(e, EndpointError) else 130
+        report = assemble(out, pairs_table, prompt.rulebook, eval_splits, time.time() - t0, settings)
+    except (SynthesisError, DataError, EndpointError, FormatError, RulebookError, OSError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    print(f"{report['pairs_with_trace']} of {report['pairs']} pairs got a verified trace "
+          f"(yield {report['yield']:.1%}; {report['samples_kept']} of {report['samples']} samples kept); "
+          f"{report['hard_pairs']} hard pairs in {out / 'hard.parquet'}")
+    print("rejections: " + ", ".join(f"{k} {v}" for k, v in report["rejections"].items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Shared by the tests that need a real model behind a real server: `python -m afrl_fast.serve` in a
+subprocess on a free loopback port, and a tiny judge that has learnt its training pairs' traces
+by heart, so that what it serves passes the verifier (a random tiny model never writes a valid trace).
+"""
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import torch
+import transformers
+
+from afrl_fast.format import build_prompt, instructions_text, load_tokenizer, save_prompt_settings
+from afrl_fast.loss import fused_loss
+from afrl_fast.rulebook import load_rulebook
+
+MEMORIZER = dict(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
+                 max_position_embeddings=2048)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`python -m afrl_fast.serve` on 127.0.0.1 in a subprocess; output goes to a file."""
+
+    def __init__(self, model_dir, log_path, *flags):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.log = open(log_path, "w")
+        # one torch thread: on a small shared machine two spin-waiting OpenMP threads stall each other
+        self.proc = subprocess.Popen([sys.executable, "-m", "afrl_fast.serve", "--model", str(model_dir),
+                                      "--port", str(self.port), "--threads", "1", *flags],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{Path(log_path).read_text()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"server did not come up:\n{Path(log_path).read_text()}")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def train_memorizing_judge(out: Path, query: str, document: str, trace: str, max_steps: int = 300) -> Path:
+    """Export (like the trainer does) a tiny Qwen3 trained on one pair until greedy decoding
+    reproduces that pair's trace exactly; ~20 s on two CPU cores."""
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer()
+    rulebook = load_rulebook()
+    instructions = instructions_text(rulebook, "short")
+    prompt = tokenizer.encode(build_prompt(tokenizer, rulebook, query, document, instructions), add_special_tokens=False)
+    response = tokenizer.encode(trace, add_special_tokens=False) + [tokenizer.eos_token_id]
+    model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**MEMORIZER))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = torch.tensor([prompt + response])
+    targets = torch.tensor([-100] * (len(prompt) - 1) + response + [-100])
+    n = len(targets)
+    for step in range(max_steps):
+        hidden = model.model(input_ids=ids).last_hidden_state[0]
+        out_loss = fused_loss(hidden, model.lm_head.weight, targets, is_sft=torch.ones(n, dtype=torch.bool),
+                              advantages=torch.zeros(n), old_logp=None, ref_logp=None,
+                              scale=torch.full((n,), 1.0 / len(response)))
+        opt.zero_grad()
+        out_loss.loss.backward()
+        opt.step()
+        if step >= 60 and step % 15 == 0:
+            with torch.no_grad():
+                greedy = model.generate(torch.tensor([prompt]), max_new_tokens=len(response), do_sample=False,
+                                        attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+            if greedy[0, len(prompt):].tolist() == response:
+                break
+    else:
+        raise RuntimeError(f"the tiny judge did not learn its trace in {max_steps} steps")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    save_prompt_settings(out, rulebook, instructions)
+    return out
