@@ -1,17 +1,22 @@
-"""Shared by the tests that need a real model behind a real server: `python -m afrl_fast.serve` in a
-subprocess on a free loopback port, and a tiny judge that has learnt its training pairs' traces
-by heart, so that what it serves passes the verifier (a random tiny model never writes a valid trace).
+"""Shared by the tests that talk to servers: a real `python -m afrl_fast.serve` in a subprocess on a
+free loopback port; a tiny judge that has learnt one pair's trace by heart, so that what it serves
+passes the verifier (a random tiny model never writes a valid trace); and a scripted
+OpenAI-compatible server for fault paths.
 """
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import httpx
 import torch
 import transformers
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 
 from afrl_fast.format import build_prompt, instructions_text, load_tokenizer, save_prompt_settings
 from afrl_fast.loss import fused_loss
@@ -61,6 +66,41 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
+
+
+class Scripted:
+    """A scripted OpenAI-compatible completions server (fault paths only): uvicorn in a thread; `reply(n, body)` gives (status, completion texts, finish reasons) for the
+    n-th request (0-based)."""
+
+    def __init__(self, reply):
+        self.reply, self.count, self.lock = reply, 0, threading.Lock()
+        app = FastAPI()
+
+        @app.post("/v1/completions")
+        async def completions(request: Request):
+            body = await request.json()
+            with self.lock:
+                n, self.count = self.count, self.count + 1
+            status, texts, finishes = self.reply(n, body)
+            if status != 200:
+                return JSONResponse({"error": {"message": "scripted", "type": "x"}}, status_code=status,
+                                    headers={"retry-after": "0"})
+            choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": f}
+                       for i, (t, f) in enumerate(zip(texts, finishes))]
+            return {"id": "c", "object": "text_completion", "created": 0, "model": body["model"], "choices": choices,
+                    "usage": {"prompt_tokens": 10, "completion_tokens": 5 * len(texts), "total_tokens": 10}}
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.05)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
 
 
 def train_memorizing_judge(out: Path, query: str, document: str, trace: str, max_steps: int = 300) -> Path:

@@ -12,16 +12,11 @@ import json
 import os
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import uvicorn
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
 
 from afrl_fast.data import PAIR_COLUMNS, read_pairs, synthesize, write_table
 from afrl_fast.rulebook import load_rulebook
@@ -29,7 +24,7 @@ from afrl_fast.synthesize import REASONS, choose, main as synth_main, parse_judg
 
 sys.path.insert(0, str(Path(__file__).parent))
 from reference_verifier import verify_all  # noqa: E402
-from serving import Server, free_port, train_memorizing_judge  # noqa: E402
+from serving import Scripted, Server, free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RULEBOOK = load_rulebook()
@@ -40,8 +35,8 @@ RULEBOOK = load_rulebook()
 # ----------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def source():
-    return synthesize(1, seed=11, split="train").to_pylist()[0]
+def source(memorized_pair):
+    return memorized_pair
 
 
 def labels_only(source, labels) -> pa.Table:
@@ -62,10 +57,8 @@ def files(tmp_path_factory, source):
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory, source):
-    model = train_memorizing_judge(tmp_path_factory.mktemp("teacher") / "judge", source["query"], source["document"],
-                                   source["trace"])
-    srv = Server(model, tmp_path_factory.mktemp("logs") / "teacher.log")
+def teacher(tmp_path_factory, memorizing_judge):
+    srv = Server(memorizing_judge, tmp_path_factory.mktemp("logs") / "teacher.log")
     yield srv
     srv.stop()
 
@@ -157,41 +150,6 @@ def test_labels_to_traces_to_sft(teacher, files, source, tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------
 # A scripted OpenAI-compatible server for the fault paths
 # ----------------------------------------------------------------------------------------------
-
-class Scripted:
-    """uvicorn in a thread; `reply(n, body)` gives (status, completion texts, finish reasons) for the
-    n-th request (0-based)."""
-
-    def __init__(self, reply):
-        self.reply, self.count, self.lock = reply, 0, threading.Lock()
-        app = FastAPI()
-
-        @app.post("/v1/completions")
-        async def completions(request: Request):
-            body = await request.json()
-            with self.lock:
-                n, self.count = self.count, self.count + 1
-            status, texts, finishes = self.reply(n, body)
-            if status != 200:
-                return JSONResponse({"error": {"message": "scripted", "type": "x"}}, status_code=status,
-                                    headers={"retry-after": "0"})
-            choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": f}
-                       for i, (t, f) in enumerate(zip(texts, finishes))]
-            return {"id": "c", "object": "text_completion", "created": 0, "model": body["model"], "choices": choices,
-                    "usage": {"prompt_tokens": 10, "completion_tokens": 5 * len(texts), "total_tokens": 10}}
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.05)
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
 
 def base_args(files, url, out, *extra):
     return ["--pairs", files / "pairs.parquet", "--endpoint", url, "--model", "m", "--out", out, "--n", "2",
