@@ -38,6 +38,7 @@ setup(
                 "openai>=1.40"],
         "serve": SERVE,
         "gpu": ["flash-attn>=2.6"],
-        "sglang": ["sglang>=0.4"],
+        # checked against the released code of these versions (afrl_fast/rollout_sglang.py: SGLANG_SPEC)
+        "sglang": ["sglang>=0.5.21,<0.5.24"],
     },
 )

@@ -94,6 +94,20 @@ class StageConfig:
 
 
 @dataclass
+class SGLangConfig:
+    """The SGLang rollout server of each engine group (run.engine=sglang; see afrl_fast.rollout_sglang)."""
+    tp_size: int = 1                 # GPUs (consecutive ranks of one node) that share one server
+    mem_fraction_static: float = 0.5  # of each GPU for SGLang's weights + KV pool (the trainer needs the rest)
+    enable_memory_saver: bool = True  # release SGLang's memory while the trainer runs (colocated GPUs)
+    dtype: str = "bfloat16"
+    port: int = 30000                # group g on a node listens on port + g
+    start_timeout_s: float = 900.0
+    request_timeout_s: float = 3600.0
+    bucket_bytes: int = 1 << 30      # weights sent per update call
+    extra_args: List[str] = field(default_factory=list)   # more `sglang.launch_server` flags, verbatim
+
+
+@dataclass
 class RLConfig:
     mode: str = "mode_balanced"      # mode_balanced | stepwise_grpo (γ = 0) | grpo (no token weights, γ = 0)
     batch_prompts: int = 256         # B_RL prompts per step (global)
@@ -127,6 +141,7 @@ class RLConfig:
     # paper §3.6: stage 3 "targets hard and previously failed samples": prompts none of whose rollouts
     # earned the full reward in the earlier stages are added to the last stage
     fold_failed_into_last_stage: bool = True
+    sglang: SGLangConfig = field(default_factory=SGLangConfig)
 
 
 @dataclass
@@ -265,6 +280,15 @@ def validate(cfg: Config) -> None:
          "data.instructions (full, short or an existing text file)", cfg.data.instructions),
         (cfg.rl.batch_prompts % cfg.rl.mini_batches == 0,
          "rl.mini_batches (must divide rl.batch_prompts)", cfg.rl.mini_batches),
+        (cfg.rl.sglang.tp_size >= 1, "rl.sglang.tp_size", cfg.rl.sglang.tp_size),
+        (0.0 < cfg.rl.sglang.mem_fraction_static < 1.0, "rl.sglang.mem_fraction_static (in (0, 1))",
+         cfg.rl.sglang.mem_fraction_static),
+        (cfg.rl.sglang.dtype in ("bfloat16", "float16", "float32", "auto"), "rl.sglang.dtype", cfg.rl.sglang.dtype),
+        (1024 <= cfg.rl.sglang.port <= 65535, "rl.sglang.port", cfg.rl.sglang.port),
+        (cfg.rl.sglang.start_timeout_s > 0 and cfg.rl.sglang.request_timeout_s > 0,
+         "rl.sglang.start_timeout_s / request_timeout_s (> 0)",
+         (cfg.rl.sglang.start_timeout_s, cfg.rl.sglang.request_timeout_s)),
+        (cfg.rl.sglang.bucket_bytes >= 1 << 20, "rl.sglang.bucket_bytes (>= 1 MiB)", cfg.rl.sglang.bucket_bytes),
     ]
     d = cfg.difficulty
     checks += [

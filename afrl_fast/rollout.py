@@ -7,8 +7,9 @@ plus ``sync_weights(model)``, ``release_memory()``, ``resume_memory()`` and ``sh
   prefilled ONCE, its KV cache is repeated G times along the batch dimension, and all groups of the
   call decode together in one batch. Rows that stop are dropped from the batch (cache rows
   included), so late steps only pay for the rows still running.
-* ``SGLangEngine`` (GPU, optional extra): a thin adapter over SGLang's offline ``sglang.Engine``;
-  one request per prompt with ``n = G`` so the radix cache shares the prompt's KV across the group.
+* ``SGLangEngine`` (GPU, optional extra; ``afrl_fast.rollout_sglang``): an SGLang server process
+  per engine group, driven over HTTP; the prompts are prefilled into its radix cache once and the G
+  samples of a prompt, each with its own seed, share that KV.
 
 Conventions, identical for both engines (the trainer relies on them):
 
@@ -32,18 +33,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["RolloutGroup", "EmbeddedEngine", "SGLangEngine", "make_engine", "sample_next_tokens", "Rollouts",
+__all__ = ["RolloutGroup", "EmbeddedEngine", "make_engine", "sample_next_tokens", "Rollouts",
            "generate_rollouts", "prompt_seed", "TrainerEngine", "cache_argument"]
 
 # End-of-turn / end-of-text tokens of chat tokenizers (Qwen, and many others that reuse the
 # ChatML names). Generation for the AFRL format ends at the end of the assistant turn.
 _NAMED_END_TOKENS = ("<|im_end|>", "<|endoftext|>")
-
-SGLANG_MISSING = (
-    "SGLang is not installed: pip install 'afrl-fast[sglang]' on a GPU machine; "
-    "the embedded engine runs everywhere"
-)
-
 
 @dataclass
 class RolloutGroup:
@@ -433,183 +428,20 @@ class EmbeddedEngine:
 
 
 # ----------------------------------------------------------------------------------------------
-# SGLang engine
-# ----------------------------------------------------------------------------------------------
-
-def import_sglang():
-    """Import SGLang lazily: installing it here would swap the CPU torch for a CUDA build."""
-    try:
-        import sglang
-    except ImportError as err:
-        raise RuntimeError(SGLANG_MISSING) from err
-    return sglang
-
-
-def sglang_sampling_params(group_size, temperature, top_p, max_new_tokens, eos_ids, seed) -> dict:
-    """The ``sampling_params`` of one SGLang request that asks for a whole group.
-
-    ``n = G`` makes SGLang prefill the prompt once and fork G requests off the cached prefix.
-    ``stop_token_ids`` adds our EOS ids to the model's own. ``sampling_seed`` is only honoured by
-    SGLang under ``--enable-deterministic-inference``; it is sent only when a seed is given.
-    """
-    params = {
-        "n": group_size,
-        "temperature": float(temperature),
-        "top_p": float(top_p),
-        "max_new_tokens": int(max_new_tokens),
-        "stop_token_ids": list(eos_ids),
-    }
-    if isinstance(seed, int):
-        params["sampling_seed"] = seed
-    return params
-
-
-def parse_sglang_output(output: Mapping) -> tuple[list[int], list[float], bool]:
-    """(token ids, log-probs, finished) of one SGLang response.
-
-    ``meta_info["output_token_logprobs"]`` is a list of ``(logprob, token_id, text_or_None)``, one
-    per generated token, the matched stop token included; SGLang's default log-prob is the
-    temperature-scaled distribution before top-p, our convention. ``finish_reason`` is
-    ``{"type": "stop", "matched": id}`` on a stop token and ``{"type": "length", ...}`` on the
-    token limit.
-    """
-    meta = output["meta_info"]
-    triples = meta["output_token_logprobs"]
-    token_ids = [int(t[1]) for t in triples]
-    logprobs = [float(t[0]) for t in triples]
-    reason = meta.get("finish_reason") or {}
-    finished = isinstance(reason, Mapping) and reason.get("type") == "stop"
-    return token_ids, logprobs, finished
-
-
-class SGLangEngine:
-    """Group rollouts through SGLang's offline engine (``sglang.Engine``), same interface.
-
-    Args:
-        model_path: checkpoint directory (HF format) SGLang loads at start.
-        tokenizer / eos_ids: as for ``EmbeddedEngine``.
-        **engine_kwargs: forwarded to ``sglang.Engine`` (``mem_fraction_static``, ``tp_size``,
-            ``dtype``, ``enable_memory_saver=True`` for colocated release/resume, ...).
-    """
-
-    def __init__(self, model_path: str, tokenizer=None, *, eos_ids: Iterable[int] | None = None,
-                 **engine_kwargs):
-        sglang = import_sglang()
-        self.eos_ids = resolve_eos_ids(tokenizer, None, eos_ids)
-        self.engine = sglang.Engine(model_path=model_path, **engine_kwargs)
-
-    def generate_groups(
-        self,
-        prompts: Sequence[Sequence[int]],
-        group_size: int = 8,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        max_new_tokens: int = 1024,
-        seed: int | None = None,
-        seeds: Sequence[int] | None = None,
-    ) -> list[RolloutGroup]:
-        """One batched ``engine.generate`` call; responses come back prompt-major (G per prompt).
-        ``seeds`` (one per prompt) sends one sampling_params per prompt, each with its seed."""
-        prompts = [list(p) for p in prompts]
-        if not prompts:
-            return []
-        if seeds is not None:
-            if len(seeds) != len(prompts):
-                raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
-            params = [sglang_sampling_params(group_size, temperature, top_p, max_new_tokens,
-                                             self.eos_ids, int(s)) for s in seeds]
-        else:
-            params = sglang_sampling_params(group_size, temperature, top_p, max_new_tokens,
-                                            self.eos_ids, seed)
-        outputs = self.engine.generate(input_ids=prompts, sampling_params=params,
-                                       return_logprob=True)
-        if isinstance(outputs, Mapping):  # a batch of one may come back unwrapped
-            outputs = [outputs]
-        if len(outputs) != len(prompts) * group_size:
-            raise RuntimeError(f"SGLang returned {len(outputs)} responses, "
-                               f"expected {len(prompts)} prompts × {group_size}")
-        groups = []
-        for p, prompt in enumerate(prompts):
-            parsed = [parse_sglang_output(o) for o in outputs[p * group_size:(p + 1) * group_size]]
-            groups.append(RolloutGroup(
-                prompt_ids=prompt,
-                token_ids=[ids for ids, _, _ in parsed],
-                logprobs=[lps for _, lps, _ in parsed],
-                finished=[fin for _, _, fin in parsed],
-            ))
-        return groups
-
-    def sync_weights(self, model_or_state_dict, bucket_bytes: int = 1 << 30) -> None:
-        """Push the trainer's weights in place (``update_weights_from_tensor``), then flush the cache.
-
-        Tensors go in buckets of about ``bucket_bytes`` so a large policy is never serialised at
-        once; the prefix cache is flushed once, after the last bucket, since cached KV was computed
-        with the old weights. FSDP2 DTensor shards are gathered to full tensors first. Names are
-        the HF parameter names, which SGLang's loaders accept.
-        """
-        named = _named_tensors(model_or_state_dict)
-        buckets = list(_buckets(named, bucket_bytes))
-        for i, bucket in enumerate(buckets):
-            self.engine.update_weights_from_tensor(bucket, flush_cache=(i == len(buckets) - 1))
-        if not buckets:
-            self.engine.flush_cache()
-
-    update_weights = sync_weights
-
-    def release_memory(self) -> None:
-        """Free SGLang's weights and KV pool while the trainer runs (needs enable_memory_saver)."""
-        self.engine.release_memory_occupation()
-
-    def resume_memory(self) -> None:
-        self.engine.resume_memory_occupation()
-
-    def shutdown(self) -> None:
-        self.engine.shutdown()
-
-
-def _named_tensors(model_or_state_dict) -> list[tuple[str, torch.Tensor]]:
-    if isinstance(model_or_state_dict, torch.nn.Module):
-        # named_parameters skips tied duplicates (lm_head tied to the embedding).
-        items = model_or_state_dict.named_parameters()
-    else:
-        items = model_or_state_dict.items()
-    named = []
-    for name, tensor in items:
-        tensor = tensor.detach()
-        if hasattr(tensor, "full_tensor"):  # FSDP2 DTensor shard
-            tensor = tensor.full_tensor()
-        named.append((name, tensor))
-    return named
-
-
-def _buckets(named: list[tuple[str, torch.Tensor]], bucket_bytes: int):
-    bucket, size = [], 0
-    for name, tensor in named:
-        nbytes = tensor.numel() * tensor.element_size()
-        if bucket and size + nbytes > bucket_bytes:
-            yield bucket
-            bucket, size = [], 0
-        bucket.append((name, tensor))
-        size += nbytes
-    if bucket:
-        yield bucket
-
-
-# ----------------------------------------------------------------------------------------------
 # Factory
 # ----------------------------------------------------------------------------------------------
 
 def make_engine(kind: str = "embedded", **kwargs):
-    """``make_engine("embedded", model=..., tokenizer=...)`` or
-    ``make_engine("sglang", model_path=..., tokenizer=..., mem_fraction_static=...)``."""
+    """``make_engine("embedded", model=..., tokenizer=...)`` or ``make_engine("sglang", model_path=...,
+    tokenizer=..., settings=cfg.rl.sglang, rank=..., ...)`` (see afrl_fast.rollout_sglang)."""
     if kind == "embedded":
         model = kwargs.pop("model")
         tokenizer = kwargs.pop("tokenizer", None)
         return EmbeddedEngine(model, tokenizer, **kwargs)
     if kind == "sglang":
-        model_path = kwargs.pop("model_path")
-        tokenizer = kwargs.pop("tokenizer", None)
-        return SGLangEngine(model_path, tokenizer, **kwargs)
+        from .rollout_sglang import SGLangEngine
+
+        return SGLangEngine(kwargs.pop("model_path"), kwargs.pop("tokenizer", None), **kwargs)
     raise ValueError(f"unknown rollout engine {kind!r}: use 'embedded' or 'sglang'")
 
 
@@ -681,7 +513,9 @@ class TrainerEngine:
     after them (a colocated SGLang frees its KV pool while training runs), `sync()` after the
     optimizer step(s) (pushes the new weights, resumes memory), `shutdown()` at the end."""
 
-    def __init__(self, kind: str, policy, tokenizer, info, export_dir):
+    def __init__(self, kind: str, policy, tokenizer, info, export_dir, sglang=None, seed: int = 0):
+        import os
+
         from . import dist as D
         from .checkpoint import export_model, replica_of
 
@@ -694,7 +528,10 @@ class TrainerEngine:
         if kind == "sglang":
             # SGLang loads from disk once, then receives every update in memory (sync below)
             export_model(policy, tokenizer, export_dir, info)
-            self.engine = make_engine("sglang", model_path=str(export_dir), tokenizer=tokenizer)
+            self.engine = make_engine("sglang", model_path=str(export_dir), tokenizer=tokenizer, settings=sglang,
+                                      seed=seed, rank=info.rank, local_rank=info.local_rank,
+                                      local_world=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+                                      log_dir=str(export_dir.parent), barrier=D.barrier)
         else:
             self.engine = make_engine("embedded", model=lm, tokenizer=tokenizer, device=info.device)
 
@@ -709,7 +546,8 @@ class TrainerEngine:
 
         if D.is_distributed():
             D.copy_full_params(self.policy, self.lm)
-        self.engine.sync_weights(self.lm if self.kind == "embedded" else self.lm.state_dict())
+        # SGLang streams from the sharded policy itself (every rank gathers, the group leader sends)
+        self.engine.sync_weights(self.lm if self.kind == "embedded" else self.policy.lm)
 
     def shutdown(self) -> None:
         self.engine.shutdown()

@@ -105,10 +105,16 @@ class EmbeddedBackend:
 
 def import_sglang():
     """SGLang, imported only when asked for: installing it would replace the CPU build of torch."""
+    from .rollout_sglang import SGLangError, check_sglang_version
+
     try:
         import sglang
     except ImportError:
         raise ServeError(SGLANG_MISSING) from None
+    try:
+        check_sglang_version()
+    except SGLangError as e:
+        raise ServeError(str(e)) from None
     return sglang
 
 

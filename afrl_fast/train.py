@@ -327,7 +327,8 @@ def train(argv=None) -> int:
     def engine() -> TrainerEngine:
         """The rollout engine, built on first use: after SFT, so it never holds memory during SFT."""
         if not engines:
-            engines.append(TrainerEngine(cfg.run.engine, policy, tokenizer, info, run_dir / "engine_init"))
+            engines.append(TrainerEngine(cfg.run.engine, policy, tokenizer, info, run_dir / "engine_init",
+                                         sglang=cfg.rl.sglang, seed=cfg.run.seed))
         return engines[0]
 
     def evaluate(phase: str) -> dict:

@@ -1,18 +1,14 @@
-"""Rollout engines: the embedded engine against HF generate and a fresh forward; SGLang adapter shape."""
+"""Rollout engines: the embedded engine against HF generate and a fresh forward (SGLang: test_rollout_sglang.py)."""
 import importlib.util
 import os
-import sys
-import types
 
 import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from afrl_fast.rollout import (
-    SGLANG_MISSING,
     EmbeddedEngine,
     RolloutGroup,
-    SGLangEngine,
     make_engine,
     sample_next_tokens,
 )
@@ -283,108 +279,6 @@ def test_make_engine_embedded_and_unknown(model):
     with pytest.raises(ValueError):
         make_engine("vllm")
 
-
-# -- SGLang adapter -------------------------------------------------------------------------------
-
-def test_sglang_missing_gives_clear_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "sglang", None)  # makes `import sglang` raise ImportError
-    with pytest.raises(RuntimeError) as err:
-        SGLangEngine("/models/qwen3", eos_ids=[1])
-    assert str(err.value) == SGLANG_MISSING
-    with pytest.raises(RuntimeError, match="pip install 'afrl-fast\\[sglang\\]'"):
-        make_engine("sglang", model_path="/models/qwen3", eos_ids=[1])
-
-
-class FakeSGLangEngine:
-    """Records calls; answers like sglang.Engine.generate: a flat, prompt-major list of n per prompt."""
-
-    instances = []
-
-    def __init__(self, **kwargs):
-        self.kwargs = kwargs
-        self.calls = []
-        FakeSGLangEngine.instances.append(self)
-
-    def generate(self, input_ids=None, sampling_params=None, return_logprob=False, **kwargs):
-        self.calls.append(("generate", input_ids, sampling_params, return_logprob))
-        out = []
-        for p, prompt in enumerate(input_ids):
-            for g in range(sampling_params["n"]):
-                tokens = [100 + p, 200 + g] + ([7] if g % 2 == 0 else [300])
-                reason = ({"type": "stop", "matched": 7} if g % 2 == 0
-                          else {"type": "length", "length": 3})
-                out.append({
-                    "text": "…",
-                    "output_ids": tokens,
-                    "meta_info": {
-                        "finish_reason": reason,
-                        "output_token_logprobs": [(-0.5 * (i + 1), t, None) for i, t in enumerate(tokens)],
-                    },
-                })
-        return out
-
-    def update_weights_from_tensor(self, named_tensors, load_format=None, flush_cache=True):
-        self.calls.append(("update", [n for n, _ in named_tensors], flush_cache))
-
-    def flush_cache(self):
-        self.calls.append(("flush",))
-
-    def release_memory_occupation(self, tags=None):
-        self.calls.append(("release",))
-
-    def resume_memory_occupation(self, tags=None):
-        self.calls.append(("resume",))
-
-    def shutdown(self):
-        self.calls.append(("shutdown",))
-
-
-@pytest.fixture
-def fake_sglang(monkeypatch):
-    module = types.ModuleType("sglang")
-    module.Engine = FakeSGLangEngine
-    FakeSGLangEngine.instances.clear()
-    monkeypatch.setitem(sys.modules, "sglang", module)
-    return module
-
-
-def test_sglang_request_shape_and_output_parsing(fake_sglang):
-    engine = make_engine("sglang", model_path="/models/qwen3", eos_ids=[7, 9], mem_fraction_static=0.5)
-    fake = FakeSGLangEngine.instances[0]
-    assert fake.kwargs == {"model_path": "/models/qwen3", "mem_fraction_static": 0.5}
-
-    prompts = [[1, 2, 3], [4, 5]]
-    groups = engine.generate_groups(prompts, group_size=4, temperature=0.8, top_p=0.95,
-                                    max_new_tokens=64, seed=3)
-    (kind, input_ids, params, return_logprob), = fake.calls
-    assert kind == "generate" and input_ids == prompts and return_logprob is True
-    assert params == {"n": 4, "temperature": 0.8, "top_p": 0.95, "max_new_tokens": 64,
-                      "stop_token_ids": [7, 9], "sampling_seed": 3}
-
-    assert [g.prompt_ids for g in groups] == prompts
-    for p, group in enumerate(groups):
-        assert isinstance(group, RolloutGroup) and group.group_size == 4
-        assert group.token_ids[0] == [100 + p, 200, 7]  # stop token kept
-        assert group.token_ids[1] == [100 + p, 201, 300]
-        assert group.logprobs[0] == [-0.5, -1.0, -1.5]
-        assert group.finished == [True, False, True, False]
-
-
-def test_sglang_weight_sync_buckets_and_flushes_once(fake_sglang, model):
-    engine = SGLangEngine("/models/qwen3", eos_ids=[1])
-    fake = FakeSGLangEngine.instances[0]
-    engine.sync_weights(model, bucket_bytes=1)  # one tensor per bucket
-    updates = [c for c in fake.calls if c[0] == "update"]
-    names = [n for _, bucket, _ in updates for n in bucket]
-    assert names == [n for n, _ in model.named_parameters()]  # tied lm_head sent once
-    assert [flush for _, _, flush in updates] == [False] * (len(updates) - 1) + [True]
-    engine.release_memory()
-    engine.resume_memory()
-    engine.shutdown()
-    assert [c[0] for c in fake.calls[-3:]] == ["release", "resume", "shutdown"]
-
-
-# -- the sampler draws from the right distribution ----------------------------------------------
 
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.5, 1.0), (1.0, 0.8)])
 def test_sampler_frequencies_match_the_distribution(temperature, top_p):

@@ -537,6 +537,7 @@ def test_sglang_backend_scores_like_the_embedded_scorer(monkeypatch, model_dir, 
     fake = types.ModuleType("sglang")
     fake.Engine = lambda **kw: engines.append(StandInEngine(model, **kw)) or engines[-1]
     monkeypatch.setitem(sys.modules, "sglang", fake)
+    monkeypatch.setattr("afrl_fast.rollout_sglang.check_sglang_version", lambda installed=None: "0.5.23")
     backend = SGLangBackend(str(model_dir), prompt, engine_kwargs={"tp_size": 1})
     scorer = FirstTokenScorer(model, tokenizer, prompt.rulebook, instructions=prompt.instructions, progress=False)
     ids = scorer.prompt_ids(*zip(*PAIRS[:5]))
