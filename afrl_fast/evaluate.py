@@ -388,13 +388,29 @@ class FirstTokenScorer(PromptEncoder):
 
 # ----------------------------------------------------------------------------- evaluation in a training run
 
-def evaluate_splits(lm, tokenizer, rulebook, tables: dict, names, *, instructions: str, batch_size: int,
-                    max_prompt_tokens: int | None, max_rows: int, info) -> dict:
-    """First-token metrics of `lm` on held-out splits; each rank scores a slice, every rank gets all."""
+class EngineFirstTokenScorer(PromptEncoder):
+    """First-token scoring delegated to a rollout engine that computes it (`score_first_token`):
+    the SGLang server scores held-out splits during RL so no rank keeps a replica of the policy."""
+
+    def __init__(self, engine, tokenizer, rulebook, *, instructions: str | None = None,
+                 max_prompt_tokens: int | None = None, batch_size: int = 64):
+        super().__init__(tokenizer, rulebook, instructions, max_prompt_tokens)
+        self.engine, self.batch_size = engine, batch_size
+        self.label_ids = label_token_ids(tokenizer)
+
+    def score_pairs(self, table) -> np.ndarray:
+        ids = self.prompt_ids(table.column("query").to_pylist(), table.column("document").to_pylist())
+        if not ids:
+            return np.zeros((0, 5))
+        return np.concatenate([self.engine.score_first_token(ids[i:i + self.batch_size], self.label_ids)
+                               for i in range(0, len(ids), self.batch_size)])
+
+
+def evaluate_splits(scorer, tables: dict, names, *, max_rows: int, info) -> dict:
+    """First-token metrics on held-out splits with `scorer.score_pairs` (FirstTokenScorer or
+    EngineFirstTokenScorer); each rank scores a slice, every rank gets all."""
     from . import dist as D
 
-    scorer = FirstTokenScorer(lm, tokenizer, rulebook, batch_size=batch_size, device=info.device,
-                              instructions=instructions, max_prompt_tokens=max_prompt_tokens, progress=False)
     results = {}
     for name in names:
         table = tables[name]

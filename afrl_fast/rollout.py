@@ -508,7 +508,9 @@ class TrainerEngine:
     """The rollout engine plus how it gets the trainer's weights.
 
     With one process the embedded engine decodes with the policy's own LM; with FSDP each rank
-    holds an unsharded replica, refreshed parameter by parameter after every optimizer step. The
+    holds an unsharded replica, refreshed parameter by parameter after every optimizer step. With
+    SGLang no rank keeps a replica: the server decodes and scores, and receives the weights streamed
+    from the shards. The
     trainer calls, on every rank: `generate_groups` for a step's rollouts, `release_memory()` right
     after them (a colocated SGLang frees its KV pool while training runs), `sync()` after the
     optimizer step(s) (pushes the new weights, resumes memory), `shutdown()` at the end."""
@@ -521,10 +523,10 @@ class TrainerEngine:
 
         self.policy, self.info, self.kind = policy, info, kind
         lm = policy.lm
-        if D.is_distributed():
+        if D.is_distributed() and kind == "embedded":
             lm = replica_of(policy.lm, info.device)
             D.copy_full_params(policy, lm)
-        self.lm = lm  # the full policy on this rank: first-token evaluation scores with it
+        self.lm = lm  # embedded: the full policy on this rank, which decodes and scores
         if kind == "sglang":
             # SGLang loads from disk once, then receives every update in memory (sync below)
             export_model(policy, tokenizer, export_dir, info)
@@ -544,10 +546,21 @@ class TrainerEngine:
     def sync(self) -> None:
         from . import dist as D
 
-        if D.is_distributed():
+        if D.is_distributed() and self.kind == "embedded":
             D.copy_full_params(self.policy, self.lm)
         # SGLang streams from the sharded policy itself (every rank gathers, the group leader sends)
         self.engine.sync_weights(self.lm if self.kind == "embedded" else self.policy.lm)
+
+    def first_token_scorer(self, tokenizer, rulebook, *, instructions: str, batch_size: int,
+                           max_prompt_tokens: int | None):
+        """What held-out evaluation scores with: the rank's full policy (embedded) or the server."""
+        from .evaluate import EngineFirstTokenScorer, FirstTokenScorer
+
+        if self.kind == "sglang":
+            return EngineFirstTokenScorer(self.engine, tokenizer, rulebook, instructions=instructions,
+                                          max_prompt_tokens=max_prompt_tokens, batch_size=batch_size)
+        return FirstTokenScorer(self.lm, tokenizer, rulebook, batch_size=batch_size, device=self.info.device,
+                                instructions=instructions, max_prompt_tokens=max_prompt_tokens, progress=False)
 
     def shutdown(self) -> None:
         self.engine.shutdown()

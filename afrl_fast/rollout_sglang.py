@@ -166,6 +166,34 @@ def parse_output(output: Mapping) -> tuple[list[int], list[float], bool]:
     return [int(t[1]) for t in triples], [float(t[0]) for t in triples], kind == "stop"
 
 
+def label_probs_from_sglang(output: Mapping, label_ids: Sequence[int]) -> np.ndarray:
+    """P(0..4) from one SGLang response that asked ``token_ids_logprob=label_ids``.
+
+    ``meta_info["output_token_ids_logprobs"][0]`` holds ``(logprob, token_id, text)`` for each
+    requested id at the first output position, i.e. the next-token distribution after the prompt.
+    A softmax over those five log-probs renormalises them over the label tokens (the full
+    vocabulary's log-sum-exp cancels), the same quantity the embedded scorer computes."""
+    meta = output["meta_info"]
+    entries = (meta.get("output_token_ids_logprobs") or [None])[0]
+    if not entries:
+        raise SGLangError("SGLang returned no label-token log-probs (is return_logprob honoured?)")
+    by_id = {int(token_id): float(logprob) for logprob, token_id, *_ in entries}
+    missing = [t for t in label_ids if t not in by_id]
+    if missing:
+        raise SGLangError(f"SGLang returned no log-prob for label token ids {missing}")
+    logp = torch.tensor([by_id[t] for t in label_ids], dtype=torch.float64)
+    return torch.softmax(logp, dim=0).numpy()
+
+
+def first_token_payload(prompts: Sequence[Sequence[int]], label_ids: Sequence[int]) -> dict:
+    """/generate body whose answer holds each prompt's next-token log-probs at the label ids.
+    Temperature 1: the reported log-probs are the model's own distribution; the one sampled token
+    is discarded."""
+    return {"input_ids": [[int(t) for t in p] for p in prompts],
+            "sampling_params": {"max_new_tokens": 1, "temperature": 1.0}, "return_logprob": True,
+            "logprob_start_len": -1, "token_ids_logprob": [int(t) for t in label_ids]}
+
+
 def groups_from_outputs(prompts, outputs, group_size: int) -> list[RolloutGroup]:
     if isinstance(outputs, Mapping):
         outputs = [outputs]
@@ -290,6 +318,15 @@ class SGLangEngine:
         outputs = self.post("/generate", generate_payload(prompts, group_size, temperature, top_p, max_new_tokens,
                                                           self.eos_ids, seeds))
         return groups_from_outputs(prompts, outputs, group_size)
+
+    def score_first_token(self, prompts: Sequence[Sequence[int]], label_ids: Sequence[int]) -> np.ndarray:
+        """[n, 5] P(0..4) of each prompt's first answer token, renormalised over the label tokens: the
+        trainer's held-out evaluation, computed by the server so no rank needs a replica."""
+        if not prompts:
+            return np.zeros((0, len(label_ids)))
+        outputs = self.post("/generate", first_token_payload(prompts, label_ids))
+        outputs = [outputs] if isinstance(outputs, Mapping) else outputs
+        return np.stack([label_probs_from_sglang(o, label_ids) for o in outputs])
 
     def release_memory(self) -> None:
         if not self.settings.enable_memory_saver:

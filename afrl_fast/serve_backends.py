@@ -28,6 +28,7 @@ import torch
 from .evaluate import FirstTokenScorer, has_tokenizer, load_model
 from .format import PromptSettings, label_token_ids, load_tokenizer
 from .rollout import EmbeddedEngine, RolloutGroup, resolve_eos_ids
+from .rollout_sglang import label_probs_from_sglang
 
 BACKENDS = ("embedded", "sglang")
 SGLANG_MISSING = ("--backend sglang needs SGLang, which is not installed (pip install 'afrl-fast[sglang]' on a GPU "
@@ -116,25 +117,6 @@ def import_sglang():
     except SGLangError as e:
         raise ServeError(str(e)) from None
     return sglang
-
-
-def label_probs_from_sglang(output: Mapping, label_ids: Sequence[int]) -> np.ndarray:
-    """P(0..4) from one SGLang response that asked ``token_ids_logprob=label_ids``.
-
-    ``meta_info["output_token_ids_logprobs"][0]`` holds ``(logprob, token_id, text)`` for each
-    requested id at the first output position, i.e. the next-token distribution after the prompt.
-    A softmax over those five log-probs renormalises them over the label tokens (the full
-    vocabulary's log-sum-exp cancels), the same quantity the embedded scorer computes."""
-    meta = output["meta_info"]
-    entries = (meta.get("output_token_ids_logprobs") or [None])[0]
-    if not entries:
-        raise RuntimeError("SGLang returned no label-token log-probs (is return_logprob honoured?)")
-    by_id = {int(token_id): float(logprob) for logprob, token_id, *_ in entries}
-    missing = [t for t in label_ids if t not in by_id]
-    if missing:
-        raise RuntimeError(f"SGLang returned no log-prob for label token ids {missing}")
-    logp = torch.tensor([by_id[t] for t in label_ids], dtype=torch.float64)
-    return torch.softmax(logp, dim=0).numpy()
 
 
 def group_from_sglang(prompt: list[int], outputs: Sequence[Mapping], top_logprobs: int) -> RolloutGroup:

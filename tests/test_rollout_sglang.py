@@ -56,6 +56,8 @@ class StandInSGLang:
             params = params if isinstance(params, list) else [params] * len(ids)
             out = []
             for prompt, p in zip(ids, params):
+                if "token_ids_logprob" in body:
+                    p = {**p, "token_ids_logprob": body["token_ids_logprob"]}
                 for _ in range(p.get("n", 1)):        # the n copies share the request's seed
                     out.append(self.sample(prompt, p))
             return out
@@ -118,6 +120,11 @@ class StandInSGLang:
 
     @staticmethod
     def sample(prompt, p):
+        if "token_ids_logprob" in p:           # the first position's log-probs at the asked ids
+            rng = np.random.default_rng(list(prompt))
+            entries = [[float(-5 * rng.random()), t, None] for t in p["token_ids_logprob"]]
+            return {"meta_info": {"output_token_logprobs": [[-0.1, 1, None]], "output_token_ids_logprobs": [entries],
+                                  "finish_reason": {"type": "length"}}}
         """Deterministic inference: the tokens are a function of (prompt, seed); EOS may end them."""
         if p["max_new_tokens"] == 0:
             return {"text": "", "meta_info": {"output_token_logprobs": [], "finish_reason": {"type": "length"}}}
@@ -196,6 +203,27 @@ def test_groups_get_distinct_seeds_and_share_a_prefilled_prompt(standin):
                                                           "sampling_seed": 11}]}
     copies = eng.post("/generate", old)
     assert len({tuple(t[1] for t in o["meta_info"]["output_token_logprobs"]) for o in copies}) == 1
+
+
+def test_evaluation_scores_the_first_token_on_the_server(standin):
+    from afrl_fast.data import synthesize
+    from afrl_fast.evaluate import EngineFirstTokenScorer, PromptEncoder
+    from afrl_fast.format import label_token_ids, load_tokenizer
+    from afrl_fast.rulebook import load_rulebook
+
+    tok, rb = load_tokenizer(), load_rulebook()
+    eng = engine_for(standin)
+    table = synthesize(5, seed=4, split="industry")
+    scorer = EngineFirstTokenScorer(eng, tok, rb, instructions="x", batch_size=2)
+    probs = scorer.score_pairs(table)
+    ids = PromptEncoder(tok, rb, "x").prompt_ids(table.column("query").to_pylist(),
+                                                 table.column("document").to_pylist())
+    labels = label_token_ids(tok)
+    for row, prompt in zip(probs, ids):        # softmax of the server's five log-probs, in label order
+        logp = -5 * np.random.default_rng(prompt).random(5)
+        np.testing.assert_allclose(row, np.exp(logp) / np.exp(logp).sum(), rtol=1e-12)
+    bodies = [b for k, b in standin.calls if k == "generate"]
+    assert len(bodies) == 3 and all(b["token_ids_logprob"] == labels and b["logprob_start_len"] == -1 for b in bodies)
 
 
 def test_abort_is_an_error_not_a_length_cut():
