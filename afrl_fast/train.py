@@ -88,13 +88,13 @@ def lock_run_dir(run_dir: Path):
     return f
 
 
-def existing_artifacts(run_dir: Path) -> list[str]:
-    return [name for name in RUN_ARTIFACTS if (run_dir / name).exists()]
+def existing_artifacts(run_dir: Path, names=RUN_ARTIFACTS) -> list[str]:
+    return [name for name in names if (run_dir / name).exists()]
 
 
-def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool, names=RUN_ARTIFACTS) -> None:
     """A fresh run never silently replaces an earlier one: refuse before anything is touched."""
-    found = existing_artifacts(run_dir)
+    found = existing_artifacts(run_dir, names)
     if found and not resume and not overwrite:
         raise ConfigError(f"{run_dir} already holds a run ({', '.join(found[:4])}); continue it with --resume, "
                           "start a new one with run.out_dir=..., or replace it with --overwrite")
@@ -103,10 +103,10 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
                           f"{C.LATEST}); drop --resume to start a new run")
 
 
-def clear_previous_run(run_dir: Path) -> None:
+def clear_previous_run(run_dir: Path, names=RUN_ARTIFACTS) -> None:
     """--overwrite, after every input was validated: remove the earlier run's artifacts, so nothing
     stale (a checkpoint, a difficulty file, a model) can leak into the new run."""
-    for name in existing_artifacts(run_dir):
+    for name in existing_artifacts(run_dir, names):
         path = run_dir / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
@@ -332,9 +332,9 @@ def train(argv=None) -> int:
         return engines[0]
 
     def evaluate(phase: str) -> dict:
-        results = evaluate_splits(engine().lm, tokenizer, rulebook, tables, eval_names, instructions=instructions,
-                                  batch_size=cfg.eval.batch_size, max_prompt_tokens=cfg.data.max_prompt_tokens,
-                                  max_rows=cfg.eval.max_rows, info=info)
+        scorer = engine().first_token_scorer(tokenizer, rulebook, instructions=instructions,
+                                             batch_size=cfg.eval.batch_size, max_prompt_tokens=cfg.data.max_prompt_tokens)
+        results = evaluate_splits(scorer, tables, eval_names, max_rows=cfg.eval.max_rows, info=info)
         for name, m in results.items():
             runlog.write({"step": progress["step"], "split": name, "phase": phase,
                           **{k: m[k] for k in ("acc5", "acc2", "pair_acc", "ndcg3", "macro_f1", "weighted_f1")}})
@@ -401,12 +401,20 @@ def train(argv=None) -> int:
     return finish(run_dir, progress, tables, eval_names, info, runlog)
 
 
+RL_NAMES = {"grpo": "GRPO", "stepwise_grpo": "Stepwise-GRPO", "mode_balanced": "Mode-Balanced RL"}
+
+
+def rl_name(rl: dict) -> str:
+    """The results row of the RL model, named after what trained it (paper Table 3's names)."""
+    return RL_NAMES[rl["mode"]] + (" (random order)" if rl.get("random_order") else "")
+
+
 def finish(run_dir, progress, tables, eval_names, info, runlog) -> int:
     """Print SFT vs RL vs the majority baseline, save results.json and draw the plots."""
     if info.is_main:
         rows = {"majority-class": majority_baseline(tables["train"], tables, eval_names)}
         sft_name = "SFT" if progress["config"]["sft"]["target"] == "trace" else "Standard scoring"
-        for key, name in (("sft", sft_name), ("rl", "Mode-Balanced RL")):
+        for key, name in (("sft", sft_name), ("rl", rl_name(progress["config"]["rl"]))):
             if key in progress["history"]:
                 rows[name] = progress["history"][key]
         print(results_table(rows, eval_names))
