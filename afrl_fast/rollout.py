@@ -121,16 +121,27 @@ def sample_next_tokens(
 
     The log-prob is taken under the temperature-scaled, untruncated distribution (module docstring).
     Math in fp32 whatever the model dtype, so bf16 policies sample from the same distribution.
+    Without top-p no [B, V] log-softmax is formed: the sampled token's log-prob is its shifted logit
+    minus the log of the row's exponential sum, which the draw needs anyway (see inverse_cdf_sample).
     """
-    logprobs = scaled_logprobs(logits, temperature)
+    logits = logits.float()
     if temperature == 0:
-        tokens = logits.argmax(dim=-1)
-    else:
-        probs = logprobs.exp()
-        if top_p < 1.0:
-            probs = probs.masked_fill(~top_p_mask(logprobs, top_p), 0.0)
+        peak, tokens = logits.max(dim=-1)
+        return tokens, -torch.log(torch.exp(logits - peak[:, None]).sum(dim=-1))
+    if top_p < 1.0:
+        logprobs = scaled_logprobs(logits, temperature)
+        probs = logprobs.exp().masked_fill(~top_p_mask(logprobs, top_p), 0.0)
         tokens = inverse_cdf_sample(probs, generator)
-    return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+        return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+    # e = exp((x − max x)/T): the unnormalised distribution, in one buffer, the input left untouched
+    peak = logits.amax(dim=-1, keepdim=True)
+    weights = torch.sub(logits, peak)
+    if temperature != 1.0:
+        weights.mul_(1.0 / temperature)
+    weights.exp_()
+    tokens, total = draw_from_weights(weights, generator)
+    picked = (logits.gather(-1, tokens[:, None]).squeeze(-1) - peak.squeeze(-1)) / temperature
+    return tokens, picked - torch.log(total).float()
 
 
 def scaled_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -142,21 +153,48 @@ def scaled_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1)
 
 
-def inverse_cdf_sample(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One draw per row from unnormalised non-negative ``weights`` [B, V].
+# Vocabulary entries per block of the two-level inverse CDF (151,936 = 1187 × 128)
+CDF_BLOCK = 128
 
-    Inverse-CDF: one uniform per row and a binary search in the cumulative sum. At V = 151,936,
-    ``torch.multinomial`` costs one exponential random number per vocabulary entry, about as much
-    as the decode step's lm_head on CPU; this costs a cumsum. The cumsum is in float64: in fp32 the
-    cdf near 1 has a 6e-8 step, which would distort every token rarer than that.
-    Zero-weight tokens are never drawn (their cdf entry equals their predecessor's).
+
+def inverse_cdf_sample(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One draw per row from unnormalised non-negative ``weights`` [B, V] (see draw_from_weights)."""
+    return draw_from_weights(weights, generator)[0]
+
+
+def draw_from_weights(weights: torch.Tensor, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(one token per row drawn from unnormalised non-negative ``weights`` [B, V], each row's total
+    weight in float64).
+
+    Inverse CDF with one uniform per row, in two levels: the cumulative sum of the block sums (V/128
+    entries) finds the block, the cumulative sum inside that one block finds the token. A full
+    float64 cumsum over V = 151,936 is sequential per row and cost more than the decode step's
+    lm_head GEMM on CPU (and a float64 reduction over V ~25× a float32 one); ``torch.multinomial``
+    would cost one exponential random number per entry. The block sums are float32 sums of 128
+    terms (relative error ~1e-7 of the block's own mass); the cumulative sums over blocks and inside
+    the chosen block are float64, since in fp32 a cdf near 1 has a 6e-8 step, which would distort
+    every token rarer than that. Zero-weight tokens are never drawn (their cdf entry equals their
+    predecessor's).
     """
-    cdf = weights.double().cumsum(dim=-1)
+    n_rows, vocab = weights.shape
+    pad = (-vocab) % CDF_BLOCK
+    w = torch.nn.functional.pad(weights, (0, pad)) if pad else weights
+    blocks = w.reshape(n_rows, -1, CDF_BLOCK)
+    cdf = blocks.sum(dim=-1).double().cumsum(dim=-1)                      # [B, V/128]
     total = cdf[:, -1:]
-    u = row_uniforms(total.shape[0], generator, weights.device)
+    u = row_uniforms(n_rows, generator, weights.device)
     # u * total < total keeps the search inside the vocabulary even when the product rounds up.
     target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    block = torch.searchsorted(cdf, target, right=True).clamp(max=cdf.shape[1] - 1)   # [B, 1]
+    before = torch.where(block > 0, cdf.gather(1, (block - 1).clamp(min=0)), torch.zeros_like(target))
+    inner = blocks[torch.arange(n_rows, device=weights.device), block.squeeze(1)]      # [B, 128]
+    offset = torch.searchsorted(inner.double().cumsum(dim=-1), target - before, right=True)
+    # The block's own cumsum may end a rounding error below its block sum: never step past its last
+    # positive entry (never onto a zero-weight one).
+    positions = torch.arange(CDF_BLOCK, device=weights.device)
+    last_positive = torch.where(inner > 0, positions, torch.full_like(positions, -1)).amax(dim=-1, keepdim=True)
+    offset = torch.minimum(offset, last_positive.clamp(min=0))
+    return (block * CDF_BLOCK + offset).squeeze(-1), total.squeeze(-1)
 
 
 def row_uniforms(n: int, generator, device) -> torch.Tensor:

@@ -320,3 +320,41 @@ def test_per_prompt_seeds_make_samples_independent_of_batching(model):
     assert other[0].token_ids != together[0].token_ids and other[1].token_ids == together[1].token_ids
     with pytest.raises(ValueError, match="2 seeds for 3 prompts"):
         engine.generate_groups(prompts, group_size=3, seeds=[1, 2])
+
+
+def full_cdf_draw(weights, uniforms):
+    """Plain inverse CDF over the whole row in float64: the reference for the two-level draw."""
+    cdf = weights.double().cumsum(dim=-1)
+    total = cdf[:, -1:]
+    target = torch.minimum(uniforms * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1)
+
+
+@pytest.mark.parametrize("vocab", [151936, 1000, 130])   # a multiple of the block, a padded tail, one block + 2
+def test_two_level_draw_equals_the_full_inverse_cdf(vocab):
+    from afrl_fast.rollout import draw_from_weights, row_uniforms
+
+    gen = torch.Generator().manual_seed(vocab)
+    rows = 64 if vocab > 10000 else 2000
+    # peaked, flat and sparse rows (whole blocks of zeros, zeros at both ends of blocks)
+    logits = torch.randn(rows, vocab, generator=gen) * torch.linspace(0.1, 12.0, rows)[:, None]
+    weights = torch.exp(logits - logits.amax(dim=-1, keepdim=True))
+    weights[::3, : vocab // 2] = 0.0
+    weights[1::5, 127::128] = 0.0
+    weights[2::7, ::2] = 0.0
+    tokens, total = draw_from_weights(weights, torch.Generator().manual_seed(1))
+    expected = full_cdf_draw(weights, row_uniforms(rows, torch.Generator().manual_seed(1), weights.device))
+    assert torch.equal(tokens, expected)
+    assert (weights.gather(1, tokens[:, None]) > 0).all()
+    torch.testing.assert_close(total, weights.double().sum(dim=-1), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7, 1.0, 1.6])
+def test_sampled_logprobs_equal_the_log_softmax(temperature):
+    logits = torch.randn(16, 3000, generator=torch.Generator().manual_seed(4)) * 6.0
+    tokens, logps = sample_next_tokens(logits, temperature, 1.0, torch.Generator().manual_seed(2))
+    t = temperature or 1.0
+    ref = torch.log_softmax(logits.double() / t, dim=-1).gather(1, tokens[:, None]).squeeze(1)
+    torch.testing.assert_close(logps.double(), ref, rtol=0, atol=2e-5)
+    if temperature == 0:
+        assert torch.equal(tokens, logits.argmax(dim=-1))
