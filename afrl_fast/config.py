@@ -8,7 +8,7 @@ override is an error naming the key, not a silently ignored setting.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import List, Optional
 from pathlib import Path
 
@@ -180,7 +180,15 @@ class Config:
 
 def load_config(path: str | Path | None = DEMO_CONFIG, overrides: list[str] = ()) -> Config:
     """Defaults ← YAML file ← dotted overrides (`rl.kl_coef=0`), validated against the dataclasses."""
-    schema = OmegaConf.structured(Config)
+    cfg = load_structured(Config, path, overrides)
+    validate(cfg)
+    return cfg
+
+
+def load_structured(schema_class, path, overrides):
+    """An instance of the dataclass `schema_class` from its defaults ← the YAML file ← dotted overrides;
+    unknown keys and wrong types are ConfigErrors naming the key."""
+    schema = OmegaConf.structured(schema_class)
     try:
         layers = [schema]
         if path is not None:
@@ -188,17 +196,16 @@ def load_config(path: str | Path | None = DEMO_CONFIG, overrides: list[str] = ()
                 raise ConfigError(f"{path}: config file not found")
             data = load_yaml_file(path, ConfigError, "config file")
             if not isinstance(data, dict):
-                raise ConfigError(f"{path}: the config must be a YAML mapping of sections (run, model, data, "
-                                  f"sft, difficulty, rl, eval), got {type(data).__name__}")
+                sections = ", ".join(f.name for f in fields(schema_class))
+                raise ConfigError(f"{path}: the config must be a YAML mapping of sections ({sections}), "
+                                  f"got {type(data).__name__}")
             layers.append(OmegaConf.create(data))
         merged = OmegaConf.merge(*layers)
         for item in overrides:
             apply_override(merged, item)
-        cfg = OmegaConf.to_object(merged)
+        return OmegaConf.to_object(merged)
     except (OmegaConfBaseException, TypeError) as e:
         raise ConfigError(f"{path or '<defaults>'}: {e}".replace("\n", "; ")) from None
-    validate(cfg)
-    return cfg
 
 
 def apply_override(merged, item: str) -> None:
@@ -311,3 +318,106 @@ def validate(cfg: Config) -> None:
 
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+# ----------------------------------------------------------------------------- distillation (afrl_fast/distill.py)
+
+@dataclass
+class TeacherConfig:
+    path: str = ""                   # an exported model folder (save_pretrained), e.g. a run's final_model
+    dtype: str = "auto"              # auto (as saved) | float32 | bfloat16
+
+
+@dataclass
+class DistillDataConfig:
+    dir: str = ""                    # train/industry/longtail.parquet, e.g. the teacher run's data/ folder
+    rulebook: Optional[str] = None      # None = the teacher folder's rulebook
+    instructions: Optional[str] = None  # None = the teacher folder's system prompt (full | short | a text file)
+    max_prompt_tokens: int = 4096
+    max_response_tokens: int = 1024
+
+
+@dataclass
+class DistillSettings:
+    # what the student learns to write (sequence level): teacher = a trace the teacher writes per training
+    # pair (embedded engine); data = the train split's `trace` column (e.g. afrl_fast.synthesize output);
+    # first_token = the grade token alone (a standard-scoring student, distilled on its first token only)
+    traces: str = "teacher"
+    # which teacher traces are kept: label = format and consistency gates pass, the boxed steps imply the
+    # label and the final grade is the label (the synthesis consistency filter); valid = format and
+    # consistency gates only (for pairs without trusted labels)
+    keep: str = "label"
+    trace_samples: int = 1           # teacher samples per pair; the shortest kept one is used
+    trace_temperature: float = 0.0   # 0 = greedy
+    max_new_tokens: int = 320
+    kind: str = "forward_kl"         # forward_kl (KL(teacher‖student)) | reverse_kl | jsd
+    jsd_beta: float = 0.5
+    temperature: float = 1.0         # τ of both distributions in the divergence
+    first_token_weight: float = 1.0  # row weight of the grade position; every other trace position has 1
+    hard_label_weight: float = 0.0   # + this × the student's cross-entropy on the trace tokens
+    epochs: float = 3.0
+    batch_size: int = 16
+    lr: float = 3e-3
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    micro_batch_size: int = 0
+
+
+@dataclass
+class DistillRunConfig:
+    out_dir: str = "runs/distill"
+    seed: int = 0
+    device: str = "auto"             # auto | cpu | cuda
+    loss_backend: str = "auto"       # auto | triton | native | torch
+    checkpoint_every: int = 20       # optimizer steps between checkpoints
+
+
+@dataclass
+class DistillConfig:
+    run: DistillRunConfig = field(default_factory=DistillRunConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: ModelConfig = field(default_factory=ModelConfig)   # student.path, or a fresh architecture
+    data: DistillDataConfig = field(default_factory=DistillDataConfig)
+    distill: DistillSettings = field(default_factory=DistillSettings)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+DISTILL_RANGES = {
+    "student.hidden_size": AT_LEAST_1, "student.num_layers": AT_LEAST_1, "student.num_heads": AT_LEAST_1,
+    "student.num_kv_heads": AT_LEAST_1, "student.head_dim": AT_LEAST_1, "student.intermediate_size": AT_LEAST_1,
+    "data.max_prompt_tokens": AT_LEAST_1, "data.max_response_tokens": AT_LEAST_1,
+    "distill.trace_samples": AT_LEAST_1, "distill.trace_temperature": AT_LEAST_0, "distill.max_new_tokens": AT_LEAST_1,
+    "distill.jsd_beta": (lambda v: 0 < v < 1, "in (0, 1)"), "distill.temperature": POSITIVE,
+    "distill.first_token_weight": AT_LEAST_0, "distill.hard_label_weight": AT_LEAST_0, "distill.epochs": AT_LEAST_0,
+    "distill.batch_size": AT_LEAST_1, "distill.lr": POSITIVE, "distill.warmup_steps": AT_LEAST_0,
+    "distill.weight_decay": AT_LEAST_0, "distill.grad_clip": AT_LEAST_0, "distill.micro_batch_size": AT_LEAST_0,
+    "eval.max_rows": AT_LEAST_0, "eval.batch_size": AT_LEAST_1, "run.seed": AT_LEAST_0,
+    "run.checkpoint_every": AT_LEAST_0,
+}
+
+
+def load_distill_config(path: str | Path | None, overrides: list[str] = ()) -> DistillConfig:
+    cfg = load_structured(DistillConfig, path, overrides)
+    for key, rule in DISTILL_RANGES.items():
+        section, name = key.split(".")
+        _check_number(key, getattr(getattr(cfg, section), name), rule)
+    d = cfg.distill
+    checks = [
+        (bool(cfg.teacher.path), "teacher.path (the teacher's exported model folder)", cfg.teacher.path),
+        (bool(cfg.data.dir), "data.dir (the folder with train/industry/longtail.parquet)", cfg.data.dir),
+        (cfg.teacher.dtype in ("auto", "float32", "bfloat16"), "teacher.dtype", cfg.teacher.dtype),
+        (cfg.student.dtype in ("float32", "bfloat16"), "student.dtype", cfg.student.dtype),
+        (d.traces in ("teacher", "data", "first_token"), "distill.traces", d.traces),
+        (d.keep in ("label", "valid"), "distill.keep", d.keep),
+        (d.kind in ("forward_kl", "reverse_kl", "jsd"), "distill.kind", d.kind),
+        (cfg.student.num_heads % cfg.student.num_kv_heads == 0, "student.num_kv_heads (must divide num_heads)",
+         cfg.student.num_kv_heads),
+        (cfg.run.loss_backend in ("auto", "triton", "native", "torch"), "run.loss_backend", cfg.run.loss_backend),
+        (cfg.run.device in ("auto", "cpu", "cuda"), "run.device", cfg.run.device),
+        (set(cfg.eval.splits) <= {"train", "industry", "longtail"}, "eval.splits", cfg.eval.splits),
+    ]
+    for ok, key, value in checks:
+        if not ok:
+            raise ConfigError(f"{key}: invalid value {value!r}")
+    return cfg

@@ -76,7 +76,13 @@ class LossSettings:
 
 class PolicyLoss(nn.Module):
     """forward(batch, rows, settings) → the fused loss's output; forward(batch, mode="logprobs",
-    temperature=τ) → (logp, entropy) of every target row, forward only."""
+    temperature=τ) → (logp, entropy) of every target row, forward only.
+
+    Distillation (afrl_fast/distill.py) uses two more modes, each inside forward so that FSDP2 has the
+    root unit (embeddings, head) gathered while it runs: a frozen teacher's forward(batch, mode="hidden")
+    → (hidden rows, a copy of its head weight), and the student's forward(batch, mode="distill",
+    teacher=(hidden, weight), distill=DistillSettings-like, row_weight=..., denominator=...) → the
+    fused distillation loss's output."""
 
     def __init__(self, lm: nn.Module, loss_backend: str = "auto", compute_dtype: torch.dtype | None = None):
         super().__init__()
@@ -97,7 +103,8 @@ class PolicyLoss(nn.Module):
         return h.reshape(-1, h.shape[-1])[batch.pred_index]
 
     def forward(self, batch: TokenBatch, rows: LossRows | None = None, settings: LossSettings = LossSettings(),
-                mode: str = "loss", temperature: float = 1.0):
+                mode: str = "loss", temperature: float = 1.0, teacher=None, distill=None, row_weight=None,
+                denominator=None):
         hidden = self.hidden_rows(batch)
         weight = self.lm.get_output_embeddings().weight
         if self.compute_dtype is not None:
@@ -105,6 +112,17 @@ class PolicyLoss(nn.Module):
         if mode == "logprobs":
             return token_logprobs(hidden, weight, batch.targets, temperature=temperature,
                                   backend=self.loss_backend)
+        if mode == "hidden":
+            # a copy: FSDP2 frees the gathered weight when this forward returns
+            return hidden.detach(), weight.detach().clone()
+        if mode == "distill":
+            from .loss import fused_distill_loss   # TODO(merge): top-level import once the distill loss lands
+            t_hidden, t_weight = teacher
+            return fused_distill_loss(hidden, weight, t_hidden.to(hidden.dtype), t_weight.to(weight.dtype),
+                                      batch.targets, kind=distill.kind, jsd_beta=distill.jsd_beta,
+                                      temperature=distill.temperature, row_weight=row_weight,
+                                      hard_label_weight=distill.hard_label_weight, denominator=denominator,
+                                      backend=self.loss_backend)
         return fused_loss(hidden, weight, batch.targets, is_sft=rows.is_sft, advantages=rows.advantages,
                           old_logp=rows.old_logp, ref_logp=rows.ref_logp, scale=rows.scale,
                           beta=settings.kl_coef, eps_low=settings.eps_low, eps_high=settings.eps_high,

@@ -1,6 +1,8 @@
 """Draw a run's metrics.jsonl as PNGs in the spirit of the paper's Figures 3-5.
 
     python -m afrl_fast.report RUN_DIR [--out DIR]      # default out: RUN_DIR/plots
+    python -m afrl_fast.report EXPERIMENT_DIR [--out DIR]   # an afrl_fast.experiments folder: default
+                                                            # out EXPERIMENT_DIR/summary
 
 Figures (each skipped, with a printed note, when its fields were never logged):
   eval_over_training.png  Pair-ACC / Macro-F1 / 5-ACC per eval split (Fig. 3, Fig. 5)
@@ -9,6 +11,15 @@ Figures (each skipped, with a printed note, when its fields were never logged):
   time_split.png          seconds per step spent in rollout / verify / advantages / log-probs / loss /
                           optimizer / weight sync
 Curriculum stage changes are drawn as dashed vertical lines on every step axis.
+
+For an experiment folder (arms × seeds, see afrl_fast.experiments) it compares the arms instead:
+  ablation_training.png   reward, entropy, KL and format-gate rate against RL step (Fig. 4)
+  ablation_eval.png       industry / longtail Pair-ACC and 5-ACC against RL step, step 0 = SFT (Fig. 3, 5)
+  summary.json, .md       final metrics per arm, mean ± std over seeds, with the SFT, standard-scoring
+                          and majority-class rows for reference
+Each arm's line is the mean over its seeds and its band spans the seeds (min to max). A distillation
+experiment gets distillation.png (each student's metrics as bars, its seeds as dots, the teacher as a
+line) and the same summary files.
 
 We build `matplotlib.figure.Figure` objects directly instead of going through pyplot: no global
 figure registry to leak into, and no display backend is ever touched (Agg renders the PNG).
@@ -253,6 +264,143 @@ def _share_bar(ax, parts, stacks) -> None:
     ax.set_ylabel("%")
 
 
+# ---------------------------------------------------------------- experiments (several runs)
+
+ARM_CURVES = [("reward/mean", "Reward"), ("policy/entropy", "Policy entropy"), ("policy/kl", "KL to reference"),
+              ("gate/fmt", "Format gate pass rate")]
+ARM_EVALS = [("pair_acc", "Pair-ACC"), ("acc5", "5-ACC")]
+SMOOTH = 5   # moving-average window over RL steps for the per-step training curves
+
+
+def _moving_average(values: list[float], window: int) -> list[float]:
+    out = []
+    for i in range(len(values)):
+        part = [v for v in values[max(0, i - window + 1): i + 1] if not math.isnan(v)]
+        out.append(sum(part) / len(part) if part else math.nan)
+    return out
+
+
+def _band(per_seed: list[tuple[list, list[float]]]):
+    """Steps present in every seed, with the mean and the min / max over the seeds there."""
+    common = sorted(set.intersection(*(set(s) for s, _ in per_seed))) if per_seed else []
+    lookup = [dict(zip(s, v)) for s, v in per_seed]
+    cols = [[d[t] for d in lookup] for t in common]
+    mean = [sum(c) / len(c) for c in cols]
+    return common, mean, [min(c) for c in cols], [max(c) for c in cols]
+
+
+def _arm_panel(ax, series_by_arm: dict, title: str) -> None:
+    for i, (arm, per_seed) in enumerate(series_by_arm.items()):
+        steps, mean, lo, hi = _band(per_seed)
+        if not steps:
+            continue
+        ax.plot(steps, mean, color=f"C{i}", label=f"{arm} (n={len(per_seed)})")
+        if len(per_seed) > 1:
+            ax.fill_between(steps, lo, hi, color=f"C{i}", alpha=0.18, linewidth=0)
+    _style(ax, title)
+
+
+def draw_experiment(exp_dir, out_dir) -> list[Path]:
+    """The comparison of an experiment folder (afrl_fast.experiments): training curves and held-out
+    metrics against RL step, per arm (mean over seeds, the band spanning the seeds), and the summary
+    table of final metrics (summary.json, summary.md)."""
+    from .experiments import load_manifest, run_state, summarize, summary_markdown
+
+    exp_dir, out_dir = Path(exp_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = load_manifest(exp_dir)
+    if manifest.get("kind") == "distillation":
+        return draw_distillation(exp_dir, out_dir)
+    sft_rows = {}
+    sft_dir = exp_dir / manifest["runs"]["sft"]
+    if run_state(sft_dir) == "done":
+        sft_rows = json.loads((sft_dir / "results.json").read_text())["results"].get("SFT", {})
+    train_by_arm, eval_by_arm = {}, {}
+    for arm in manifest["arms"]:
+        for seed in manifest["seeds"]:
+            metrics = exp_dir / manifest["runs"][f"{arm}/seed{seed}"] / "metrics.jsonl"
+            if metrics.is_file():
+                train, evals = load_metrics(metrics)
+                train_by_arm.setdefault(arm, []).append([r for r in train if r.get("phase") == "rl"])
+                eval_by_arm.setdefault(arm, []).append([r for r in evals if r.get("phase") == "rl"])
+    written = []
+    if train_by_arm:
+        fig = Figure(figsize=(12, 7.5), layout="constrained")
+        axes = fig.subplots(2, 2, sharex=True).ravel()
+        for ax, (key, title) in zip(axes, ARM_CURVES):
+            curves = {}
+            for arm, runs in train_by_arm.items():
+                for rows in runs:
+                    steps, values = _series(rows, key)
+                    if steps:
+                        curves.setdefault(arm, []).append((steps, _moving_average(values, SMOOTH)))
+            _arm_panel(ax, curves, title)
+        axes[0].legend(fontsize=8)
+        fig.suptitle(f"RL dynamics per arm (moving average over {SMOOTH} steps; line: mean over seeds, "
+                     "band: min to max over seeds)")
+        written.append(_save(fig, out_dir, "ablation_training.png"))
+    if eval_by_arm:
+        splits = list(dict.fromkeys(str(r["split"]) for runs in eval_by_arm.values() for rows in runs for r in rows))
+        fig = Figure(figsize=(5.5 * len(ARM_EVALS), 4 * len(splits)), layout="constrained")
+        axes = fig.subplots(len(splits), len(ARM_EVALS), squeeze=False, sharex=True)
+        for row, split in enumerate(splits):
+            for col, (key, title) in enumerate(ARM_EVALS):
+                curves = {}
+                for arm, runs in eval_by_arm.items():
+                    for rows in runs:
+                        steps, values = _series([r for r in rows if str(r["split"]) == split], key)
+                        if split in sft_rows and sft_rows[split].get(key) is not None:  # step 0: the SFT model
+                            steps, values = [0, *steps], [float(sft_rows[split][key]), *values]
+                        if steps:
+                            curves.setdefault(arm, []).append((steps, values))
+                _arm_panel(axes[row][col], curves, f"{split}: {title}")
+        axes[0][0].legend(fontsize=8)
+        fig.suptitle("Held-out first-token metrics against RL step (step 0: the shared SFT model; "
+                     "line: mean over seeds, band: min to max)")
+        written.append(_save(fig, out_dir, "ablation_eval.png"))
+    summary = summarize(exp_dir)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out_dir / "summary.md").write_text(summary_markdown(summary) + "\n")
+    return written + [out_dir / "summary.json", out_dir / "summary.md"]
+
+
+DISTILL_METRICS = [("acc5", "5-ACC"), ("pair_acc", "Pair-ACC"), ("macro_f1", "Macro-F1")]
+
+
+def draw_distillation(exp_dir: Path, out_dir: Path) -> list[Path]:
+    """The distillation table as bars (Table 6): per split and metric, each student's mean over its
+    seeds with every seed as a dot, and the teacher as a dashed line."""
+    from .experiments import summarize, summary_markdown
+
+    summary = summarize(exp_dir)
+    written = []
+    if summary["arms"]:
+        splits = summary["splits"]
+        fig = Figure(figsize=(4.5 * len(DISTILL_METRICS), 3.8 * len(splits)), layout="constrained")
+        axes = fig.subplots(len(splits), len(DISTILL_METRICS), squeeze=False)
+        students = list(summary["arms"])
+        for row, split in enumerate(splits):
+            for col, (key, title) in enumerate(DISTILL_METRICS):
+                ax = axes[row][col]
+                for i, name in enumerate(students):
+                    m = summary["arms"][name]["eval"].get(split, {}).get(key)
+                    if m is None:
+                        continue
+                    ax.bar(i, 100 * m["mean"], color=f"C{i}", alpha=0.75, width=0.6)
+                    ax.plot([i] * len(m["values"]), [100 * v for v in m["values"]], "o", color="0.15", markersize=3)
+                teacher = summary["reference"].get("teacher", {}).get(split, {}).get(key)
+                if teacher is not None:
+                    ax.axhline(100 * teacher, color="0.3", linestyle="--", linewidth=1, label="teacher")
+                    ax.legend(fontsize=8, loc="lower right")
+                ax.set_xticks(range(len(students)), students, fontsize=8)
+                _style(ax, f"{split}: {title}", "%", xlabel=False)
+        fig.suptitle("Students of one teacher (bars: mean over seeds; dots: seeds)")
+        written.append(_save(fig, out_dir, "distillation.png"))
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out_dir / "summary.md").write_text(summary_markdown(summary) + "\n")
+    return written + [out_dir / "summary.json", out_dir / "summary.md"]
+
+
 # ---------------------------------------------------------------- entry points
 
 def draw_report(run_dir, out_dir=None) -> list[Path]:
@@ -274,13 +422,18 @@ def draw_report(run_dir, out_dir=None) -> list[Path]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m afrl_fast.report",
-                                     description="Draw PNG plots from RUN_DIR/metrics.jsonl.")
-    parser.add_argument("run_dir", type=Path, help="training run folder holding metrics.jsonl")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (RUN_DIR/plots)")
+                                     description="Draw PNG plots from RUN_DIR/metrics.jsonl, or compare the "
+                                                 "runs of an experiment folder (afrl_fast.experiments).")
+    parser.add_argument("run_dir", type=Path, help="training run folder holding metrics.jsonl, or an experiment folder")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (RUN_DIR/plots; an experiment's: RUN_DIR/summary)")
     args = parser.parse_args(argv)
     try:
-        paths = draw_report(args.run_dir, args.out)
-    except (FileNotFoundError, ValueError) as err:
+        if (args.run_dir / "experiment.json").is_file():   # an experiment folder: compare its runs
+            paths = draw_experiment(args.run_dir, args.out or args.run_dir / "summary")
+        else:
+            paths = draw_report(args.run_dir, args.out)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     for path in paths:

@@ -1,0 +1,388 @@
+"""Distil an AFRL teacher into a smaller student (paper §4.6, Table 6).
+
+One device (the demo: the demo run's RL model teaches a half-width student on CPU):
+    torchrun --nproc_per_node=1 afrl_fast/distill.py --config configs/distill_demo.yaml
+N devices / nodes (FSDP2 for student and teacher; NCCL on GPU, gloo on CPU):
+    torchrun --nproc_per_node=N afrl_fast/distill.py --config C teacher.path=/models/teacher data.dir=/data/afrl
+Options: --resume, --overwrite and dotted overrides (distill.kind=jsd student.hidden_size=64 ...).
+
+The job, top to bottom:
+  1. teacher: an exported model folder (frozen, sharded like the RL reference model); student: a
+     folder (student.path) or a fresh Qwen3 of the configured size. They must share the tokenizer and
+     the vocabulary. The student is prompted exactly as the teacher was trained (the folder's rulebook
+     and system prompt) unless data.rulebook / data.instructions say otherwise.
+  2. sequence level — what the student learns to write: `distill.traces=teacher` lets the teacher
+     write traces for the training pairs through the embedded engine and keeps those that pass the
+     consistency filter of trace synthesis (format and consistency gates, the boxed steps implying
+     the label, the final grade being the label; `distill.keep=valid` drops the two label checks);
+     `data` takes the train split's `trace` column (e.g. afrl_fast.synthesize output);
+     `first_token` keeps the teacher's grade token alone (a standard-scoring student).
+  3. logit level — at every position of those traces the student's next-token distribution is pulled
+     to the teacher's with the fused distillation loss (afrl_fast.loss.fused_distill_loss: forward KL,
+     reverse KL or JSD at temperature τ, no [tokens, V] logits of either model), the grade position
+     weighted `distill.first_token_weight` (its logits "condense the global reasoning"), plus
+     `distill.hard_label_weight` × the student's cross-entropy on the trace tokens.
+  4. the usual run folder: config.yaml, metrics.jsonl, tensorboard/, teacher_traces.parquet,
+     checkpoints/ (a killed run continues with --resume), student_model/ (save_pretrained with the
+     prompt settings: evaluate, serve and a later RL run take it as is), results.json (student vs
+     teacher, first-token metrics on the eval splits) and plots/.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file by torchrun: make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from afrl_fast import checkpoint as C
+from afrl_fast import dist as D
+from afrl_fast.config import ConfigError, load_distill_config, to_yaml
+from afrl_fast.data import DataError, read_pairs
+from afrl_fast.evaluate import FirstTokenScorer, ScoringError, evaluate_splits, load_model, results_table
+from afrl_fast.format import FormatError, load_tokenizer, resolve_prompt_settings
+from afrl_fast.observe import RunLog, log, progress_bar, setup_logging
+from afrl_fast.optim import NonFiniteError, lr_at, make_optimizer, optimizer_step, set_lr
+from afrl_fast.policy import PolicyLoss, build_lm, micro_batches, pack_sequences
+from afrl_fast.rollout import STREAM_EVAL, EmbeddedEngine, generate_rollouts, prompt_seed
+from afrl_fast.rulebook import RulebookError
+from afrl_fast.sft import sft_batches
+from afrl_fast.synthesize import choose, rejection_reasons
+from afrl_fast.train import (SPLITS, check_run_dir, check_same_config, clear_previous_run, lock_run_dir,
+                             tokenize_prompts, tokenize_targets)
+
+TRACES_FILE = "teacher_traces.parquet"
+STUDENT_DIR = "student_model"
+ARTIFACTS = ("checkpoints", TRACES_FILE, STUDENT_DIR, "tensorboard", "plots", "metrics.jsonl", "results.json")
+
+
+# ----------------------------------------------------------------------------- models
+
+def load_teacher(cfg, info):
+    """The frozen teacher as a PolicyLoss (sharded with FSDP2 on several ranks)."""
+    path = Path(cfg.teacher.path)
+    if not path.is_dir():
+        raise ConfigError(f"teacher.path={path}: model folder not found")
+    try:
+        lm = load_model(str(path), cfg.teacher.dtype)
+    except ScoringError as e:
+        raise ConfigError(f"teacher.path: {e}") from None
+    lm.to(info.device).eval()
+    for p in lm.parameters():
+        p.requires_grad_(False)
+    teacher = PolicyLoss(lm, cfg.run.loss_backend)
+    D.shard_model(teacher, lm.get_decoder().layers, info)
+    return teacher
+
+
+def build_student(cfg, vocab_size: int, info) -> PolicyLoss:
+    """The student: fp32 master weights, computing in student.dtype (as the RL policy does)."""
+    compute = torch.bfloat16 if cfg.student.dtype == "bfloat16" else None
+    lm = build_lm(cfg.student, vocab_size, torch.float32)
+    if cfg.student.gradient_checkpointing:
+        lm.gradient_checkpointing_enable()
+    lm.to(info.device)
+    student = PolicyLoss(lm, cfg.run.loss_backend, compute_dtype=compute)
+    D.shard_model(student, lm.get_decoder().layers, info, param_dtype=compute)
+    return student
+
+
+def check_same_vocabulary(teacher_lm, student_lm, teacher_path: str, student_desc: str, tokenizer) -> None:
+    """Distillation compares distributions token by token: both models must index one vocabulary."""
+    vt = teacher_lm.get_output_embeddings().weight.shape[0]
+    vs = student_lm.get_output_embeddings().weight.shape[0]
+    if vt != vs:
+        raise ConfigError(f"teacher {teacher_path} has a {vt}-row vocabulary, student {student_desc} has {vs}: "
+                          "they must share the tokenizer and the vocabulary")
+    if len(tokenizer) > vs:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens, more than the models' {vs} vocabulary rows")
+
+
+def student_tokenizer_matches(cfg, tokenizer) -> None:
+    if not cfg.student.path:
+        return
+    other = load_tokenizer(cfg.student.path) if (Path(cfg.student.path) / "tokenizer_config.json").is_file() else None
+    if other is not None and other.get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(f"student.path={cfg.student.path} and teacher.path={cfg.teacher.path} have different "
+                          "tokenizers; distillation needs one tokenizer for both")
+
+
+# ----------------------------------------------------------------------------- 2. the traces
+
+def teacher_traces(cfg, teacher_lm, tokenizer, rulebook, prompts, labels, info) -> pa.Table:
+    """One trace per training pair written by the teacher (or none when no sample passes the filter):
+    pair index, trace text, its token ids, and why a pair has none. Each rank writes its share."""
+    d = cfg.distill
+    engine = EmbeddedEngine(teacher_lm, tokenizer, device=info.device)
+    local = list(range(info.rank, len(prompts), info.world))
+    rows = []
+    bar = progress_bar(total=len(local), desc="teacher traces", enabled=info.is_main, unit="pair")
+    for start in range(0, len(local), 32):
+        idx = local[start:start + 32]
+        ro = generate_rollouts(engine, tokenizer, idx, [prompts[i] for i in idx], [labels[i] for i in idx],
+                               group_size=d.trace_samples, temperature=d.trace_temperature, top_p=1.0,
+                               max_new_tokens=d.max_new_tokens,
+                               seeds=[prompt_seed(cfg.run.seed, STREAM_EVAL, 1, i) for i in idx])
+        for g, i in enumerate(idx):
+            span = range(g * d.trace_samples, (g + 1) * d.trace_samples)
+            texts = [ro.texts[j] for j in span]
+            finish = ["stop" if ro.finished[j] else "length" for j in span]
+            reasons = rejection_reasons(texts, finish, labels[i], rulebook)
+            if d.keep == "valid":   # the label checks do not apply
+                reasons = [None if r in ("rules_imply_other_grade", "final_not_label") else r for r in reasons]
+            best = choose(texts, [k for k, r in enumerate(reasons) if r is None], {})
+            rows.append({"pair": i, "trace": None if best is None else texts[best],
+                         "reason": None if best is not None else reasons[0]})
+        bar.update(len(idx))
+    bar.close()
+    rows = sorted((r for part in D.all_gather_objects(rows) for r in part), key=lambda r: r["pair"])
+    return pa.Table.from_pylist(rows, schema=pa.schema([("pair", pa.int64()), ("trace", pa.string()),
+                                                        ("reason", pa.string())]))
+
+
+def training_examples(cfg, tables, tokenizer, rulebook, prompts, teacher_lm, run_dir, info):
+    """(prompt ids, target ids + EOS) per kept training pair, and a summary of what was kept."""
+    d = cfg.distill
+    train = tables["train"]
+    where = Path(cfg.data.dir) / "train.parquet"
+    if d.traces == "data":
+        targets = tokenize_targets(tokenizer, train, "trace", cfg.data.max_response_tokens, where)
+        return list(zip(prompts, targets)), {"source": "data", "kept": len(targets), "pairs": train.num_rows}
+    labels = train.column("label").to_pylist()
+    if d.traces == "first_token":
+        # the standard-scoring student: the teacher's answer token alone, distilled at that one position
+        eos = tokenizer.eos_token_id
+        examples = [(p, [tokenizer.encode(str(y), add_special_tokens=False)[0], eos]) for p, y in zip(prompts, labels)]
+        return examples, {"source": "first_token", "kept": len(examples), "pairs": train.num_rows}
+    path = run_dir / TRACES_FILE
+    if path.is_file():          # a resumed run reuses the traces it already wrote
+        table = pq.read_table(path)
+    else:
+        table = teacher_traces(cfg, teacher_lm, tokenizer, rulebook, prompts, labels, info)
+        if info.is_main:
+            C.atomic_write_bytes(path, lambda f: pq.write_table(table, f))
+        D.barrier()
+    kept = [(i, t) for i, t in zip(table.column("pair").to_pylist(), table.column("trace").to_pylist()) if t]
+    eos = tokenizer.eos_token_id
+    examples = [(prompts[i], tokenizer.encode(t, add_special_tokens=False) + [eos]) for i, t in kept]
+    reasons = {}
+    for r in table.column("reason").to_pylist():
+        if r:
+            reasons[r] = reasons.get(r, 0) + 1
+    per_grade = {str(g): {"pairs": labels.count(g), "kept": sum(1 for i, _ in kept if labels[i] == g)}
+                 for g in range(5)}
+    summary = {"source": "teacher", "kept": len(examples), "pairs": train.num_rows, "rejections": reasons,
+               "per_grade": per_grade}
+    if not examples:
+        raise ConfigError(f"the teacher wrote no trace that passes distill.keep={d.keep} "
+                          f"(rejections: {reasons}); check teacher.path, or use distill.traces=data")
+    return examples, summary
+
+
+# ----------------------------------------------------------------------------- 3. the loss
+
+def distill_loss_backward(student, teacher, examples, cfg, info, pad_id: int) -> dict:
+    """The fused distillation loss over one global batch, backward included; sums for the log."""
+    d = cfg.distill
+    n_local = sum(len(e[1]) for e in examples)
+    n_global = D.all_reduce_sum([float(n_local)], info.device)[0]
+    # FSDP averages gradients over ranks: a denominator of n_global / world makes their sum the
+    # global token mean, whatever the number of ranks or micro-batches
+    denominator = max(n_global, 1.0) / info.world
+    sums = {"loss": 0.0, "divergence": 0.0, "divergence_first": 0.0, "ce": 0.0, "rows": 0, "first_rows": 0}
+    student.train()
+    for chunk in micro_batches(len(examples), d.micro_batch_size):
+        part = examples[chunk]
+        if not part:
+            continue
+        batch = pack_sequences([e[0] for e in part], [e[1] for e in part], pad_id).to(info.device)
+        first = torch.zeros(batch.n_rows, dtype=torch.bool, device=info.device)
+        first[torch.as_tensor(np.cumsum([0] + [len(e[1]) for e in part[:-1]]), device=info.device)] = True
+        row_weight = torch.where(first, torch.full_like(first, d.first_token_weight, dtype=torch.float32),
+                                 torch.ones(batch.n_rows, device=info.device))
+        with torch.no_grad():
+            t_hidden, t_weight = teacher(batch, mode="hidden")
+        out = student(batch, mode="distill", teacher=(t_hidden, t_weight), distill=d, row_weight=row_weight,
+                      denominator=denominator)
+        out.loss.backward()
+        per_row, ce = out.per_row.float(), out.ce.float()
+        sums["loss"] += float(out.loss.detach())
+        sums["divergence"] += float(per_row.sum())
+        sums["divergence_first"] += float(per_row[first].sum())
+        sums["ce"] += float(ce.sum())
+        sums["rows"] += batch.n_rows
+        sums["first_rows"] += len(part)
+    return sums
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def full_replica(policy, info):
+    """An unsharded copy of a (possibly sharded) policy's LM for first-token scoring."""
+    if not D.is_distributed():
+        return policy.lm
+    lm = C.replica_of(policy.lm, info.device)
+    D.copy_full_params(policy, lm)
+    return lm
+
+
+def evaluate_lm(lm, tokenizer, prompt, tables, cfg, info) -> dict:
+    scorer = FirstTokenScorer(lm, tokenizer, prompt.rulebook, batch_size=cfg.eval.batch_size, device=info.device,
+                              instructions=prompt.instructions, max_prompt_tokens=cfg.data.max_prompt_tokens,
+                              progress=False)
+    return evaluate_splits(scorer, tables, list(cfg.eval.splits), max_rows=cfg.eval.max_rows, info=info)
+
+
+# ----------------------------------------------------------------------------- main
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default=None, help="YAML config (e.g. configs/distill_demo.yaml)")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace the run that run.out_dir already holds")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. distill.kind=jsd")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    """Bad inputs end the run with one line (exit 2); a non-finite loss with one line (exit 3)."""
+    try:
+        return distill(argv)
+    except (ConfigError, DataError, RulebookError, FormatError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteError as e:
+        print(f"error: {e}; the last checkpoint is intact: lower distill.lr, then continue with --resume",
+              file=sys.stderr)
+        return 3
+
+
+def distill(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = load_distill_config(args.config, args.overrides)
+    info = D.init_distributed(cfg.run.device)
+    setup_logging(info.is_main)
+    run_dir, ckpt_dir = Path(cfg.run.out_dir), Path(cfg.run.out_dir) / "checkpoints"
+    if not Path(cfg.teacher.path).is_dir():
+        raise ConfigError(f"teacher.path={cfg.teacher.path}: model folder not found")
+    if info.is_main:
+        check_run_dir(run_dir, args.resume, args.overwrite, ARTIFACTS)
+        lock = lock_run_dir(run_dir)  # noqa: F841  (held until the process exits)
+    torch.manual_seed(cfg.run.seed)
+    t_start = time.time()
+
+    # 1. Prompt settings, tokenizer and data — all checked before anything of an earlier run is touched.
+    prompt = resolve_prompt_settings(cfg.teacher.path, cfg.data.rulebook, cfg.data.instructions)
+    tok_path = cfg.teacher.path if (Path(cfg.teacher.path) / "tokenizer_config.json").is_file() else "qwen3"
+    tokenizer = load_tokenizer(tok_path)
+    student_tokenizer_matches(cfg, tokenizer)
+    data_dir = Path(cfg.data.dir)
+    tables = {s: read_pairs(data_dir / f"{s}.parquet", require_trace=cfg.distill.traces == "data" and s == "train")
+              for s in SPLITS}
+    prompts = tokenize_prompts(tokenizer, prompt.rulebook, tables["train"], prompt.instructions,
+                               cfg.data.max_prompt_tokens, data_dir / "train.parquet")
+    teacher = load_teacher(cfg, info)
+    vocab = teacher.lm.get_output_embeddings().weight.shape[0]
+    student = build_student(cfg, vocab, info)
+    check_same_vocabulary(teacher.lm, student.lm, cfg.teacher.path, cfg.student.path or "(fresh)", tokenizer)
+    state = C.load_checkpoint(ckpt_dir) if args.resume else None
+    progress = {"phase": "distill", "step": 0, "history": {}, "config": comparable_config(cfg)}
+    if state is not None:
+        check_same_config(state["progress"].get("config", {}), progress["config"], ckpt_dir)
+    if info.is_main:
+        if args.resume:
+            C.remove_stale_temp_files(ckpt_dir)
+        elif args.overwrite:
+            clear_previous_run(run_dir, ARTIFACTS)
+        C.atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+    D.barrier()
+    runlog = RunLog(run_dir, info.is_main)
+    if state is not None:
+        progress = copy.deepcopy(state["progress"])
+        C.restore(state, student, None)
+        runlog.truncate_after(progress["step"])
+        log.info("resumed at step %d", progress["step"])
+
+    # 2. The traces the student learns to write.
+    teacher_lm = full_replica(teacher, info)
+    examples, kept = training_examples(cfg, tables, tokenizer, prompt.rulebook, prompts, teacher_lm, run_dir, info)
+    progress["history"]["traces"] = kept
+    log.info("training examples: %s", {k: v for k, v in kept.items() if k != "per_grade"})
+    if "teacher" not in progress["history"]:
+        progress["history"]["teacher"] = evaluate_lm(teacher_lm, tokenizer, prompt, tables, cfg, info)
+    del teacher_lm
+
+    # 3. Distillation steps: global batches of examples, one optimizer step each.
+    d = cfg.distill
+    batches = sft_batches(len(examples), d.batch_size, d.epochs, cfg.run.seed)
+    opt = make_optimizer(student, d.lr, d.weight_decay)
+    if state is not None and state.get("optimizer") is not None:
+        D.load_full_optimizer_state(student, opt, state["optimizer"])
+    del state
+    bar = progress_bar(total=len(batches), initial=progress["step"], desc="distill", enabled=info.is_main)
+    for k in range(progress["step"], len(batches)):
+        t0 = time.perf_counter()
+        set_lr(opt, lr_at(k, len(batches), d.lr, d.warmup_steps))
+        local = D.rank_slice(batches[k], info)
+        sums = distill_loss_backward(student, teacher, [examples[i] for i in local], cfg, info, tokenizer.pad_token_id)
+        try:
+            gnorm = optimizer_step(student, opt, d.grad_clip)
+        except NonFiniteError as e:
+            raise NonFiniteError(f"distill step {k + 1}: {e}") from None
+        keys = ("loss", "divergence", "divergence_first", "ce", "rows", "first_rows")
+        total = dict(zip(keys, D.all_reduce_sum([float(sums[x]) for x in keys], info.device)))
+        progress["step"] = k + 1
+        runlog.write({"step": k + 1, "phase": "distill", "loss": total["loss"] / info.world,
+                      "distill/divergence": total["divergence"] / max(total["rows"], 1),
+                      "distill/divergence_first_token": total["divergence_first"] / max(total["first_rows"], 1),
+                      "distill/ce": total["ce"] / max(total["rows"], 1), "optim/lr": opt.param_groups[0]["lr"],
+                      "optim/grad_norm": gnorm, "throughput/tokens_per_s": total["rows"] / (time.perf_counter() - t0)})
+        bar.update(1)
+        bar.set_postfix(loss=f"{total['loss'] / info.world:.4f}")
+        if cfg.run.checkpoint_every and (k + 1) % cfg.run.checkpoint_every == 0 and k + 1 < len(batches):
+            C.save_checkpoint(ckpt_dir, student, opt, progress, info)
+    bar.close()
+
+    # 4. Export, evaluate, report.
+    C.export_model(student, tokenizer, run_dir / STUDENT_DIR, info, prompt=(prompt.rulebook, prompt.instructions))
+    if "student" not in progress["history"]:
+        progress["history"]["student"] = evaluate_lm(full_replica(student, info), tokenizer, prompt, tables, cfg, info)
+    C.save_checkpoint(ckpt_dir, student, None, progress, info)
+    log.info("total time %.1f s", time.time() - t_start)
+    if info.is_main:
+        rows = {"teacher": progress["history"]["teacher"], "student": progress["history"]["student"]}
+        print(results_table(rows, list(cfg.eval.splits)))
+        C.atomic_write_text(run_dir / "results.json", json.dumps({"results": rows, "traces": kept}, indent=2,
+                                                                 default=float))
+        runlog.close()
+        try:
+            from afrl_fast.report import draw_report
+            draw_report(run_dir)
+        except Exception as e:  # plots are a convenience; a plotting problem must not fail a finished run
+            log.warning("report failed: %s", e)
+    D.barrier()
+    D.cleanup()
+    return 0
+
+
+def comparable_config(cfg) -> dict:
+    """The config a checkpoint must match to be resumed (where and on what device excluded)."""
+    from omegaconf import OmegaConf
+
+    d = json.loads(json.dumps(OmegaConf.to_container(OmegaConf.structured(cfg)), default=str))
+    for key in ("out_dir", "device"):
+        d["run"].pop(key, None)
+    return d
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,459 @@
+"""Experiments: one recipe trained several ways over several seeds, from one starting point.
+
+The paper's ablations (Table 3, Figures 3-5) and its distillation table (Table 6) at small scale:
+
+    python -m afrl_fast.experiments ablation --config configs/ablation_cpu.yaml \
+        --arms grpo,stepwise_grpo,mode_balanced,mode_balanced_random --seeds 0,1,2 --out runs/ablation
+    python -m afrl_fast.experiments distillation --config configs/distill_demo.yaml \
+        --students distilled,labels,first_token --seeds 0,1,2 --out runs/distillation
+    python -m afrl_fast.report runs/ablation --out results/ablation      # figures + summary table
+
+Every piece is an ordinary training run (`torchrun afrl_fast/train.py` or `afrl_fast/distill.py`,
+resumable) in its own folder. The ablation:
+
+    OUT/data/               the synthetic splits, written once; every run reads them (data.dir)
+    OUT/sft/                SFT + Acc@8 difficulty (run.stop_after=difficulty): the shared starting point
+    OUT/standard/           the standard-scoring baseline: SFT on the grade token alone (sft.target=grade)
+    OUT/<arm>/seed<k>/      RL from OUT/sft (run.init_from: its SFT weights, reference and difficulty
+                            file) with the arm's settings and run.seed=k
+
+The arms differ only in what the paper varies (no per-arm tuning):
+    grpo                  plain GRPO: no stepwise token weights, no SFT anchor (γ_t = 0)
+    stepwise_grpo         stepwise token weights, no SFT anchor
+    mode_balanced         stepwise weights + the SFT anchor, α_t/γ_t per curriculum stage (Table 8)
+    mode_balanced_random  mode_balanced with the stages' prompts in one shuffled order (Figure 5)
+    grpo_random           grpo in shuffled order
+
+The distillation: one teacher (teacher.path) and one student architecture (student.*), per seed
+    OUT/distilled/seed<k>/     distill.py: the teacher's traces and its logits at every position
+    OUT/first_token/seed<k>/   distill.py: the teacher's first-token distribution only
+    OUT/labels/seed<k>/        train.py SFT of the same student on the data's own traces, with the
+                               distillation's optimisation settings and the teacher's prompt
+
+OUT/experiment.json records what was asked for and where each run lives (the report reads it). A
+finished run (its results.json) is skipped, an interrupted one with a checkpoint continues with
+--resume, one that died before its first checkpoint starts again: re-running the command after a
+crash, or with more seeds, only does the work that is missing. Each run's output goes to its
+folder's train.log; the console shows one progress bar over the runs. On N devices,
+`--nproc-per-node N` launches each run with that many ranks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .checkpoint import LATEST, atomic_write_text
+from .config import DEMO_CONFIG, ConfigError, load_config, load_distill_config
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN = Path(__file__).resolve().parent / "train.py"
+DISTILL = Path(__file__).resolve().parent / "distill.py"
+ARMS = {
+    "grpo": ["rl.mode=grpo"],
+    "stepwise_grpo": ["rl.mode=stepwise_grpo"],
+    "mode_balanced": ["rl.mode=mode_balanced"],
+    "mode_balanced_random": ["rl.mode=mode_balanced", "rl.random_order=true"],
+    "grpo_random": ["rl.mode=grpo", "rl.random_order=true"],
+}
+# the students of the distillation table (paper Table 6): all from one teacher, one architecture
+STUDENTS = {
+    "distilled": ["distill.traces=teacher"],          # the teacher's traces, and its logits at every position
+    "first_token": ["distill.traces=first_token"],    # the teacher's first-token distribution only
+    "labels": [],                                     # no teacher: SFT on the data's own traces (train.py)
+}
+MANIFEST = "experiment.json"
+
+
+class ExperimentError(RuntimeError):
+    pass
+
+
+def parse_list(text: str, what: str, allowed=None) -> list[str]:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise ConfigError(f"--{what}: give at least one, comma-separated")
+    if len(set(items)) != len(items):
+        raise ConfigError(f"--{what}: {text!r} names one twice")
+    if allowed is not None:
+        unknown = [x for x in items if x not in allowed]
+        if unknown:
+            raise ConfigError(f"--{what}: unknown {', '.join(unknown)}; choose from {', '.join(allowed)}")
+    return items
+
+
+def parse_seeds(text: str) -> list[int]:
+    seeds = []
+    for item in parse_list(text, "seeds"):
+        if not item.isdigit():
+            raise ConfigError(f"--seeds: {item!r} is not a non-negative integer")
+        seeds.append(int(item))
+    return seeds
+
+
+# ----------------------------------------------------------------------------- the plans
+
+def ablation_plan(config: Path, out: Path, arms: list[str], seeds: list[int], overrides: list[str]) -> list[dict]:
+    """Every run of the ablation, in the order they must run: the shared SFT first."""
+    data = [f"data.dir={out / 'data'}"]
+    sft = out / "sft"
+    base = {"script": TRAIN, "config": config}
+    plan = [{**base, "name": "sft", "dir": sft, "overrides": [*data, *overrides, "run.stop_after=difficulty"]},
+            {**base, "name": "standard", "dir": out / "standard",
+             "overrides": [*data, *overrides, "sft.target=grade", "run.stop_after=sft"]}]
+    for arm in arms:
+        for seed in seeds:
+            plan.append({**base, "name": f"{arm}/seed{seed}", "dir": out / arm / f"seed{seed}",
+                         "overrides": [*data, *overrides, *ARMS[arm], f"run.seed={seed}", f"run.init_from={sft}"]})
+    return plan
+
+
+def labels_student_overrides(cfg, out: Path) -> list[str]:
+    """train.py settings that train the distillation student's architecture on the data's own traces
+    with the distillation's optimisation settings and the teacher's prompt (the "student trained on
+    the labels" row): only where the two runs differ is the supervision."""
+    from .format import resolve_prompt_settings
+
+    prompt = resolve_prompt_settings(cfg.teacher.path, cfg.data.rulebook, cfg.data.instructions)
+    instructions = out / "teacher_instructions.txt"
+    if not instructions.is_file():
+        atomic_write_text(instructions, prompt.instructions)
+    rulebook = out / "teacher_rulebook.yaml"
+    if not rulebook.is_file():
+        import yaml
+        atomic_write_text(rulebook, yaml.safe_dump(prompt.rulebook.to_dict(), sort_keys=False, allow_unicode=True))
+    s, d = cfg.student, cfg.distill
+    model = [f"model.{k}={getattr(s, k)}" for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                                                     "head_dim", "intermediate_size", "dtype")]
+    sft = [f"sft.{k}={getattr(d, k)}" for k in ("epochs", "batch_size", "lr", "warmup_steps", "weight_decay",
+                                                 "grad_clip", "micro_batch_size")]
+    return [*model, *sft, f"data.dir={cfg.data.dir}", f"data.instructions={instructions}", f"data.rulebook={rulebook}",
+            f"data.max_prompt_tokens={cfg.data.max_prompt_tokens}",
+            f"data.max_response_tokens={cfg.data.max_response_tokens}", f"eval.max_rows={cfg.eval.max_rows}",
+            f"run.loss_backend={cfg.run.loss_backend}", "run.stop_after=sft"]
+
+
+def distillation_plan(config: Path, out: Path, students: list[str], seeds: list[int], overrides: list[str]) -> list[dict]:
+    """Every student of the Table-6 analogue × seed, each from the same teacher and data."""
+    plan = []
+    for student in students:
+        for seed in seeds:
+            run = {"name": f"{student}/seed{seed}", "dir": out / student / f"seed{seed}"}
+            if student == "labels":
+                cfg = load_distill_config(config, overrides)
+                run.update(script=TRAIN, config=DEMO_CONFIG,
+                           overrides=[*labels_student_overrides(cfg, out), f"run.device={cfg.run.device}",
+                                      f"run.seed={seed}"])
+            else:
+                run.update(script=DISTILL, config=config, overrides=[*overrides, *STUDENTS[student], f"run.seed={seed}"])
+            plan.append(run)
+    return plan
+
+
+def run_state(run_dir: Path) -> str:
+    """done | resumable | fresh (nothing usable there yet)."""
+    if (run_dir / "results.json").is_file():
+        return "done"
+    if (run_dir / "checkpoints" / LATEST).is_file():
+        return "resumable"
+    return "fresh"
+
+
+def write_data(cfg, out: Path) -> None:
+    """The synthetic splits every run of the experiment reads, written once (atomically, by the
+    same generator the trainer uses when data.dir is unset)."""
+    from .data import write_synthetic_splits
+    from .rulebook import load_rulebook
+
+    if all((out / "data" / f"{s}.parquet").is_file() for s in ("train", "industry", "longtail")):
+        return
+    rulebook = load_rulebook(cfg.data.rulebook)
+    write_synthetic_splits(out / "data", cfg.data.n_train, cfg.data.seed, rulebook, n_industry=cfg.data.n_eval,
+                           n_longtail=cfg.data.n_eval, reasons=cfg.data.reasons)
+
+
+# ----------------------------------------------------------------------------- running the plan
+
+def run_command(run: dict, state: str, nproc: int) -> list[str]:
+    flag = {"done": [], "resumable": ["--resume"], "fresh": ["--overwrite"]}[state]
+    config = ["--config", str(run["config"])] if run["config"] is not None else []
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
+            str(run["script"]), *config, *flag, f"run.out_dir={run['dir']}", *run["overrides"]]
+
+
+def run_one(run: dict, nproc: int) -> float:
+    """One run to its end (resuming if it can); its output goes to train.log. Seconds taken."""
+    state = run_state(run["dir"])
+    run["dir"].mkdir(parents=True, exist_ok=True)
+    log_path = run["dir"] / "train.log"
+    cmd = run_command(run, state, nproc)
+    t0 = time.time()
+    with open(log_path, "a") as log:
+        log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {state}: {' '.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if proc.returncode != 0:
+        tail = log_path.read_text(errors="replace").splitlines()[-15:]
+        raise ExperimentError(f"run {run['name']} failed (exit {proc.returncode}); its log is {log_path}:\n  "
+                              + "\n  ".join(tail))
+    return time.time() - t0
+
+
+def merge_manifest(out: Path, kind: str, config: Path, arms, seeds, overrides, plan) -> dict:
+    """The experiment's manifest with this command's arms and seeds added. A folder holds one recipe:
+    another config or other overrides would mix runs of different recipes in one comparison."""
+    manifest = {"kind": kind, "config": str(config), "arms": [], "seeds": [], "overrides": overrides, "runs": {}}
+    if (out / MANIFEST).is_file():
+        manifest = load_manifest(out)
+        for key, value in (("kind", kind), ("config", str(config)), ("overrides", overrides)):
+            if manifest.get(key) != value:
+                raise ConfigError(f"{out} holds an experiment with {key} {manifest.get(key)!r}, not {value!r}; "
+                                  "use another --out for another recipe")
+    manifest["arms"] += [a for a in arms if a not in manifest["arms"]]
+    manifest["seeds"] += [s for s in seeds if s not in manifest["seeds"]]
+    manifest["runs"].update({r["name"]: str(r["dir"].relative_to(out)) for r in plan})
+    return manifest
+
+
+def execute(kind: str, config: Path, out: Path, arms, seeds, overrides, plan, nproc: int) -> int:
+    """Record the experiment, then run what is not finished yet, one run at a time."""
+    from .observe import progress_bar
+
+    manifest = merge_manifest(out, kind, config, arms, seeds, overrides, plan)
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2))
+    todo = [r for r in plan if run_state(r["dir"]) != "done"]
+    print(f"{kind}: {len(plan)} runs in {out} ({len(plan) - len(todo)} finished already)", flush=True)
+    bar = progress_bar(total=len(plan), initial=len(plan) - len(todo), desc="runs", unit="run")
+    for run in todo:
+        bar.set_postfix_str(run["name"])
+        seconds = run_one(run, nproc)
+        bar.write(f"{run['name']}: done in {seconds / 60:.1f} min ({run['dir']})")
+        bar.update(1)
+    bar.close()
+    print(f"all runs finished; draw the comparison with: python -m afrl_fast.report {out}")
+    return 0
+
+
+def ablation(config: Path, out: Path, arms: list[str], seeds: list[int], overrides: list[str], nproc: int = 1) -> int:
+    cfg = load_config(config, overrides)       # a bad config or override fails here, before any work
+    out = out.resolve()
+    plan = ablation_plan(config, out, arms, seeds, overrides)
+    for run in plan:                           # every run's overrides too, before hours of training
+        load_config(config, run["overrides"])
+    out.mkdir(parents=True, exist_ok=True)
+    write_data(cfg, out)
+    return execute("ablation", config, out, arms, seeds, overrides, plan, nproc)
+
+
+def distillation(config: Path, out: Path, students: list[str], seeds: list[int], overrides: list[str],
+                 nproc: int = 1) -> int:
+    cfg = load_distill_config(config, overrides)
+    if not Path(cfg.teacher.path).is_dir():
+        raise ConfigError(f"teacher.path={cfg.teacher.path}: model folder not found")
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    plan = distillation_plan(config, out, students, seeds, overrides)
+    for run in plan:
+        (load_config if run["script"] == TRAIN else load_distill_config)(run["config"], run["overrides"])
+    return execute("distillation", config, out, students, seeds, overrides, plan, nproc)
+
+
+# ----------------------------------------------------------------------------- the summary
+
+METRICS = ("acc5", "acc2", "pair_acc", "ndcg3", "macro_f1", "weighted_f1")
+# Training statistics averaged over the last steps of each run (single steps of a few prompts are noisy)
+FINAL_WINDOW = 5
+TRAIN_STATS = ("reward/mean", "policy/entropy", "policy/kl", "gate/fmt", "acc/first_token")
+
+
+def load_manifest(exp_dir: Path) -> dict:
+    path = Path(exp_dir) / MANIFEST
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ExperimentError(f"{path}: not an experiment folder ({e})") from None
+
+
+def read_results(run_dir: Path) -> dict:
+    """The run's results.json rows (model name -> split -> metrics)."""
+    return json.loads((run_dir / "results.json").read_text())["results"]
+
+
+def rl_row(run_dir: Path) -> dict:
+    """The RL model's row of a finished arm run (split -> metrics)."""
+    rows = {k: v for k, v in read_results(run_dir).items() if k not in ("majority-class", "SFT", "Standard scoring")}
+    if len(rows) != 1:
+        raise ExperimentError(f"{run_dir}/results.json: expected one RL model row, found {sorted(rows) or 'none'}")
+    return next(iter(rows.values()))
+
+
+def mean_std(values: list[float]) -> dict:
+    import numpy as np
+
+    x = np.asarray(values, dtype=np.float64)
+    return {"mean": float(x.mean()), "std": float(x.std(ddof=1)) if len(x) > 1 else 0.0,
+            "min": float(x.min()), "max": float(x.max()), "n": int(len(x)), "values": [float(v) for v in x]}
+
+
+def final_train_stats(run_dir: Path) -> dict:
+    from .report import load_metrics
+
+    train, _ = load_metrics(run_dir / "metrics.jsonl")
+    rl = [r for r in train if r.get("phase") == "rl"]
+    tail = rl[-FINAL_WINDOW:]
+    out = {}
+    for key in TRAIN_STATS:
+        vals = [r[key] for r in tail if r.get(key) is not None]
+        out[key] = sum(vals) / len(vals) if vals else None
+    out["rl_steps"] = len(rl)
+    return out
+
+
+def reference_rows(kind: str, runs: dict) -> dict:
+    """The rows an experiment's arms are read against. Ablation: the shared SFT model, the
+    standard-scoring baseline and the majority class; distillation: the teacher (and the majority class)."""
+    ref = {}
+    if kind == "ablation":
+        if run_state(runs["sft"]) == "done":
+            rows = read_results(runs["sft"])
+            ref.update({"majority class": rows.get("majority-class"), "SFT (AFRL)": rows.get("SFT")})
+        if "standard" in runs and run_state(runs["standard"]) == "done":
+            ref["Standard scoring"] = read_results(runs["standard"]).get("Standard scoring")
+    else:
+        for name, d in runs.items():
+            if run_state(d) != "done":
+                continue
+            rows = read_results(d)
+            if "teacher" in rows and "teacher" not in ref:
+                ref["teacher"] = rows["teacher"]
+            if "majority-class" in rows and "majority class" not in ref:
+                ref["majority class"] = rows["majority-class"]
+    return {k: v for k, v in ref.items() if v}
+
+
+def arm_row(kind: str, arm: str, run_dir: Path) -> dict:
+    """The compared model's row of a finished run: the RL model (ablation), the student (distillation)."""
+    if kind == "ablation":
+        return rl_row(run_dir)
+    rows = read_results(run_dir)
+    key = "SFT" if arm == "labels" else "student"
+    if key not in rows:
+        raise ExperimentError(f"{run_dir}/results.json: no {key!r} row")
+    return rows[key]
+
+
+def summarize(exp_dir: Path) -> dict:
+    """Final metrics of every arm as mean ± std over its seeds (finished runs only), with the
+    reference rows (see reference_rows)."""
+    exp_dir = Path(exp_dir)
+    manifest = load_manifest(exp_dir)
+    kind = manifest.get("kind", "ablation")
+    runs = {name: exp_dir / rel for name, rel in manifest["runs"].items()}
+    reference = reference_rows(kind, runs)
+    splits = sorted({s for v in reference.values() for s in v})
+    arms = {}
+    for arm in manifest["arms"]:
+        done = [(seed, runs[f"{arm}/seed{seed}"]) for seed in manifest["seeds"]
+                if run_state(runs[f"{arm}/seed{seed}"]) == "done"]
+        if not done:
+            continue
+        finals = [arm_row(kind, arm, d) for _, d in done]
+        splits = sorted({s for f in finals for s in f} | set(splits))
+        entry = {"seeds": [seed for seed, _ in done],
+                 "eval": {split: {m: mean_std([f[split][m] for f in finals]) for m in METRICS}
+                          for split in splits if all(split in f for f in finals)},
+                 "train": {}}
+        if kind == "ablation":
+            stats = [final_train_stats(d) for _, d in done]
+            entry["train"] = {k: mean_std([st[k] for st in stats]) for k in (*TRAIN_STATS, "rl_steps")
+                              if all(st[k] is not None for st in stats)}
+        arms[arm] = entry
+    return {"experiment": str(exp_dir), "kind": kind, "config": manifest["config"], "arms_requested": manifest["arms"],
+            "seeds_requested": manifest["seeds"], "final_window_steps": FINAL_WINDOW, "splits": splits,
+            "reference": reference, "arms": arms}
+
+
+def summary_markdown(summary: dict) -> str:
+    """The summary as Markdown tables: one per split (percentages, mean ± std over seeds), one for
+    the training statistics."""
+    names = {"acc5": "5-ACC", "acc2": "2-ACC", "pair_acc": "Pair-ACC", "ndcg3": "NDCG@3", "macro_f1": "Macro-F1",
+             "weighted_f1": "W-F1"}
+    out = []
+    for split in summary["splits"]:
+        out += [f"**{split}** (first-token metrics, %; arms: mean ± std over seeds, n = seeds)", "",
+                "| model | n | " + " | ".join(names[m] for m in METRICS) + " |",
+                "|---|---|" + "---|" * len(METRICS)]
+        for name, rows in summary["reference"].items():
+            if split in rows:
+                out.append(f"| {name} | 1 | " + " | ".join(f"{100 * rows[split][m]:.2f}" for m in METRICS) + " |")
+        for arm, a in summary["arms"].items():
+            if split in a["eval"]:
+                e = a["eval"][split]
+                out.append(f"| {arm} | {len(a['seeds'])} | "
+                           + " | ".join(f"{100 * e[m]['mean']:.2f} ± {100 * e[m]['std']:.2f}" for m in METRICS) + " |")
+        out.append("")
+    keys = [k for k in (*TRAIN_STATS, "rl_steps") if any(k in a.get("train", {}) for a in summary["arms"].values())]
+    if keys:
+        out += [f"**training** (mean over the last {summary['final_window_steps']} RL steps of each run; "
+                "mean ± std over seeds)", "", "| arm | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+        for arm, a in summary["arms"].items():
+            out.append(f"| {arm} | " + " | ".join(
+                f"{a['train'][k]['mean']:.3f} ± {a['train'][k]['std']:.3f}" if k in a["train"] else "n/a"
+                for k in keys) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m afrl_fast.experiments", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="experiment", required=True)
+    a = sub.add_parser("ablation", help="RL arms × seeds from one shared SFT model (paper Table 3, Figures 3-5)")
+    a.add_argument("--config", type=Path, required=True, help="the recipe, e.g. configs/ablation_cpu.yaml")
+    a.add_argument("--arms", default="grpo,stepwise_grpo,mode_balanced,mode_balanced_random",
+                   help=f"comma-separated, from: {', '.join(ARMS)}")
+    a.add_argument("--out", type=Path, default=Path("runs/ablation"))
+    d = sub.add_parser("distillation", help="students × seeds from one teacher (paper Table 6)")
+    d.add_argument("--config", type=Path, required=True, help="the distillation recipe, e.g. configs/distill_demo.yaml")
+    d.add_argument("--students", default="distilled,labels,first_token", help=f"comma-separated, from: {', '.join(STUDENTS)}")
+    d.add_argument("--out", type=Path, default=Path("runs/distillation"))
+    for q in (a, d):
+        q.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (run.seed of each compared run)")
+        q.add_argument("--nproc-per-node", type=int, default=1, help="ranks per run (torchrun --nproc_per_node)")
+        q.add_argument("overrides", nargs="*", help="dotted config overrides for every run, e.g. rl.max_steps=5")
+    return p.parse_args(argv)
+
+
+# what each experiment sets per run, so an override of it would be silently replaced
+SET_PER_RUN = {"ablation": ("data.dir", "run.out_dir", "run.init_from", "run.seed", "rl.mode", "rl.random_order",
+                            "run.stop_after", "sft.target"),
+               "distillation": ("run.out_dir", "run.seed", "distill.traces")}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.nproc_per_node < 1:
+            raise ConfigError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
+        for o in args.overrides:
+            if o.split("=", 1)[0] in SET_PER_RUN[args.experiment]:
+                raise ConfigError(f"override {o!r}: the experiment sets {o.split('=', 1)[0]} itself for each run")
+        seeds = parse_seeds(args.seeds)
+        if args.experiment == "ablation":
+            return ablation(args.config, args.out, parse_list(args.arms, "arms", ARMS), seeds, list(args.overrides),
+                            args.nproc_per_node)
+        return distillation(args.config, args.out, parse_list(args.students, "students", STUDENTS), seeds,
+                            list(args.overrides), args.nproc_per_node)
+    except (ConfigError, ExperimentError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""The experiment runner (afrl_fast.experiments) and its report, on a tiny model for a couple of steps:
+
+- the ablation runs the shared SFT, the standard-scoring baseline and every arm × seed from that SFT
+  model (same weights, same difficulty file), each an ordinary run folder;
+- running the same command again does no work; a run whose results were lost resumes from its
+  checkpoint; a run that died before a checkpoint starts again;
+- the summary's means and stds equal an independent computation from the runs' results.json, and
+  the report draws its figures;
+- bad arguments are one line and exit 2, before any work.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+from test_train import TINY  # noqa: E402  (the tiny model and sizes every trainer test uses)
+
+# the tiny trainer settings, minus what the experiment sets itself, plus a 2-step RL phase
+OVERRIDES = [o for o in TINY if not o.startswith("eval.every")] + ["rl.max_steps=2", "eval.every=1"]
+
+
+def run_experiments(out: Path, *args, overrides=OVERRIDES):
+    cmd = [sys.executable, "-m", "afrl_fast.experiments", "ablation", "--config", str(ROOT / "configs" / "demo.yaml"),
+           "--out", str(out), *args, *overrides]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800,
+                          env={**os.environ, "TQDM_DISABLE": "1"})
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    """Two arms on seed 0, then a second seed for one arm: the second command adds to the experiment."""
+    out = tmp_path_factory.mktemp("ablation")
+    for arms, seeds in (("grpo,mode_balanced", "0"), ("grpo", "1")):
+        proc = run_experiments(out, "--arms", arms, "--seeds", seeds)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def test_every_run_starts_from_the_shared_sft_model(experiment):
+    manifest = json.loads((experiment / "experiment.json").read_text())
+    assert sorted(manifest["runs"]) == ["grpo/seed0", "grpo/seed1", "mode_balanced/seed0", "sft", "standard"]
+    assert manifest["arms"] == ["grpo", "mode_balanced"] and manifest["seeds"] == [0, 1]
+    sft = experiment / "sft"
+    assert (sft / "difficulty.parquet").is_file() and not (sft / "final_model").exists()   # stopped after difficulty
+    standard = json.loads((experiment / "standard" / "results.json").read_text())["results"]
+    assert "Standard scoring" in standard
+    sft_weights = (sft / "sft_model" / "model.safetensors").read_bytes()
+    for name in ("grpo/seed0", "grpo/seed1", "mode_balanced/seed0"):
+        run = experiment / manifest["runs"][name]
+        cfg = (run / "config.yaml").read_text()
+        assert f"init_from: {sft}" in cfg and f"dir: {experiment / 'data'}" in cfg
+        assert (run / "sft_model" / "model.safetensors").read_bytes() == sft_weights   # the same reference
+        assert (run / "difficulty.parquet").read_bytes() == (sft / "difficulty.parquet").read_bytes()
+        rl = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rl if "split" not in r] == [1, 2]
+        weights = {r["weight/sft"] for r in rl if "weight/sft" in r}
+        assert (weights == {0.0}) == name.startswith("grpo")      # plain GRPO has no SFT anchor
+        results = json.loads((run / "results.json").read_text())["results"]
+        assert ("GRPO" if name.startswith("grpo") else "Mode-Balanced RL") in results
+    seeds = [json.loads((experiment / "grpo" / f"seed{s}" / "metrics.jsonl").read_text().splitlines()[0])
+             for s in (0, 1)]
+    assert seeds[0]["reward/mean"] != seeds[1]["reward/mean"] or seeds[0]["loss"] != seeds[1]["loss"]
+
+
+def test_rerun_skips_finished_runs_and_resumes_the_rest(experiment):
+    logs = {p: p.read_text() for p in experiment.rglob("train.log")}
+    proc = run_experiments(experiment, "--arms", "grpo,mode_balanced", "--seeds", "0")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "4 finished already" in proc.stdout
+    assert {p: p.read_text() for p in experiment.rglob("train.log")} == logs      # nothing ran again
+
+    lost = experiment / "grpo" / "seed1"
+    before = (lost / "results.json").read_text()
+    (lost / "results.json").unlink()                  # finished, but its results are gone: resume
+    proc = run_experiments(experiment, "--arms", "grpo", "--seeds", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = (lost / "train.log").read_text()
+    assert "resumable:" in log.splitlines()[-1] or "resumable:" in log
+    assert json.loads((lost / "results.json").read_text()) == json.loads(before)
+
+
+def test_summary_matches_an_independent_computation(experiment, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "afrl_fast.report", str(experiment), "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in ("ablation_training.png", "ablation_eval.png", "summary.json", "summary.md"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for arm, row, seeds in (("grpo", "GRPO", (0, 1)), ("mode_balanced", "Mode-Balanced RL", (0,))):
+        finals = [json.loads((experiment / arm / f"seed{s}" / "results.json").read_text())["results"][row]
+                  for s in seeds]
+        assert summary["arms"][arm]["seeds"] == list(seeds)
+        for split in ("industry", "longtail"):
+            for metric in ("acc5", "pair_acc", "macro_f1"):
+                x = np.array([f[split][metric] for f in finals])
+                got = summary["arms"][arm]["eval"][split][metric]
+                std = x.std(ddof=1) if len(x) > 1 else 0.0
+                assert got["mean"] == pytest.approx(x.mean()) and got["std"] == pytest.approx(std)
+    sft = json.loads((experiment / "sft" / "results.json").read_text())["results"]["SFT"]
+    assert summary["reference"]["SFT (AFRL)"] == sft
+    md = (tmp_path / "summary.md").read_text()
+    assert "| grpo | 2 |" in md and "| SFT (AFRL) | 1 |" in md
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--arms", "grpo,nope"], "unknown nope"),
+    (["--seeds", "0,x"], "not a non-negative integer"),
+    (["--arms", "grpo,grpo"], "names one twice"),
+    (["rl.mode=grpo"], "sets rl.mode itself"),
+    (["rl.no_such_key=1"], "unknown key"),
+])
+def test_bad_arguments_are_one_line_before_any_work(tmp_path, args, message):
+    out = tmp_path / "exp"
+    proc = run_experiments(out, *args, overrides=[])
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in proc.stderr
+    assert not (out / "sft").exists()
