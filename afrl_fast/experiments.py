@@ -359,7 +359,7 @@ def summarize(exp_dir: Path) -> dict:
     arms = {}
     for arm in manifest["arms"]:
         done = [(seed, runs[f"{arm}/seed{seed}"]) for seed in manifest["seeds"]
-                if run_state(runs[f"{arm}/seed{seed}"]) == "done"]
+                if f"{arm}/seed{seed}" in runs and run_state(runs[f"{arm}/seed{seed}"]) == "done"]
         if not done:
             continue
         finals = [arm_row(kind, arm, d) for _, d in done]

@@ -318,8 +318,9 @@ def draw_experiment(exp_dir, out_dir) -> list[Path]:
     train_by_arm, eval_by_arm = {}, {}
     for arm in manifest["arms"]:
         for seed in manifest["seeds"]:
-            metrics = exp_dir / manifest["runs"][f"{arm}/seed{seed}"] / "metrics.jsonl"
-            if metrics.is_file():
+            rel = manifest["runs"].get(f"{arm}/seed{seed}")    # not every arm runs every seed
+            metrics = exp_dir / rel / "metrics.jsonl" if rel else None
+            if metrics is not None and metrics.is_file():
                 train, evals = load_metrics(metrics)
                 train_by_arm.setdefault(arm, []).append([r for r in train if r.get("phase") == "rl"])
                 eval_by_arm.setdefault(arm, []).append([r for r in evals if r.get("phase") == "rl"])
