@@ -30,16 +30,24 @@ TINY = [
 VOLATILE = ("throughput/tokens_per_s", "optim/lr")  # wall-clock derived; everything else must match
 
 
-def torchrun(out_dir: Path, nproc: int = 1, extra=(), wait=True):
+def torchrun_script(script: Path, args, nproc: int = 1, wait=True, check=True):
+    """`torchrun --standalone` of any script; check: assert exit code 0 (else the caller reads it)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
-           str(ROOT / "afrl_fast" / "train.py"), f"run.out_dir={out_dir}", *TINY, *extra]
+           str(script), *args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    if check:
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc
+
+
+def torchrun(out_dir: Path, nproc: int = 1, extra=(), wait=True, check=True):
+    """The trainer under torchrun on the TINY settings."""
+    return torchrun_script(ROOT / "afrl_fast" / "train.py", [f"run.out_dir={out_dir}", *TINY, *extra], nproc,
+                           wait, check)
 
 
 def alive(pid: int) -> bool:
