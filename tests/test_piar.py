@@ -142,6 +142,37 @@ def test_accept_reject_and_patience(val, tmp_path, capsys):
     assert first["rules"].get(rule, {"count": 0})["count"] + first["unparseable"] == n_wrong
 
 
+def test_a_validation_set_without_comparable_pairs_has_no_pair_acc_and_5acc_decides(tmp_path, capsys):
+    """One document per query: no pair can be compared, Pair-ACC is None (printed n/a) and the
+    accept rule decides on 5-ACC alone."""
+    rows = synthesize(6, seed=5, split="longtail").select(list(PAIR_COLUMNS)).to_pylist()
+    rows = [r | {"query_id": f"q{i}"} for i, r in enumerate(rows)]
+    assert any(r["label"] != 0 for r in rows)
+    path = tmp_path / "val.parquet"
+    write_table(pa.Table.from_pylist(rows), path)
+
+    def actor(n, body):            # the label under the refined text, else 0
+        label = next(r["label"] for r in rows if r["query"] in body["prompt"] and r["document"] in body["prompt"])
+        return 200, [str(label if "BETTER" in body["prompt"] else 0)], ["length"]
+
+    a = Scripted(actor)
+    e = Scripted(lambda n, body: (200, ["unclear"], ["stop"]))
+    r = Scripted(lambda n, body: (200, ["<<<BETTER instructions>>>"], ["stop"]))
+    try:
+        code = piar_main(["--val", str(path), "--actor", a.url, "--evaluator", e.url, "--refiner", r.url,
+                          "--out", str(tmp_path / "p"), "--rounds", "1", "--retries", "0"])
+    finally:
+        a.stop(), e.stop(), r.stop()
+    cap = capsys.readouterr()
+    assert code == 0, cap.err
+    lines = cap.out.splitlines()
+    assert lines[0].startswith("round 0: 5-ACC ") and lines[0].endswith("Pair-ACC n/a"), lines
+    assert "Pair-ACC n/a" in lines[1] and "Pair-ACC n/a" in lines[-1], lines
+    history = json.loads((tmp_path / "p" / "history.json").read_text())
+    assert history["start"]["pair_acc"] is None and history["best"]["pair_acc"] is None
+    assert history["rounds"][0]["accepted"] and history["best"]["acc5"] == 1.0
+
+
 def test_bad_input_is_one_line(val, tmp_path, capsys):
     path, _ = val
     (tmp_path / "used").mkdir()
