@@ -256,6 +256,29 @@ def test_unreachable_endpoint_is_one_line_naming_the_url(files, tmp_path, capsys
     assert code == 2 and len(lines) == 1 and url in lines[0] and "Traceback" not in cap.err
 
 
+def test_a_server_that_hangs_past_the_timeout_is_retried_then_one_line_naming_the_url(files, tmp_path, capsys):
+    """Every request hangs: each times out after --timeout (0.5 s), is sent again once (--retries 1),
+    and the run ends like the other endpoint failures: one line naming the URL, exit 2, nothing
+    assembled. The scripted hang ends when the server stops, so the test's wall time is bounded."""
+    asked = []
+
+    def hang(n, body):
+        asked.append(body["prompt"])
+        return None
+
+    srv = Scripted(hang)
+    try:
+        code, cap = run_synth(base_args(files, srv.url, tmp_path / "o", "--retries", "1", "--timeout", "0.5",
+                                        "--concurrency", "1"), capsys)
+    finally:
+        srv.stop()
+    lines = error_lines(cap)
+    assert code == 2 and len(lines) == 1 and srv.url in lines[0] and "0.5 s timeout" in lines[0], cap.err
+    assert "Traceback" not in cap.err and "--resume" in lines[0]
+    assert len(asked) >= 2 and asked[0] == asked[1]        # the first request, then its retry
+    assert not (tmp_path / "o" / "train.parquet").exists()
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--n", "0"], "--n"),
     (["--judge-model", "x"], "--judge-endpoint"),
