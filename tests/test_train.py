@@ -30,10 +30,11 @@ TINY = [
 VOLATILE = ("throughput/tokens_per_s", "optim/lr")  # wall-clock derived; everything else must match
 
 
-def torchrun_script(script: Path, args, nproc: int = 1, wait=True, check=True):
-    """`torchrun --standalone` of any script; check: assert exit code 0 (else the caller reads it)."""
+def torchrun_script(script: Path, args, nproc: int = 1, wait=True, check=True, launcher=()):
+    """`torchrun --standalone [launcher flags]` of any script; check: assert exit code 0 (else the
+    caller reads it)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
-           str(script), *args]
+           *launcher, str(script), *args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -44,10 +45,10 @@ def torchrun_script(script: Path, args, nproc: int = 1, wait=True, check=True):
     return proc
 
 
-def torchrun(out_dir: Path, nproc: int = 1, extra=(), wait=True, check=True):
+def torchrun(out_dir: Path, nproc: int = 1, extra=(), wait=True, check=True, launcher=()):
     """The trainer under torchrun on the TINY settings."""
     return torchrun_script(ROOT / "afrl_fast" / "train.py", [f"run.out_dir={out_dir}", *TINY, *extra], nproc,
-                           wait, check)
+                           wait, check, launcher)
 
 
 def alive(pid: int) -> bool:
@@ -235,3 +236,28 @@ def test_rl_can_start_from_another_runs_sft_model_and_difficulty(baseline, tmp_p
     assert mine["SFT"] == base["SFT"]
     res = run_train_direct([*TINY, f"run.init_from={out}", "model.hidden_size=64"], tmp_path / "bad")
     assert res.returncode == 2 and "model config differs" in res.stderr, res.stderr[-2000:]
+
+
+def test_a_non_finite_loss_stops_the_run_with_exit_3_and_keeps_the_last_checkpoint(baseline, tmp_path):
+    """rl.lr=1e30 from the SFT model: RL step 1 is finite and checkpointed, its update blows the
+    weights up, and step 2 is not finite: the run stops before stepping, with one line of its own
+    (not glued to the progress bar) and exit 3 (torchrun itself exits 1 and reports the worker's
+    code; the worker's own stderr is in its log). A non-finite loss with a finite gradient, which
+    no real run produces on demand, is tests/test_optim.py's."""
+    import torch
+
+    out, _ = baseline
+    run, logs = tmp_path / "run", tmp_path / "logs"
+    proc = torchrun(run, extra=[f"run.init_from={out}", "rl.lr=1e30", "rl.max_steps=3"], check=False,
+                    launcher=["--log-dir", str(logs), "--redirects", "2"])
+    worker_err = next(logs.rglob("stderr.log")).read_text()
+    errors = [line for line in worker_err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: rl step 2: non-finite"), worker_err[-3000:]
+    assert "Traceback" not in worker_err
+    assert proc.returncode != 0 and "exitcode  : 3" in proc.stderr, proc.stderr[-3000:]
+    # the last checkpoint is step 1's, and nothing past it was logged
+    state = torch.load(run / "checkpoints" / "latest.pt", weights_only=True)
+    assert (state["progress"]["phase"], state["progress"]["step"]) == ("rl", 1)
+    assert [r["step"] for r in training_lines(run) if "split" not in r] == [1]
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
