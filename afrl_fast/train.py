@@ -111,6 +111,24 @@ def clear_previous_run(run_dir: Path, names=RUN_ARTIFACTS) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
+def read_manifest(manifest: Path) -> dict | None:
+    """What the run folder's synthesized data was made from; None when there is no manifest or it
+    cannot be read (one warning line). Synthesizing again is safe: the manifest records only config
+    fields and the generator is deterministic in them, so the same config rewrites the same data.
+    A folder in its place is an error: it cannot be replaced without deleting what it holds."""
+    if manifest.is_dir():
+        raise ConfigError(f"{manifest}: is a directory, not the data manifest; remove it or choose another "
+                          "run.out_dir")
+    if not manifest.exists():
+        return None
+    try:
+        return json.loads(manifest.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:   # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        log.warning("%s is unreadable (%s: %s); synthesizing the data again", manifest, type(e).__name__,
+                    C.first_line(e))
+        return None
+
+
 def prepare_data(cfg, run_dir: Path, rulebook, info) -> tuple[dict, Path]:
     """The three splits as pyarrow tables; synthesized into the run folder when no data.dir is given."""
     data_dir = Path(cfg.data.dir) if cfg.data.dir else run_dir / "data"
@@ -119,11 +137,7 @@ def prepare_data(cfg, run_dir: Path, rulebook, info) -> tuple[dict, Path]:
         wanted = {"n_train": cfg.data.n_train, "n_eval": cfg.data.n_eval, "seed": cfg.data.seed,
                   "reasons": cfg.data.reasons, "rulebook": str(rulebook.path)}
         manifest = data_dir / "manifest.json"
-        try:
-            have = json.loads(manifest.read_text()) if manifest.exists() else None
-        except (ValueError, OSError):
-            log.warning("%s is unreadable; synthesizing the data again", manifest)
-            have = None
+        have = read_manifest(manifest)
         if have != wanted or not all((data_dir / f"{s}.parquet").exists() for s in SPLITS):
             write_synthetic_splits(data_dir, cfg.data.n_train, cfg.data.seed, rulebook, n_industry=cfg.data.n_eval,
                                    n_longtail=cfg.data.n_eval, reasons=cfg.data.reasons)

@@ -261,3 +261,49 @@ def test_a_non_finite_loss_stops_the_run_with_exit_3_and_keeps_the_last_checkpoi
     assert [r["step"] for r in training_lines(run) if "split" not in r] == [1]
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
+
+@pytest.fixture(scope="module")
+def grade_run(tmp_path_factory):
+    """The standard-scoring baseline (sft.target=grade) through SFT, started in a run folder whose
+    data manifest is garbage (not even UTF-8)."""
+    out = tmp_path_factory.mktemp("grade")
+    (out / "data").mkdir()
+    (out / "data" / "manifest.json").write_bytes(b"\xff\x00{garbage")
+    proc = torchrun(out, extra=["sft.target=grade", "run.stop_after=sft"])
+    return out, proc
+
+
+def test_standard_scoring_trains_on_the_grade_token_alone_and_names_its_row(grade_run):
+    from afrl_fast.data import read_pairs
+    from afrl_fast.format import label_token_ids, load_tokenizer
+    from afrl_fast.train import tokenize_targets
+
+    out, _ = grade_run
+    tok = load_tokenizer()
+    train = read_pairs(out / "data" / "train.parquet")
+    rows = tokenize_targets(tok, train, "grade", 400, "train")
+    # exactly the token first-token evaluation reads for the label, then EOS
+    ids = label_token_ids(tok)
+    assert rows == [[ids[y], tok.eos_token_id] for y in train.column("label").to_pylist()]
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["results"]) == {"majority-class", "Standard scoring"}
+    assert set(results["results"]["Standard scoring"]) == {"industry", "longtail"}
+    assert "sft_traces" not in results                      # a grade-only model writes no trace
+    evals = [r for r in training_lines(out) if "split" in r]
+    assert {(r["phase"], r["split"]) for r in evals} == {("sft", "industry"), ("sft", "longtail")}
+
+
+def test_a_corrupted_data_manifest_is_one_warning_and_the_data_is_synthesized_again(grade_run):
+    out, proc = grade_run
+    said = [line for line in proc.stderr.splitlines() if "manifest.json" in line]
+    assert len(said) == 1 and "WARNING" in said[0] and "synthesizing the data again" in said[0], said
+    assert "Traceback" not in proc.stderr
+    manifest = json.loads((out / "data" / "manifest.json").read_text())     # rewritten from the config
+    assert (manifest["n_train"], manifest["n_eval"]) == (32, 12)
+
+
+def test_a_folder_in_place_of_the_data_manifest_is_one_line(tmp_path):
+    (tmp_path / "data" / "manifest.json").mkdir(parents=True)
+    res = run_train_direct(TINY, tmp_path)
+    assert res.returncode == 2 and "manifest.json: is a directory" in res.stderr, res.stderr[-2000:]
+    assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
