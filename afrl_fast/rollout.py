@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .optim import NonFiniteError
+
 __all__ = ["RolloutGroup", "EmbeddedEngine", "make_engine", "sample_next_tokens", "Rollouts",
            "generate_rollouts", "prompt_seed", "TrainerEngine", "cache_argument"]
 
@@ -130,6 +132,9 @@ def sample_next_tokens(
         if top_p < 1.0:
             probs = probs.masked_fill(~top_p_mask(logprobs, top_p), 0.0)
         tokens = inverse_cdf_sample(probs, generator)
+        # only a row whose cdf is NaN (non-finite logits: the weights diverged) searches past the end
+        if tokens.numel() and int(tokens.max()) >= probs.shape[-1]:
+            raise NonFiniteError("non-finite logits while sampling a rollout (the weights have diverged)")
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
 

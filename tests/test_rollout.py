@@ -356,3 +356,17 @@ def test_a_response_whose_first_token_is_an_added_token_answers_no_grade():
     assert all(text.startswith(tok.decode([t], skip_special_tokens=False)) for text, t in zip(ro.texts[1:], added))
     assert not res.fmt[1:].any() and (res.y_dec[1:] == -1).all(), [tok.decode([t]) for t in added]
     assert (res.reward[1:] == -1.0).all()                                     # the format penalty
+
+
+def test_sampling_from_non_finite_logits_is_a_non_finite_error():
+    """Weights that diverged (finite, but overflowing in the forward) give NaN logits; the sampler's
+    search then runs past the vocabulary. That is the trainer's non-finite stop (exit 3), not an
+    index error."""
+    from afrl_fast.optim import NonFiniteError
+
+    logits = torch.zeros(2, 10)
+    logits[1, 3] = float("nan")
+    with pytest.raises(NonFiniteError, match="non-finite logits"):
+        sample_next_tokens(logits, 1.0, 1.0, torch.Generator().manual_seed(0))
+    tokens, _ = sample_next_tokens(logits[:1], 1.0, 1.0, torch.Generator().manual_seed(0))   # a finite row samples
+    assert 0 <= int(tokens[0]) < 10
