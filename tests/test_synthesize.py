@@ -3,7 +3,8 @@
 End to end with a real model behind a real `python -m afrl_fast.serve`: a tiny judge that learnt one
 pair's trace by heart (tests/serving.py), labels-only pairs → synthesize → train.parquet → a short
 torchrun SFT run on it. Fault paths (429 storms, garbage and truncated completions, a server that
-dies mid-run, an unreachable URL) use a small scripted OpenAI-compatible server in a thread.
+dies mid-run, one that hangs past --timeout, an unreachable URL) use a small scripted
+OpenAI-compatible server in a thread.
 
 Oracles: the regex reference verifier (tests/reference_verifier.py) re-derives every acceptance and
 rejection; the shard files are re-read to check no pair is asked or written twice.
