@@ -174,7 +174,7 @@ def remove_stale_temp_files(folder: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
@@ -197,7 +197,7 @@ def load_checkpoint(ckpt_dir: Path) -> dict | None:
                               "plain containers, which could run code when loaded (a file not written by this "
                               f"version of afrl-fast); {hint}") from None
     except Exception as e:
-        raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {_first_line(e)}); "
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {first_line(e)}); "
                               f"{hint}") from None
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
     if not missing:

@@ -97,7 +97,8 @@ def barrier():
 
 def full_model_state(module, rank0_only: bool = False) -> dict:
     """Unsharded model state dict as CPU tensors; rank0_only gathers to rank 0 alone (checkpoints,
-    exports), so other ranks never hold a full copy."""
+    exports, the frozen reference's initial weights) and the other ranks get {}, so they never hold
+    a full copy."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     if not is_distributed():
@@ -106,12 +107,30 @@ def full_model_state(module, rank0_only: bool = False) -> dict:
 
 
 def load_full_model_state(module, state: dict) -> None:
+    """Load an unsharded state dict into a (possibly sharded) module. With several ranks only rank
+    0's `state` is read (the others may pass {}): it is broadcast one tensor at a time and each rank
+    keeps its shard, so no rank but 0 ever holds the full model."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     if not is_distributed():
         module.load_state_dict(state)
         return
-    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True))
+    set_model_state_dict(module, state if dist.get_rank() == 0 else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
+def materialize_from_rank0(module, info: DistInfo, full_state: dict | None) -> None:
+    """A sharded module whose parameters are on the meta device gets real shards on this rank's
+    device, filled from rank 0's full state (`full_state`, read on rank 0 only). The buffers were
+    built real (see policy.parameters_on_meta) but to_empty replaces every tensor: they are kept
+    aside and copied back."""
+    buffers = [(name, b.detach().clone()) for name, b in module.named_buffers(remove_duplicate=False)]
+    module.to_empty(device=info.device)
+    with torch.no_grad():
+        live = dict(module.named_buffers(remove_duplicate=False))
+        for name, value in buffers:
+            live[name].copy_(value)
+    load_full_model_state(module, full_state if info.is_main else {})
 
 
 @torch.no_grad()

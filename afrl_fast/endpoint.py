@@ -143,7 +143,10 @@ class Endpoint:
                 raise RequestRefused(f"{e.status_code}: {_short(e)}") from None
             raise EndpointError(f"{self.url}: server error {e.status_code} after {self.retries} retries: "
                                 f"{_short(e)}") from None
-        except (openai.APIConnectionError, openai.APITimeoutError) as e:
+        except openai.APITimeoutError:         # before its base class APIConnectionError: it answered nothing in time
+            raise EndpointError(f"{self.url}: no answer within the {self.timeout:g} s timeout, "
+                                f"{self.retries} retries") from None
+        except openai.APIConnectionError as e:
             raise EndpointError(f"{self.url}: unreachable after {self.retries} retries ({_short(e)})") from None
         except openai.OpenAIError as e:        # e.g. a body that is not a completion
             raise EndpointError(f"{self.url}: unusable response: {_short(e)}") from None

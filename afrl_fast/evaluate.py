@@ -1,4 +1,4 @@
-"""First-token scoring and evaluation (DESIGN §1.4 and §1.6, paper §4.2).
+"""First-token scoring and evaluation (paper §4.2).
 
 In the AFRL format the grade is the first generated token, so scoring a (query, document) pair
 costs one prefill: run the decoder stack (no LM head) over the prompt, take the last hidden state

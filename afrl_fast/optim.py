@@ -1,8 +1,8 @@
 """The optimizer step and the learning-rate schedule shared by SFT, RL and distillation.
 
 AdamW on the policy's parameters; one step clips the global gradient norm (FSDP2-aware: the norm of a
-sharded model is a DTensor that is reduced over ranks), refuses to step on a non-finite gradient
-(a NaN step would silently poison every weight and every later checkpoint), steps and zeroes.
+sharded model is a DTensor that is reduced over ranks), refuses to step on a non-finite loss or
+gradient (a NaN step would silently poison every weight and every later checkpoint), steps and zeroes.
 """
 from __future__ import annotations
 
@@ -33,11 +33,18 @@ def lr_at(step: int, total: int, base_lr: float, warmup: int) -> float:
     return base_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def optimizer_step(module: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float) -> float:
+def optimizer_step(module: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float,
+                   loss: float | None = None) -> float:
     """Clip the global gradient norm, step, zero; returns the norm before clipping.
 
-    Raises NonFiniteError (after zeroing the gradients, without stepping) when the norm is NaN or
-    infinite: every rank sees the same reduced norm, so all ranks refuse together."""
+    Raises NonFiniteError (after zeroing the gradients, without stepping) when `loss` — the global
+    loss of the update, summed over ranks by the caller — or the gradient norm is NaN or infinite:
+    every rank sees the same reduced values, so all ranks refuse together. The loss is checked on
+    its own because a non-finite loss need not leave a non-finite gradient (a saturated softmax, a
+    masked row), and a step taken from it is a step on garbage."""
+    if loss is not None and not math.isfinite(loss):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteError(f"non-finite loss ({loss}); the weights were not updated")
     params = [p for p in module.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):

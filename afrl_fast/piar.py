@@ -102,6 +102,12 @@ def validation_metrics(pairs: list[dict], probs: np.ndarray, unparsed: int) -> d
     return {**{k: m[k] for k in keep}, "unparsed": unparsed}
 
 
+def shown(value) -> str:
+    """A metric for the console: four decimals, or n/a where the split has none (Pair-ACC of a
+    validation set without a comparable pair: compute_metrics gives None)."""
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.4f}"
+
+
 def improves(candidate: dict, best: dict) -> bool:
     """PIAR's acceptance rule: a higher 5-ACC, or the same 5-ACC and a higher Pair-ACC (a split
     without a comparable pair has no Pair-ACC; it then decides nothing)."""
@@ -231,7 +237,7 @@ async def run_piar(args, out: Path, pairs: list[dict], tokenizer, rulebook, star
     write_predictions(out / "round_000", pairs, probs)
     atomic_write_text(out / "instructions.txt", current)
     history = {"start": best, "rounds": []}
-    print(f"round 0: 5-ACC {best['acc5']:.4f} Pair-ACC {best['pair_acc']:.4f}")
+    print(f"round 0: 5-ACC {shown(best['acc5'])} Pair-ACC {shown(best['pair_acc'])}")
     stale = 0
     for k in range(1, args.rounds + 1):
         folder = out / f"round_{k:03d}"
@@ -262,7 +268,7 @@ async def run_piar(args, out: Path, pairs: list[dict], tokenizer, rulebook, star
         atomic_write_text(out / "history.json", json.dumps({**history, "best": best}, indent=2))
         stale = 0 if decision["accepted"] else stale + 1
         print(f"round {k}: {'accepted' if decision['accepted'] else 'rejected'} ({decision['reason']}); "
-              f"best 5-ACC {best['acc5']:.4f} Pair-ACC {best['pair_acc']:.4f}")
+              f"best 5-ACC {shown(best['acc5'])} Pair-ACC {shown(best['pair_acc'])}")
         if stale >= args.patience:
             break
     history["best"] = best
@@ -323,8 +329,8 @@ def main(argv=None) -> int:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     accepted = sum(r["accepted"] for r in history["rounds"])
-    print(f"{len(history['rounds'])} rounds, {accepted} accepted; best 5-ACC {history['best']['acc5']:.4f}, "
-          f"Pair-ACC {history['best']['pair_acc']:.4f}; instructions: {out / 'instructions.txt'}")
+    print(f"{len(history['rounds'])} rounds, {accepted} accepted; best 5-ACC {shown(history['best']['acc5'])}, "
+          f"Pair-ACC {shown(history['best']['pair_acc'])}; instructions: {out / 'instructions.txt'}")
     return 0
 
 

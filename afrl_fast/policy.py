@@ -8,6 +8,7 @@ while forward runs.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields
 
 import torch
@@ -197,10 +198,36 @@ def forward_logprobs(policy, prompts, responses, *, pad_id: int, temperature: fl
     return torch.cat(parts) if parts else torch.zeros(0)
 
 
-def build_lm(cfg: ModelConfig, vocab_size: int, dtype=torch.float32) -> nn.Module:
-    """A Hugging Face causal LM: loaded from cfg.path, or a fresh Qwen3 of the configured size."""
-    from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
+@contextmanager
+def parameters_on_meta():
+    """Modules built inside get their parameters on the meta device (no memory, no random init)
+    while their buffers stay real: a model's non-persistent buffers (HF rotary `inv_freq`) are
+    computed in __init__ and are in no state dict, so they could not be loaded afterwards."""
+    register = nn.Module.register_parameter
 
+    def register_on_meta(module, name, param):
+        # a parameter already on meta is registered as is: that keeps tied weights one object
+        if param is not None and param.device.type != "meta":
+            param = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def build_lm(cfg: ModelConfig, vocab_size: int, dtype=torch.float32, empty: bool = False) -> nn.Module:
+    """A Hugging Face causal LM: loaded from cfg.path, or a fresh Qwen3 of the configured size.
+    empty=True: the same architecture with its parameters on the meta device and its buffers real
+    (cfg.path's config is read, not its weights), for FSDP2 to shard before anything is allocated."""
+    from transformers import AutoConfig, AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    if cfg.path and empty:
+        with parameters_on_meta():
+            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.path), dtype=dtype,
+                                                    attn_implementation=cfg.attn_implementation)
     if cfg.path:
         return AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype,
                                                     attn_implementation=cfg.attn_implementation)
@@ -210,4 +237,5 @@ def build_lm(cfg: ModelConfig, vocab_size: int, dtype=torch.float32) -> nn.Modul
         num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, tie_word_embeddings=True,
         max_position_embeddings=8192, rope_theta=10000.0, attn_implementation=cfg.attn_implementation,
     )
-    return Qwen3ForCausalLM(config).to(dtype)
+    with parameters_on_meta() if empty else nullcontext():
+        return Qwen3ForCausalLM(config).to(dtype)

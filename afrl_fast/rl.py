@@ -251,7 +251,8 @@ def step(ctx: RLContext, stage: Stage, batch: list[int], step_no: int) -> StepRe
         trainer_logp = pass_logp[:mb.n_tokens] if mb.old_logp is None else mb.old_logp
         dlogp = float((mb.engine_logp - trainer_logp).abs().sum()) if mb.n_tokens else 0.0
         with timer("optimizer"):
-            stats.add_update(loss, optimizer_step(ctx.policy, ctx.optimizer, rl.grad_clip), dlogp)
+            global_loss = D.all_reduce_sum([loss.loss], info.device)[0]     # every rank refuses together
+            stats.add_update(loss, optimizer_step(ctx.policy, ctx.optimizer, rl.grad_clip, loss=global_loss), dlogp)
 
     # 7. The engine samples the next step from the new weights.
     with timer("sync"):
@@ -293,38 +294,38 @@ def train_rl(ctx: RLContext, difficulty_path, progress: dict, *, runlog, evaluat
     log.info("curriculum: %s; %d RL steps%s", [(s.name, s.composition) for s in stages],
              len(plan) + (len(stage_schedule(stages[-1:], rl.batch_prompts, epochs[-1:])) if fold else 0),
              " before the failed prompts join the last stage" if fold else "")
-    bar = progress_bar(total=min(len(plan), limit), initial=progress["phase_step"], desc="rl",
-                       enabled=ctx.info.is_main)
-    t = progress["phase_step"]
-    pending_last = fold            # the last stage still to be scheduled
-    while True:
-        if pending_last and t >= len(plan):
-            pending_last = False
-            stages[-1] = with_failed_prompts(stages[-1], failed, cfg.run.seed)
-            last = stage_schedule(stages[-1:], rl.batch_prompts, epochs[-1:])
-            plan += [(len(stages) - 1, j) for _, j in last]
-            log.info("%s: %s", stages[-1].name, stages[-1].composition)
-            bar.total = min(len(plan), limit)
-        if t >= min(len(plan), limit):
-            break
-        stage_index, batch_index = plan[t]
-        stage = stages[stage_index]
-        out = step(ctx, stage, stage_batch(stage, batch_index, rl.batch_prompts), progress["step"] + 1)
-        if stage_index < len(stages) - 1:
-            failed[:] = sorted(set(failed) | set(out.failed_prompts))
-        t += 1
-        progress["step"], progress["phase_step"] = out.record["step"], t
-        runlog.write(out.record)
-        rollouts = gather_rollout_log(out.rollouts, ctx.info)
-        if rollouts is not None:
-            runlog.write_rollouts(out.record["step"], rollouts)
-        bar.update(1)
-        bar.set_postfix(stage=stage.name, reward=f"{out.record['reward/mean']:.3f}")
-        more = t < limit and (t < len(plan) or pending_last)
-        if cfg.eval.every and t % cfg.eval.every == 0 and more:
-            evaluate()
-        if cfg.run.checkpoint_every and t % cfg.run.checkpoint_every == 0 and more:
-            checkpoint(ctx.optimizer)
-    bar.close()
+    # closed on an error too, so the trainer's error line starts on a line of its own
+    with progress_bar(total=min(len(plan), limit), initial=progress["phase_step"], desc="rl",
+                      enabled=ctx.info.is_main) as bar:
+        t = progress["phase_step"]
+        pending_last = fold            # the last stage still to be scheduled
+        while True:
+            if pending_last and t >= len(plan):
+                pending_last = False
+                stages[-1] = with_failed_prompts(stages[-1], failed, cfg.run.seed)
+                last = stage_schedule(stages[-1:], rl.batch_prompts, epochs[-1:])
+                plan += [(len(stages) - 1, j) for _, j in last]
+                log.info("%s: %s", stages[-1].name, stages[-1].composition)
+                bar.total = min(len(plan), limit)
+            if t >= min(len(plan), limit):
+                break
+            stage_index, batch_index = plan[t]
+            stage = stages[stage_index]
+            out = step(ctx, stage, stage_batch(stage, batch_index, rl.batch_prompts), progress["step"] + 1)
+            if stage_index < len(stages) - 1:
+                failed[:] = sorted(set(failed) | set(out.failed_prompts))
+            t += 1
+            progress["step"], progress["phase_step"] = out.record["step"], t
+            runlog.write(out.record)
+            rollouts = gather_rollout_log(out.rollouts, ctx.info)
+            if rollouts is not None:
+                runlog.write_rollouts(out.record["step"], rollouts)
+            bar.update(1)
+            bar.set_postfix(stage=stage.name, reward=f"{out.record['reward/mean']:.3f}")
+            more = t < limit and (t < len(plan) or pending_last)
+            if cfg.eval.every and t % cfg.eval.every == 0 and more:
+                evaluate()
+            if cfg.run.checkpoint_every and t % cfg.run.checkpoint_every == 0 and more:
+                checkpoint(ctx.optimizer)
     if not plan:
         log.warning("no RL step ran: every difficulty bucket the stages draw from is empty")

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .optim import NonFiniteError
+
 __all__ = ["RolloutGroup", "EmbeddedEngine", "make_engine", "sample_next_tokens", "Rollouts",
            "generate_rollouts", "prompt_seed", "TrainerEngine", "cache_argument"]
 
@@ -127,11 +129,13 @@ def sample_next_tokens(
     logits = logits.float()
     if temperature == 0:
         peak, tokens = logits.max(dim=-1)
-        return tokens, -torch.log(torch.exp(logits - peak[:, None]).sum(dim=-1))
+        total = torch.exp(logits - peak[:, None]).sum(dim=-1)
+        return tokens, -torch.log(require_finite(total))
     if top_p < 1.0:
         logprobs = scaled_logprobs(logits, temperature)
         probs = logprobs.exp().masked_fill(~top_p_mask(logprobs, top_p), 0.0)
-        tokens = inverse_cdf_sample(probs, generator)
+        tokens, total = draw_from_weights(probs, generator)
+        require_finite(total)
         return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
     # e = exp((x − max x)/T): the unnormalised distribution, in one buffer, the input left untouched
     peak = logits.amax(dim=-1, keepdim=True)
@@ -140,8 +144,17 @@ def sample_next_tokens(
         weights.mul_(1.0 / temperature)
     weights.exp_()
     tokens, total = draw_from_weights(weights, generator)
+    require_finite(total)
     picked = (logits.gather(-1, tokens[:, None]).squeeze(-1) - peak.squeeze(-1)) / temperature
     return tokens, picked - torch.log(total).float()
+
+
+def require_finite(row_totals: torch.Tensor) -> torch.Tensor:
+    """A row's exponential sum is NaN or inf only when its logits are (the weights diverged): stop
+    the run with NonFiniteError rather than draw a meaningless token."""
+    if not bool(torch.isfinite(row_totals).all()):
+        raise NonFiniteError("non-finite logits while sampling a rollout (the weights have diverged)")
+    return row_totals
 
 
 def scaled_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -9,7 +9,8 @@
 * ``SGLangBackend`` (GPU, `--backend sglang`): SGLang's offline ``sglang.Engine`` in the same
   process. A score is one ``generate`` call with ``max_new_tokens=1`` asking, through
   ``token_ids_logprob``, for the log-probs of the five label tokens at the first output position;
-  SGLang's radix cache keeps the shared prefix's KV, so only the suffixes are prefilled. Written
+  SGLang's radix cache keeps the shared prefix's KV, so only the suffixes are prefilled. Generation
+  sends n single-sample requests with seeds of their own (see `SGLangBackend.generate`). Written
   against SGLang 0.5.x's ``Engine.generate`` (``return_logprob``, ``logprob_start_len``,
   ``top_logprobs_num``, ``token_ids_logprob``); it has not run here (no GPU).
 
@@ -28,7 +29,7 @@ import torch
 from .evaluate import FirstTokenScorer, has_tokenizer, load_model
 from .format import PromptSettings, label_token_ids, load_tokenizer
 from .rollout import EmbeddedEngine, RolloutGroup, resolve_eos_ids
-from .rollout_sglang import label_probs_from_sglang
+from .rollout_sglang import SEED_LIMIT, label_probs_from_sglang, sample_seeds
 
 BACKENDS = ("embedded", "sglang")
 SGLANG_MISSING = ("--backend sglang needs SGLang, which is not installed (pip install 'afrl-fast[sglang]' on a GPU "
@@ -172,11 +173,17 @@ class SGLangBackend:
 
     def generate(self, prompts: list[list[int]], *, n: int, temperature: float, top_p: float,
                  max_tokens: int, seed: int | None, top_logprobs: int = 0) -> list[RolloutGroup]:
-        params = {"n": n, "temperature": float(temperature), "top_p": float(top_p),
-                  "max_new_tokens": int(max_tokens), "stop_token_ids": list(self.eos_ids)}
-        if seed is not None:
-            params["sampling_seed"] = int(seed)   # honoured under --enable-deterministic-inference
-        outputs = self.engine.generate(input_ids=[list(p) for p in prompts], sampling_params=params,
+        """n samples per prompt as n single-sample requests, prompt-major, each with its own seed.
+        As in the rollout engine (rollout_sglang.py): SGLang honours `sampling_seed` under
+        deterministic inference and the n copies of one request share it, so `n=n` would return n
+        identical completions. The seeds come from the request seed and the sample index (below
+        2^31); a request without a seed draws its base from the OS, so its samples still differ."""
+        base = int(seed) if seed is not None else int(np.random.SeedSequence().entropy % SEED_LIMIT)
+        seeds = sample_seeds(base, len(prompts) * n)
+        params = [{"n": 1, "temperature": float(temperature), "top_p": float(top_p),
+                   "max_new_tokens": int(max_tokens), "stop_token_ids": list(self.eos_ids), "sampling_seed": s}
+                  for s in seeds]
+        outputs = self.engine.generate(input_ids=[list(p) for p in prompts for _ in range(n)], sampling_params=params,
                                        return_logprob=True, logprob_start_len=-1,
                                        top_logprobs_num=top_logprobs or None)
         if isinstance(outputs, Mapping):

@@ -64,26 +64,26 @@ def train_sft(policy, examples, cfg, info, *, pad_id: int, progress: dict, seed:
     opt = make_optimizer(policy, sft.lr, sft.weight_decay)
     if optimizer_state is not None:
         D.load_full_optimizer_state(policy, opt, optimizer_state)
-    bar = progress_bar(total=len(batches), initial=progress["phase_step"], desc="sft", enabled=info.is_main)
-    for k in range(progress["phase_step"], len(batches)):
-        t0 = time.perf_counter()
-        set_lr(opt, lr_at(k, len(batches), sft.lr, sft.warmup_steps))
-        local = D.rank_slice(batches[k], info)
-        st = sft_loss_backward(policy, [examples[i] for i in local], pad_id=pad_id, info=info,
-                               micro_batch=sft.micro_batch_size)
-        gnorm = optimizer_step(policy, opt, sft.grad_clip)
-        loss_sum, ent_sum, tok = D.all_reduce_sum([st.loss, st.entropy_all, float(st.n_rows)], info.device)
-        progress["step"] += 1
-        progress["phase_step"] = k + 1
-        dt = time.perf_counter() - t0
-        # each rank's loss is its share of the global token mean times world (FSDP averages grads)
-        write({"step": progress["step"], "phase": "sft", "stage": "sft", "loss": loss_sum / info.world,
-               "policy/entropy": ent_sum / max(tok, 1), "optim/lr": opt.param_groups[0]["lr"],
-               "optim/grad_norm": gnorm, "throughput/tokens_per_s": tok / dt})
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum / info.world:.3f}")
-        # SFT steps are short: checkpoint every 4·checkpoint_every of them
-        every = cfg.run.checkpoint_every * 4
-        if every and (k + 1) % every == 0 and k + 1 < len(batches):
-            checkpoint(opt)
-    bar.close()
+    # closed on an error too, so the trainer's error line starts on a line of its own
+    with progress_bar(total=len(batches), initial=progress["phase_step"], desc="sft", enabled=info.is_main) as bar:
+        for k in range(progress["phase_step"], len(batches)):
+            t0 = time.perf_counter()
+            set_lr(opt, lr_at(k, len(batches), sft.lr, sft.warmup_steps))
+            local = D.rank_slice(batches[k], info)
+            st = sft_loss_backward(policy, [examples[i] for i in local], pad_id=pad_id, info=info,
+                                   micro_batch=sft.micro_batch_size)
+            loss_sum, ent_sum, tok = D.all_reduce_sum([st.loss, st.entropy_all, float(st.n_rows)], info.device)
+            gnorm = optimizer_step(policy, opt, sft.grad_clip, loss=loss_sum)
+            progress["step"] += 1
+            progress["phase_step"] = k + 1
+            dt = time.perf_counter() - t0
+            # each rank's loss is its share of the global token mean times world (FSDP averages grads)
+            write({"step": progress["step"], "phase": "sft", "stage": "sft", "loss": loss_sum / info.world,
+                   "policy/entropy": ent_sum / max(tok, 1), "optim/lr": opt.param_groups[0]["lr"],
+                   "optim/grad_norm": gnorm, "throughput/tokens_per_s": tok / dt})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum / info.world:.3f}")
+            # SFT steps are short: checkpoint every 4·checkpoint_every of them
+            every = cfg.run.checkpoint_every * 4
+            if every and (k + 1) % every == 0 and k + 1 < len(batches):
+                checkpoint(opt)

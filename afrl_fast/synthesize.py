@@ -27,7 +27,8 @@
 
 Results land in DIR/shards/ as each shard of pairs finishes (atomic files): a killed run loses at most
 the shard in flight, and `--resume` skips every finished pair, so no pair is asked twice and none is
-written twice. An unreachable endpoint fails after the client's retries with one line naming the URL.
+written twice. An unreachable endpoint, or one that answers nothing within --timeout, fails after the
+client's retries with one line naming the URL.
 """
 from __future__ import annotations
 

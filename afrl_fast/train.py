@@ -111,6 +111,24 @@ def clear_previous_run(run_dir: Path, names=RUN_ARTIFACTS) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
+def read_manifest(manifest: Path) -> dict | None:
+    """What the run folder's synthesized data was made from; None when there is no manifest or it
+    cannot be read (one warning line). Synthesizing again is safe: the manifest records only config
+    fields and the generator is deterministic in them, so the same config rewrites the same data.
+    A folder in its place is an error: it cannot be replaced without deleting what it holds."""
+    if manifest.is_dir():
+        raise ConfigError(f"{manifest}: is a directory, not the data manifest; remove it or choose another "
+                          "run.out_dir")
+    if not manifest.exists():
+        return None
+    try:
+        return json.loads(manifest.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:   # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        log.warning("%s is unreadable (%s: %s); synthesizing the data again", manifest, type(e).__name__,
+                    C.first_line(e))
+        return None
+
+
 def prepare_data(cfg, run_dir: Path, rulebook, info) -> tuple[dict, Path]:
     """The three splits as pyarrow tables; synthesized into the run folder when no data.dir is given."""
     data_dir = Path(cfg.data.dir) if cfg.data.dir else run_dir / "data"
@@ -119,11 +137,7 @@ def prepare_data(cfg, run_dir: Path, rulebook, info) -> tuple[dict, Path]:
         wanted = {"n_train": cfg.data.n_train, "n_eval": cfg.data.n_eval, "seed": cfg.data.seed,
                   "reasons": cfg.data.reasons, "rulebook": str(rulebook.path)}
         manifest = data_dir / "manifest.json"
-        try:
-            have = json.loads(manifest.read_text()) if manifest.exists() else None
-        except (ValueError, OSError):
-            log.warning("%s is unreadable; synthesizing the data again", manifest)
-            have = None
+        have = read_manifest(manifest)
         if have != wanted or not all((data_dir / f"{s}.parquet").exists() for s in SPLITS):
             write_synthetic_splits(data_dir, cfg.data.n_train, cfg.data.seed, rulebook, n_industry=cfg.data.n_eval,
                                    n_longtail=cfg.data.n_eval, reasons=cfg.data.reasons)
@@ -201,7 +215,9 @@ def start_from_run(base: Path, policy, run_dir: Path, progress: dict, info) -> N
     SFT model (the reference) and difficulty file, and the history its SFT evaluation."""
     from transformers import AutoModelForCausalLM
 
-    state = AutoModelForCausalLM.from_pretrained(base / "sft_model", dtype=torch.float32).state_dict()
+    state = {}   # read on rank 0 alone: load_full_model_state sends the other ranks their shards
+    if info.is_main:
+        state = AutoModelForCausalLM.from_pretrained(base / "sft_model", dtype=torch.float32).state_dict()
     D.load_full_model_state(policy, {f"lm.{k}": v for k, v in state.items()})
     if info.is_main:
         shutil.copytree(base / "sft_model", run_dir / "sft_model", dirs_exist_ok=True)
@@ -223,22 +239,44 @@ def compute_dtype(cfg) -> torch.dtype | None:
 def build_policy(cfg, vocab_size: int, info, state_dict=None, trainable: bool = True):
     """The LM + fused loss, sharded with FSDP2 on several ranks. A trained policy keeps fp32
     parameters whatever model.dtype says — AdamW's updates at lr 1e-6 are far below bf16's resolution
-    and would round away — and computes in model.dtype; a frozen one is stored in model.dtype."""
+    and would round away — and computes in model.dtype; a frozen one is stored in model.dtype.
+    `state_dict` (the LM's own names) replaces the initial weights; with several ranks only rank 0's
+    is read, and only rank 0 builds the initial weights (see shard_policy)."""
     compute = compute_dtype(cfg)
-    lm = build_lm(cfg.model, vocab_size, torch.float32 if trainable or compute is None else compute)
+    dtype = torch.float32 if trainable or compute is None else compute
+    if D.is_distributed():
+        return shard_policy(cfg, vocab_size, info, dtype, state_dict if info.is_main else None, trainable)
+    lm = build_lm(cfg.model, vocab_size, dtype)
     if state_dict is not None:
         lm.load_state_dict(state_dict)
     if cfg.model.gradient_checkpointing and trainable:
         lm.gradient_checkpointing_enable()
     lm.to(info.device)
-    policy = PolicyLoss(lm, cfg.run.loss_backend, compute_dtype=compute)
-    D.shard_model(policy, lm.get_decoder().layers, info, param_dtype=compute)
+    return PolicyLoss(lm, cfg.run.loss_backend, compute_dtype=compute)
+
+
+def shard_policy(cfg, vocab_size: int, info, dtype, state_dict, trainable: bool):
+    """Several ranks: no rank holds the full model on its device. The LM is built with its
+    parameters on the meta device, sharded, and each rank allocates its shard and receives it from
+    rank 0, which alone builds the full state on CPU: `state_dict`, or the one-process path's
+    initial weights (the same seeded init, or model.path), so 1 and N ranks start identical."""
+    full = None
+    if info.is_main:
+        full = state_dict if state_dict is not None else build_lm(cfg.model, vocab_size, dtype).state_dict()
+        full = {f"lm.{k}": v for k, v in full.items()}
+    lm = build_lm(cfg.model, vocab_size, dtype, empty=True)
+    if cfg.model.gradient_checkpointing and trainable:
+        lm.gradient_checkpointing_enable()
+    policy = PolicyLoss(lm, cfg.run.loss_backend, compute_dtype=compute_dtype(cfg))
+    D.shard_model(policy, lm.get_decoder().layers, info, param_dtype=compute_dtype(cfg))
+    D.materialize_from_rank0(policy, info, full)
     return policy
 
 
 def build_ref_policy(cfg, policy, info, ref_state):
-    """The frozen reference π_ref: the SFT model (from the run's sft_model/ on resume)."""
-    if ref_state is None:
+    """The frozen reference π_ref: the SFT model (`ref_state`, on rank 0 only with several ranks;
+    from the run's sft_model/ on resume)."""
+    if ref_state is None and info.is_main:
         from transformers import AutoModelForCausalLM
         ref_state = AutoModelForCausalLM.from_pretrained(Path(cfg.run.out_dir) / "sft_model",
                                                          dtype=torch.float32).state_dict()
@@ -381,7 +419,9 @@ def train(argv=None) -> int:
 
         # 5. Curriculum Mode-Balanced RL (Algorithm 1), from the SFT model as the frozen reference.
         if progress["phase"] == "rl":
-            ref_state = C.strip_prefix(D.full_model_state(policy)) if progress["phase_step"] == 0 else None
+            # the SFT weights, gathered on rank 0 alone (CPU); the other ranks get theirs from it
+            ref_state = C.strip_prefix(D.full_model_state(policy, rank0_only=True)) \
+                if progress["phase_step"] == 0 else None
             ctx = RLContext(cfg=cfg, info=info, policy=policy, ref_policy=build_ref_policy(cfg, policy, info, ref_state),
                             engine=engine(), optimizer=make_optimizer(policy, cfg.rl.lr, cfg.rl.weight_decay),
                             tokenizer=tokenizer, rulebook=rulebook, prompts=prompts["train"], labels=labels["train"],

@@ -1,4 +1,4 @@
-r"""The compiled batch rule verifier and the AFRL reward (DESIGN §3, paper §3.4, Eq. 6–7).
+r"""The compiled batch rule verifier and the AFRL reward (paper §3.4, Eq. 6–7).
 
 One response is checked against the grammar in `afrl_fast.format` (its module docstring), byte for
 byte: the decision digit, nine `Step i (NAME_i): TEXT\boxed{VALUE}` lines in order with the

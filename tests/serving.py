@@ -3,6 +3,7 @@ free loopback port; a tiny judge that has learnt one pair's trace by heart, so t
 passes the verifier (a random tiny model never writes a valid trace); and a scripted
 OpenAI-compatible server for fault paths.
 """
+import asyncio
 import signal
 import socket
 import subprocess
@@ -70,10 +71,14 @@ class Server:
 
 class Scripted:
     """A scripted OpenAI-compatible completions server (fault paths only): uvicorn in a thread; `reply(n, body)` gives (status, completion texts, finish reasons) for the
-    n-th request (0-based)."""
+    n-th request (0-based), or None: that request hangs, never answered while the server runs (it
+    is let go, with a 503, when the server stops, and after HANG_LIMIT seconds at the latest, so a
+    client that ignored its timeout fails its test instead of hanging it)."""
+    HANG_LIMIT = 60.0
 
     def __init__(self, reply):
         self.reply, self.count, self.lock = reply, 0, threading.Lock()
+        self.stopping = False
         app = FastAPI()
 
         @app.post("/v1/completions")
@@ -81,7 +86,11 @@ class Scripted:
             body = await request.json()
             with self.lock:
                 n, self.count = self.count, self.count + 1
-            status, texts, finishes = self.reply(n, body)
+            scripted = self.reply(n, body)
+            if scripted is None:
+                await self.hang()
+                scripted = 503, [], []
+            status, texts, finishes = scripted
             if status != 200:
                 return JSONResponse({"error": {"message": "scripted", "type": "x"}}, status_code=status,
                                     headers={"retry-after": "0"})
@@ -98,7 +107,13 @@ class Scripted:
         while not self.server.started:
             time.sleep(0.05)
 
+    async def hang(self):
+        deadline = time.monotonic() + self.HANG_LIMIT
+        while not self.stopping and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
     def stop(self):
+        self.stopping = True
         self.server.should_exit = True
         self.thread.join(timeout=10)
 

@@ -1,4 +1,5 @@
-"""Every Triton kernel compiles for sm_80 and sm_90 without register spills (DESIGN §8).
+"""Every Triton kernel compiles for sm_80 and sm_90 without register spills (the budget README's
+Performance table reports: registers, spills and shared memory per variant).
 
 No GPU is needed: Triton lowers to PTX/cubin on the CPU and the ptxas it ships reports registers
 and spills. The compile runs in a child interpreter (`compile_check.run_isolated`) so that another

@@ -40,3 +40,17 @@ def test_non_finite_gradient_refuses_to_step(bad):
         optimizer_step(w, opt, grad_clip=1.0)
     torch.testing.assert_close(w.weight.detach(), before)   # not even weight decay moved it
     assert w.weight.grad is None and not opt.state
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_loss_refuses_to_step_even_with_a_finite_gradient(bad):
+    w = torch.nn.Linear(3, 2, bias=False)
+    before = w.weight.detach().clone()
+    opt = make_optimizer(w, lr=0.1, weight_decay=0.1)
+    w.weight.grad = torch.ones(2, 3)
+    with pytest.raises(NonFiniteError, match="non-finite loss"):
+        optimizer_step(w, opt, grad_clip=1.0, loss=bad)
+    torch.testing.assert_close(w.weight.detach(), before)
+    assert w.weight.grad is None and not opt.state
+    w.weight.grad = torch.ones(2, 3)                       # the refusal dropped it; a finite loss steps
+    assert optimizer_step(w, opt, grad_clip=0.0, loss=1.5) == pytest.approx(math.sqrt(6))

@@ -50,3 +50,16 @@ def test_regular_install_builds_the_native_kernel_and_finds_its_configs(tmp_path
     assert out[0].startswith(str(site)), out          # the installed copy, not the source tree
     assert out[1].split()[0] == "native", out
     assert out[2].split()[1] == "runs/demo", out
+
+
+def test_sources_cite_no_document_outside_the_repository():
+    """Docstrings and docs point into this repository (README, the paper's sections), never to a
+    design document a reader of the package does not have."""
+    tracked = subprocess.run(["git", "ls-files", "*.py", "*.md", "*.yaml", "*.txt", "*.cpp"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout.split()
+    assert tracked, "no tracked files found"
+    needles = ("DESIGN" + " §", "DESIGN" + ".md")      # spelt apart so this file does not match itself
+    cited = [f"{name}:{n}" for name in tracked
+             for n, line in enumerate((ROOT / name).read_text(encoding="utf-8").splitlines(), 1)
+             if any(x in line for x in needles)]
+    assert not cited, cited

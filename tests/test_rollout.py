@@ -358,3 +358,53 @@ def test_sampled_logprobs_equal_the_log_softmax(temperature):
     torch.testing.assert_close(logps.double(), ref, rtol=0, atol=2e-5)
     if temperature == 0:
         assert torch.equal(tokens, logits.argmax(dim=-1))
+
+
+# -- the grade is the first generated token -----------------------------------------------------
+
+def test_a_response_whose_first_token_is_an_added_token_answers_no_grade():
+    """First-token evaluation reads the grade at position 0. A response that starts with an added
+    token (<|im_start|>, <think>, any of the tokenizer's added tokens but the EOS that ends it)
+    answered no grade there, whatever valid trace follows: rollouts decode with
+    skip_special_tokens=False, so the verifier sees the token and fails the format gate, and y_dec
+    is never read from a later token. A scripted engine stands in for a model that emits them."""
+    from afrl_fast.format import load_tokenizer, render_trace
+    from afrl_fast.rollout import generate_rollouts
+    from afrl_fast.rulebook import load_rulebook
+    from afrl_fast.verify import verify_batch
+
+    tok, rb = load_tokenizer(), load_rulebook()
+    values = {step.key: step.values[0] for step in rb.steps if step.values}
+    label = rb.expected_label(values)
+    trace = tok.encode(render_trace(rb, label, values), add_special_tokens=False) + [tok.eos_token_id]
+    added = sorted(i for i in tok.added_tokens_decoder if i != tok.eos_token_id)
+    assert tok.convert_tokens_to_ids("<|im_start|>") in added and len(added) > 10
+    responses = [trace] + [[t] + trace for t in added]
+
+    class ScriptedEngine:
+        def generate_groups(self, prompts, *, group_size, **kw):
+            assert group_size == len(responses)
+            return [RolloutGroup(list(p), responses, [[0.0] * len(r) for r in responses], [True] * group_size)
+                    for p in prompts]
+
+    ro = generate_rollouts(ScriptedEngine(), tok, [0], [[1, 2, 3]], [label], group_size=len(responses),
+                           temperature=1.0, top_p=1.0, max_new_tokens=len(trace) + 1, seeds=[0])
+    res = verify_batch(ro.texts, ro.labels, rb)
+    assert res.fmt[0] and res.y_dec[0] == label and res.reward[0] == 1.0     # the plain trace passes
+    assert all(text.startswith(tok.decode([t], skip_special_tokens=False)) for text, t in zip(ro.texts[1:], added))
+    assert not res.fmt[1:].any() and (res.y_dec[1:] == -1).all(), [tok.decode([t]) for t in added]
+    assert (res.reward[1:] == -1.0).all()                                     # the format penalty
+
+
+def test_sampling_from_non_finite_logits_is_a_non_finite_error():
+    """Weights that diverged (finite, but overflowing in the forward) give NaN logits; the sampler's
+    search then runs past the vocabulary. That is the trainer's non-finite stop (exit 3), not an
+    index error."""
+    from afrl_fast.optim import NonFiniteError
+
+    logits = torch.zeros(2, 10)
+    logits[1, 3] = float("nan")
+    with pytest.raises(NonFiniteError, match="non-finite logits"):
+        sample_next_tokens(logits, 1.0, 1.0, torch.Generator().manual_seed(0))
+    tokens, _ = sample_next_tokens(logits[:1], 1.0, 1.0, torch.Generator().manual_seed(0))   # a finite row samples
+    assert 0 <= int(tokens[0]) < 10

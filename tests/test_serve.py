@@ -498,7 +498,11 @@ def test_startup_errors_end_in_one_line_and_exit_2(tmp_path, capsys, model_dir):
 
 class StandInEngine:
     """Answers `generate` the way SGLang 0.5's Engine does for the calls the backend makes, computing
-    the log-probs with the HF model (so the scores can be checked), and records the calls."""
+    the log-probs with the HF model (so the scores can be checked), and records the calls. Sampling
+    follows SGLang under --enable-deterministic-inference: a request's `sampling_seed` (a default one
+    without it) seeds its sampler, and the `n` copies of one request share it — so they come back
+    identical, which is what the backend must avoid."""
+    DEFAULT_SEED = 42
 
     def __init__(self, model, **kwargs):
         self.model, self.kwargs, self.calls = model, kwargs, []
@@ -508,21 +512,32 @@ class StandInEngine:
         self.calls.append(dict(input_ids=input_ids, sampling_params=sampling_params, return_logprob=return_logprob,
                                logprob_start_len=logprob_start_len, token_ids_logprob=token_ids_logprob,
                                top_logprobs_num=top_logprobs_num))
-        out = []
-        for ids in input_ids:
-            for _ in range(sampling_params.get("n", 1)):
-                with torch.no_grad():
-                    logp = torch.log_softmax(self.model(input_ids=torch.tensor([ids])).logits[0, -1].float(), -1)
-                token = int(logp.argmax())
-                meta = {"output_token_logprobs": [(float(logp[token]), token, None)],
-                        "finish_reason": {"type": "length", "length": 1}}
-                if token_ids_logprob:
-                    meta["output_token_ids_logprobs"] = [[(float(logp[t]), t, None) for t in token_ids_logprob]]
-                if top_logprobs_num:
-                    v, i = logp.topk(top_logprobs_num)
-                    meta["output_top_logprobs"] = [[(float(a), int(b), None) for a, b in zip(v, i)]]
-                out.append({"text": "", "meta_info": meta})
-        return out
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(input_ids)
+        return [self.sample(ids, sp, top_logprobs_num, token_ids_logprob)
+                for ids, sp in zip(input_ids, params) for _ in range(sp.get("n", 1))]
+
+    def sample(self, ids, sp, top_logprobs_num, token_ids_logprob) -> dict:
+        gen = torch.Generator().manual_seed(int(sp.get("sampling_seed", self.DEFAULT_SEED)))
+        seq, triples, tops, first = list(ids), [], [], None
+        for _ in range(sp["max_new_tokens"]):
+            with torch.no_grad():
+                logits = self.model(input_ids=torch.tensor([seq])).logits[0, -1].float()
+            logp = torch.log_softmax(logits, -1)
+            first = logp if first is None else first
+            t = sp.get("temperature", 1.0)
+            token = int(logp.argmax()) if t == 0 else \
+                int(torch.multinomial(torch.softmax(logits / t, -1), 1, generator=gen))
+            triples.append((float(logp[token]), token, None))
+            if top_logprobs_num:
+                v, i = logp.topk(top_logprobs_num)
+                tops.append([(float(a), int(b), None) for a, b in zip(v, i)])
+            seq.append(token)
+        meta = {"output_token_logprobs": triples, "finish_reason": {"type": "length", "length": len(triples)}}
+        if token_ids_logprob:
+            meta["output_token_ids_logprobs"] = [[(float(first[t]), t, None) for t in token_ids_logprob]]
+        if top_logprobs_num:
+            meta["output_top_logprobs"] = tops
+        return {"text": "", "meta_info": meta}
 
     def shutdown(self):
         self.calls.append("shutdown")
@@ -546,9 +561,17 @@ def test_sglang_backend_scores_like_the_embedded_scorer(monkeypatch, model_dir, 
     assert call["return_logprob"] and call["token_ids_logprob"] == label_token_ids(tokenizer)
     assert call["sampling_params"]["max_new_tokens"] == 1 and call["sampling_params"]["temperature"] == 1.0
     assert engines[0].kwargs == {"model_path": str(model_dir), "tp_size": 1}
-    groups = backend.generate([ids[0], ids[1]], n=2, temperature=0.5, top_p=0.9, max_tokens=1, seed=3,
+    groups = backend.generate([ids[0], ids[1]], n=3, temperature=1.0, top_p=0.9, max_tokens=3, seed=3,
                               top_logprobs=2)
-    assert [g.group_size for g in groups] == [2, 2] and len(groups[0].top_logprobs[0][0]) == 2
-    assert engines[0].calls[-1]["sampling_params"]["sampling_seed"] == 3
+    assert [g.group_size for g in groups] == [3, 3] and len(groups[0].top_logprobs[0][0]) == 2
+    # n samples are n distinct samples (one request with n copies would share its seed)
+    assert all(len({tuple(t) for t in g.token_ids}) == 3 for g in groups), [g.token_ids for g in groups]
+    params = engines[0].calls[-1]["sampling_params"]
+    seeds = [sp["sampling_seed"] for sp in params]
+    assert [sp["n"] for sp in params] == [1] * 6 and len(set(seeds)) == 6 and all(0 <= x < 2**31 for x in seeds)
+    again = backend.generate([ids[0], ids[1]], n=3, temperature=1.0, top_p=0.9, max_tokens=3, seed=3)
+    assert [g.token_ids for g in again] == [g.token_ids for g in groups]      # the request seed fixes them
+    unseeded = backend.generate([ids[0]], n=2, temperature=1.0, top_p=0.9, max_tokens=3, seed=None)
+    assert len({tuple(t) for t in unseeded[0].token_ids}) == 2
     backend.close()
     assert engines[0].calls[-1] == "shutdown"

@@ -3,7 +3,8 @@
 End to end with a real model behind a real `python -m afrl_fast.serve`: a tiny judge that learnt one
 pair's trace by heart (tests/serving.py), labels-only pairs → synthesize → train.parquet → a short
 torchrun SFT run on it. Fault paths (429 storms, garbage and truncated completions, a server that
-dies mid-run, an unreachable URL) use a small scripted OpenAI-compatible server in a thread.
+dies mid-run, one that hangs past --timeout, an unreachable URL) use a small scripted
+OpenAI-compatible server in a thread.
 
 Oracles: the regex reference verifier (tests/reference_verifier.py) re-derives every acceptance and
 rejection; the shard files are re-read to check no pair is asked or written twice.
@@ -254,6 +255,29 @@ def test_unreachable_endpoint_is_one_line_naming_the_url(files, tmp_path, capsys
     code, cap = run_synth(base_args(files, url, tmp_path / "o", "--retries", "1", "--timeout", "2"), capsys)
     lines = error_lines(cap)
     assert code == 2 and len(lines) == 1 and url in lines[0] and "Traceback" not in cap.err
+
+
+def test_a_server_that_hangs_past_the_timeout_is_retried_then_one_line_naming_the_url(files, tmp_path, capsys):
+    """Every request hangs: each times out after --timeout (0.5 s), is sent again once (--retries 1),
+    and the run ends like the other endpoint failures: one line naming the URL, exit 2, nothing
+    assembled. The scripted hang ends when the server stops, so the test's wall time is bounded."""
+    asked = []
+
+    def hang(n, body):
+        asked.append(body["prompt"])
+        return None
+
+    srv = Scripted(hang)
+    try:
+        code, cap = run_synth(base_args(files, srv.url, tmp_path / "o", "--retries", "1", "--timeout", "0.5",
+                                        "--concurrency", "1"), capsys)
+    finally:
+        srv.stop()
+    lines = error_lines(cap)
+    assert code == 2 and len(lines) == 1 and srv.url in lines[0] and "0.5 s timeout" in lines[0], cap.err
+    assert "Traceback" not in cap.err and "--resume" in lines[0]
+    assert len(asked) >= 2 and asked[0] == asked[1]        # the first request, then its retry
+    assert not (tmp_path / "o" / "train.parquet").exists()
 
 
 @pytest.mark.parametrize("args, needle", [

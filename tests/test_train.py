@@ -30,16 +30,25 @@ TINY = [
 VOLATILE = ("throughput/tokens_per_s", "optim/lr")  # wall-clock derived; everything else must match
 
 
-def torchrun(out_dir: Path, nproc: int = 1, extra=(), wait=True):
+def torchrun_script(script: Path, args, nproc: int = 1, wait=True, check=True, launcher=()):
+    """`torchrun --standalone [launcher flags]` of any script; check: assert exit code 0 (else the
+    caller reads it)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
-           str(ROOT / "afrl_fast" / "train.py"), f"run.out_dir={out_dir}", *TINY, *extra]
+           *launcher, str(script), *args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    if check:
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc
+
+
+def torchrun(out_dir: Path, nproc: int = 1, extra=(), wait=True, check=True, launcher=()):
+    """The trainer under torchrun on the TINY settings."""
+    return torchrun_script(ROOT / "afrl_fast" / "train.py", [f"run.out_dir={out_dir}", *TINY, *extra], nproc,
+                           wait, check, launcher)
 
 
 def alive(pid: int) -> bool:
@@ -227,3 +236,74 @@ def test_rl_can_start_from_another_runs_sft_model_and_difficulty(baseline, tmp_p
     assert mine["SFT"] == base["SFT"]
     res = run_train_direct([*TINY, f"run.init_from={out}", "model.hidden_size=64"], tmp_path / "bad")
     assert res.returncode == 2 and "model config differs" in res.stderr, res.stderr[-2000:]
+
+
+def test_a_non_finite_loss_stops_the_run_with_exit_3_and_keeps_the_last_checkpoint(baseline, tmp_path):
+    """rl.lr=1e30 from the SFT model: RL step 1 is finite and checkpointed, its update blows the
+    weights up, and step 2 is not finite: the run stops before stepping, with one line of its own
+    (not glued to the progress bar) and exit 3 (torchrun itself exits 1 and reports the worker's
+    code; the worker's own stderr is in its log). A non-finite loss with a finite gradient, which
+    no real run produces on demand, is tests/test_optim.py's."""
+    import torch
+
+    out, _ = baseline
+    run, logs = tmp_path / "run", tmp_path / "logs"
+    proc = torchrun(run, extra=[f"run.init_from={out}", "rl.lr=1e30", "rl.max_steps=3"], check=False,
+                    launcher=["--log-dir", str(logs), "--redirects", "2"])
+    worker_err = next(logs.rglob("stderr.log")).read_text()
+    errors = [line for line in worker_err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: rl step 2: non-finite"), worker_err[-3000:]
+    assert "Traceback" not in worker_err
+    assert proc.returncode != 0 and "exitcode  : 3" in proc.stderr, proc.stderr[-3000:]
+    # the last checkpoint is step 1's, and nothing past it was logged
+    state = torch.load(run / "checkpoints" / "latest.pt", weights_only=True)
+    assert (state["progress"]["phase"], state["progress"]["step"]) == ("rl", 1)
+    assert [r["step"] for r in training_lines(run) if "split" not in r] == [1]
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+@pytest.fixture(scope="module")
+def grade_run(tmp_path_factory):
+    """The standard-scoring baseline (sft.target=grade) through SFT, started in a run folder whose
+    data manifest is garbage (not even UTF-8)."""
+    out = tmp_path_factory.mktemp("grade")
+    (out / "data").mkdir()
+    (out / "data" / "manifest.json").write_bytes(b"\xff\x00{garbage")
+    proc = torchrun(out, extra=["sft.target=grade", "run.stop_after=sft"])
+    return out, proc
+
+
+def test_standard_scoring_trains_on_the_grade_token_alone_and_names_its_row(grade_run):
+    from afrl_fast.data import read_pairs
+    from afrl_fast.format import label_token_ids, load_tokenizer
+    from afrl_fast.train import tokenize_targets
+
+    out, _ = grade_run
+    tok = load_tokenizer()
+    train = read_pairs(out / "data" / "train.parquet")
+    rows = tokenize_targets(tok, train, "grade", 400, "train")
+    # exactly the token first-token evaluation reads for the label, then EOS
+    ids = label_token_ids(tok)
+    assert rows == [[ids[y], tok.eos_token_id] for y in train.column("label").to_pylist()]
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["results"]) == {"majority-class", "Standard scoring"}
+    assert set(results["results"]["Standard scoring"]) == {"industry", "longtail"}
+    assert "sft_traces" not in results                      # a grade-only model writes no trace
+    evals = [r for r in training_lines(out) if "split" in r]
+    assert {(r["phase"], r["split"]) for r in evals} == {("sft", "industry"), ("sft", "longtail")}
+
+
+def test_a_corrupted_data_manifest_is_one_warning_and_the_data_is_synthesized_again(grade_run):
+    out, proc = grade_run
+    said = [line for line in proc.stderr.splitlines() if "manifest.json" in line]
+    assert len(said) == 1 and "WARNING" in said[0] and "synthesizing the data again" in said[0], said
+    assert "Traceback" not in proc.stderr
+    manifest = json.loads((out / "data" / "manifest.json").read_text())     # rewritten from the config
+    assert (manifest["n_train"], manifest["n_eval"]) == (32, 12)
+
+
+def test_a_folder_in_place_of_the_data_manifest_is_one_line(tmp_path):
+    (tmp_path / "data" / "manifest.json").mkdir(parents=True)
+    res = run_train_direct(TINY, tmp_path)
+    assert res.returncode == 2 and "manifest.json: is a directory" in res.stderr, res.stderr[-2000:]
+    assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
