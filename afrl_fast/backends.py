@@ -183,9 +183,21 @@ def _check_kind(kind, beta):
         raise ValueError(f"beta must be in (0, 1) for kind='jsd', got {beta!r}")
 
 
-def _masked_kl(p, log_p, log_q):
+def _log_softmax_into(x, inv_temp, log_out, p_out):
+    """log_out ← log_softmax(x·inv_temp), p_out ← its softmax, in the given buffers (no temporaries
+    of the block's size): shift by the row max, exponentiate, subtract the log of the row sum."""
+    torch.mul(x, inv_temp, out=log_out)
+    log_out.sub_(log_out.amax(dim=1, keepdim=True))
+    torch.exp(log_out, out=p_out)
+    total = p_out.sum(dim=1, keepdim=True)
+    log_out.sub_(total.log())
+    p_out.div_(total)
+
+
+def _masked_kl(p, log_p, log_q, scratch):
     """Σ p·(log p − log q) per row with 0·log(0/q) = 0; "p == 0" rather than "p > 0" so NaN stays."""
-    return torch.where(p == 0, torch.zeros((), dtype=p.dtype, device=p.device), p * (log_p - log_q)).sum(1)
+    torch.sub(log_p, log_q, out=scratch).mul_(p)
+    return scratch.masked_fill_(p == 0, 0.0).sum(1)
 
 
 def distill_pass_torch(student_logits, teacher_logits, targets, coef, ce_coef, kind, beta, inv_temp, with_grad):
@@ -195,7 +207,9 @@ def distill_pass_torch(student_logits, teacher_logits, targets, coef, ce_coef, k
     log M = logaddexp(log β + log P, log(1−β) + log Q), exact where β·P underflows), CE from
     log_softmax(z_s); then z_s ← coef·τ⁻¹·dD/du + ce_coef·(softmax(z_s) − onehot(y)). A row whose D is
     NaN (a NaN or +inf logit) gets an all-NaN gradient row, as in the float64 reference; ignored rows
-    get zeros whatever their logits hold. teacher_logits is only read.
+    get zeros whatever their logits hold. teacher_logits is only read. Six block buffers are
+    allocated once and reused by every block (fresh per-block temporaries of several MB each stay
+    resident in the allocator's heap and showed as 2× the chunk's memory).
     """
     _check_kind(kind, beta)
     n_rows, n_cols = student_logits.shape
@@ -207,36 +221,39 @@ def distill_pass_torch(student_logits, teacher_logits, targets, coef, ce_coef, k
     safe_t = torch.where(valid, targets, torch.zeros_like(targets))[:, None]
     zero = torch.zeros((), dtype=f32, device=dev)
     coef = coef.to(f32)
-    # The two models' log-probs and a few [rows, V] temporaries per block: a quarter of the
-    # vocab pass's block keeps the temporaries near one block of the vocab pass.
+    # Six buffers of a quarter of the vocab pass's block: 1.5 of its blocks in all.
     rows = min(max(1, _block_rows(n_cols, dev) // 4), n_rows)
+    bufs = torch.empty(6, rows, n_cols, dtype=f32, device=dev)
     for r0 in range(0, n_rows, rows):
         r1 = min(r0 + rows, n_rows)
         x = student_logits[r0:r1]
         v = valid[r0:r1]
-        log_q = torch.log_softmax(x.to(f32) * inv_temp, dim=1)
-        log_p = torch.log_softmax(teacher_logits[r0:r1].to(f32) * inv_temp, dim=1)
-        q = log_q.exp()
+        log_q, log_p, q, p, e, f = (b[: r1 - r0] for b in bufs)
+        _log_softmax_into(x, inv_temp, log_q, q)
+        _log_softmax_into(teacher_logits[r0:r1], inv_temp, log_p, p)
         if kind == "forward_kl":
-            p = log_p.exp()
-            d = _masked_kl(p, log_p, log_q)
-            du = q - p
+            d = _masked_kl(p, log_p, log_q, e)
+            du = torch.sub(q, p, out=e)
         elif kind == "reverse_kl":
-            d = _masked_kl(q, log_q, log_p)
-            du = torch.where(q == 0, zero, q * (log_q - log_p - d[:, None]))
+            d = _masked_kl(q, log_q, log_p, e)
+            du = torch.sub(log_q, log_p, out=e).sub_(d[:, None]).mul_(q).masked_fill_(q == 0, 0.0)
         else:
-            p = log_p.exp()
-            log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
-            kl_q = _masked_kl(q, log_q, log_m)
-            d = beta * _masked_kl(p, log_p, log_m) + (1 - beta) * kl_q
-            du = torch.where(q == 0, zero, (1 - beta) * q * (log_q - log_m - kl_q[:, None]))
-        log_q1 = log_q if inv_temp == 1.0 else torch.log_softmax(x.to(f32), dim=1)
+            log_m = torch.logaddexp(torch.add(log_p, math.log(beta), out=e), torch.add(log_q, math.log1p(-beta), out=f),
+                                    out=e)
+            kl_q = _masked_kl(q, log_q, log_m, f)
+            d = beta * _masked_kl(p, log_p, log_m, f) + (1 - beta) * kl_q
+            du = torch.sub(log_q, log_m, out=f).sub_(kl_q[:, None]).mul_(q).mul_(1 - beta).masked_fill_(q == 0, 0.0)
+        if inv_temp == 1.0:
+            log_q1, q1 = log_q, q
+        else:                                       # the CE at τ = 1, in the teacher's spent buffers
+            log_q1, q1 = log_p, p
+            _log_softmax_into(x, 1.0, log_q1, q1)
         div[r0:r1] = torch.where(v, d, zero)
         ce[r0:r1] = torch.where(v, -log_q1.gather(1, safe_t[r0:r1]).squeeze(1), zero)
         if with_grad:
             g = du.mul_((coef[r0:r1] * inv_temp)[:, None])
             if ce_coef:
-                g.add_(log_q1.exp(), alpha=ce_coef).scatter_add_(
+                g.add_(q1, alpha=ce_coef).scatter_add_(
                     1, safe_t[r0:r1], torch.full((r1 - r0, 1), -float(ce_coef), dtype=f32, device=dev))
             g.masked_fill_(d.isnan()[:, None], float("nan"))
             g.masked_fill_(~v[:, None], 0.0)

@@ -222,15 +222,15 @@ double grad_range(float* xs, const float* xt, int64_t lo, int64_t hi, const Fram
     vf acc{};
     for (int64_t i = j; i < stop; i += kW) {
       const int64_t n = std::min<int64_t>(kW, stop - i);
+      vf g;
       if (n == kW) {
-        const vf g = grad_terms<KIND, SEP, CE>(load(xs + i), load(xt + i), f, k);
+        g = grad_terms<KIND, SEP, CE>(load(xs + i), load(xt + i), f, k);
         store(xs + i, g);
-        acc += g;
       } else {  // padded lanes are −inf in both rows: they write nothing and add 0
-        const vf g = grad_terms<KIND, SEP, CE>(load_tail(xs + i, n, kNegInf), load_tail(xt + i, n, kNegInf), f, k);
+        g = grad_terms<KIND, SEP, CE>(load_tail(xs + i, n, kNegInf), load_tail(xt + i, n, kNegInf), f, k);
         store_tail(xs + i, n, g);
-        acc += g;
       }
+      acc += g;
     }
     total += hsum(acc);
   }
@@ -250,17 +250,23 @@ struct Outputs {
   float *div, *ce;
 };
 
+// The target's entry has two estimates. Every gradient row sums to 0 (dD/du and softmax − onehot
+// both do), so it is −Σ of the others, which carries the rounding of the others' terms,
+// ~ε·(|coef|·τ⁻¹·(2 − P_y − Q_y) + ce_coef·(1 − q_y)) (their probabilities sum to 1 − P_y etc.);
+// or it is its own terms minus ce_coef, ~ε·(|coef|·τ⁻¹·max(P_y, Q_y) + ce_coef·(1 + q_y)), q the
+// student's softmax at τ = 1. The smaller bound wins: where the target holds most of the mass the
+// sum keeps 1 − p_y, which ce_coef·(p_y − 1) or P_y − Q_y lose in fp32; a low-probability target
+// is an ordinary entry, which the others' rounding would swamp. An infinite D (one-sided −inf)
+// makes the sum non-finite: then the direct formula, as the reference forms it.
 template <int KIND, bool SEP, bool CE>
 void write_grad(float* xs, const float* xt, int64_t V, int64_t y, const Frame& f, const GradCoef& k,
-                double ce_coef) {
-  // The target's entry is −Σ of the others (every gradient row sums to 0: both dD/du and
-  // softmax − onehot do), which keeps it accurate where p_y ≈ 1 and P_y ≈ Q_y ≈ 1 cancel in fp32.
+                bool prefer_sum, double ce_coef) {
   const double others = grad_range<KIND, SEP, CE>(xs, xt, 0, y, f, k) +
                         grad_range<KIND, SEP, CE>(xs, xt, y + 1, V, f, k);
-  if (std::isfinite(others)) {
+  if (prefer_sum && std::isfinite(others)) {
     xs[y] = static_cast<float>(-others);
-  } else {  // an infinite D (one-sided −inf): the direct formula, as the reference forms it
-    grad_range<KIND, SEP, CE>(xs, xt, y, y + 1, f, k);
+  } else {
+    grad_range<KIND, SEP, CE>(xs, xt, y, y + 1, f, k);  // the target's own terms, as any entry's
     xs[y] = static_cast<float>(xs[y] - ce_coef);
   }
 }
@@ -319,10 +325,14 @@ void process_row(float* xs, const float* xt, const Inputs& in, const Outputs& ou
   }
   k.shift = static_cast<float>(shift);
   k.kc1 = static_cast<float>(SEP ? cc / st.s1 : 0.0);
+  const double p_y = std::exp((double(xt[y]) - st.mt) * t - lst), q_y = std::exp((x_y - st.ms) * t - lss);
+  const double q1_y = SEP ? std::exp(x_y - st.ms - std::log(st.s1)) : q_y;
+  const bool prefer_sum = std::abs(cd) * (2.0 - p_y - q_y) + cc * (1.0 - q1_y) <
+                          std::abs(cd) * std::max(p_y, q_y) + cc * (1.0 + q1_y);
   if (cc != 0.0)
-    write_grad<KIND, SEP, true>(xs, xt, V, y, f, k, cc);
+    write_grad<KIND, SEP, true>(xs, xt, V, y, f, k, prefer_sum, cc);
   else
-    write_grad<KIND, SEP, false>(xs, xt, V, y, f, k, cc);
+    write_grad<KIND, SEP, false>(xs, xt, V, y, f, k, prefer_sum, cc);
 }
 
 template <int KIND, bool SEP>
