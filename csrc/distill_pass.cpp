@@ -87,7 +87,7 @@ PairStats merge(const PairStats& x, const PairStats& y, double t) {
   return o;
 }
 
-// One tile of both rows (≤ kTile values each: 16 KB, in L1 between the max and the exp pass).
+// One tile of both rows (≤ kTile values each, ≤ 16 KB together: in L1 between the max and the exp pass).
 // Tile sums are fp32 over ≤ 64 terms per lane (two accumulator sets), folded into doubles.
 template <int KIND, bool SEP>
 PairStats tile_stats(const float* xs, const float* xt, int64_t n, float t) {

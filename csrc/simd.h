@@ -16,8 +16,19 @@
 
 namespace afrl_simd {
 
-constexpr int kW = 16;          // lanes per vector (one zmm; two ymm on AVX2 machines)
-constexpr int64_t kTile = 2048; // floats per tile: 8 KB stays in L1 between the max and exp passes
+// Lanes per vector: one native register. A wider generic vector is split by GCC, and its
+// compare-and-select (a > b ? a : b) then falls back to per-lane scalar code (measured on AVX2 with
+// 16 lanes: vucomiss and a branch per lane in the max pass, ~18x the memory floor).
+#if defined(__AVX512F__)
+constexpr int kW = 16;  // one zmm
+#elif defined(__AVX__)
+constexpr int kW = 8;   // one ymm
+#else
+constexpr int kW = 4;   // one xmm / NEON q register
+#endif
+// Floats per tile: 128 per lane, i.e. two accumulator sets of ≤ 64 fp32 terms per lane, and at most
+// 8 KB, which stays in L1 between a tile's max pass and its exp pass.
+constexpr int64_t kTile = 128 * kW;
 
 typedef float vf __attribute__((vector_size(kW * 4)));
 typedef int32_t vi __attribute__((vector_size(kW * 4)));

@@ -71,9 +71,10 @@ def run_and_compare(zs, zt, targets, coef, *, kind, ce_coef=0.2, beta=0.3, inv_t
 # ---- accuracy ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("v", [1, 7, 16, 33, 2049, 5003])
+@pytest.mark.parametrize("v", [1, 7, 8, 16, 33, 1025, 2049, 5003])
 def test_various_vocab_sizes(kind, v):
-    """V below, at and off the vector width (16) and the tile (2048)."""
+    """V below, at and off the vector width (8 lanes on AVX2, 16 on AVX-512) and the tile (128 lanes'
+    worth: 1024 or 2048)."""
     run_and_compare(*make_inputs(9, v, seed=v), kind=kind)
 
 
