@@ -1,15 +1,21 @@
-"""The vocabulary-pass backends, in one place, and the dispatch that picks one.
+"""The backends of the per-chunk kernels of the fused losses, in one place, and the dispatch that
+picks one.
 
-A backend is one function, the per-chunk vocabulary pass of the fused loss (its contract is in
-`afrl_fast.loss`'s docstring and, in float64, `afrl_fast_kernels.reference`):
+Two kernels, each with one function per backend (contracts in `afrl_fast.loss`'s docstrings and,
+in float64, `afrl_fast_kernels.reference`):
 
-    "torch"   `vocab_pass_torch` below: fp32 math in row blocks, any device; float64 inputs give the
-              exact checking path.
-    "native"  the C++/OpenMP kernel `csrc/vocab_pass.cpp` (installed as the package `afrl_fast_csrc`),
+    "vocab_pass"    the GRPO/SFT vocabulary pass of `fused_loss`
+    "distill_pass"  the teacher–student pass of `fused_distill_loss`
+
+    "torch"   `vocab_pass_torch` / `distill_pass_torch` below: plain torch in row blocks, any device;
+              float64 inputs give the exact checking path.
+    "native"  the C++/OpenMP kernels `csrc/vocab_pass.cpp` and `csrc/distill_pass.cpp`, built together
+              into ONE extension (bindings in `csrc/module.cpp`; the package `afrl_fast_csrc`),
               compiled on first use with torch.utils.cpp_extension into a per-user cache keyed by a hash
-              of the source, the flags, the torch/Python versions and the CPU (-march=native), so edits
-              rebuild and a cache shared between machines never runs code built for another CPU.
-    "triton"  `afrl_fast_kernels.vocab_pass.vocab_pass_triton`, CUDA (or CPU under TRITON_INTERPRET=1).
+              of the sources and headers, the flags, the torch/Python versions and the CPU
+              (-march=native), so edits rebuild and a cache shared between machines never runs code
+              built for another CPU.
+    "triton"  `afrl_fast_kernels.<kernel>.<kernel>_triton`, CUDA (or CPU under TRITON_INTERPRET=1).
     "auto"    CUDA → triton; CPU → native if it builds, else torch.
 
 The native build runs under an OS file lock in its cache folder (released by the kernel when its
@@ -28,7 +34,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import logging
+import math
 import os
 import platform
 import shutil
@@ -43,9 +51,10 @@ from typing import Callable
 import torch
 
 import afrl_fast_csrc
-from afrl_fast_kernels import IGNORE_INDEX
+from afrl_fast_kernels import DISTILL_KINDS, IGNORE_INDEX
 
 BACKENDS = ("auto", "torch", "native", "triton")
+KERNELS = ("vocab_pass", "distill_pass")
 CSRC_DIR = Path(afrl_fast_csrc.__file__).resolve().parent
 VocabPass = Callable[..., tuple]
 
@@ -164,11 +173,103 @@ def vocab_pass_torch(logits, targets, is_sft, advantages, old_logp, ref_logp, sc
 
 
 # ----------------------------------------------------------------------------------------------
-# The native backend: csrc/vocab_pass.cpp, built on first use
+# The torch backend of the distill pass
+
+
+def _check_kind(kind, beta):
+    if kind not in DISTILL_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(DISTILL_KINDS)}, got {kind!r}")
+    if kind == "jsd" and not 0.0 < beta < 1.0:
+        raise ValueError(f"beta must be in (0, 1) for kind='jsd', got {beta!r}")
+
+
+def _log_softmax_into(x, inv_temp, log_out, p_out):
+    """log_out ← log_softmax(x·inv_temp), p_out ← its softmax, in the given buffers (no temporaries
+    of the block's size): shift by the row max, exponentiate, subtract the log of the row sum."""
+    torch.mul(x, inv_temp, out=log_out)
+    log_out.sub_(log_out.amax(dim=1, keepdim=True))
+    torch.exp(log_out, out=p_out)
+    total = p_out.sum(dim=1, keepdim=True)
+    log_out.sub_(total.log())
+    p_out.div_(total)
+
+
+def _masked_kl(p, log_p, log_q, scratch):
+    """Σ p·(log p − log q) per row with 0·log(0/q) = 0; "p == 0" rather than "p > 0" so NaN stays."""
+    torch.sub(log_p, log_q, out=scratch).mul_(p)
+    return scratch.masked_fill_(p == 0, 0.0).sum(1)
+
+
+def distill_pass_torch(student_logits, teacher_logits, targets, coef, ce_coef, kind, beta, inv_temp, with_grad):
+    """Distill pass in plain torch (fp32 math; float64 inputs: float64). Contract: afrl_fast.loss.
+
+    Per row block: log Q = log_softmax(z_s·τ⁻¹), log P = log_softmax(z_t·τ⁻¹), D from them (jsd:
+    log M = logaddexp(log β + log P, log(1−β) + log Q), exact where β·P underflows), CE from
+    log_softmax(z_s); then z_s ← coef·τ⁻¹·dD/du + ce_coef·(softmax(z_s) − onehot(y)). A row whose D is
+    NaN (a NaN or +inf logit) gets an all-NaN gradient row, as in the float64 reference; ignored rows
+    get zeros whatever their logits hold. teacher_logits is only read. Six block buffers are
+    allocated once and reused by every block (fresh per-block temporaries of several MB each stay
+    resident in the allocator's heap and showed as 2× the chunk's memory).
+    """
+    _check_kind(kind, beta)
+    n_rows, n_cols = student_logits.shape
+    dev = student_logits.device
+    f32 = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    div = torch.zeros(n_rows, dtype=f32, device=dev)
+    ce = torch.zeros(n_rows, dtype=f32, device=dev)
+    valid = targets != IGNORE_INDEX
+    safe_t = torch.where(valid, targets, torch.zeros_like(targets))[:, None]
+    zero = torch.zeros((), dtype=f32, device=dev)
+    coef = coef.to(f32)
+    # Six buffers of a quarter of the vocab pass's block: 1.5 of its blocks in all.
+    rows = min(max(1, _block_rows(n_cols, dev) // 4), n_rows)
+    bufs = torch.empty(6, rows, n_cols, dtype=f32, device=dev)
+    for r0 in range(0, n_rows, rows):
+        r1 = min(r0 + rows, n_rows)
+        x = student_logits[r0:r1]
+        v = valid[r0:r1]
+        log_q, log_p, q, p, e, f = (b[: r1 - r0] for b in bufs)
+        _log_softmax_into(x, inv_temp, log_q, q)
+        _log_softmax_into(teacher_logits[r0:r1], inv_temp, log_p, p)
+        if kind == "forward_kl":
+            d = _masked_kl(p, log_p, log_q, e)
+            du = torch.sub(q, p, out=e)
+        elif kind == "reverse_kl":
+            d = _masked_kl(q, log_q, log_p, e)
+            du = torch.sub(log_q, log_p, out=e).sub_(d[:, None]).mul_(q).masked_fill_(q == 0, 0.0)
+        else:
+            log_m = torch.logaddexp(torch.add(log_p, math.log(beta), out=e), torch.add(log_q, math.log1p(-beta), out=f),
+                                    out=e)
+            kl_q = _masked_kl(q, log_q, log_m, f)
+            d = beta * _masked_kl(p, log_p, log_m, f) + (1 - beta) * kl_q
+            du = torch.sub(log_q, log_m, out=f).sub_(kl_q[:, None]).mul_(q).mul_(1 - beta).masked_fill_(q == 0, 0.0)
+        if inv_temp == 1.0:
+            log_q1, q1 = log_q, q
+        else:                                       # the CE at τ = 1, in the teacher's spent buffers
+            log_q1, q1 = log_p, p
+            _log_softmax_into(x, 1.0, log_q1, q1)
+        div[r0:r1] = torch.where(v, d, zero)
+        ce[r0:r1] = torch.where(v, -log_q1.gather(1, safe_t[r0:r1]).squeeze(1), zero)
+        if with_grad:
+            g = du.mul_((coef[r0:r1] * inv_temp)[:, None])
+            if ce_coef:
+                g.add_(q1, alpha=ce_coef).scatter_add_(
+                    1, safe_t[r0:r1], torch.full((r1 - r0, 1), -float(ce_coef), dtype=f32, device=dev))
+            g.masked_fill_(d.isnan()[:, None], float("nan"))
+            g.masked_fill_(~v[:, None], 0.0)
+            x.copy_(g)
+    return div, ce
+
+
+# ----------------------------------------------------------------------------------------------
+# The native backend: csrc/*.cpp, one extension built on first use
 
 log = logging.getLogger(__name__)
 
-_SOURCES = [CSRC_DIR / "vocab_pass.cpp"]
+# Every kernel's source goes into the one extension; module.cpp holds the bindings of all of them.
+_SOURCES = [CSRC_DIR / "vocab_pass.cpp", CSRC_DIR / "distill_pass.cpp", CSRC_DIR / "module.cpp"]
+# Headers are not compiled on their own but change what is: they are part of the build key.
+_HEADERS = [CSRC_DIR / "simd.h", CSRC_DIR / "checks.h", CSRC_DIR / "passes.h"]
 # No -ffast-math: the exp's round-to-integer trick and the NaN-free -inf handling rely on IEEE
 # semantics. fp-contract=fast only lets the compiler fuse a*b+c into FMAs.
 _CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-Wno-class-memaccess"]
@@ -194,7 +295,7 @@ def _cpu_fingerprint() -> str:
 
 def _build_key() -> str:
     h = hashlib.sha256()
-    for src in _SOURCES:
+    for src in (*_SOURCES, *_HEADERS):
         h.update(src.read_bytes())
     for part in (*_CFLAGS, *_LDFLAGS, torch.__version__, sys.version, _cpu_fingerprint()):
         h.update(part.encode())
@@ -214,8 +315,9 @@ def _missing_toolchain() -> str | None:
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
         return f"no C++ compiler ({cxx!r} not on PATH)"
-    if not all(src.is_file() for src in _SOURCES):
-        return f"sources not found: {[str(s) for s in _SOURCES]}"
+    missing = [str(src) for src in (*_SOURCES, *_HEADERS) if not src.is_file()]
+    if missing:
+        return f"sources not found: {missing}"
     return None
 
 
@@ -358,7 +460,7 @@ def _load():
                 except Exception as exc:  # a failed build must not take training down
                     _reason = "build failed: " + _short(exc)
             if _reason is not None:
-                log.warning("afrl_fast native vocab pass unavailable (%s); using the torch path. "
+                log.warning("afrl_fast native kernels unavailable (%s); using the torch path. "
                             "Details: afrl_fast.backends.native_unavailable_reason()",
                             _summary(_reason))
     return _module
@@ -395,7 +497,7 @@ def vocab_pass_native(logits, targets, is_sft, advantages, old_logp, ref_logp, s
     """
     mod = _load()
     if mod is None:
-        raise RuntimeError(f"afrl_fast native vocab pass unavailable: {_reason}")
+        raise RuntimeError(f"afrl_fast native kernels unavailable: {_reason}")
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         raise ValueError("vocab_pass_native: logits must be a 2-D tensor [C, V]")
     c = logits.shape[0]
@@ -414,48 +516,81 @@ def vocab_pass_native(logits, targets, is_sft, advantages, old_logp, ref_logp, s
     return out
 
 
+def distill_pass_native(student_logits, teacher_logits, targets, coef, ce_coef, kind, beta, inv_temp, with_grad):
+    """(div [C] f32, ce [C] f32) for a chunk of raw student and teacher logits [C, V] (the contract of
+    `distill_pass_torch`). float32 contiguous CPU student logits are processed in place; any other
+    student dtype or layout goes through a float32 copy whose gradient is copied back (when
+    with_grad); the teacher's are read from a float32 contiguous view or copy. Raises RuntimeError
+    when the extension is unavailable."""
+    mod = _load()
+    if mod is None:
+        raise RuntimeError(f"afrl_fast native kernels unavailable: {_reason}")
+    for name, t in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise ValueError(f"distill_pass_native: {name} must be a 2-D tensor [C, V]")
+    _check_kind(kind, beta)
+    c = student_logits.shape[0]
+    direct = (student_logits.dtype == torch.float32 and student_logits.is_contiguous()
+              and student_logits.device.type == "cpu")
+    work = student_logits.detach() if direct else student_logits.detach().to("cpu", torch.float32).contiguous()
+    teacher = teacher_logits.detach().to("cpu", torch.float32).contiguous()
+    out = mod.distill_pass(work, teacher, _row_vec(targets, torch.int64, c, "targets"),
+                           _row_vec(coef, torch.float32, c, "coef"), float(ce_coef), DISTILL_KINDS.index(kind),
+                           float(beta), float(inv_temp), bool(with_grad))
+    if with_grad and not direct:
+        with torch.no_grad():
+            student_logits.copy_(work)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Backend dispatch
 
+_TORCH = {"vocab_pass": vocab_pass_torch, "distill_pass": distill_pass_torch}
+_NATIVE = {"vocab_pass": vocab_pass_native, "distill_pass": distill_pass_native}
 
-def _native_vocab_pass() -> VocabPass:
+
+def _native_kernel(kernel: str) -> VocabPass:
     if not native_available():
-        raise RuntimeError("backend 'native' is unavailable: the C++ vocab pass in csrc/ did not build "
+        raise RuntimeError("backend 'native' is unavailable: the C++ kernels in csrc/ did not build "
                            f"on this machine ({_summary(_reason or '')}; full log: "
                            "afrl_fast.backends.native_unavailable_reason())")
-    return vocab_pass_native
+    return _NATIVE[kernel]
 
 
-def _triton_vocab_pass(device: torch.device) -> VocabPass:
+def _triton_kernel(kernel: str, device: torch.device) -> VocabPass:
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("backend 'triton' needs CUDA tensors (these are on "
                            f"{device.type}), or TRITON_INTERPRET=1 set before triton is imported")
     try:
-        from afrl_fast_kernels.vocab_pass import vocab_pass_triton
+        module = importlib.import_module(f"afrl_fast_kernels.{kernel}")
     except ImportError as err:
-        raise RuntimeError(f"backend 'triton' is unavailable: afrl_fast_kernels.vocab_pass does not import ({err})") from err
-    return vocab_pass_triton
+        raise RuntimeError(f"backend 'triton' is unavailable: afrl_fast_kernels.{kernel} does not import ({err})") from err
+    return getattr(module, f"{kernel}_triton")
 
 
-def resolve_backend(backend: str, device: torch.device) -> tuple[str, VocabPass]:
-    """(name, vocab_pass) for a backend name and the device of the inputs."""
+def resolve_backend(backend: str, device: torch.device, kernel: str = "vocab_pass") -> tuple[str, VocabPass]:
+    """(name, function) of `kernel` ("vocab_pass" or "distill_pass") for a backend name and the
+    device of the inputs."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
         if device.type == "cuda":
             try:
-                return "triton", _triton_vocab_pass(device)
+                return "triton", _triton_kernel(kernel, device)
             except RuntimeError as err:
-                warnings.warn(f"fused_loss: falling back to the torch backend ({err})")
-                return "torch", vocab_pass_torch
+                warnings.warn(f"{kernel}: falling back to the torch backend ({err})")
+                return "torch", _TORCH[kernel]
         try:
-            return "native", _native_vocab_pass()
+            return "native", _native_kernel(kernel)
         except RuntimeError:
-            return "torch", vocab_pass_torch
+            return "torch", _TORCH[kernel]
     if backend == "torch":
-        return "torch", vocab_pass_torch
+        return "torch", _TORCH[kernel]
     if backend == "native":
         if device.type != "cpu":
             raise ValueError(f"backend 'native' runs on CPU tensors only (these are on {device.type})")
-        return "native", _native_vocab_pass()
-    return "triton", _triton_vocab_pass(device)
+        return "native", _native_kernel(kernel)
+    return "triton", _triton_kernel(kernel, device)

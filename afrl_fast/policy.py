@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .loss import LossRows, fused_loss, token_logprobs
+from .loss import LossRows, fused_distill_loss, fused_loss, token_logprobs
 
 
 @dataclass
@@ -117,7 +117,6 @@ class PolicyLoss(nn.Module):
             # a copy: FSDP2 frees the gathered weight when this forward returns
             return hidden.detach(), weight.detach().clone()
         if mode == "distill":
-            from .loss import fused_distill_loss   # TODO(merge): top-level import once the distill loss lands
             t_hidden, t_weight = teacher
             return fused_distill_loss(hidden, weight, t_hidden.to(hidden.dtype), t_weight.to(weight.dtype),
                                       batch.targets, kind=distill.kind, jsd_beta=distill.jsd_beta,

@@ -1,11 +1,14 @@
-"""One fused-loss benchmark variant in a fresh process: prints one JSON line.
+"""One fused-loss benchmark variant in a fresh process: prints one JSON line. `measure` (time and
+peak RSS) is shared with benchmarks/_fused_distill_worker.py.
 
     python benchmarks/_fused_loss_worker.py VARIANT N H V REPEATS [WARMUP]
 
 Time: median wall time of forward+backward over REPEATS runs (grads cleared between runs).
-Memory: peak resident set (getrusage ru_maxrss, a process high-water mark) minus the resident set
-right after the inputs were built; a fresh process per variant keeps one variant's allocations from
-hiding another's. `above_grads` also subtracts the gradients every variant must return (dh, dW).
+Memory: peak resident set minus the resident set right after the inputs were built. The peak is the
+kernel's high-water mark VmHWM, reset once the inputs exist (/proc/self/clear_refs), so temporaries
+of building the inputs do not count (ru_maxrss, the fallback without /proc, cannot be reset); a
+fresh process per variant keeps one variant's allocations from hiding another's. `above_grads` also
+subtracts the gradients every variant must return (dh, dW).
 """
 from __future__ import annotations
 
@@ -25,15 +28,27 @@ def current_rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def reset_peak_rss() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")                                  # resets VmHWM to the current RSS
+    except OSError:
+        pass
+
+
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # Linux reports KiB
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # Linux reports KiB
 
 
 def make_inputs(n, h, v):
     """A GRPO batch all variants express: every row RL, per-sequence advantages, token mean."""
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(n, h, generator=g).requires_grad_()
-    weight = (torch.randn(v, h, generator=g) * 0.02).requires_grad_()
+    weight = torch.randn(v, h, generator=g).mul_(0.02).requires_grad_()
     targets = torch.randint(0, v, (n,), generator=g)
     seq_adv = torch.randn(max(n // SEQ_LEN, 1), generator=g)
     adv = seq_adv.repeat_interleave(SEQ_LEN)[:n] if n >= SEQ_LEN else seq_adv.expand(n).clone()
@@ -104,27 +119,35 @@ def variant_step(name):
             "gemm_floor": gemm_floor}[name]
 
 
+def measure(name, step, inputs, repeats, warmup, n_grads=2, **extra) -> dict:
+    """Median time of `step(*inputs)` over `repeats` runs after `warmup`, and the peak resident set
+    above the inputs (and above the grads of the first `n_grads` inputs, which every variant returns)."""
+    reset_peak_rss()
+    base = current_rss_bytes()
+    times = []
+    for i in range(warmup + repeats):
+        for t in inputs[:n_grads]:
+            t.grad = None
+        t0 = time.perf_counter()
+        step(*inputs)
+        if i >= warmup:                                  # warmup: compile/caches, not timed
+            times.append(time.perf_counter() - t0)
+    grads = sum(t.grad.numel() * t.grad.element_size() for t in inputs[:n_grads] if t.grad is not None)
+    peak = peak_rss_bytes() - base
+    return dict(variant=name, times=times, median_s=statistics.median(times), peak_above_inputs=peak,
+                peak_above_grads=peak - grads, **extra)
+
+
 def main():
     name, n, h, v, repeats = sys.argv[1], *map(int, sys.argv[2:6])
     warmup = int(sys.argv[6]) if len(sys.argv) > 6 else 0
     step = variant_step(name)
     inputs = make_inputs(n, h, v)
-    base = current_rss_bytes()
-    times = []
-    for i in range(warmup + repeats):
-        inputs[0].grad = inputs[1].grad = None
-        t0 = time.perf_counter()
-        step(*inputs)
-        if i >= warmup:                                  # warmup: compile/caches, not timed
-            times.append(time.perf_counter() - t0)
-    grads = sum(t.grad.numel() * t.grad.element_size() for t in inputs[:2] if t.grad is not None)
-    peak = peak_rss_bytes() - base
     extra = {}
     if name == "ours_auto":
         from afrl_fast.loss import resolve_backend
         extra["resolved"] = resolve_backend("auto", torch.device("cpu"))[0]
-    print(json.dumps(dict(variant=name, n=n, h=h, v=v, times=times, median_s=statistics.median(times),
-                          peak_above_inputs=peak, peak_above_grads=peak - grads, **extra)))
+    print(json.dumps(measure(name, step, inputs, repeats, warmup, n=n, h=h, v=v, **extra)))
 
 
 if __name__ == "__main__":

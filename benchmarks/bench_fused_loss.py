@@ -2,8 +2,8 @@
 
 Run with `pytest benchmarks/bench_fused_loss.py --benchmark`. Each variant runs in a fresh
 subprocess (benchmarks/_fused_loss_worker.py) so its peak memory is its own; the table shows the
-median time over a few repeats and the peak resident set above the inputs (ru_maxrss high-water mark
-minus the RSS right after the inputs were built), plus that minus the returned grads (dh, dW).
+median time over a few repeats and the peak resident set above the inputs (the VmHWM high-water
+mark, reset once the inputs were built, minus the RSS then), plus that minus the returned grads (dh, dW).
 
 Batch: every row an RL token (the configuration Liger's GRPO loss also expresses), β = 0.001,
 ε = 0.2/0.28, per-sequence advantages over sequences of 256 tokens, token-mean ("dapo").
@@ -33,23 +33,19 @@ SHAPES = [
 ]
 
 
-def run_variant(name, n, h, v, repeats, warmup):
-    cmd = [sys.executable, str(WORKER), name, str(n), str(h), str(v), str(repeats), str(warmup)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
+def run_variant(name, *args, worker=WORKER):
+    """One variant in a fresh process (its own peak RSS); the worker prints one JSON line."""
+    cmd = [sys.executable, str(worker), name, *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1800)
     if proc.returncode != 0:
         return dict(variant=name, error=proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def format_table(n, h, v, rows):
+def format_table(head, rows):
+    """`head`, then one line per variant: median time, × the gemm_floor row, peak RSS above inputs and
+    above inputs + grads, every run's time."""
     floor = next((r["median_s"] for r in rows if r.get("variant") == "gemm_floor" and "median_s" in r), None)
-    chunk_mib = None
-    try:
-        from afrl_fast.loss import default_chunk_rows
-        chunk_mib = default_chunk_rows(n, v) * v * 4 / 2**20
-    except ImportError:
-        pass
-    head = f"N={n} H={h} V={v}  fp32 fwd+bwd  (one chunk of logits = {chunk_mib:.0f} MiB)"
     lines = [head, f"{'variant':<22}{'median s':>10}{'x floor':>9}{'RSS MiB':>10}{'- grads':>9}  runs"]
     for r in rows:
         if "error" in r:
@@ -63,14 +59,20 @@ def format_table(n, h, v, rows):
     return "\n".join(lines)
 
 
+def machine_line():
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return f"{datetime.date.today()}  cpus={os.cpu_count()}  load(1m)={load:.1f}"
+
+
 @pytest.mark.benchmark
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"N{s[0]}_V{s[2]}")
 def test_bench_fused_loss(shape, capsys):
     n, h, v, repeats, warmup, variants = shape
     repeats = int(os.environ.get("AFRL_BENCH_REPEATS", repeats))
     rows = [run_variant(name, n, h, v, repeats, warmup) for name in variants]
-    table = format_table(n, h, v, rows)
+    from afrl_fast.loss import default_chunk_rows
+    chunk_mib = default_chunk_rows(n, v) * v * 4 / 2**20
+    table = format_table(f"N={n} H={h} V={v}  fp32 fwd+bwd  (one chunk of logits = {chunk_mib:.0f} MiB)", rows)
     with capsys.disabled():
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-        print(f"\n{datetime.date.today()}  cpus={os.cpu_count()}  load(1m)={load:.1f}\n{table}\n")
+        print(f"\n{machine_line()}\n{table}\n")
     assert all("error" not in r for r in rows if r["variant"] != "liger_compiled"), table

@@ -27,93 +27,14 @@
 #include <tuple>
 #include <vector>
 
+#include "checks.h"
+#include "passes.h"
+#include "simd.h"
+
 namespace {
 
-constexpr int kW = 16;          // lanes per vector (one zmm; two ymm on AVX2 machines)
-constexpr int64_t kTile = 2048; // floats per tile: 8 KB stays in L1 between the max and exp passes
-
-typedef float vf __attribute__((vector_size(kW * 4)));
-typedef int32_t vi __attribute__((vector_size(kW * 4)));
-typedef uint32_t vu __attribute__((vector_size(kW * 4)));
-typedef uint16_t vh __attribute__((vector_size(kW * 2)));
-
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-// exp(d) for d < -88 is below FLT_MIN; flushing to 0 there costs < 1e-38 absolute and avoids
-// denormals (slow) and NaN from -inf logits (0 · -inf).
-constexpr float kExpFloor = -88.0f;
-
-inline vf splat(float x) { return vf{} + x; }
-inline vf vmax(vf a, vf b) { return a > b ? a : b; }
-// max(d, floor) that keeps NaN (one maxps, operands swapped): clamping NaN to the floor would turn
-// a NaN logit into a zero probability and hide it.
-inline vf floor_keep_nan(vf d, vf floor) { return floor > d ? floor : d; }
-inline vf vmin(vf a, vf b) { return a < b ? a : b; }
-
-// exp for x in [-88, 0] (callers clamp). x = n·ln2 + r with |r| ≤ ln2/2, exp(r) ≈ 1 + r + r²·q(r),
-// q a degree-4 least-squares fit on Chebyshev nodes (relative error 4e-9 before fp32 rounding,
-// so ≈ 1-2 ulp overall). 2^n is built in the exponent bits; n = -127 gives exactly 0.
-inline vf exp_nonpos(vf x) {
-  const vf magic = splat(12582912.0f);  // 1.5·2^23: adding it rounds to an integer (no fast-math)
-  const vf t = x * 1.44269504088896341f + magic;
-  const vf n = t - magic;
-  const vi ni = (vi)t - (vi)magic;
-  // Cody-Waite: ln2_hi has 16 significant bits, so n·ln2_hi is exact for |n| ≤ 255.
-  vf r = x - n * 0.693145751953125f;
-  r = r - n * 1.428606765330187e-06f;
-  vf q = splat(0.0013751407386735082f);
-  q = q * r + 0.008368915878236294f;
-  q = q * r + 0.04166953265666962f;
-  q = q * r + 0.166665181517601f;
-  q = q * r + 0.49999988079071045f;
-  const vf p = 1.0f + (r + (r * r) * q);
-  const vf two_n = (vf)((ni + 127) << 23);
-  return p * two_n;
-}
-
-// ---- loads and stores of fp32 / bf16 rows as fp32 vectors --------------------------------------
-
-inline vf load(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof v);  // unaligned load
-  return v;
-}
-inline vf load(const at::BFloat16* p) {
-  vh h;
-  std::memcpy(&h, p, sizeof h);
-  return (vf)(__builtin_convertvector(h, vu) << 16);  // bf16 is the top half of an fp32
-}
-inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-inline void store(at::BFloat16* p, vf v) {
-  // round to nearest even, as at::BFloat16(float) does for finite values
-  vu b = (vu)v;
-  b = b + 0x7FFFu + ((b >> 16) & 1u);
-  const vh h = __builtin_convertvector(b >> 16, vh);
-  std::memcpy(p, &h, sizeof h);
-}
-// Tails shorter than a vector go through a float buffer padded with `fill`.
-template <typename T>
-inline vf load_tail(const T* p, int64_t n, float fill) {
-  alignas(64) float buf[kW];
-  for (int i = 0; i < kW; ++i) buf[i] = i < n ? static_cast<float>(p[i]) : fill;
-  return load(buf);
-}
-template <typename T>
-inline void store_tail(T* p, int64_t n, vf v) {
-  alignas(64) float buf[kW];
-  store(buf, v);
-  for (int64_t i = 0; i < n; ++i) p[i] = static_cast<T>(buf[i]);
-}
-
-inline float hmax(vf v) {
-  float m = v[0];
-  for (int i = 1; i < kW; ++i) m = std::max(m, v[i]);
-  return m;
-}
-inline double hsum(vf v) {
-  double s = 0.0;
-  for (int i = 0; i < kW; ++i) s += v[i];
-  return s;
-}
+using namespace afrl_simd;
+using namespace afrl_checks;
 
 // ---- streaming log-sum-exp / entropy statistics -----------------------------------------------
 
@@ -389,32 +310,6 @@ void run_by_segments(T* logits, const Inputs& in, const Outputs& out, const Hype
 
 // ---- argument checks ---------------------------------------------------------------------------
 
-void check_row_vector(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t C) {
-  TORCH_CHECK(t.device().is_cpu(), "vocab_pass: ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == dtype, "vocab_pass: ", name, " must have dtype ", dtype, ", got ",
-              t.scalar_type());
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == C, "vocab_pass: ", name, " must have shape [", C,
-              "] (one entry per logits row), got ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), "vocab_pass: ", name, " must be contiguous");
-}
-
-void check_logits(const at::Tensor& logits) {
-  TORCH_CHECK(logits.device().is_cpu(), "vocab_pass: logits must be a CPU tensor, got ",
-              logits.device());
-  TORCH_CHECK(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kBFloat16,
-              "vocab_pass: logits must be float32 or bfloat16, got ", logits.scalar_type());
-  TORCH_CHECK(logits.dim() == 2, "vocab_pass: logits must be 2-D [C, V], got ", logits.sizes());
-  TORCH_CHECK(logits.size(1) > 0, "vocab_pass: logits must have V > 0 columns");
-  TORCH_CHECK(logits.is_contiguous(), "vocab_pass: logits must be contiguous (it is written in place)");
-}
-
-void check_targets(const at::Tensor& targets, int64_t V) {
-  const int64_t* y = targets.data_ptr<int64_t>();
-  for (int64_t i = 0; i < targets.size(0); ++i)
-    TORCH_CHECK(y[i] == -100 || (y[i] >= 0 && y[i] < V), "vocab_pass: targets[", i, "] = ", y[i],
-                " is outside [0, V=", V, ") and is not the ignore index -100");
-}
-
 void check_hyper(const Hyper& h) {
   TORCH_CHECK(std::isfinite(h.inv_temp) && h.inv_temp > 0,
               "vocab_pass: inv_temp must be finite and > 0, got ", h.inv_temp);
@@ -443,17 +338,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vocab_pas
     const at::Tensor& advantages, const std::optional<at::Tensor>& old_logp,
     const std::optional<at::Tensor>& ref_logp, const at::Tensor& scale, double beta,
     double eps_low, double eps_high, double inv_temp, bool with_grad) {
-  check_logits(logits);
+  constexpr const char* who = "vocab_pass";
+  check_logits(who, logits, "logits", /*allow_bf16=*/true);
   const int64_t C = logits.size(0), V = logits.size(1);
-  check_row_vector(targets, "targets", at::kLong, C);
-  check_row_vector(is_sft, "is_sft", at::kBool, C);
-  check_row_vector(advantages, "advantages", at::kFloat, C);
-  if (old_logp) check_row_vector(*old_logp, "old_logp", at::kFloat, C);
-  if (ref_logp) check_row_vector(*ref_logp, "ref_logp", at::kFloat, C);
-  check_row_vector(scale, "scale", at::kFloat, C);
+  check_row_vector(who, targets, "targets", at::kLong, C);
+  check_row_vector(who, is_sft, "is_sft", at::kBool, C);
+  check_row_vector(who, advantages, "advantages", at::kFloat, C);
+  if (old_logp) check_row_vector(who, *old_logp, "old_logp", at::kFloat, C);
+  if (ref_logp) check_row_vector(who, *ref_logp, "ref_logp", at::kFloat, C);
+  check_row_vector(who, scale, "scale", at::kFloat, C);
   const Hyper h{beta, eps_low, eps_high, inv_temp};
   check_hyper(h);
-  check_targets(targets, V);
+  check_targets(who, targets, V);
 
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   at::Tensor row_loss = at::zeros({C}, f32), logp = at::zeros({C}, f32),
@@ -488,12 +384,4 @@ at::Tensor fast_exp(const at::Tensor& x) {
     store_tail(dst + i, m, exp_nonpos(v));
   }
   return y;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("vocab_pass", &vocab_pass, "Fused vocabulary pass (see csrc/vocab_pass.cpp)",
-        py::arg("logits"), py::arg("targets"), py::arg("is_sft"), py::arg("advantages"),
-        py::arg("old_logp"), py::arg("ref_logp"), py::arg("scale"), py::arg("beta"),
-        py::arg("eps_low"), py::arg("eps_high"), py::arg("inv_temp"), py::arg("with_grad"));
-  m.def("fast_exp", &fast_exp, "vectorized exp used by vocab_pass, for tests", py::arg("x"));
 }

@@ -70,7 +70,7 @@ class CompileRecord:
         return self.spill_stores + self.spill_loads
 
 
-# --- the kernels of vocab_pass.py ---------------------------------------------------------------
+# --- the kernel of vocab_pass.py ---------------------------------------------------------------
 
 def _vocab_pass_signature(dtype: str) -> dict:
     ptr = {name: "*fp32" for name in ("adv_ptr", "old_ptr", "ref_ptr", "scale_ptr", "loss_ptr", "logp_ptr",
@@ -84,10 +84,10 @@ def _vocab_pass_signature(dtype: str) -> dict:
 
 def _divisibility_attrs(fn, signature: dict, vocab: int) -> dict:
     """What the runtime specialises at launch: 16-byte aligned pointers (torch allocations are),
-    and V / stride divisible by 16 when they are (151,936 is)."""
+    and V / the row strides divisible by 16 when they are (151,936 is)."""
     names = [n for n in signature if signature[n].startswith("*")]
     if vocab % 16 == 0:
-        names += ["V", "stride"]
+        names += [n for n in signature if n == "V" or n.startswith("stride")]
     return {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in names}
 
 
@@ -226,8 +226,41 @@ def compile_variant(variant: Variant, arch: int) -> CompileRecord:
     )
 
 
+# --- the kernel of distill_pass.py ---------------------------------------------------------------
+
+def _distill_pass_signature() -> dict:
+    sig = {**{name: "*fp32" for name in ("s_ptr", "t_ptr", "coef_ptr", "div_ptr", "ce_ptr")}, "targets_ptr": "*i64",
+           "V": "i32", "stride_s": "i32", "stride_t": "i32",
+           **{name: "fp32" for name in ("inv_temp", "beta", "log_beta", "log_cbeta", "ce_coef")},
+           **{name: "constexpr" for name in ("KIND", "SEPARATE_CE", "CE", "WITH_GRAD", "BLOCK_V")}}
+    from .distill_pass import distill_pass_kernel
+    return {name: sig[name] for name in distill_pass_kernel.arg_names}
+
+
+def distill_pass_variants(vocab: int = PRODUCTION_VOCAB, train_with_ce_only: bool = False) -> list[Variant]:
+    """Per kind: forward only at τ = 1, training at τ = 1 without the hard label, and training at
+    τ ≠ 1 with it (its own τ = 1 statistics and the largest live set). train_with_ce_only: the last alone."""
+    from afrl_fast_kernels import DISTILL_KINDS
+    from .distill_pass import distill_pass_kernel, launch_config
+    block_v, num_warps = launch_config(vocab)
+    sig = _distill_pass_signature()
+    settings = ((False, False, False), (True, False, False), (True, True, True))
+    out = []
+    for kind in DISTILL_KINDS:
+        for with_grad, separate_ce, ce in settings[2:] if train_with_ce_only else settings:
+            out.append(Variant(
+                fn=distill_pass_kernel, signature=sig,
+                constexprs={"KIND": DISTILL_KINDS.index(kind), "SEPARATE_CE": separate_ce, "CE": ce,
+                            "WITH_GRAD": with_grad, "BLOCK_V": block_v},
+                options={"num_warps": num_warps}, attrs=_divisibility_attrs(distill_pass_kernel, sig, vocab),
+                label=f"fp32 {kind} {'train' if with_grad else 'fwd'}{' tau!=1 +CE' if ce else ''} "
+                      f"BLOCK_V={block_v} w{num_warps}"))
+    return out
+
+
 def all_variants() -> list[Variant]:
-    return vocab_pass_variants(PRODUCTION_VOCAB) + vocab_pass_variants(SMALL_VOCAB)
+    return (vocab_pass_variants(PRODUCTION_VOCAB) + vocab_pass_variants(SMALL_VOCAB)
+            + distill_pass_variants(PRODUCTION_VOCAB) + distill_pass_variants(SMALL_VOCAB, train_with_ce_only=True))
 
 
 def compile_all(archs=ARCHS, variants=None) -> list[CompileRecord]:
@@ -237,11 +270,11 @@ def compile_all(archs=ARCHS, variants=None) -> list[CompileRecord]:
 
 
 def format_table(records: list[CompileRecord]) -> str:
-    head = f"{'kernel':<18} {'variant':<44} {'arch':<7} {'regs':>4} {'cubin':>5} {'spill st/ld':>11} " \
+    head = f"{'kernel':<20} {'variant':<48} {'arch':<7} {'regs':>4} {'cubin':>5} {'spill st/ld':>11} " \
            f"{'stack':>5} {'smem st':>7} {'smem dyn':>8}"
     lines = [head, "-" * len(head)]
     for r in records:
-        lines.append(f"{r.kernel:<18} {r.variant:<44} {r.arch:<7} {r.registers:>4} {r.cubin_registers:>5} "
+        lines.append(f"{r.kernel:<20} {r.variant:<48} {r.arch:<7} {r.registers:>4} {r.cubin_registers:>5} "
                      f"{f'{r.spill_stores}/{r.spill_loads}':>11} {r.stack:>5} {r.smem_static:>7} {r.smem_dynamic:>8}")
     return "\n".join(lines)
 

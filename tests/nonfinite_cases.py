@@ -1,5 +1,6 @@
-"""NaN / ±inf cases for the vocabulary pass, shared by the backend tests (native and torch in
-tests/test_nonfinite.py, Triton under the interpreter in tests/test_vocab_pass_triton.py).
+"""NaN / ±inf cases for the vocabulary pass and the distill pass, shared by the backend tests (native
+and torch in tests/test_nonfinite.py, Triton under the interpreter in tests/test_vocab_pass_triton.py
+and tests/test_distill_pass_triton.py).
 
 Each case puts one non-finite value into one place a backend reads — a logit (target, non-target,
 a whole row, a masked −inf), an RL row's advantage / old / ref log-prob, a scale, a row whose
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from afrl_fast_kernels.reference import IGNORE_INDEX, vocab_pass_reference
+from afrl_fast_kernels.reference import IGNORE_INDEX, distill_pass_reference, vocab_pass_reference
 
 NAN, INF = float("nan"), float("inf")
 HYPER = dict(beta=0.04, eps_low=0.2, eps_high=0.28)
@@ -135,3 +136,98 @@ def assert_same_nonfinite(name: str, outputs, grad, case: dict, *, rtol=1e-4, gr
     scale = want_grad.where(fin, 0.0).abs().amax(dim=1, keepdim=True).expand_as(want_grad)
     diff = (grad.double() - want_grad).abs()[fin]
     assert torch.all(diff <= 1e-7 + grad_rtol * scale[fin]), f"{name}: gradient off by {diff.max().item():.3g}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The distill pass: one non-finite value in the student's or the teacher's logits, or in a row whose
+# weight (or hard-label weight) is 0, and the same check on (div, ce) and the in-place gradient.
+
+DISTILL_ROWS = 6                      # rows 0-4 kept, row 5 ignored
+DISTILL_IGNORED = 5
+DISTILL_CASES = (
+    "nan_student_nontarget", "nan_student_target", "nan_teacher_logit", "posinf_student_logit",
+    "posinf_teacher_logit", "nan_whole_teacher_row", "neginf_masked_both", "neginf_student_target",
+    "neginf_student_under_teacher_mass", "neginf_teacher_under_student_mass", "all_neginf_student_row",
+    "nan_logit_zero_weight", "nan_logit_zero_weight_no_ce", "nan_in_ignored_row", "nan_every_row",
+)
+
+
+def make_distill_case(name: str, vocab: int, kind: str, *, seed: int = 0) -> dict:
+    """Inputs of the distill pass (student/teacher logits [6, vocab], targets, coef) plus ce_coef, kind,
+    beta and inv_temp."""
+    g = torch.Generator().manual_seed(seed)
+    zs = torch.randn(DISTILL_ROWS, vocab, generator=g) * 2.0
+    zt = torch.randn(DISTILL_ROWS, vocab, generator=g) * 2.0
+    targets = torch.randint(0, vocab, (DISTILL_ROWS,), generator=g)
+    targets[DISTILL_IGNORED] = IGNORE_INDEX
+    coef = torch.rand(DISTILL_ROWS, generator=g) + 0.1
+    coef[DISTILL_IGNORED] = 0.0
+    case = {"kind": kind, "beta": 0.3, "inv_temp": 1 / 0.8, "ce_coef": 0.25}
+    other = lambda r: int((targets[r] + vocab // 2) % vocab)       # noqa: E731  a non-target column
+    if name == "nan_student_nontarget":
+        zs[1, other(1)] = NAN
+    elif name == "nan_student_target":
+        zs[1, targets[1]] = NAN
+    elif name == "nan_teacher_logit":
+        zt[2, other(2)] = NAN
+    elif name == "posinf_student_logit":
+        zs[1, other(1)] = INF
+    elif name == "posinf_teacher_logit":
+        zt[2, targets[2]] = INF
+    elif name == "nan_whole_teacher_row":
+        zt[3] = NAN
+    elif name == "neginf_masked_both":        # a masked vocabulary: the same tokens −inf in both models
+        mask = torch.rand(DISTILL_ROWS, vocab, generator=g) < 0.3
+        mask[torch.arange(DISTILL_ROWS), targets.clamp(min=0)] = False
+        zs[mask] = -INF
+        zt[mask] = -INF
+    elif name == "neginf_student_target":     # CE = +inf (forward_kl D too: the teacher has mass there)
+        zs[0, targets[0]] = -INF
+    elif name == "neginf_student_under_teacher_mass":   # forward_kl D = +inf, its gradient finite
+        zs[1, other(1)] = -INF
+    elif name == "neginf_teacher_under_student_mass":   # reverse_kl D = +inf
+        zt[2, other(2)] = -INF
+    elif name == "all_neginf_student_row":    # no softmax at all: NaN
+        zs[3] = -INF
+    elif name == "nan_logit_zero_weight":     # coef 0 must not skip the NaN
+        zs[1, other(1)] = NAN
+        coef[1] = 0.0
+    elif name == "nan_logit_zero_weight_no_ce":
+        zt[1, other(1)] = NAN
+        coef[1] = 0.0
+        case["ce_coef"] = 0.0
+    elif name == "nan_in_ignored_row":        # ignored rows contribute nothing
+        zs[DISTILL_IGNORED, :7] = NAN
+        zt[DISTILL_IGNORED, 3] = INF
+    elif name == "nan_every_row":             # e.g. a NaN row of the teacher's lm_head
+        zt[:, other(0)] = NAN
+    else:
+        raise KeyError(name)
+    case["inputs"] = {"student_logits": zs, "teacher_logits": zt, "targets": targets, "coef": coef}
+    return case
+
+
+def distill_reference_outputs(case: dict) -> tuple:
+    """(div, ce, grad) in float64."""
+    inp = case["inputs"]
+    return distill_pass_reference(inp["student_logits"], inp["teacher_logits"], inp["targets"], inp["coef"],
+                                  case["ce_coef"], kind=case["kind"], beta=case["beta"], inv_temp=case["inv_temp"])
+
+
+def assert_same_nonfinite_distill(name: str, outputs, grad, case: dict, *, rtol=1e-4, grad_rtol=1e-4) -> None:
+    """Backend (div, ce) and in-place gradient against the reference: identical NaN/±inf positions,
+    close finite values."""
+    want = distill_reference_outputs(case)
+    label = f"{name} [{case['kind']}]"
+    for key, g, w in zip(("div", "ce"), outputs, want[:2]):
+        assert torch.equal(kind(g), kind(w)), f"{label}: {key} {g.tolist()} vs reference {w.tolist()}"
+        fin = kind(w) == 0
+        torch.testing.assert_close(g.double()[fin], w[fin], rtol=rtol, atol=rtol, msg=lambda m: f"{label}: {key}: {m}")
+    want_grad = want[2]
+    mismatch = kind(grad) != kind(want_grad)
+    assert not mismatch.any(), (f"{label}: gradient non-finite pattern differs in {int(mismatch.sum())} entries, "
+                                f"rows {sorted(set(mismatch.nonzero()[:, 0].tolist()))}")
+    fin = kind(want_grad) == 0
+    scale = want_grad.where(fin, 0.0).abs().amax(dim=1, keepdim=True).expand_as(want_grad)
+    diff = (grad.double() - want_grad).abs()[fin]
+    assert torch.all(diff <= 1e-7 + grad_rtol * scale[fin]), f"{label}: gradient off by {diff.max().item():.3g}"

@@ -1,5 +1,6 @@
-"""Every Triton kernel compiles for sm_80 and sm_90 without register spills (the budget README's
-Performance table reports: registers, spills and shared memory per variant).
+"""Every Triton kernel (the vocab pass and the distill pass) compiles for sm_80 and sm_90 without
+register spills (the budget README's Performance table reports: registers, spills and shared memory
+per variant).
 
 No GPU is needed: Triton lowers to PTX/cubin on the CPU and the ptxas it ships reports registers
 and spills. The compile runs in a child interpreter (`compile_check.run_isolated`) so that another
@@ -25,10 +26,18 @@ def test_every_variant_compiled_for_both_archs(compiled):
     variants = {r.variant for r in records}
     assert {r.arch for r in records} == {"sm_80", "sm_90a"}
     assert seen == {(v, a) for v in variants for a in ("sm_80", "sm_90a")}
-    # Both modes, both reference settings and both logits dtypes, at the production tile.
+    assert {r.kernel for r in records} == {"vocab_pass_kernel", "distill_pass_kernel"}
+    by_kernel = lambda name: {r.variant for r in records if r.kernel == name}   # noqa: E731
+    # vocab pass: both modes, both reference settings and both logits dtypes, at the production tile.
     for token in ("fp32", "bf16", "fwd", "train", "noref", " ref", "BLOCK_V=2048 w8"):
-        assert any(token in v for v in variants), token
-    assert all(r.kernel == "vocab_pass_kernel" for r in records)
+        assert any(token in v for v in by_kernel("vocab_pass_kernel")), token
+    # distill pass: every kind forward-only and training (τ = 1 without the hard label, τ ≠ 1 with it),
+    # at the production tile and the small-vocabulary one.
+    distill = by_kernel("distill_pass_kernel")
+    for kind in ("forward_kl", "reverse_kl", "jsd"):
+        for mode in ("fwd BLOCK_V=2048", "train BLOCK_V=2048", "train tau!=1 +CE BLOCK_V=2048",
+                     "train tau!=1 +CE BLOCK_V=1024"):
+            assert f"fp32 {kind} {mode}" in " | ".join(distill), (kind, mode)
 
 
 def test_no_register_spills(compiled):

@@ -1,15 +1,18 @@
 """NaN and ±inf are never hidden: every backend propagates them exactly as the float64 reference
-does, in the loss, log-probs, entropy, dh and dW (Triton: tests/test_vocab_pass_triton.py runs the
-same cases under the interpreter). Bad hyper-parameters are rejected up front, identically for all
-backends.
+does, in the loss, log-probs, entropy, dh and dW of fused_loss, and in the loss, per-row divergence,
+CE, dh and dW of fused_distill_loss (Triton: tests/test_vocab_pass_triton.py and
+tests/test_distill_pass_triton.py run the same cases under the interpreter). Bad hyper-parameters
+are rejected up front, identically for all backends.
 """
 import pytest
 import torch
 
 from afrl_fast import backends
-from afrl_fast.loss import fused_loss, token_logprobs
-from afrl_fast_kernels.reference import IGNORE_INDEX, fused_loss_reference
-from nonfinite_cases import CASES, assert_same_nonfinite, kind, make_case
+from afrl_fast.loss import fused_distill_loss, fused_loss, token_logprobs
+from afrl_fast_kernels import DISTILL_KINDS
+from afrl_fast_kernels.reference import IGNORE_INDEX, fused_distill_loss_reference, fused_loss_reference
+from nonfinite_cases import (CASES, DISTILL_CASES, assert_same_nonfinite, assert_same_nonfinite_distill, kind,
+                             make_case, make_distill_case)
 
 VOCAB = 5003          # three native tiles of 2048 and a vector tail
 
@@ -160,3 +163,81 @@ def test_ignored_rows_stay_out_even_when_non_finite():
         assert torch.isfinite(out.loss) and out.logp[4] == 0 and out.entropy[4] == 0
         assert torch.isfinite(h.grad).all() and (h.grad[4] == 0).all()
         assert torch.equal(kind(w.grad), kind(w64.grad))
+
+
+# ---------------------------------------------------------------- the distill pass and fused_distill_loss
+
+def distill_pass(backend: str):
+    return {"torch": backends.distill_pass_torch, "native": backends.distill_pass_native}[backend]
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+@pytest.mark.parametrize("kind_name", DISTILL_KINDS)
+@pytest.mark.parametrize("name", DISTILL_CASES)
+def test_distill_pass_propagates_like_the_reference(backend, kind_name, name):
+    case = make_distill_case(name, VOCAB, kind_name, seed=DISTILL_CASES.index(name))
+    inp = case["inputs"]
+    work, teacher = inp["student_logits"].clone(), inp["teacher_logits"].clone()
+    out = distill_pass(backend)(work, teacher, inp["targets"], inp["coef"], case["ce_coef"], kind_name,
+                                case["beta"], case["inv_temp"], True)
+    assert_same_nonfinite_distill(name, out, work, case)
+    assert torch.equal(teacher.isnan(), inp["teacher_logits"].isnan())
+    assert torch.equal(teacher.nan_to_num(), inp["teacher_logits"].nan_to_num()), "the teacher is only read"
+
+
+def distill_inputs(where: str, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    n, hs, ht, v = 10, 16, 24, 700
+    sh, sw = torch.randn(n, hs, generator=g), torch.randn(v, hs, generator=g) * 0.5
+    th, tw = torch.randn(n, ht, generator=g), torch.randn(v, ht, generator=g) * 0.5
+    targets = torch.randint(0, v, (n,), generator=g)
+    other = int((targets[0] + 1) % v)
+    if where == "teacher_weight_row_nan":         # one NaN row of the teacher's lm_head: every row NaN
+        tw[other, 3] = float("nan")
+    elif where == "student_weight_row_inf":
+        sw[other, 2] = float("inf")
+    elif where == "student_hidden_row_nan":
+        sh[4, 0] = float("nan")
+    elif where == "teacher_hidden_row_nan":
+        th[6, 5] = float("nan")
+    elif where != "finite":
+        raise KeyError(where)
+    return sh, sw, th, tw, targets
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+@pytest.mark.parametrize("kind_name", DISTILL_KINDS)
+@pytest.mark.parametrize("where", ["teacher_weight_row_nan", "student_weight_row_inf", "student_hidden_row_nan",
+                                   "teacher_hidden_row_nan", "finite"])
+def test_fused_distill_loss_dh_dw_propagate_like_the_reference(backend, kind_name, where):
+    sh, sw, th, tw, targets = distill_inputs(where)
+    hyper = dict(kind=kind_name, jsd_beta=0.4, temperature=0.9, hard_label_weight=0.5)
+    h, w = sh.clone().requires_grad_(True), sw.clone().requires_grad_(True)
+    out = fused_distill_loss(h, w, th, tw, targets, **hyper, backend=backend, chunk_rows=4)
+    out.loss.backward()
+    h64, w64 = sh.double().requires_grad_(True), sw.double().requires_grad_(True)
+    ref = fused_distill_loss_reference(h64, w64, th.double(), tw.double(), targets, **hyper)
+    ref.loss.backward()
+    pairs = {"loss": (out.loss, ref.loss), "per_row": (out.per_row, ref.per_row), "ce": (out.ce, ref.ce),
+             "dh": (h.grad, h64.grad), "dW": (w.grad, w64.grad)}
+    for key, (got, want) in pairs.items():
+        assert torch.equal(kind(got), kind(want)), f"{where}/{backend}: {key} non-finite pattern differs"
+        fin = kind(want) == 0
+        torch.testing.assert_close(got.double()[fin], want[fin], rtol=2e-4, atol=2e-5)
+    if where != "finite":
+        assert out.loss.isnan() and w.grad.isnan().any() and h.grad.isnan().any()
+    if where.startswith("teacher"):               # the CE reads only the student
+        assert torch.isfinite(out.ce).all()
+
+
+def test_distill_ignored_rows_stay_out_even_when_non_finite():
+    """Ignored rows' NaN hidden states (student and teacher) add nothing to the loss, D, CE or dh."""
+    sh, sw, th, tw, targets = distill_inputs("student_hidden_row_nan")
+    th[4, 1] = float("nan")
+    targets[4] = IGNORE_INDEX
+    for backend in ("torch", "native"):
+        h, w = sh.clone().requires_grad_(True), sw.clone().requires_grad_(True)
+        out = fused_distill_loss(h, w, th, tw, targets, kind="jsd", hard_label_weight=0.3, backend=backend)
+        out.loss.backward()
+        assert torch.isfinite(out.loss) and out.per_row[4] == 0 and out.ce[4] == 0
+        assert torch.isfinite(h.grad).all() and (h.grad[4] == 0).all()

@@ -91,7 +91,7 @@ def run_and_compare(logits, targets, is_sft, adv, old, ref, scale, *, inv_temp=1
 
 @pytest.mark.parametrize("v", [1, 7, 16, 33, 2049, 5003])
 def test_mixed_rows_various_vocab_sizes(v):
-    """V below, at and off the vector width (16) and the tile (2048)."""
+    """V below, at and off the vector width (8 lanes on AVX2, 16 on AVX-512) and the tile (1024 or 2048)."""
     run_and_compare(*make_inputs(12, v, seed=v), inv_temp=1.0)
 
 
