@@ -38,8 +38,12 @@ def init_distributed(device: str = "auto") -> DistInfo:
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
-        # torchrun pins OMP_NUM_THREADS=1 per process; share the cores among the local ranks instead.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        # torchrun pins OMP_NUM_THREADS=1 per process; share the cores among the local ranks instead,
+        # unless AFRL_FAST_THREADS says how many this process may use (jobs sharing a machine: spinning
+        # OpenMP threads of oversubscribed processes stall each other)
+        threads = os.environ.get("AFRL_FAST_THREADS", "")
+        torch.set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0
+                              else max(1, (os.cpu_count() or 1) // local_world))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if want_cuda else "gloo")
     return DistInfo(rank, world, local_rank, dev)
