@@ -34,8 +34,9 @@ setup(
         "filelock>=3.12",
     ],
     extras_require={
+        # trl: the peer benchmarks/bench_vs_trl.py runs (GRPOTrainer; pulls accelerate and datasets)
         "dev": ["pytest>=8", "scikit-learn>=1.4", "liger-kernel>=0.6", "ninja>=1.11", *SERVE, "httpx>=0.27",
-                "openai>=1.40"],
+                "openai>=1.40", "trl>=1.10,<2"],
         "serve": SERVE,
         "gpu": ["flash-attn>=2.6"],
         # checked against the released code of these versions (afrl_fast/rollout_sglang.py: SGLANG_SPEC)
