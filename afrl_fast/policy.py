@@ -118,7 +118,7 @@ class PolicyLoss(nn.Module):
             return hidden.detach(), weight.detach().clone()
         if mode == "distill":
             t_hidden, t_weight = teacher
-            return fused_distill_loss(hidden, weight, t_hidden.to(hidden.dtype), t_weight.to(weight.dtype),
+            return fused_distill_loss(hidden, weight, t_hidden, t_weight,   # the teacher in its own dtype
                                       batch.targets, kind=distill.kind, jsd_beta=distill.jsd_beta,
                                       temperature=distill.temperature, row_weight=row_weight,
                                       hard_label_weight=distill.hard_label_weight, denominator=denominator,
