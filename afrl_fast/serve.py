@@ -48,6 +48,7 @@ from .evaluate import PromptEncoder, ScoringError
 from .format import FormatError, resolve_prompt_settings
 from .metrics import expected_score
 from .rulebook import RulebookError
+from .rollout import RolloutGroup
 from .serve_backends import BACKENDS, ServeError, load_backend, pick_device
 from .verify import RewardConfig, verify_batch
 
@@ -151,6 +152,9 @@ class Metrics:
                                 registry=r)
         self.generated = Counter("afrl_generated_tokens", "tokens generated (completions and explain traces)",
                                  registry=r)
+        self.generation_batch_requests = Histogram(
+            "afrl_generation_batch_requests", "completion / explain requests decoded together in one engine call",
+            registry=r, buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 
 
 class RequestMetrics:
@@ -324,6 +328,102 @@ class Batcher:
                 job.future.set_result(p)
 
 
+@dataclass
+class GenJob:
+    """One generation request: its prompts, sampling settings and one seed per prompt."""
+    prompts: list[list[int]]
+    n: int
+    temperature: float
+    top_p: float
+    max_tokens: int
+    seeds: list[int]
+    top_logprobs: int
+    future: asyncio.Future
+
+    def key(self) -> tuple:
+        """Requests with the same key decode together: one engine call, rows stopping on their own."""
+        return (self.n, self.temperature, self.top_p, self.top_logprobs)
+
+
+def cut_to(group: RolloutGroup, max_tokens: int) -> RolloutGroup:
+    """A group decoded for a longer budget, as it would have come out with `max_tokens`: its rows
+    draw from their prompt's own generator, so the first max_tokens tokens are the same."""
+    return RolloutGroup(
+        prompt_ids=group.prompt_ids, token_ids=[t[:max_tokens] for t in group.token_ids],
+        logprobs=[lp[:max_tokens] for lp in group.logprobs],
+        finished=[f and len(t) <= max_tokens for f, t in zip(group.finished, group.token_ids)],
+        top_logprobs=None if group.top_logprobs is None else [t[:max_tokens] for t in group.top_logprobs])
+
+
+class GenerationMerger:
+    """Completion and explain requests decode in the single inference thread; while one batch runs,
+    the requests that arrive wait, and when it ends all waiting requests with the same sampling
+    settings (n, temperature, top-p, logprobs) go into the next engine call together, up to
+    max_completion_rows rows: a weight read per decode step then serves every client at once. No
+    request waits for a batch to fill (a lone client decodes at once). Each prompt samples from its
+    own generator (seeded per prompt), so a request gets the same tokens whoever it shares a batch with."""
+
+    def __init__(self, generate_fn, worker: ThreadPoolExecutor, cfg: ServeConfig, metrics=None):
+        self.generate_fn, self.worker, self.cfg, self.metrics = generate_fn, worker, cfg, metrics
+        self.waiting: list[GenJob] = []
+        self.wake = asyncio.Event()
+
+    def submit(self, job: GenJob) -> None:
+        self.waiting.append(job)
+        self.wake.set()
+
+    def take_batch(self) -> list[GenJob]:
+        first = self.waiting[0]
+        batch, rows = [], 0
+        for job in list(self.waiting):
+            size = len(job.prompts) * job.n
+            if job.key() == first.key() and (not batch or rows + size <= self.cfg.max_completion_rows):
+                batch.append(job)
+                rows += size
+                self.waiting.remove(job)
+        return batch
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            while self.waiting:
+                batch = [j for j in self.take_batch() if not j.future.done()]   # a client that went away
+                if not batch:
+                    continue
+                first = batch[0]
+                prompts = [p for j in batch for p in j.prompts]
+                seeds = [s for j in batch for s in j.seeds]
+                budget = max(j.max_tokens for j in batch)
+                try:
+                    groups = await loop.run_in_executor(self.worker, lambda: self.generate_fn(
+                        prompts, n=first.n, temperature=first.temperature, top_p=first.top_p, max_tokens=budget,
+                        seeds=seeds, top_logprobs=first.top_logprobs))
+                except Exception as e:     # every request of the batch gets the error, the service goes on
+                    log.exception("generation batch of %d requests failed", len(batch))
+                    for j in batch:
+                        if not j.future.done():
+                            j.future.set_exception(e)
+                    continue
+                if self.metrics is not None:
+                    self.metrics.generation_batch_requests.observe(len(batch))
+                start = 0
+                for j in batch:
+                    mine = groups[start:start + len(j.prompts)]
+                    start += len(j.prompts)
+                    if not j.future.done():
+                        j.future.set_result([cut_to(g, j.max_tokens) for g in mine])
+
+
+def request_seeds(seed: int | None, n_prompts: int) -> list[int]:
+    """One sampling seed per prompt of a request: fixed by (request seed, prompt index), or drawn
+    from the OS for a request without a seed. Below 2^31, as SGLang keeps them."""
+    if seed is None:
+        return [int(x) for x in np.random.SeedSequence().generate_state(max(n_prompts, 1), np.uint32)[:n_prompts] >> 1]
+    return [int(np.random.default_rng([int(seed), i]).integers(2**31)) for i in range(n_prompts)]
+
+
 # ----------------------------------------------------------------------------------------------
 # Request and response models
 # ----------------------------------------------------------------------------------------------
@@ -391,6 +491,7 @@ class Service:
     worker: ThreadPoolExecutor
     tokenize_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "afrl-tokenize"))
     batcher: Batcher | None = None
+    generator: GenerationMerger | None = None
     metrics: Metrics | None = None
     pending_rows: int = 0           # completion / explain rows submitted to the worker, not yet done
 
@@ -439,8 +540,11 @@ class Service:
 
     # --- generation ----------------------------------------------------------------------------
 
-    async def run_generation(self, rows: int, fn, *args, **kwargs):
-        """Run a generation job in the inference thread, counting its rows against --max-queue."""
+    async def run_generation(self, prompts: list[list[int]], *, n: int, temperature: float, top_p: float,
+                             max_tokens: int, seed: int | None, top_logprobs: int = 0) -> list[RolloutGroup]:
+        """Generate through the merger (one batch with the compatible requests waiting beside it),
+        counting the rows against --max-queue."""
+        rows = len(prompts) * n
         if self.pending_rows + rows > self.cfg.max_queue:
             self.metrics.rejected.labels("queue_full").inc()
             raise ApiError(503, f"the generation queue is full ({self.cfg.max_queue} rows); retry shortly", None,
@@ -448,7 +552,14 @@ class Service:
         self.pending_rows += rows
         try:
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self.worker, lambda: fn(*args, **kwargs))
+            job = GenJob(prompts, n, float(temperature), float(top_p), int(max_tokens),
+                         request_seeds(seed, len(prompts)), int(top_logprobs), loop.create_future())
+            if self.generator is None:     # a Service used outside the app (no merging task running)
+                return await loop.run_in_executor(self.worker, lambda: self.backend.generate(
+                    prompts, n=job.n, temperature=job.temperature, top_p=job.top_p, max_tokens=job.max_tokens,
+                    seeds=job.seeds, top_logprobs=job.top_logprobs))
+            self.generator.submit(job)
+            return await job.future
         finally:
             self.pending_rows -= rows
 
@@ -463,8 +574,7 @@ class Service:
         if budget < 1:
             raise ApiError(400, "pairs: no room left in the model's context for an explanation", "pairs",
                            "context_length_exceeded")
-        groups = await self.run_generation(len(prompts), self.backend.generate, prompts, n=1, temperature=0.0,
-                                           top_p=1.0, max_tokens=budget, seed=0)
+        groups = await self.run_generation(prompts, n=1, temperature=0.0, top_p=1.0, max_tokens=budget, seed=0)
         tokenizer, eos = self.encoder.tokenizer, set(self.backend.eos_ids)
         texts = []
         for prompt, group in zip(prompts, groups):
@@ -601,14 +711,16 @@ def create_app(backend, cfg: ServeConfig, encoder: PromptEncoder, worker: Thread
     @contextlib.asynccontextmanager
     async def lifespan(app):
         svc.batcher = Batcher(backend.score, worker, cfg, svc.metrics)
-        task = asyncio.create_task(svc.batcher.run())
+        svc.generator = GenerationMerger(backend.generate, worker, cfg, svc.metrics)
+        tasks = [asyncio.create_task(svc.batcher.run()), asyncio.create_task(svc.generator.run())]
         try:
             yield
         finally:
             # uvicorn gets here after the requests in flight have been answered
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             svc.tokenize_pool.shutdown(wait=False)
             # here, not after server.run(): uvicorn re-raises the SIGTERM it caught once it is done
             await asyncio.get_running_loop().run_in_executor(worker, backend.close)
@@ -677,9 +789,9 @@ def create_app(backend, cfg: ServeConfig, encoder: PromptEncoder, worker: Thread
                                "context_length_exceeded")
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         temperature = 1.0 if req.temperature is None else req.temperature
-        groups = await svc.run_generation(len(prompts) * req.n, backend.generate, prompts, n=req.n,
-                                          temperature=temperature, top_p=1.0 if req.top_p is None else req.top_p,
-                                          max_tokens=max_tokens, seed=req.seed, top_logprobs=req.logprobs or 0)
+        groups = await svc.run_generation(prompts, n=req.n, temperature=temperature,
+                                          top_p=1.0 if req.top_p is None else req.top_p, max_tokens=max_tokens,
+                                          seed=req.seed, top_logprobs=req.logprobs or 0)
         eos = set(backend.eos_ids)
         choices, n_out = [], 0
         for p, group in enumerate(groups):

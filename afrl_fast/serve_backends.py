@@ -93,9 +93,11 @@ class EmbeddedBackend:
         return self.scorer.score_token_ids(batch)
 
     def generate(self, prompts: list[list[int]], *, n: int, temperature: float, top_p: float,
-                 max_tokens: int, seed: int | None, top_logprobs: int = 0) -> list[RolloutGroup]:
+                 max_tokens: int, seeds: list[int], top_logprobs: int = 0) -> list[RolloutGroup]:
+        """n samples per prompt; prompt p draws from its own generator seeded with seeds[p], so its
+        samples do not depend on the prompts batched with it."""
         return self.engine.generate_groups(prompts, group_size=n, temperature=temperature, top_p=top_p,
-                                           max_new_tokens=max_tokens, seed=seed, top_logprobs=top_logprobs)
+                                           max_new_tokens=max_tokens, seeds=seeds, top_logprobs=top_logprobs)
 
     def close(self) -> None:
         """Nothing to release: the model goes with the process."""
@@ -172,17 +174,16 @@ class SGLangBackend:
         return np.stack([label_probs_from_sglang(o, self.label_ids) for o in outputs])
 
     def generate(self, prompts: list[list[int]], *, n: int, temperature: float, top_p: float,
-                 max_tokens: int, seed: int | None, top_logprobs: int = 0) -> list[RolloutGroup]:
+                 max_tokens: int, seeds: list[int], top_logprobs: int = 0) -> list[RolloutGroup]:
         """n samples per prompt as n single-sample requests, prompt-major, each with its own seed.
         As in the rollout engine (rollout_sglang.py): SGLang honours `sampling_seed` under
         deterministic inference and the n copies of one request share it, so `n=n` would return n
-        identical completions. The seeds come from the request seed and the sample index (below
-        2^31); a request without a seed draws its base from the OS, so its samples still differ."""
-        base = int(seed) if seed is not None else int(np.random.SeedSequence().entropy % SEED_LIMIT)
-        seeds = sample_seeds(base, len(prompts) * n)
+        identical completions. The sample seeds come from the prompt's seed (seeds[p]) and the
+        sample index (below 2^31)."""
+        per_sample = [x for p_seed in seeds for x in sample_seeds(int(p_seed) % SEED_LIMIT, n)]
         params = [{"n": 1, "temperature": float(temperature), "top_p": float(top_p),
                    "max_new_tokens": int(max_tokens), "stop_token_ids": list(self.eos_ids), "sampling_seed": s}
-                  for s in seeds]
+                  for s in per_sample]
         outputs = self.engine.generate(input_ids=[list(p) for p in prompts for _ in range(n)], sampling_params=params,
                                        return_logprob=True, logprob_start_len=-1,
                                        top_logprobs_num=top_logprobs or None)

@@ -561,7 +561,7 @@ def test_sglang_backend_scores_like_the_embedded_scorer(monkeypatch, model_dir, 
     assert call["return_logprob"] and call["token_ids_logprob"] == label_token_ids(tokenizer)
     assert call["sampling_params"]["max_new_tokens"] == 1 and call["sampling_params"]["temperature"] == 1.0
     assert engines[0].kwargs == {"model_path": str(model_dir), "tp_size": 1}
-    groups = backend.generate([ids[0], ids[1]], n=3, temperature=1.0, top_p=0.9, max_tokens=3, seed=3,
+    groups = backend.generate([ids[0], ids[1]], n=3, temperature=1.0, top_p=0.9, max_tokens=3, seeds=[3, 4],
                               top_logprobs=2)
     assert [g.group_size for g in groups] == [3, 3] and len(groups[0].top_logprobs[0][0]) == 2
     # n samples are n distinct samples (one request with n copies would share its seed)
@@ -569,9 +569,39 @@ def test_sglang_backend_scores_like_the_embedded_scorer(monkeypatch, model_dir, 
     params = engines[0].calls[-1]["sampling_params"]
     seeds = [sp["sampling_seed"] for sp in params]
     assert [sp["n"] for sp in params] == [1] * 6 and len(set(seeds)) == 6 and all(0 <= x < 2**31 for x in seeds)
-    again = backend.generate([ids[0], ids[1]], n=3, temperature=1.0, top_p=0.9, max_tokens=3, seed=3)
-    assert [g.token_ids for g in again] == [g.token_ids for g in groups]      # the request seed fixes them
-    unseeded = backend.generate([ids[0]], n=2, temperature=1.0, top_p=0.9, max_tokens=3, seed=None)
-    assert len({tuple(t) for t in unseeded[0].token_ids}) == 2
+    again = backend.generate([ids[0], ids[1]], n=3, temperature=1.0, top_p=0.9, max_tokens=3, seeds=[3, 4])
+    assert [g.token_ids for g in again] == [g.token_ids for g in groups]      # the prompt seeds fix them
+    other = backend.generate([ids[0]], n=3, temperature=1.0, top_p=0.9, max_tokens=3, seeds=[5])
+    assert other[0].token_ids != groups[0].token_ids
     backend.close()
     assert engines[0].calls[-1] == "shutdown"
+
+
+def test_concurrent_completions_decode_together_and_get_what_they_get_alone(server, tokenizer):
+    """Requests that wait while a batch decodes go into the next engine call together (the
+    generation-batch histogram shows it); each gets the tokens it gets when it runs alone. Greedy:
+    sampled tokens of this near-uniform random model flip on the rounding differences a different
+    batch shape makes (each prompt's generator is its own, so on a trained model they agree)."""
+    import asyncio
+
+    prompts = [tokenizer.encode(f"Query: phone {i}\nDocument: The Brava Z{i} costs", add_special_tokens=False)
+               for i in range(8)]
+    bodies = [{"prompt": p, "n": 2, "max_tokens": 5 + (i % 3), "temperature": 0.0, "seed": 100 + i,
+               "return_tokens_as_token_ids": True, "logprobs": 0} for i, p in enumerate(prompts)]
+
+    def tokens(resp):
+        return [[int(t.removeprefix("token_id:")) for t in c["logprobs"]["tokens"]] for c in resp.json()["choices"]]
+
+    alone = [tokens(httpx.post(server.url + "/v1/completions", json=b, timeout=60)) for b in bodies]
+    before = metric(server.url, "afrl_generation_batch_requests_count")
+
+    async def together():
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(*[client.post(server.url + "/v1/completions", json=b) for b in bodies])
+
+    merged = [tokens(r) for r in asyncio.run(together())]
+    assert merged == alone
+    for body, toks in zip(bodies, merged):
+        assert all(1 <= len(t) <= body["max_tokens"] for t in toks)
+    calls = metric(server.url, "afrl_generation_batch_requests_count") - before
+    assert calls < len(bodies)          # fewer engine calls than requests: some decoded together
