@@ -11,7 +11,6 @@ interpreter is far too slow for this shape).
 from __future__ import annotations
 
 import statistics
-import time
 
 import pytest
 import torch
@@ -21,6 +20,7 @@ from afrl_fast.loss import default_chunk_rows
 from afrl_fast_kernels import DISTILL_KINDS
 
 from bench_fused_loss import machine_line
+from bench_vocab_pass import timed
 
 V = 151_936
 REPEATS = 5
@@ -34,20 +34,6 @@ def make_chunk(rows: int, device):
     targets = torch.randint(0, V, (rows,), generator=g).to(device)
     coef = torch.full((rows,), 1.0 / 2048, device=device)
     return zs, zt, targets, coef
-
-
-def timed(fn, base, device) -> list[float]:
-    times = []
-    for _ in range(REPEATS):
-        x = base.clone()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return times
 
 
 @pytest.mark.benchmark
