@@ -247,6 +247,13 @@ class Overloaded(Exception):
     pass
 
 
+def fail_all(jobs, error: Exception) -> None:
+    """A failed engine call: every request of its batch still waiting gets the error."""
+    for job in jobs:
+        if not job.future.done():
+            job.future.set_exception(error)
+
+
 class Batcher:
     """Pairs from every request go into one bounded asyncio queue; `run` takes batches off it and
     scores them in the single inference thread.
@@ -315,9 +322,7 @@ class Batcher:
                 self.worker, self.score_fn, [job.ids for job in live])
         except Exception as e:     # every waiting request gets the error, the service goes on
             log.exception("scoring batch of %d pairs failed", len(live))
-            for job in live:
-                if not job.future.done():
-                    job.future.set_exception(e)
+            fail_all(live, e)
             return
         if self.metrics is not None:
             self.metrics.batch_pairs.observe(len(live))
@@ -402,9 +407,7 @@ class GenerationMerger:
                         seeds=seeds, top_logprobs=first.top_logprobs))
                 except Exception as e:     # every request of the batch gets the error, the service goes on
                     log.exception("generation batch of %d requests failed", len(batch))
-                    for j in batch:
-                        if not j.future.done():
-                            j.future.set_exception(e)
+                    fail_all(batch, e)
                     continue
                 if self.metrics is not None:
                     self.metrics.generation_batch_requests.observe(len(batch))
