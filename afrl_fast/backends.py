@@ -50,12 +50,12 @@ from typing import Callable
 
 import torch
 
-import afrl_fast_csrc
-from afrl_fast_kernels import DISTILL_KINDS, IGNORE_INDEX
+from afrl_fast_kernels.constants import DISTILL_KINDS, IGNORE_INDEX
+
+from .resources import CSRC_DIR
 
 BACKENDS = ("auto", "torch", "native", "triton")
 KERNELS = ("vocab_pass", "distill_pass")
-CSRC_DIR = Path(afrl_fast_csrc.__file__).resolve().parent
 VocabPass = Callable[..., tuple]
 
 # The torch vocab pass walks a chunk in row blocks of this many fp32 bytes: its one [rows, V]

@@ -36,8 +36,12 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file by torchrun: make the package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):
+    # Run as a file (`torchrun afrl_fast/train.py`): Python put afrl_fast/ itself first on sys.path,
+    # where config.py, data.py, metrics.py ... would shadow distributions of those names. Drop it; the
+    # installed package is found as usual, and an uninstalled checkout's root goes LAST.
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+    sys.path.append(str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 import pyarrow as pa

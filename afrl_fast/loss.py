@@ -110,7 +110,7 @@ from typing import Optional
 
 import torch
 
-from afrl_fast_kernels import DISTILL_KINDS, IGNORE_INDEX
+from afrl_fast_kernels.constants import DISTILL_KINDS, IGNORE_INDEX
 
 from .backends import BACKENDS, resolve_backend, vocab_pass_torch  # noqa: F401  (re-exported)
 

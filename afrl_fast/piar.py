@@ -40,7 +40,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from afrl_fast_configs import __file__ as _configs_init
+from .resources import CONFIG_DIR
 
 from .checkpoint import atomic_write_many, atomic_write_text, check_output_path
 from .data import DataError, read_pairs
@@ -50,7 +50,7 @@ from .format import (MAX_INSTRUCTIONS_BYTES, FormatError, build_messages, build_
 from .metrics import MetricsError, compute_metrics
 from .rulebook import LABELS, RulebookError
 
-PROMPTS = Path(_configs_init).resolve().parent / "prompts"
+PROMPTS = CONFIG_DIR / "prompts"
 _FENCED = re.compile(r"<<<\s*(.*?)\s*>>>", re.DOTALL)
 
 

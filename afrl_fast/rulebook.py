@@ -20,13 +20,12 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-import afrl_fast_configs
+from .resources import CONFIG_DIR
 
 N_STEPS = 9
 CRITICAL_STEPS = (4, 5, 6, 7, 8)       # 1-based step numbers whose boxes hold closed-vocabulary values
 N_CRITICAL = len(CRITICAL_STEPS)
 LABELS = (0, 1, 2, 3, 4)
-CONFIG_DIR = Path(afrl_fast_configs.__file__).resolve().parent
 DEFAULT_RULEBOOK = CONFIG_DIR / "rulebook" / "default.yaml"
 FORBIDDEN_CHARS = ("{", "}", "\n", "\\")  # would break the boxed format the verifier parses
 

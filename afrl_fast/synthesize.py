@@ -45,7 +45,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from afrl_fast_configs import __file__ as _configs_init
+from .resources import CONFIG_DIR
 
 from .checkpoint import atomic_write_many, atomic_write_text, check_output_path
 from .data import PAIR_COLUMNS, DataError, read_pairs
@@ -55,7 +55,7 @@ from .observe import progress_bar
 from .rulebook import LABELS, RulebookError
 from .verify import verify_batch
 
-JUDGE_RUBRIC = Path(_configs_init).resolve().parent / "prompts" / "judge_rubric.txt"
+JUDGE_RUBRIC = CONFIG_DIR / "prompts" / "judge_rubric.txt"
 # Why a sample is rejected, in the order they are checked (the first that applies is recorded).
 REASONS = ("request_refused", "truncated", "format", "inconsistent", "rules_imply_other_grade", "final_not_label")
 SHARD_COLUMNS = ["pair", "sample", "text", "finish_reason", "reason", "judge_score", "chosen",

@@ -17,7 +17,7 @@ import torch
 
 from afrl_fast.backends import resolve_backend
 from afrl_fast.loss import default_chunk_rows
-from afrl_fast_kernels import DISTILL_KINDS
+from afrl_fast_kernels.constants import DISTILL_KINDS
 
 from bench_fused_loss import machine_line
 from bench_vocab_pass import timed

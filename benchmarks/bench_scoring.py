@@ -35,7 +35,7 @@ from afrl_fast.evaluate import FirstTokenScorer
 from afrl_fast.format import load_tokenizer
 from afrl_fast.rulebook import load_rulebook
 
-NOVELEVAL = Path("/work/shared/data/noveleval/noveleval_graded.tsv")
+NOVELEVAL = Path(__file__).resolve().parents[1] / "data" / "noveleval" / "noveleval_graded.tsv"
 PAIRS = 16
 BATCH = 8
 REASON_TOKENS = 150

@@ -240,7 +240,7 @@ def _distill_pass_signature() -> dict:
 def distill_pass_variants(vocab: int = PRODUCTION_VOCAB, train_with_ce_only: bool = False) -> list[Variant]:
     """Per kind: forward only at τ = 1, training at τ = 1 without the hard label, and training at
     τ ≠ 1 with it (its own τ = 1 statistics and the largest live set). train_with_ce_only: the last alone."""
-    from afrl_fast_kernels import DISTILL_KINDS
+    from afrl_fast_kernels.constants import DISTILL_KINDS
     from .distill_pass import distill_pass_kernel, launch_config
     block_v, num_warps = launch_config(vocab)
     sig = _distill_pass_signature()

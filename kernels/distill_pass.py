@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from afrl_fast_kernels import DISTILL_KINDS, IGNORE_INDEX
+from afrl_fast_kernels.constants import DISTILL_KINDS, IGNORE_INDEX
 from afrl_fast_kernels.vocab_pass import launch_config   # one tile rule for both kernels
 
 _IGNORE = tl.constexpr(IGNORE_INDEX)   # jit code may only read constexpr globals

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
-from afrl_fast_kernels import IGNORE_INDEX
+from afrl_fast_kernels.constants import IGNORE_INDEX
 
 
 @dataclass

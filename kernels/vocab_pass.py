@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from afrl_fast_kernels import IGNORE_INDEX
+from afrl_fast_kernels.constants import IGNORE_INDEX
 _IGNORE = tl.constexpr(IGNORE_INDEX)   # jit code may only read constexpr globals
 
 # Production tile: 2048 fp32 lanes over 8 warps = 8 values per thread per sweep step, which keeps

@@ -19,8 +19,8 @@ from afrl_fast.data import PAIR_COLUMNS, write_table
 run, out = sys.argv[1:]
 write_table(pq.read_table(f"{run}/data/train.parquet").select(list(PAIR_COLUMNS)), f"{out}/train_labels.parquet")
 PY
-python -m afrl_fast.data trec --qrels ../shared/data/noveleval/qrels.txt --corpus ../shared/data/noveleval/corpus.tsv \
-    --queries ../shared/data/noveleval/queries.tsv --grade-map 0:0,1:2,2:4 --out "$OUT/noveleval.parquet"
+python -m afrl_fast.data trec --qrels data/noveleval/qrels.txt --corpus data/noveleval/corpus.tsv \
+    --queries data/noveleval/queries.tsv --grade-map 0:0,1:2,2:4 --out "$OUT/noveleval.parquet"
 python -m afrl_fast.serve --model "$RUN/final_model" --port "$PORT" > "$OUT/serve.log" 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT

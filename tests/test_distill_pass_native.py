@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from afrl_fast import backends as native
-from afrl_fast_kernels import DISTILL_KINDS
+from afrl_fast_kernels.constants import DISTILL_KINDS
 from afrl_fast_kernels.reference import IGNORE_INDEX, distill_pass_reference
 
 KINDS = DISTILL_KINDS

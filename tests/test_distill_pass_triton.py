@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import pytest
 import torch
 
-from afrl_fast_kernels import DISTILL_KINDS
+from afrl_fast_kernels.constants import DISTILL_KINDS
 from afrl_fast_kernels.reference import IGNORE_INDEX, distill_pass_reference
 from nonfinite_cases import DISTILL_CASES as NONFINITE_CASES, assert_same_nonfinite_distill, make_distill_case
 

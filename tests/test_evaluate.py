@@ -16,7 +16,7 @@ from afrl_fast.format import build_prompt, label_token_ids, load_tokenizer
 from afrl_fast.metrics import compute_metrics, main as metrics_main
 from afrl_fast.rulebook import load_rulebook
 
-NOVELEVAL = Path("/work/shared/data/noveleval/noveleval_graded.tsv")
+NOVELEVAL = Path(__file__).resolve().parents[1] / "data" / "noveleval" / "noveleval_graded.tsv"
 GRADE_0_2_TO_0_4 = {0: 0, 1: 2, 2: 4}
 VOCAB = 151936
 TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -30,7 +30,7 @@ import torch
 from afrl_fast import backends as B
 from afrl_fast import loss as L
 from afrl_fast.loss import IGNORE_INDEX, default_chunk_rows, fused_distill_loss
-from afrl_fast_kernels import DISTILL_KINDS
+from afrl_fast_kernels.constants import DISTILL_KINDS
 from afrl_fast_kernels.reference import fused_distill_loss_reference
 
 F64 = torch.float64

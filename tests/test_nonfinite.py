@@ -9,7 +9,7 @@ import torch
 
 from afrl_fast import backends
 from afrl_fast.loss import fused_distill_loss, fused_loss, token_logprobs
-from afrl_fast_kernels import DISTILL_KINDS
+from afrl_fast_kernels.constants import DISTILL_KINDS
 from afrl_fast_kernels.reference import IGNORE_INDEX, fused_distill_loss_reference, fused_loss_reference
 from nonfinite_cases import (CASES, DISTILL_CASES, assert_same_nonfinite, assert_same_nonfinite_distill, kind,
                              make_case, make_distill_case)

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from reference_verifier import verify_all  # noqa: E402
 from serving import Server  # noqa: E402
 
-NOVELEVAL = Path("/work/shared/data/noveleval/noveleval_graded.tsv")
+NOVELEVAL = Path(__file__).resolve().parents[1] / "data" / "noveleval" / "noveleval_graded.tsv"
 CONTEXT = 1024
 TINY = dict(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
             num_key_value_heads=1, head_dim=16, tie_word_embeddings=True, max_position_embeddings=CONTEXT)

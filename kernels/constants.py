@@ -1,4 +1,8 @@
-"""Triton kernels of afrl-fast and their float64 torch references, installed as `afrl_fast_kernels`.
+"""Constants shared by every kernel of afrl-fast (`afrl_fast_kernels.constants`).
+
+The folder kernels/ holds the Triton kernels and their float64 torch references; it installs as the
+namespace package `afrl_fast_kernels` and has no `__init__.py` on purpose: a regular package named
+`kernels` at the repository root would shadow the `kernels` distribution that transformers imports.
 
 Each kernel has a float64 torch reference (`reference.py`), a test in tests/ and a benchmark in
 benchmarks/ under the same name: `vocab_pass` → tests/test_vocab_pass_triton.py,
