@@ -55,6 +55,7 @@ def run(tmp_path_factory, memorizing_judge, data_dir):
     return out
 
 
+@pytest.mark.slow
 def test_the_teacher_writes_the_traces_and_the_filter_keeps_the_right_ones(run, memorized_pair):
     import pyarrow.parquet as pq
 
@@ -68,6 +69,7 @@ def test_the_teacher_writes_the_traces_and_the_filter_keeps_the_right_ones(run, 
     assert results["traces"]["kept"] == len(kept) and results["traces"]["pairs"] == 5
 
 
+@pytest.mark.slow
 def test_run_folder_student_model_and_its_scores(run, memorizing_judge, data_dir, tmp_path):
     import subprocess
 
@@ -93,6 +95,7 @@ def test_run_folder_student_model_and_its_scores(run, memorizing_judge, data_dir
         assert results["student"]["industry"][key] == pytest.approx(offline[key], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_ends_with_the_same_student(memorizing_judge, data_dir, tmp_path):
     import os
     import signal

@@ -42,6 +42,7 @@ def experiment(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_every_run_starts_from_the_shared_sft_model(experiment):
     manifest = json.loads((experiment / "experiment.json").read_text())
     assert sorted(manifest["runs"]) == ["grpo/seed0", "grpo/seed1", "mode_balanced/seed0", "sft", "standard"]
@@ -68,6 +69,7 @@ def test_every_run_starts_from_the_shared_sft_model(experiment):
     assert seeds[0]["reward/mean"] != seeds[1]["reward/mean"] or seeds[0]["loss"] != seeds[1]["loss"]
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_runs_and_resumes_the_rest(experiment):
     logs = {p: p.read_text() for p in experiment.rglob("train.log")}
     proc = run_experiments(experiment, "--arms", "grpo,mode_balanced", "--seeds", "0")
@@ -85,6 +87,7 @@ def test_rerun_skips_finished_runs_and_resumes_the_rest(experiment):
     assert json.loads((lost / "results.json").read_text()) == json.loads(before)
 
 
+@pytest.mark.slow
 def test_summary_matches_an_independent_computation(experiment, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "afrl_fast.report", str(experiment), "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)

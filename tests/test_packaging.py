@@ -14,6 +14,8 @@ from pathlib import Path
 
 import sysconfig
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -23,6 +25,7 @@ def run(cmd, **kw):
     return proc
 
 
+@pytest.mark.slow
 def test_regular_install_builds_the_native_kernel_and_finds_its_configs(tmp_path):
     # build from a copy: pip builds in the source folder and would leave build/ behind in the checkout
     src = tmp_path / "src"

@@ -62,6 +62,7 @@ def reference_probs(model_dir, rows, instructions) -> np.ndarray:
     return np.array(out)
 
 
+@pytest.mark.slow
 def test_two_rounds_against_served_models(memorizing_judge, val, tmp_path, capsys):
     path, rows = val
     srv = Server(memorizing_judge, tmp_path / "serve.log")

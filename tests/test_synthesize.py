@@ -98,6 +98,7 @@ def reference_reasons(texts, finishes, label):
 # End to end against the served model
 # ----------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_labels_to_traces_to_sft(teacher, files, source, tmp_path, capsys):
     out = tmp_path / "synth"
     code, cap = run_synth(["--pairs", files / "pairs.parquet", "--endpoint", teacher.url, "--model", "judge",

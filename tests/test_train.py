@@ -109,6 +109,7 @@ def test_one_rank_runs_the_whole_pipeline(baseline):
     assert max(r["policy/dlogp_engine"] for r in rl) < 1e-3
 
 
+@pytest.mark.slow
 def test_two_ranks_on_gloo_match_one_rank(baseline, tmp_path):
     out1, _ = baseline
     torchrun(tmp_path, nproc=2)
