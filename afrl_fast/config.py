@@ -51,6 +51,13 @@ class DataConfig:
     instructions: str = "full"       # full = the rulebook rendered as expert policy; short = its summary; or a text file (PIAR's output)
     max_prompt_tokens: int = 4096
     max_response_tokens: int = 1024
+    # The paper's split of roles: SFT on a limited set of traces (train), RL on a larger labelled pool
+    # SFT never saw (rl_pool.parquet: labels only). Synthetic data: n_rl_pool > 0 writes the pool; the
+    # tail shares set how common long-tail rules are in each (None = natural rarity). With data.dir,
+    # an rl_pool.parquet in that folder is used when present. 0 = RL on the SFT set itself.
+    n_rl_pool: int = 0
+    train_tail_share: Optional[float] = None
+    rl_pool_tail_share: Optional[float] = None
 
 
 @dataclass
@@ -224,11 +231,12 @@ def apply_override(merged, item: str) -> None:
 AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
 AT_LEAST_0 = (lambda v: v >= 0, ">= 0")
 POSITIVE = (lambda v: v > 0, "> 0")
+SHARE = (lambda v: 0 <= v <= 1, "in [0, 1]")
 NUMERIC_RANGES = {
     "model.hidden_size": AT_LEAST_1, "model.num_layers": AT_LEAST_1, "model.num_heads": AT_LEAST_1,
     "model.num_kv_heads": AT_LEAST_1, "model.head_dim": AT_LEAST_1, "model.intermediate_size": AT_LEAST_1,
     "data.n_train": AT_LEAST_1, "data.n_eval": AT_LEAST_1, "data.seed": AT_LEAST_0,
-    "data.max_prompt_tokens": AT_LEAST_1, "data.max_response_tokens": AT_LEAST_1,
+    "data.max_prompt_tokens": AT_LEAST_1, "data.max_response_tokens": AT_LEAST_1, "data.n_rl_pool": AT_LEAST_0,
     "sft.epochs": AT_LEAST_0, "sft.batch_size": AT_LEAST_1, "sft.lr": POSITIVE, "sft.warmup_steps": AT_LEAST_0,
     "sft.weight_decay": AT_LEAST_0, "sft.grad_clip": AT_LEAST_0, "sft.micro_batch_size": AT_LEAST_0,
     "difficulty.max_prompts": AT_LEAST_0, "difficulty.group_size": AT_LEAST_1, "difficulty.temperature": POSITIVE,
@@ -262,6 +270,9 @@ def validate_numbers(cfg: Config) -> None:
             _check_number(f"rl.stages[{i}].{name}", getattr(stage, name), rule)
     for i, w in enumerate(cfg.rl.token_weights):
         _check_number(f"rl.token_weights[{i}]", w, POSITIVE)
+    for key in ("train_tail_share", "rl_pool_tail_share"):
+        if getattr(cfg.data, key) is not None:
+            _check_number(f"data.{key}", getattr(cfg.data, key), SHARE)
 
 
 def validate(cfg: Config) -> None:
@@ -386,7 +397,7 @@ class DistillConfig:
 DISTILL_RANGES = {
     "student.hidden_size": AT_LEAST_1, "student.num_layers": AT_LEAST_1, "student.num_heads": AT_LEAST_1,
     "student.num_kv_heads": AT_LEAST_1, "student.head_dim": AT_LEAST_1, "student.intermediate_size": AT_LEAST_1,
-    "data.max_prompt_tokens": AT_LEAST_1, "data.max_response_tokens": AT_LEAST_1,
+    "data.max_prompt_tokens": AT_LEAST_1, "data.max_response_tokens": AT_LEAST_1, "data.n_rl_pool": AT_LEAST_0,
     "distill.trace_samples": AT_LEAST_1, "distill.trace_temperature": AT_LEAST_0, "distill.max_new_tokens": AT_LEAST_1,
     "distill.jsd_beta": (lambda v: 0 < v < 1, "in (0, 1)"), "distill.temperature": POSITIVE,
     "distill.first_token_weight": AT_LEAST_0, "distill.hard_label_weight": AT_LEAST_0, "distill.epochs": AT_LEAST_0,

@@ -736,19 +736,52 @@ def synth_sizes(n_train: int, n_industry: int | None = None, n_longtail: int | N
     return sizes
 
 
+RL_POOL = "rl_pool"
+LABELS_ONLY_COLUMNS = PAIR_COLUMNS + ("rule", "tail")   # what a labels-only pool keeps: no trace, no steps
+
+
 def write_synthetic_splits(out, n_train: int, seed: int, rulebook=None, n_industry: int | None = None,
                            n_longtail: int | None = None, progress: bool = False,
-                           reasons: bool = True) -> dict[str, pa.Table]:
+                           reasons: bool = True, train_tail_share: float | None = None, n_rl_pool: int = 0,
+                           rl_pool_tail_share: float | None = None) -> dict[str, pa.Table]:
     """Synthesize train/industry/longtail (eval splits default to n_train/4) and write
     out/{split}.parquet; returns the tables. Everything is checked and generated before the first
-    byte is written, and the three files land together (all or none)."""
+    byte is written, and the files land together (all or none).
+
+    The paper's split of roles (§3.3-3.5): SFT learns from a limited set of expert traces, RL from a
+    larger labelled pool it never saw. `n_rl_pool` > 0 adds `rl_pool.parquet`: labels only (the trace
+    and step columns dropped), its own random stream and query ids (`rl_pool-q...`, disjoint from
+    `train-q...`). The tail shares set how common long-tail rules are in the SFT set (`train`) and the
+    pool (None = the split's default: natural rarity)."""
     sizes = synth_sizes(n_train, n_industry, n_longtail)
+    if n_rl_pool:
+        check_synth_size("n_rl_pool", n_rl_pool)
+        sizes[RL_POOL] = n_rl_pool
+    for name, share in (("train_tail_share", train_tail_share), ("rl_pool_tail_share", rl_pool_tail_share)):
+        if share is not None and not 0.0 <= share <= 1.0:
+            raise DataError(f"{name} must lie in [0, 1], got {share!r}")
     check_synth_seed("seed", seed)
     rb = rulebook if isinstance(rulebook, Rulebook) else load_rulebook(rulebook)
-    tables = {split: synthesize(n, seed, rb, split, progress=progress, reasons=reasons)
+    shares = {"train": train_tail_share, RL_POOL: rl_pool_tail_share}
+    tables = {split: synthesize(n, seed, rb, split, tail_share=shares.get(split), progress=progress, reasons=reasons)
               for split, n in sizes.items()}
+    if RL_POOL in tables:
+        tables[RL_POOL] = tables[RL_POOL].select(list(LABELS_ONLY_COLUMNS))
     atomic_write_many({Path(out) / f"{split}.parquet": (lambda f, t=table: pq.write_table(t, f))
                        for split, table in tables.items()})
+    return tables
+
+
+def write_configured_splits(data_cfg, out, rulebook) -> dict[str, pa.Table]:
+    """The synthetic splits a run config's `data` section asks for (train and the two evaluation
+    splits of n_eval rows, the RL pool when n_rl_pool > 0), written into `out`; an earlier config's
+    pool is removed when this one has none. The trainer and the experiments runner both call this."""
+    d = data_cfg
+    tables = write_synthetic_splits(out, d.n_train, d.seed, rulebook, n_industry=d.n_eval, n_longtail=d.n_eval,
+                                    reasons=d.reasons, train_tail_share=d.train_tail_share, n_rl_pool=d.n_rl_pool,
+                                    rl_pool_tail_share=d.rl_pool_tail_share)
+    if not d.n_rl_pool:
+        (Path(out) / f"{RL_POOL}.parquet").unlink(missing_ok=True)
     return tables
 
 

@@ -166,14 +166,13 @@ def run_state(run_dir: Path) -> str:
 def write_data(cfg, out: Path) -> None:
     """The synthetic splits every run of the experiment reads, written once (atomically, by the
     same generator the trainer uses when data.dir is unset)."""
-    from .data import write_synthetic_splits
+    from .data import RL_POOL, SPLITS, write_configured_splits
     from .rulebook import load_rulebook
 
-    if all((out / "data" / f"{s}.parquet").is_file() for s in ("train", "industry", "longtail")):
+    splits = SPLITS + ((RL_POOL,) if cfg.data.n_rl_pool else ())
+    if all((out / "data" / f"{s}.parquet").is_file() for s in splits):
         return
-    rulebook = load_rulebook(cfg.data.rulebook)
-    write_synthetic_splits(out / "data", cfg.data.n_train, cfg.data.seed, rulebook, n_industry=cfg.data.n_eval,
-                           n_longtail=cfg.data.n_eval, reasons=cfg.data.reasons)
+    write_configured_splits(cfg.data, out / "data", load_rulebook(cfg.data.rulebook))
 
 
 # ----------------------------------------------------------------------------- running the plan

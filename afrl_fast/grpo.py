@@ -35,22 +35,41 @@ def token_advantages(advantages: np.ndarray, weights: list[np.ndarray]) -> np.nd
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
 
 
-def rollout_token_advantages(ro, tokenizer, group_size: int, std_norm: bool,
-                             weights: tuple[float, float, float] | None) -> np.ndarray:
-    """Per-token advantages of all responses of a `Rollouts` batch (verified): group advantages from
-    the rewards, times each token's stepwise weight; weights None = plain GRPO (w_t = 1).
+def response_weights(ro, i: int, tokenizer, weights: tuple[float, float, float] | None) -> np.ndarray:
+    """Per-token weights of response i of a verified `Rollouts` batch: λ at the decision, the boxed
+    values of steps 4-8 and the final grade, 1 elsewhere; all 1 when weights is None (plain GRPO) or
+    the response failed the format gate.
 
     The weights come from the verifier's character spans mapped onto the tokens through their
     offsets in the same text the verifier read (the response without its closing EOS, which keeps
     weight 1). A response that fails the format gate gets weight 1 everywhere: its −1 penalty is
     about the trace, not about the grade it answered, so the decision token is not singled out."""
+    ids = ro.response_ids[i]
+    w = np.ones(len(ids), dtype=np.float32)
+    n_body = len(ids) - (1 if ids and ro.finished[i] else 0)
+    if weights is not None and n_body > 0 and ro.result.fmt[i]:
+        offsets = response_token_offsets(tokenizer, ids[:n_body], skip_special_tokens=False, text=ro.texts[i])
+        w[:n_body] = token_weights(ro.result.spans[i], offsets, weights)
+    return w
+
+
+def rollout_token_advantages(ro, tokenizer, group_size: int, std_norm: bool,
+                             weights: tuple[float, float, float] | None) -> np.ndarray:
+    """Per-token advantages of all responses of a `Rollouts` batch (verified): group advantages from
+    the rewards, times each token's stepwise weight (`response_weights`); weights None = plain GRPO."""
     adv = group_advantages(ro.result.reward, group_size, std_norm)
-    per_token = []
+    return token_advantages(adv, [response_weights(ro, i, tokenizer, weights) for i in range(len(ro.response_ids))])
+
+
+def critical_token_mask(ro, tokenizer) -> np.ndarray:
+    """Bool per response token (all responses, concatenated): the tokens where the judge decides —
+    the first token (the answered grade, answer-first), and in well-formed responses the boxed values
+    of steps 4-8 and the final grade (the tokens Stepwise-GRPO weights). Entropy measured here is
+    what the paper's Figure 4 compares; the all-token mean dilutes it ~18x."""
+    parts = []
     for i, ids in enumerate(ro.response_ids):
-        w = np.ones(len(ids), dtype=np.float32)
-        n_body = len(ids) - (1 if ids and ro.finished[i] else 0)
-        if weights is not None and n_body > 0 and ro.result.fmt[i]:
-            offsets = response_token_offsets(tokenizer, ids[:n_body], skip_special_tokens=False, text=ro.texts[i])
-            w[:n_body] = token_weights(ro.result.spans[i], offsets, weights)
-        per_token.append(w)
-    return token_advantages(adv, per_token)
+        mask = response_weights(ro, i, tokenizer, (2.0, 2.0, 2.0)) != 1.0
+        if len(ids):
+            mask[0] = True
+        parts.append(mask)
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=bool)

@@ -137,10 +137,13 @@ def micro_batches(n_seqs: int, size: int = 0) -> list[slice]:
 
 @dataclass
 class LossStats:
-    """Sums over the rows of one backward: loss, entropy (RL rows / all rows), clipped RL rows, k3."""
+    """Sums over the rows of one backward: loss, entropy (RL rows / all rows / the critical rows
+    asked for), clipped RL rows, k3."""
     loss: float = 0.0
     entropy_rl: float = 0.0
     entropy_all: float = 0.0
+    entropy_critical: float = 0.0
+    n_critical: int = 0
     clipped: float = 0.0
     kl_sum: float = 0.0
     n_rl: int = 0
@@ -153,11 +156,12 @@ class LossStats:
 
 
 def loss_backward(policy, prompts, responses, rows: LossRows, settings: LossSettings, *, pad_id: int, device,
-                  micro_batch: int = 0) -> tuple[LossStats, torch.Tensor]:
+                  micro_batch: int = 0, critical: torch.Tensor | None = None) -> tuple[LossStats, torch.Tensor]:
     """Fused loss + backward over sequences in micro-batches (gradients accumulate); `rows` are laid
     out in sequence order. The scales already hold the global token-mean factors, so accumulation
     needs no rescaling. Returns the summed statistics and every row's log-prob from the pass (CPU
-    float32; on-policy RL rows need no other forward for them)."""
+    float32; on-policy RL rows need no other forward for them). `critical` (bool, one per row) marks
+    the rows whose entropy is also summed apart: the decisions, diluted ~18x in the all-token mean."""
     policy.train()
     starts = [0]
     for r in responses:
@@ -178,6 +182,10 @@ def loss_backward(policy, prompts, responses, rows: LossRows, settings: LossSett
         stats.loss += float(out.loss.detach())
         stats.entropy_rl += float(ent[rl].sum())
         stats.entropy_all += float(ent.sum())
+        if critical is not None:
+            c = critical[lo:hi].to(ent.device)
+            stats.entropy_critical += float(ent[c].sum())
+            stats.n_critical += int(c.sum())
         stats.clipped += float(out.clip_frac) * n_rl      # clip_frac and kl are means over RL rows
         stats.kl_sum += float(out.kl) * n_rl
         stats.n_rl += n_rl

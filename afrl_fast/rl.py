@@ -30,7 +30,7 @@ import torch
 
 from . import dist as D
 from .curriculum import Stage, build_stages, load_buckets, stage_batch, stage_schedule, with_failed_prompts
-from .grpo import rollout_token_advantages
+from .grpo import critical_token_mask, rollout_token_advantages
 from .loss import LossRows
 from .observe import Timer, log, progress_bar
 from .optim import optimizer_step
@@ -77,6 +77,7 @@ class MiniBatch:
     old_logp: torch.Tensor | None
     ref_logp: torch.Tensor
     engine_logp: torch.Tensor
+    critical: torch.Tensor             # bool per token: the decisions (grpo.critical_token_mask)
 
     @property
     def n_tokens(self) -> int:
@@ -93,9 +94,12 @@ class StepStats:
     cst: float = 0.0
     logic: float = 0.0
     correct_first_token: float = 0.0
+    wrong_grade: float = 0.0           # well-formed responses that answered a wrong grade
     tokens: float = 0.0
     dlogp_engine: float = 0.0
     entropy_rl: float = 0.0
+    entropy_critical: float = 0.0
+    critical_tokens: float = 0.0
     clipped: float = 0.0
     kl: float = 0.0
     rl_rows: float = 0.0
@@ -110,11 +114,13 @@ class StepStats:
         return StepStats(responses=len(ro.response_ids), reward=float(reward.sum()),
                          reward_sq=float((reward ** 2).sum()), fmt=float(res.fmt.sum()), cst=float(res.cst.sum()),
                          logic=float(res.logic.sum()), correct_first_token=float((res.y_dec == ro.labels).sum()),
-                         tokens=float(ro.n_tokens))
+                         wrong_grade=float((res.fmt & (res.y_dec != ro.labels)).sum()), tokens=float(ro.n_tokens))
 
     def add_update(self, loss: LossStats, grad_norm: float, dlogp_engine: float) -> None:
         self.dlogp_engine += dlogp_engine
         self.entropy_rl += loss.entropy_rl
+        self.entropy_critical += loss.entropy_critical
+        self.critical_tokens += loss.n_critical
         self.clipped += loss.clipped
         self.kl += loss.kl_sum
         self.rl_rows += loss.n_rl
@@ -137,7 +143,10 @@ class StepStats:
         return {"reward/mean": mean, "reward/std": math.sqrt(max(self.reward_sq / n - mean ** 2, 0.0)),
                 "gate/fmt": self.fmt / n, "gate/cst": self.cst / n, "gate/logic": self.logic / n,
                 "acc/first_token": self.correct_first_token / n,
+                # where the reward was lost: a broken format (−1) or a well-formed wrong grade
+                "reward/fmt_fail": 1.0 - self.fmt / n, "reward/wrong_grade": self.wrong_grade / n,
                 "policy/entropy": self.entropy_rl / rows, "policy/kl": self.kl / rows,
+                "policy/entropy_critical": self.entropy_critical / max(self.critical_tokens, 1),
                 "policy/clip_frac": self.clipped / rows,
                 "policy/dlogp_engine": self.dlogp_engine / max(self.tokens, 1),
                 "response/len": self.tokens / n,
@@ -150,7 +159,8 @@ def split_even(n: int, parts: int) -> list[range]:
     return [range(k * n // parts, (k + 1) * n // parts) for k in range(parts)]
 
 
-def minibatch(ro: Rollouts, tok_adv: np.ndarray, old_logp, ref_logp, groups: range, group_size: int) -> MiniBatch:
+def minibatch(ro: Rollouts, tok_adv: np.ndarray, critical: np.ndarray, old_logp, ref_logp, groups: range,
+              group_size: int) -> MiniBatch:
     """The responses of the given prompt groups, with their per-token advantages and log-probs."""
     resp = [g * group_size + k for g in groups for k in range(group_size)]
     starts = np.concatenate([[0], np.cumsum([len(r) for r in ro.response_ids])]).astype(np.int64)
@@ -158,7 +168,8 @@ def minibatch(ro: Rollouts, tok_adv: np.ndarray, old_logp, ref_logp, groups: ran
     tok_t = torch.as_tensor(tok, dtype=torch.long)
     engine = torch.tensor([x for i in resp for x in ro.engine_logp[i]], dtype=torch.float32)
     return MiniBatch([ro.prompt_ids[i] for i in resp], [ro.response_ids[i] for i in resp], tok_adv[tok],
-                     None if old_logp is None else old_logp[tok_t], ref_logp[tok_t], engine)
+                     None if old_logp is None else old_logp[tok_t], ref_logp[tok_t], engine,
+                     torch.as_tensor(critical[tok], dtype=torch.bool))
 
 
 def mode_balanced_rows(advantages, old_logp, ref_logp, n_sft: int, *, grpo_weight: float, sft_weight: float,
@@ -215,6 +226,7 @@ def step(ctx: RLContext, stage: Stage, batch: list[int], step_no: int) -> StepRe
     with timer("advantages"):
         weights = None if rl.mode == "grpo" else tuple(rl.token_weights)
         tok_adv = rollout_token_advantages(ro, ctx.tokenizer, G, rl.adv_std_norm, weights)
+        critical = critical_token_mask(ro, ctx.tokenizer)
 
     # 5. Log-probs of the sampled tokens under the reference and, with several updates per rollout
     #    batch, under the sampling (old) policy; with one update the loss pass supplies the latter.
@@ -234,7 +246,7 @@ def step(ctx: RLContext, stage: Stage, batch: list[int], step_no: int) -> StepRe
     for mb_index, mb_pos in enumerate(mb_positions):
         groups = range(first_group, first_group + len(mb_pos))
         first_group += len(mb_pos)
-        mb = minibatch(ro, tok_adv, old_logp, ref_logp, groups, G)
+        mb = minibatch(ro, tok_adv, critical, old_logp, ref_logp, groups, G)
         sft_mb = [ctx.sft_examples[sft_global[p]] for p in
                   D.rank_slice(list(split_even(len(sft_global), rl.mini_batches)[mb_index]), info)]
         n_sft_local = sum(len(e[1]) for e in sft_mb)
@@ -246,7 +258,8 @@ def step(ctx: RLContext, stage: Stage, batch: list[int], step_no: int) -> StepRe
                                       sft_weight=sft_weight, n_rl_global=n_rl, n_sft_global=n_sft, world=info.world)
             loss, pass_logp = loss_backward(ctx.policy, mb.prompts + [e[0] for e in sft_mb],
                                             mb.responses + [e[1] for e in sft_mb], rows, ctx.loss_settings,
-                                            pad_id=ctx.pad_id, device=info.device, micro_batch=rl.micro_batch_size)
+                                            pad_id=ctx.pad_id, device=info.device, micro_batch=rl.micro_batch_size,
+                                            critical=torch.cat([mb.critical, torch.zeros(n_sft_local, dtype=torch.bool)]))
         # the engine's log-probs against the trainer's for the same tokens and weights: a health check
         trainer_logp = pass_logp[:mb.n_tokens] if mb.old_logp is None else mb.old_logp
         dlogp = float((mb.engine_logp - trainer_logp).abs().sum()) if mb.n_tokens else 0.0

@@ -42,7 +42,7 @@ from afrl_fast import checkpoint as C
 from afrl_fast import dist as D
 from afrl_fast.config import DEMO_CONFIG, ConfigError, load_config, to_yaml
 from afrl_fast.curriculum import estimate_difficulty, write_difficulty
-from afrl_fast.data import DataError, read_pairs, write_synthetic_splits
+from afrl_fast.data import RL_POOL, SPLITS, DataError, read_pairs, write_configured_splits
 from afrl_fast.evaluate import evaluate_splits, majority_baseline, results_table, trace_validity
 from afrl_fast.format import FormatError, build_prompt, instructions_text, load_tokenizer
 from afrl_fast.observe import RunLog, Timer, log, setup_logging
@@ -54,7 +54,6 @@ from afrl_fast.rulebook import RulebookError, load_rulebook
 from afrl_fast.sft import train_sft
 
 QWEN_VOCAB = 151936  # Qwen3's embedding rows (the tokenizer's 151,669 ids, padded)
-SPLITS = ("train", "industry", "longtail")
 RUN_ARTIFACTS = ("checkpoints", "difficulty.parquet", "sft_model", "final_model", "engine_init", "rollouts",
                  "tensorboard", "plots", "metrics.jsonl", "results.json")
 LOCK_FILE = ".run.lock"
@@ -134,21 +133,37 @@ def read_manifest(manifest: Path) -> dict | None:
 
 
 def prepare_data(cfg, run_dir: Path, rulebook, info) -> tuple[dict, Path]:
-    """The three splits as pyarrow tables; synthesized into the run folder when no data.dir is given."""
+    """The splits as pyarrow tables; synthesized into the run folder when no data.dir is given.
+    `rl_pool` (labels only) is among them when the config asks for one or data.dir holds one."""
     data_dir = Path(cfg.data.dir) if cfg.data.dir else run_dir / "data"
-    if not cfg.data.dir and info.is_main:
+    d = cfg.data
+    if not d.dir and info.is_main:
         # regenerate unless the folder holds exactly what this config asks for
-        wanted = {"n_train": cfg.data.n_train, "n_eval": cfg.data.n_eval, "seed": cfg.data.seed,
-                  "reasons": cfg.data.reasons, "rulebook": str(rulebook.path)}
+        wanted = {"n_train": d.n_train, "n_eval": d.n_eval, "seed": d.seed, "reasons": d.reasons,
+                  "rulebook": str(rulebook.path)}
+        if d.n_rl_pool or d.train_tail_share is not None or d.rl_pool_tail_share is not None:
+            wanted.update(n_rl_pool=d.n_rl_pool, train_tail_share=d.train_tail_share,
+                          rl_pool_tail_share=d.rl_pool_tail_share)
         manifest = data_dir / "manifest.json"
         have = read_manifest(manifest)
-        if have != wanted or not all((data_dir / f"{s}.parquet").exists() for s in SPLITS):
-            write_synthetic_splits(data_dir, cfg.data.n_train, cfg.data.seed, rulebook, n_industry=cfg.data.n_eval,
-                                   n_longtail=cfg.data.n_eval, reasons=cfg.data.reasons)
+        splits = SPLITS + ((RL_POOL,) if d.n_rl_pool else ())
+        if have != wanted or not all((data_dir / f"{s}.parquet").exists() for s in splits):
+            write_configured_splits(d, data_dir, rulebook)
             C.atomic_write_text(manifest, json.dumps(wanted))
     D.barrier()
     need_trace = cfg.sft.target == "trace"
-    return {s: read_pairs(data_dir / f"{s}.parquet", require_trace=need_trace and s == "train") for s in SPLITS}, data_dir
+    tables = {s: read_pairs(data_dir / f"{s}.parquet", require_trace=need_trace and s == "train") for s in SPLITS}
+    if (data_dir / f"{RL_POOL}.parquet").exists():
+        tables[RL_POOL] = read_pairs(data_dir / f"{RL_POOL}.parquet")
+    elif d.dir and d.n_rl_pool:
+        raise ConfigError(f"data.n_rl_pool={d.n_rl_pool} asks for an RL pool, but {data_dir} has no "
+                          f"{RL_POOL}.parquet (a pairs file, labels only); add one or set data.n_rl_pool=0")
+    return tables, data_dir
+
+
+def rl_split(tables: dict) -> str:
+    """Where RL draws its prompts: the labels-only pool when there is one, else the SFT set."""
+    return RL_POOL if RL_POOL in tables else "train"
 
 
 def comparable_config(cfg) -> dict:
@@ -328,15 +343,16 @@ def train(argv=None) -> int:
     instructions = instructions_text(rulebook, cfg.data.instructions)
     tables, data_dir = prepare_data(cfg, run_dir, rulebook, info)
     prompts = {s: tokenize_prompts(tokenizer, rulebook, tables[s], instructions, cfg.data.max_prompt_tokens,
-                                   data_dir / f"{s}.parquet") for s in SPLITS}
-    labels = {s: tables[s].column("label").to_pylist() for s in SPLITS}
+                                   data_dir / f"{s}.parquet") for s in tables}
+    labels = {s: tables[s].column("label").to_pylist() for s in tables}
+    rl_on = rl_split(tables)       # RL's prompts: the labels-only pool, or the SFT set itself
     traces = tokenize_targets(tokenizer, tables["train"], cfg.sft.target, cfg.data.max_response_tokens,
                               data_dir / "train.parquet")
     sft_examples = list(zip(prompts["train"], traces))
     pad_id = tokenizer.pad_token_id
     vocab = QWEN_VOCAB if cfg.model.tokenizer == "qwen3" and len(tokenizer) <= QWEN_VOCAB \
         else 64 * math.ceil(len(tokenizer) / 64)
-    log.info("data: %s", {s: tables[s].num_rows for s in SPLITS})
+    log.info("data: %s; RL prompts from %s", {s: tables[s].num_rows for s in tables}, rl_on)
     if info.is_main:
         if cfg.run.resume:
             C.remove_stale_temp_files(ckpt_dir)
@@ -410,11 +426,11 @@ def train(argv=None) -> int:
         # 4. Difficulty: Acc@8 of the SFT model per training prompt; Easy / Medium / Hard; 0 correct dropped.
         diff_path = run_dir / "difficulty.parquet"
         if progress["phase"] == "difficulty":
-            n_prompts = min(cfg.difficulty.max_prompts or len(prompts["train"]), len(prompts["train"]))
-            counts = estimate_difficulty(engine(), tokenizer, rulebook, prompts["train"], labels["train"], n_prompts,
+            n_prompts = min(cfg.difficulty.max_prompts or len(prompts[rl_on]), len(prompts[rl_on]))
+            counts = estimate_difficulty(engine(), tokenizer, rulebook, prompts[rl_on], labels[rl_on], n_prompts,
                                          cfg, cfg.run.seed, info)
             if info.is_main:
-                write_difficulty(diff_path, tables["train"], counts, cfg)
+                write_difficulty(diff_path, tables[rl_on], counts, cfg)
             D.barrier()
             progress.update(phase="rl", phase_step=0)
             checkpoint()
@@ -428,7 +444,7 @@ def train(argv=None) -> int:
                 if progress["phase_step"] == 0 else None
             ctx = RLContext(cfg=cfg, info=info, policy=policy, ref_policy=build_ref_policy(cfg, policy, info, ref_state),
                             engine=engine(), optimizer=make_optimizer(policy, cfg.rl.lr, cfg.rl.weight_decay),
-                            tokenizer=tokenizer, rulebook=rulebook, prompts=prompts["train"], labels=labels["train"],
+                            tokenizer=tokenizer, rulebook=rulebook, prompts=prompts[rl_on], labels=labels[rl_on],
                             sft_examples=sft_examples, pad_id=pad_id, timer=Timer())
             del ref_state
             if saved_opt.get("rl") is not None:

@@ -24,3 +24,34 @@ def test_group_advantages_match_an_explicit_loop():
 def test_token_advantages_scale_by_weights():
     out = token_advantages(np.array([2.0, -1.0]), [np.array([10, 1, 1]), np.array([1, 5])])
     np.testing.assert_allclose(out, [20, 2, 2, -1, -5])
+
+
+def test_critical_token_mask_marks_the_decisions_and_nothing_else():
+    """The critical tokens are the answered grade (first token) and, in a well-formed trace, the
+    boxed values of steps 4-8 and the final grade: decoded, they spell exactly those values."""
+    from types import SimpleNamespace
+
+    from afrl_fast.data import synthesize
+    from afrl_fast.format import load_tokenizer
+    from afrl_fast.grpo import critical_token_mask
+    from afrl_fast.rulebook import load_rulebook
+    from afrl_fast.verify import RewardConfig, verify_batch
+
+    tok, rb = load_tokenizer(), load_rulebook()
+    rows = synthesize(2, seed=3, reasons=False).to_pylist()
+    texts = [r["trace"] for r in rows] + ["3 not a trace at all"]
+    ids = [tok.encode(t, add_special_tokens=False) + [tok.eos_token_id] for t in texts]
+    result = verify_batch(texts, np.array([r["label"] for r in rows] + [3]), rb, RewardConfig())
+    assert result.fmt.tolist() == [True, True, False]
+    ro = SimpleNamespace(response_ids=ids, finished=[True] * 3, texts=texts, result=result)
+    mask = critical_token_mask(ro, tok)
+    assert mask.dtype == bool and len(mask) == sum(len(x) for x in ids)
+    starts = np.cumsum([0] + [len(x) for x in ids])
+    for i, row in enumerate(rows):
+        m = mask[starts[i]:starts[i + 1]]
+        picked = "".join(tok.decode([t]) for t, keep in zip(ids[i], m) if keep)
+        expected = str(row["label"]) + "".join(result.value_strings(j)[i] for j in range(5)) + str(row["label"])
+        assert picked.replace(" ", "") == expected.replace(" ", ""), (picked, expected)
+        assert not m[-1]                                             # the EOS is no decision
+    broken = mask[starts[2]:starts[3]]
+    assert broken[0] and not broken[1:].any()      # a broken trace: only its answered grade

@@ -96,6 +96,28 @@ def test_rl_update_equals_full_logits_objective(micro_batch):
     assert stats.n_rl == n_rl and 0 < stats.clipped < n_rl
 
 
+def test_entropy_at_the_critical_rows_equals_the_full_softmax_entropy_there():
+    rng = np.random.default_rng(2)
+    lm = tiny_lm(2)
+    prompts, responses = random_sequences(rng, 3)
+    n = sum(map(len, responses))
+    critical = torch.as_tensor(rng.random(n) < 0.3)
+    critical[0] = True
+    rows = mode_balanced_rows(np.zeros(n, np.float32), None, torch.zeros(n), 0, grpo_weight=1.0, sft_weight=0.0,
+                              n_rl_global=n, n_sft_global=0, world=1)
+    stats, _ = loss_backward(PolicyLoss(lm, loss_backend="torch"), prompts, responses, rows, LossSettings(),
+                             pad_id=0, device=torch.device("cpu"), critical=critical)
+    with torch.no_grad():       # independent: every response position's full-vocabulary softmax entropy
+        ents = []
+        for p, r in zip(prompts, responses):
+            logits = lm(input_ids=torch.tensor([p + r])).logits[0, len(p) - 1:len(p) + len(r) - 1].double()
+            ents.append(-(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1))
+        ent = torch.cat(ents)
+    assert stats.n_critical == int(critical.sum())
+    np.testing.assert_allclose(stats.entropy_critical, float(ent[critical].sum()), rtol=1e-5)
+    np.testing.assert_allclose(stats.entropy_all, float(ent.sum()), rtol=1e-5)
+
+
 def test_token_advantages_put_the_weights_on_the_critical_tokens():
     from afrl_fast.format import load_tokenizer
     from afrl_fast.rulebook import load_rulebook
