@@ -447,3 +447,28 @@ def test_traces_without_reasons_keep_the_same_boxes():
     for a, b in zip(full.column("trace").to_pylist(), compact.column("trace").to_pylist()):
         assert box.findall(a) == box.findall(b)
         assert len(b) < len(a) and all(line.split(": ", 1)[1].startswith("\\boxed{") for line in b.split("\n")[1:10])
+
+
+# ---------------------------------------------------------------- the RL pool (labels only)
+
+def test_rl_pool_is_labels_only_disjoint_and_its_tail_share_is_set_apart(tmp_path):
+    from afrl_fast.data import RL_POOL, write_synthetic_splits
+
+    tables = write_synthetic_splits(tmp_path, 600, 0, n_industry=20, n_longtail=20, train_tail_share=0.0,
+                                    n_rl_pool=600, rl_pool_tail_share=0.6, reasons=False)
+    pool = pq.read_table(tmp_path / f"{RL_POOL}.parquet")
+    assert pool.num_rows == 600 and "trace" not in pool.column_names and "intent" not in pool.column_names
+    assert set(pool.column("query_id").to_pylist()).isdisjoint(tables["train"].column("query_id").to_pylist())
+    assert not any(tables["train"].column("tail").to_pylist())                 # tail share 0: no tail rule
+    tail = np.mean(pool.column("tail").to_pylist())
+    assert 0.5 < tail < 0.7, tail                                             # ~0.6 asked, 600 rows
+    assert read_pairs(tmp_path / f"{RL_POOL}.parquet").num_rows == 600          # a valid pairs file
+
+
+@pytest.mark.parametrize("share", [-0.1, 1.5])
+def test_a_tail_share_outside_0_1_is_refused(tmp_path, share):
+    from afrl_fast.data import write_synthetic_splits
+
+    with pytest.raises(DataError, match="tail_share"):
+        write_synthetic_splits(tmp_path, 10, 0, train_tail_share=share)
+    assert not any(tmp_path.iterdir())

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -308,3 +309,25 @@ def test_a_folder_in_place_of_the_data_manifest_is_one_line(tmp_path):
     res = run_train_direct(TINY, tmp_path)
     assert res.returncode == 2 and "manifest.json: is a directory" in res.stderr, res.stderr[-2000:]
     assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+
+
+def test_rl_draws_from_the_labels_only_pool_when_the_config_asks_for_one(tmp_path):
+    from afrl_fast.config import ConfigError, DEMO_CONFIG, load_config
+    from afrl_fast.dist import DistInfo
+    from afrl_fast.rulebook import load_rulebook
+    from afrl_fast.train import prepare_data, rl_split
+
+    info = DistInfo(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
+    rb = load_rulebook()
+    cfg = load_config(DEMO_CONFIG, ["data.n_train=40", "data.n_eval=10", "data.n_rl_pool=60"])
+    tables, data_dir = prepare_data(cfg, tmp_path / "run", rb, info)
+    assert rl_split(tables) == "rl_pool" and tables["rl_pool"].num_rows == 60
+    assert "trace" not in tables["rl_pool"].column_names
+    # the same folder, a config without a pool: the old pool is gone and RL uses the SFT set
+    cfg = load_config(DEMO_CONFIG, ["data.n_train=40", "data.n_eval=10"])
+    tables, _ = prepare_data(cfg, tmp_path / "run", rb, info)
+    assert rl_split(tables) == "train" and not (data_dir / "rl_pool.parquet").exists()
+    # a user's data folder without the pool the config asks for: one clear error
+    cfg = load_config(DEMO_CONFIG, [f"data.dir={data_dir}", "data.n_rl_pool=60"])
+    with pytest.raises(ConfigError, match="rl_pool.parquet"):
+        prepare_data(cfg, tmp_path / "run2", rb, info)
