@@ -197,6 +197,22 @@ def unsolved_prompts(ro: Rollouts, group_size: int) -> list[int]:
     return [i for part in D.all_gather_objects(local) for i in part]
 
 
+BUCKETS = ("easy", "medium", "hard")
+
+
+def bucket_accuracy(ro: Rollouts, bucket_of: dict, device) -> dict:
+    """First-token accuracy of the step's rollouts per difficulty bucket of their prompts (summed over
+    ranks): does RL fix the Hard prompts, or only polish the Easy ones? A bucket no rollout of this
+    step came from is left out."""
+    correct = (ro.result.y_dec == ro.labels)
+    sums = []
+    for b in BUCKETS:
+        mine = np.array([bucket_of.get(i) == b for i in ro.prompt_index], dtype=bool)
+        sums += [float(correct[mine].sum()), float(mine.sum())]
+    sums = D.all_reduce_sum(sums, device)
+    return {f"acc/{b}": sums[2 * k] / sums[2 * k + 1] for k, b in enumerate(BUCKETS) if sums[2 * k + 1]}
+
+
 def step(ctx: RLContext, stage: Stage, batch: list[int], step_no: int) -> StepResult:
     """One Mode-Balanced RL step over the global batch of prompt indices `batch`."""
     rl, info, timer = ctx.cfg.rl, ctx.info, ctx.timer
@@ -298,7 +314,9 @@ def train_rl(ctx: RLContext, difficulty_path, progress: dict, *, runlog, evaluat
     and rollouts); every eval.every steps `evaluate()` runs, every run.checkpoint_every steps
     `checkpoint(optimizer)`."""
     cfg, rl = ctx.cfg, ctx.cfg.rl
-    stages = build_stages(load_buckets(difficulty_path), rl.stages, cfg.run.seed, rl.random_order)
+    buckets = load_buckets(difficulty_path)
+    bucket_of = {i: b for b, members in buckets.items() for i in members}
+    stages = build_stages(buckets, rl.stages, cfg.run.seed, rl.random_order)
     epochs = [s.epochs for s in rl.stages]
     fold = rl.fold_failed_into_last_stage and len(stages) > 1
     failed = progress.setdefault("failed_prompts", [])
@@ -329,7 +347,7 @@ def train_rl(ctx: RLContext, difficulty_path, progress: dict, *, runlog, evaluat
                 failed[:] = sorted(set(failed) | set(out.failed_prompts))
             t += 1
             progress["step"], progress["phase_step"] = out.record["step"], t
-            runlog.write(out.record)
+            runlog.write({**out.record, **bucket_accuracy(out.rollouts, bucket_of, ctx.info.device)})
             rollouts = gather_rollout_log(out.rollouts, ctx.info)
             if rollouts is not None:
                 runlog.write_rollouts(out.record["step"], rollouts)

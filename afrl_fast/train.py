@@ -395,7 +395,8 @@ def train(argv=None) -> int:
         results = evaluate_splits(scorer, tables, eval_names, max_rows=cfg.eval.max_rows, info=info)
         for name, m in results.items():
             runlog.write({"step": progress["step"], "split": name, "phase": phase,
-                          **{k: m[k] for k in ("acc5", "acc2", "pair_acc", "ndcg3", "macro_f1", "weighted_f1")}})
+                          **{k: m[k] for k in ("acc5", "acc2", "pair_acc", "ndcg3", "macro_f1", "weighted_f1",
+                                                 "mean_entropy")}})
         return results
 
     def checkpoint(optimizer=None) -> None:

@@ -73,3 +73,14 @@ def test_step_changes_the_weights_and_reports_the_engine_gap(world, tmp_path):
     assert out.record["policy/dlogp_engine"] < 1e-3       # engine and trainer agree on the sampled tokens
     assert len(out.rollouts.texts) == 2 * 4 and out.record["step"] == 1
     assert 0.0 <= out.record["acc/unsolved_prompts"] <= 1.0
+
+
+def test_bucket_accuracy_counts_each_prompts_rollouts_in_its_bucket():
+    from types import SimpleNamespace
+
+    from afrl_fast.rl import bucket_accuracy
+
+    ro = SimpleNamespace(prompt_index=[0, 0, 1, 1, 2, 2, 9, 9], labels=np.array([1, 1, 2, 2, 3, 3, 4, 4]),
+                         result=SimpleNamespace(y_dec=np.array([1, 0, 2, 2, 0, 0, 4, 4])))
+    got = bucket_accuracy(ro, {0: "easy", 1: "easy", 2: "hard"}, torch.device("cpu"))
+    assert got == {"acc/easy": 3 / 4, "acc/hard": 0.0}     # prompt 9 has no bucket; no medium prompt
