@@ -10,8 +10,19 @@ process group only.
 Placement. Ranks form engine groups of `rl.sglang.tp_size` consecutive ranks on one node; the first
 rank of a group (its leader) launches one server with tensor parallelism over the group's GPUs
 (`--tp-size`, `--base-gpu-id` = the leader's local rank), so a 32B model is held once per group in
-bf16, not once per rank. Every rank sends its own prompts to its group's server. The server is
-started after SFT (the trainer builds the engine lazily) and holds no memory during SFT.
+bf16, not once per rank; TP worker r runs on the GPU of the group's r-th rank. Every rank sends its
+own prompts to its group's server. The server is started after SFT (the trainer builds the engine
+lazily) and holds no memory during SFT. It loads the model rank 0 exported into the run folder
+(`engine_init`), so on several nodes `run.out_dir` must be a folder every node sees: the trainer
+checks that at start (`check_shared_run_dir`) and each leader checks it again before launching.
+
+GPU memory. The trainer and the server share each GPU, and PyTorch's caching allocator keeps what the
+trainer freed; SGLang sizes its KV pool from the memory free when it starts, and its
+`resume_memory_occupation` allocates again what it released. So every rank of a group synchronises,
+collects its CUDA-IPC leftovers and empties its cache (`gpu_memory`) right before the server starts
+and before each resume — weights first, then the KV cache and CUDA graphs, each after a barrier so no
+rank is still holding cached blocks when its GPU is asked for memory — and logs its free memory at
+each transition (launch, started, released, each resume). On a machine without CUDA these are no-ops.
 
 The protocol the trainer drives (every call on every rank):
 - `generate_groups(prompts, group_size, temperature, top_p, max_new_tokens, seeds)`: one prefill
@@ -24,13 +35,18 @@ The protocol the trainer drives (every call on every rank):
   barrier), then the leader releases SGLang's weights, KV cache and CUDA graphs
   (`--enable-memory-saver`).
 - `sync_weights(module)` after the optimizer step: every rank walks the parameters in order and
-  gathers each with `full_tensor()` (an FSDP2 collective); the leader resumes the weights only,
-  opens a weight-update session, streams the tensors in buckets (`/update_weights_from_tensor`,
-  CUDA IPC handles serialised by SGLang's own serializer, one payload per TP rank), flushes the
-  radix cache, closes the session, then resumes the KV cache and CUDA graphs — the order that keeps
-  the peak low. Every answer is checked: SGLang answers `{"success": false, "message": ...}` (HTTP
-  400) to an update outside a session, and such an answer used to be ignored, so RL trained on the
-  initial weights without an error.
+  gathers each with `full_tensor()` (an FSDP2 collective), so every rank holds each bucket on its own
+  GPU. The leader resumes the weights only, opens a weight-update session, and for each bucket
+  gathers from the group's ranks a CUDA-IPC handle of the bucket on their own GPUs (serialised by
+  SGLang's serializer after `monkey_patch_torch_reductions()`, which names the device by UUID, not by
+  an index that means another GPU under a per-process `CUDA_VISIBLE_DEVICES`); TP worker r opens the
+  handle of rank r, on its own GPU — the layout of SGLang's `weight_sync.utils.update_weights`
+  (`LocalSerializedTensor`). Every rank keeps its bucket until the leader's update has answered (the
+  answer is broadcast, so a refusal raises on every rank of the group). Then the leader flushes the
+  radix cache, closes the session and resumes the KV cache and CUDA graphs — the order that keeps the
+  peak low. Every answer is checked: SGLang answers `{"success": false, "message": ...}` (HTTP 400)
+  to an update outside a session, `{"error": {"message": ...}}` to a failed `/generate`, release or
+  resume, and plain text to a failed cache flush; the raised error carries SGLang's message.
 - `shutdown()` at the end.
 
 Supported SGLang: SGLANG_SPEC below, the releases whose code this module was checked against (the
@@ -39,11 +55,15 @@ is checked at start-up with a one-line error.
 """
 from __future__ import annotations
 
+import json
+import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -51,6 +71,8 @@ import numpy as np
 import torch
 
 from .rollout import RolloutGroup, resolve_eos_ids
+
+log = logging.getLogger("afrl_fast")
 
 SGLANG_SPEC = ">=0.5.21,<0.5.24"
 SEED_LIMIT = 2 ** 31 - 1
@@ -225,11 +247,172 @@ def named_parameters_in_buckets(module: torch.nn.Module, bucket_bytes: int):
         yield bucket
 
 
-def serialize_for_tp(named: list, tp_size: int) -> list[str]:
-    """One base64 payload per TP rank, in SGLang's own serialisation (CUDA IPC handles)."""
-    from sglang.srt.utils import MultiprocessingSerializer
+def per_tensor_handles(gathered: Sequence[Sequence[tuple]]) -> list[tuple[str, list]]:
+    """[(name, handle)] per TP rank (rank r's handles are of tensors on rank r's GPU) →
+    [(name, [handle of rank 0, ..., handle of rank tp-1])] per tensor: TP worker r opens values[r]."""
+    names = [name for name, _ in gathered[0]]
+    for r, part in enumerate(gathered):
+        if [name for name, _ in part] != names:
+            raise SGLangError(f"rank {r} of the engine group gathered other weights than its leader "
+                              "(the ranks must walk the parameters in the same order)")
+    return [(name, [part[i][1] for part in gathered]) for i, name in enumerate(names)]
 
-    return [MultiprocessingSerializer.serialize(named, output_str=True) for _ in range(tp_size)]
+
+class SGLangCodec:
+    """SGLang's own CUDA-IPC serialisation of weights, as its `weight_sync.utils.update_weights` does it:
+    every rank serialises its tensors (on its own GPU) after `monkey_patch_torch_reductions()` (the
+    device travels as its UUID, which the TP worker maps to its own index); the leader wraps each
+    tensor's per-rank handles in a `LocalSerializedTensor` and sends one payload per TP rank."""
+
+    def __init__(self):
+        from sglang.srt.utils import MultiprocessingSerializer
+        from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
+
+        monkey_patch_torch_reductions()        # before any CUDA tensor of this process is pickled
+        self.serializer = MultiprocessingSerializer
+
+    def handle(self, tensor: torch.Tensor) -> bytes:
+        return self.serializer.serialize(tensor.detach())
+
+    def pack(self, named_handles: list[tuple[str, list]], tp_size: int) -> list[str]:
+        from sglang.srt.model_executor.model_runner_components.weight_updater import LocalSerializedTensor
+
+        payload = self.serializer.serialize([(name, LocalSerializedTensor(values=list(handles)))
+                                             for name, handles in named_handles], output_str=True)
+        return [payload] * tp_size
+
+
+# ----------------------------------------------------------------------------------------------
+# The engine group's ranks and their GPUs
+# ----------------------------------------------------------------------------------------------
+
+class LocalComm:
+    """A group of one rank (tp_size 1)."""
+
+    def gather(self, obj) -> list:
+        return [obj]
+
+    def broadcast(self, obj):
+        return obj
+
+
+class TorchGroupComm:
+    """The engine group's ranks as a torch.distributed group (gloo: the objects are a few bytes of
+    handles per tensor, and a gloo group takes no GPU memory). Every rank of the world creates every
+    group, in the same order (`new_group` is collective)."""
+
+    def __init__(self, leader: int, tp_size: int):
+        import torch.distributed as dist
+
+        world, rank = dist.get_world_size(), dist.get_rank()
+        if world % tp_size or leader % tp_size or not leader <= rank < leader + tp_size:
+            raise SGLangError(f"engine groups of rl.sglang.tp_size={tp_size} need torchrun's rank order "
+                              f"(rank = node * ranks per node + local rank); rank {rank} of {world} has leader {leader}")
+        self.dist, self.leader, self.group = dist, leader, None
+        for start in range(0, world, tp_size):
+            group = dist.new_group(list(range(start, start + tp_size)), backend="gloo")
+            if start == leader:
+                self.group = group
+
+    def gather(self, obj) -> list | None:
+        """obj of every rank of the group, in TP-rank order, on the leader; None elsewhere."""
+        is_leader = self.dist.get_rank() == self.leader
+        out = [None] * self.dist.get_world_size(self.group) if is_leader else None
+        self.dist.gather_object(obj, out, dst=self.leader, group=self.group)
+        return out
+
+    def broadcast(self, obj):
+        box = [obj]
+        self.dist.broadcast_object_list(box, src=self.leader, group=self.group)
+        return box[0]
+
+
+def group_comm(place: Placement, tp_size: int):
+    if tp_size == 1:
+        return LocalComm()
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise SGLangError(f"rl.sglang.tp_size={tp_size} needs one trainer process per GPU "
+                          f"(torchrun --nproc-per-node with a multiple of {tp_size})")
+    return TorchGroupComm(place.leader, tp_size)
+
+
+def gpu_memory(stage: str, empty: bool = True) -> tuple[int, int] | None:
+    """Before SGLang takes memory on this rank's GPU: wait for the GPU's work, let CUDA-IPC blocks the
+    server has let go of return to the allocator, and hand PyTorch's cached blocks back to the driver
+    (`empty=True`); then log the GPU's free memory. (free, total) in bytes; None without CUDA (nothing
+    to free: the calls are skipped, and CUDA is not initialised by them)."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return None
+    if empty:
+        torch.cuda.synchronize()
+        torch.cuda.ipc_collect()
+        torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info()
+    log.info("SGLang %s: cuda:%d has %.2f GiB free of %.2f GiB", stage, torch.cuda.current_device(),
+             free / 2 ** 30, total / 2 ** 30)
+    return free, total
+
+
+# ----------------------------------------------------------------------------------------------
+# The run folder every node's servers start from
+# ----------------------------------------------------------------------------------------------
+
+SHARED_MARK = ".shared_check"
+
+
+def check_shared_run_dir(run_dir, *, all_gather=None, rank: int | None = None, host: str | None = None,
+                         wait_s: float = 15.0) -> None:
+    """Every rank sees the run folder rank 0 writes (collective: every rank calls it at start).
+
+    Only rank 0 exports the model the SGLang servers start from (`run.out_dir/engine_init`), and the
+    leader of every engine group, on every node, launches its server from it; a run folder that is
+    node-local (or a relative path under another working folder) would fail hours later, after SFT.
+    Rank 0 writes a random token into the folder, every rank reads it back; otherwise one ConfigError
+    line, on every rank, names the ranks and hosts that cannot see it. A rank that does not see the
+    token at once looks again for `wait_s` (a network filesystem may cache the folder's listing)."""
+    from pathlib import Path
+
+    from .config import ConfigError
+
+    if all_gather is None:
+        from . import dist as D
+
+        if not D.is_distributed():
+            return
+        all_gather = D.all_gather_objects
+    if rank is None:
+        import torch.distributed as dist
+
+        rank = dist.get_rank()
+    host = host or socket.gethostname()
+    mark = Path(run_dir) / SHARED_MARK
+    token = None
+    if rank == 0:
+        token = uuid.uuid4().hex
+        mark.parent.mkdir(parents=True, exist_ok=True)
+        mark.write_text(token)
+    token = all_gather(token)[0]               # rank 0 wrote it before it joined the gather
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            seen = mark.read_text() == token
+        except OSError:
+            seen = False
+        if seen or time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)
+    results = all_gather((rank, host, str(mark.parent.resolve()), seen, str(run_dir)))
+    if rank == 0:
+        mark.unlink(missing_ok=True)           # every rank has read it: the gather above returned
+    blind = [r for r in results if not r[3]]
+    if blind:                                  # the same line on every rank: rank 0's names for the folder
+        where = ", ".join(f"rank {r[0]} on {r[1]} ({r[2]})" for r in blind[:4]) + (" ..." if len(blind) > 4 else "")
+        raise ConfigError(f"run.out_dir={results[0][4]} is not one folder every node shares: {where} cannot see "
+                          f"what rank 0 on {results[0][1]} wrote in {results[0][2]}; every node's SGLang server starts "
+                          "from the model rank 0 exports there (engine_init), so put run.out_dir on a shared "
+                          "filesystem, as an absolute path")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,28 +453,80 @@ class SGLangServer:
         self.log.close()
 
 
+def error_text(resp) -> str:
+    """SGLang's message in a failed answer, whichever shape it has: `{"success": false, "message": ...}`
+    (weight updates, sessions), `{"error": {"message": ...}}` (/generate, release, resume),
+    `{"error": "..."}` (a /generate body its schema refuses), FastAPI's `{"detail": ...}`, or plain
+    text (a failed /flush_cache). One line, at most 300 characters."""
+    data = None
+    if resp.headers.get("content-type", "").startswith("application/json"):
+        try:
+            data = resp.json()
+        except ValueError:
+            data = None
+    message = None
+    if isinstance(data, Mapping):
+        error = data.get("error")
+        if isinstance(error, Mapping):
+            message = error.get("message")
+        elif isinstance(error, str):
+            message = error
+        message = message or data.get("message") or data.get("detail")
+        message = message or json.dumps(data)
+    if message is None:
+        message = resp.text or resp.reason_phrase or "(no message)"
+    return " ".join(str(message).split())[:300]
+
+
+def check_model_visible(model_path: str) -> None:
+    """The leader's one-line error when the exported model is not there on its node."""
+    if not os.path.isfile(os.path.join(model_path, "config.json")):
+        raise SGLangError(f"{model_path}: no exported model here on host {socket.gethostname()}, so SGLang cannot "
+                          "start from it; rank 0 exports it into run.out_dir, which must be one folder every node "
+                          "shares")
+
+
 class SGLangEngine:
-    """The trainer's rollout engine over an SGLang server (see the module docstring)."""
+    """The trainer's rollout engine over an SGLang server (see the module docstring).
+
+    Injected for tests (defaults in brackets): `server_factory` [SGLangServer], `codec` [SGLangCodec:
+    `handle(tensor)` on every rank, `pack([(name, [handle per TP rank])], tp_size)` on the leader],
+    `comm` [the group's ranks: `gather(obj)` to the leader, `broadcast(obj)` from it], `memory`
+    [gpu_memory(stage, empty=True)], `barrier` [none: one process]."""
 
     def __init__(self, model_path: str, tokenizer=None, *, settings, seed: int = 0, rank: int = 0,
                  local_rank: int = 0, local_world: int = 1, log_dir=".", eos_ids=None, barrier=None,
-                 client=None, server_factory=SGLangServer, serializer=serialize_for_tp):
+                 client=None, server_factory=SGLangServer, codec=None, comm=None, memory=gpu_memory):
         import httpx
 
         check_sglang_version()
         self.settings, self.eos_ids = settings, resolve_eos_ids(tokenizer, None, eos_ids)
         self.place = placement(rank, local_rank, local_world, settings.tp_size, settings.port)
         self.barrier = barrier or (lambda: None)
-        self.serializer = serializer
+        self.comm = comm or group_comm(self.place, settings.tp_size)
+        self.memory = memory
+        self._codec = codec
+        # the server is its own process: a relative run path would mean whatever its working folder is
+        model_path = os.path.abspath(str(model_path))
         url = f"http://127.0.0.1:{self.place.port}"
         self.server = None
+        self.memory("launch")                  # every rank: SGLang sizes its KV pool from what is free now
+        self.barrier()
         if self.place.is_leader:
+            check_model_visible(model_path)
             self.server = server_factory(launch_command(model_path, settings, self.place, seed), url,
                                          os.path.join(str(log_dir), f"sglang_{self.place.group}.log"),
                                          settings.start_timeout_s)
         self.barrier()                         # the other ranks of the group wait for their server
+        self.memory("started", empty=False)
         self.client = client or httpx.Client(base_url=url, timeout=settings.request_timeout_s)
         self.released = False
+
+    @property
+    def codec(self):
+        if self._codec is None:
+            self._codec = SGLangCodec()
+        return self._codec
 
     # -- HTTP ----------------------------------------------------------------------------------
 
@@ -301,8 +536,7 @@ class SGLangEngine:
         if resp.headers.get("content-type", "").startswith("application/json"):
             data = resp.json()
         if resp.status_code != 200 or (isinstance(data, Mapping) and data.get("success") is False):
-            message = data.get("message") if isinstance(data, Mapping) else resp.text
-            raise SGLangError(f"SGLang {path} failed ({resp.status_code}): {' '.join(str(message).split())[:300]}")
+            raise SGLangError(f"SGLang {path} failed ({resp.status_code}): {error_text(resp)}")
         return data
 
     # -- the trainer's interface ---------------------------------------------------------------
@@ -335,25 +569,53 @@ class SGLangEngine:
         if self.place.is_leader and not self.released:
             self.post("/release_memory_occupation", {})
         self.released = True
+        self.barrier()                         # the server has let go on every GPU of the group
+        self.memory("released", empty=False)
 
     def sync_weights(self, module: torch.nn.Module) -> None:
-        leader = self.place.is_leader
-        if leader:
-            if self.released:
+        leader, released = self.place.is_leader, self.released
+        if released:
+            self.memory("resume weights")      # every rank: what the trainer cached goes back first
+            self.barrier()
+            if leader:
                 self.post("/resume_memory_occupation", {"tags": RESUME_FIRST})
+        if leader:
             self.post("/begin_weight_update", {})
         for bucket in named_parameters_in_buckets(module, self.settings.bucket_bytes):
-            if leader:
-                self.post("/update_weights_from_tensor",
-                          {"serialized_named_tensors": self.serializer(bucket, self.settings.tp_size),
-                           "flush_cache": False})
+            self._send(bucket)
+        bucket = None                          # noqa: F841  (the last bucket's full tensors, freed below)
         if leader:
             self.post("/flush_cache")
             self.post("/end_weight_update", {})
-            if self.released:
+        if released:
+            self.memory("resume kv_cache")     # every rank: the gathered buckets go back
+            self.barrier()
+            if leader:
                 self.post("/resume_memory_occupation", {"tags": RESUME_AFTER})
         self.released = False
         self.barrier()
+        if released:
+            self.memory("resumed", empty=False)
+
+    def _send(self, bucket: list) -> None:
+        """One bucket: every rank's handles (of its own GPU's copy) to the leader, which sends TP
+        worker r those of rank r; every rank holds its copy until the server has answered."""
+        gathered = self.comm.gather([(name, self.codec.handle(t)) for name, t in bucket])
+        error = None
+        if self.place.is_leader:
+            if len(gathered) != self.settings.tp_size:
+                error = f"{len(gathered)} ranks gathered for a server of tp_size={self.settings.tp_size}"
+            else:
+                try:
+                    self.post("/update_weights_from_tensor",
+                              {"serialized_named_tensors": self.codec.pack(per_tensor_handles(gathered),
+                                                                           self.settings.tp_size),
+                               "flush_cache": False})
+                except SGLangError as e:
+                    error = str(e)
+        error = self.comm.broadcast(error)
+        if error:
+            raise SGLangError(error)
 
     def shutdown(self) -> None:
         self.client.close()

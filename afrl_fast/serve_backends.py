@@ -144,18 +144,37 @@ def group_from_sglang(prompt: list[int], outputs: Sequence[Mapping], top_logprob
 class SGLangBackend:
     """SGLang's offline engine in this process (GPU). Built and called in the inference thread:
     ``Engine.generate`` drives the event loop the engine made when it was constructed, which is
-    that thread's own."""
+    that thread's own.
+
+    Seeds. SGLang uses a request's ``sampling_seed`` only when the engine runs with deterministic
+    inference (without it the sampler draws from the GPU's global generator and the seed is ignored).
+    This backend does not turn that on by default, because it slows scoring as well as generation:
+    SGLang then forces its pytorch sampler instead of the fused sampling kernels, runs batch-invariant
+    kernels, and accepts only its deterministic attention backends (with none set it picks fa3 on
+    Hopper and older GPUs, flashinfer on Blackwell). So by default seeded completions do NOT reproduce
+    on this backend: the same request with the same seed may return other tokens (scores are
+    unaffected: they are log-probs, not samples). ``--sglang-arg enable_deterministic_inference=true``
+    makes them reproduce, at that cost. ``seeds_reproduce`` says which; start-up logs it."""
 
     kind = "sglang"
+    DETERMINISTIC = "enable_deterministic_inference"
 
     def __init__(self, model_dir: str, prompt: PromptSettings, *, engine_kwargs: dict | None = None):
+        import logging
+
         check_model_dir(model_dir)
         sglang = import_sglang()
         self.tokenizer = model_tokenizer(model_dir)
         self.label_ids = label_token_ids(self.tokenizer)
         self.eos_ids = resolve_eos_ids(self.tokenizer)
+        engine_kwargs = dict(engine_kwargs or {})
+        self.seeds_reproduce = engine_kwargs.get(self.DETERMINISTIC) is True
+        if not self.seeds_reproduce:
+            logging.getLogger("afrl_fast.serve").warning(
+                "SGLang backend without deterministic inference: seeded completions do not reproduce "
+                "(--sglang-arg %s=true makes them reproduce; it slows scoring and generation)", self.DETERMINISTIC)
         # The radix cache (on by default) keeps the shared prompt prefix's KV across requests.
-        self.engine = sglang.Engine(model_path=str(model_dir), **(engine_kwargs or {}))
+        self.engine = sglang.Engine(model_path=str(model_dir), **engine_kwargs)
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(model_dir)
@@ -176,10 +195,10 @@ class SGLangBackend:
     def generate(self, prompts: list[list[int]], *, n: int, temperature: float, top_p: float,
                  max_tokens: int, seeds: list[int], top_logprobs: int = 0) -> list[RolloutGroup]:
         """n samples per prompt as n single-sample requests, prompt-major, each with its own seed.
-        As in the rollout engine (rollout_sglang.py): SGLang honours `sampling_seed` under
-        deterministic inference and the n copies of one request share it, so `n=n` would return n
-        identical completions. The sample seeds come from the prompt's seed (seeds[p]) and the
-        sample index (below 2^31)."""
+        As in the rollout engine (rollout_sglang.py): under deterministic inference SGLang honours
+        `sampling_seed` and the n copies of one request share it, so `n=n` would return n identical
+        completions. The sample seeds come from the prompt's seed (seeds[p]) and the sample index
+        (below 2^31); without deterministic inference SGLang ignores them (see the class docstring)."""
         per_sample = [x for p_seed in seeds for x in sample_seeds(int(p_seed) % SEED_LIMIT, n)]
         params = [{"n": 1, "temperature": float(temperature), "top_p": float(top_p),
                    "max_new_tokens": int(max_tokens), "stop_token_ids": list(self.eos_ids), "sampling_seed": s}

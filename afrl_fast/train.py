@@ -333,6 +333,9 @@ def train(argv=None) -> int:
     if info.is_main:
         check_run_dir(run_dir, cfg.run.resume, args.overwrite)
         lock = lock_run_dir(run_dir)  # noqa: F841  (held until the process exits)
+    if cfg.run.engine == "sglang":  # every node's SGLang servers start from run_dir/engine_init, written by rank 0
+        from afrl_fast.rollout_sglang import check_shared_run_dir
+        check_shared_run_dir(run_dir)
     torch.manual_seed(cfg.run.seed)
     t_start = time.time()
 
