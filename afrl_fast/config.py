@@ -397,7 +397,7 @@ class DistillConfig:
 DISTILL_RANGES = {
     "student.hidden_size": AT_LEAST_1, "student.num_layers": AT_LEAST_1, "student.num_heads": AT_LEAST_1,
     "student.num_kv_heads": AT_LEAST_1, "student.head_dim": AT_LEAST_1, "student.intermediate_size": AT_LEAST_1,
-    "data.max_prompt_tokens": AT_LEAST_1, "data.max_response_tokens": AT_LEAST_1, "data.n_rl_pool": AT_LEAST_0,
+    "data.max_prompt_tokens": AT_LEAST_1, "data.max_response_tokens": AT_LEAST_1,
     "distill.trace_samples": AT_LEAST_1, "distill.trace_temperature": AT_LEAST_0, "distill.max_new_tokens": AT_LEAST_1,
     "distill.jsd_beta": (lambda v: 0 < v < 1, "in (0, 1)"), "distill.temperature": POSITIVE,
     "distill.first_token_weight": AT_LEAST_0, "distill.hard_label_weight": AT_LEAST_0, "distill.epochs": AT_LEAST_0,

@@ -219,12 +219,15 @@ def merge_manifest(out: Path, kind: str, config: Path, arms, seeds, overrides, p
     return manifest
 
 
-def execute(kind: str, config: Path, out: Path, arms, seeds, overrides, plan, nproc: int) -> int:
-    """Record the experiment, then run what is not finished yet, one run at a time."""
+def execute(kind: str, config: Path, out: Path, arms, seeds, overrides, plan, nproc: int, only=None) -> int:
+    """Record the experiment, then run what is not finished yet, one run at a time (only the runs
+    named in `only`, when given)."""
     from .observe import progress_bar
 
     manifest = merge_manifest(out, kind, config, arms, seeds, overrides, plan)
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2))
+    if only is not None:
+        plan = [r for r in plan if r["name"] in only]
     todo = [r for r in plan if run_state(r["dir"]) != "done"]
     print(f"{kind}: {len(plan)} runs in {out} ({len(plan) - len(todo)} finished already)", flush=True)
     bar = progress_bar(total=len(plan), initial=len(plan) - len(todo), desc="runs", unit="run")
@@ -234,11 +237,56 @@ def execute(kind: str, config: Path, out: Path, arms, seeds, overrides, plan, np
         bar.write(f"{run['name']}: done in {seconds / 60:.1f} min ({run['dir']})")
         bar.update(1)
     bar.close()
-    print(f"all runs finished; draw the comparison with: python -m afrl_fast.report {out}")
+    if only is None:
+        print(f"all runs finished; draw the comparison with: python -m afrl_fast.report {out}")
     return 0
 
 
-def ablation(config: Path, out: Path, arms: list[str], seeds: list[int], overrides: list[str], nproc: int = 1) -> int:
+# The pilot gate (README "An RL experiment with headroom"): the arms are worth running only when the
+# shared SFT model leaves RL something to fix on the long tail without failing the head, writes valid
+# traces when sampled, and the RL pool holds prompts that are neither always nor never solved.
+PILOT_GATE = {
+    "sft longtail 5-ACC": (0.55, 0.75),
+    "sft industry 5-ACC": (0.85, 1.0),
+    "valid format at T=1": (0.85, 1.0),
+    "medium+hard share of the pool": (0.20, 1.0),
+    "hard prompts": (1, float("inf")),
+}
+GATE_FILE = "pilot_gate.json"
+
+
+def pilot_gate(sft_dir: Path) -> dict:
+    """The gate's measurements from the shared SFT run (its results.json and difficulty.parquet)."""
+    import pyarrow.parquet as pq
+
+    sft = read_results(sft_dir).get("SFT") or {}
+    diff = pq.read_table(sft_dir / "difficulty.parquet").to_pydict()
+    if any(v is None for v in diff["n_valid_format"]):
+        raise ExperimentError(f"{sft_dir}: difficulty was estimated from the first token alone; the gate needs "
+                              "difficulty.correct=verified_trace (format validity of the sampled traces)")
+    buckets = diff["bucket"]
+    values = {"sft longtail 5-ACC": (sft.get("longtail") or {}).get("acc5"),
+              "sft industry 5-ACC": (sft.get("industry") or {}).get("acc5"),
+              "valid format at T=1": sum(diff["n_valid_format"]) / max(sum(diff["group_size"]), 1),
+              "medium+hard share of the pool": sum(b in ("medium", "hard") for b in buckets) / max(len(buckets), 1),
+              "hard prompts": sum(b == "hard" for b in buckets)}
+    checks = [{"name": k, "value": values[k], "range": list(PILOT_GATE[k]),
+               "ok": values[k] is not None and PILOT_GATE[k][0] <= values[k] <= PILOT_GATE[k][1]} for k in PILOT_GATE]
+    return {"ok": all(c["ok"] for c in checks), "checks": checks,
+            "buckets": {b: buckets.count(b) for b in ("easy", "medium", "hard", "dropped")}}
+
+
+def gate_report(gate: dict) -> str:
+    lines = [f"  {'ok ' if c['ok'] else 'NO '} {c['name']}: "
+             + ("n/a" if c["value"] is None else f"{c['value']:.4g}") + f"  (wanted {c['range'][0]:g}..{c['range'][1]:g})"
+             for c in gate["checks"]]
+    return "\n".join([f"pilot gate {'holds' if gate['ok'] else 'FAILS'} (buckets {gate['buckets']}):", *lines])
+
+
+def ablation(config: Path, out: Path, arms: list[str], seeds: list[int], overrides: list[str], nproc: int = 1,
+             gate: str = "check") -> int:
+    """gate: check = run the shared SFT first and the arms only if the pilot gate holds; pilot = the
+    shared SFT and the gate's report alone; ignore = the arms whatever the gate says."""
     cfg = load_config(config, overrides)       # a bad config or override fails here, before any work
     out = out.resolve()
     plan = ablation_plan(config, out, arms, seeds, overrides)
@@ -246,6 +294,17 @@ def ablation(config: Path, out: Path, arms: list[str], seeds: list[int], overrid
         load_config(config, run["overrides"])
     out.mkdir(parents=True, exist_ok=True)
     write_data(cfg, out)
+    if gate != "ignore":
+        execute("ablation", config, out, arms, seeds, overrides, plan, nproc, only=["sft"])
+        verdict = pilot_gate(out / "sft")
+        atomic_write_text(out / GATE_FILE, json.dumps(verdict, indent=2))
+        print(gate_report(verdict), flush=True)
+        if gate == "pilot":
+            return 0 if verdict["ok"] else 1
+        if not verdict["ok"]:
+            print(f"the arms were not run: the shared SFT model leaves no room for the effect (see {out / GATE_FILE});"
+                  " tune the recipe (e.g. data.train_tail_share) or pass --gate ignore", file=sys.stderr)
+            return 1
     return execute("ablation", config, out, arms, seeds, overrides, plan, nproc)
 
 
@@ -267,7 +326,8 @@ def distillation(config: Path, out: Path, students: list[str], seeds: list[int],
 METRICS = ("acc5", "acc2", "pair_acc", "ndcg3", "macro_f1", "weighted_f1")
 # Training statistics averaged over the last steps of each run (single steps of a few prompts are noisy)
 FINAL_WINDOW = 5
-TRAIN_STATS = ("reward/mean", "policy/entropy", "policy/kl", "gate/fmt", "acc/first_token")
+TRAIN_STATS = ("reward/mean", "policy/entropy", "policy/entropy_critical", "policy/kl", "gate/fmt",
+               "reward/wrong_grade", "acc/first_token")
 
 
 def load_manifest(exp_dir: Path) -> dict:
@@ -418,6 +478,9 @@ def parse_args(argv=None):
     a.add_argument("--arms", default="grpo,stepwise_grpo,mode_balanced,mode_balanced_random",
                    help=f"comma-separated, from: {', '.join(ARMS)}")
     a.add_argument("--out", type=Path, default=Path("runs/ablation"))
+    a.add_argument("--gate", choices=("check", "pilot", "ignore"), default="check",
+                   help="check: run the arms only if the shared SFT model passes the pilot gate (default); "
+                        "pilot: the shared SFT and the gate's report alone; ignore: run the arms regardless")
     d = sub.add_parser("distillation", help="students × seeds from one teacher (paper Table 6)")
     d.add_argument("--config", type=Path, required=True, help="the distillation recipe, e.g. configs/distill_demo.yaml")
     d.add_argument("--students", default="distilled,labels,first_token", help=f"comma-separated, from: {', '.join(STUDENTS)}")
@@ -446,7 +509,7 @@ def main(argv=None) -> int:
         seeds = parse_seeds(args.seeds)
         if args.experiment == "ablation":
             return ablation(args.config, args.out, parse_list(args.arms, "arms", ARMS), seeds, list(args.overrides),
-                            args.nproc_per_node)
+                            args.nproc_per_node, args.gate)
         return distillation(args.config, args.out, parse_list(args.students, "students", STUDENTS), seeds,
                             list(args.overrides), args.nproc_per_node)
     except (ConfigError, ExperimentError) as e:

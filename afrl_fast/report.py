@@ -266,8 +266,9 @@ def _share_bar(ax, parts, stacks) -> None:
 
 # ---------------------------------------------------------------- experiments (several runs)
 
-ARM_CURVES = [("reward/mean", "Reward"), ("policy/entropy", "Policy entropy"), ("policy/kl", "KL to reference"),
-              ("gate/fmt", "Format gate pass rate")]
+ARM_CURVES = [("reward/mean", "Reward"), ("policy/entropy", "Policy entropy (all tokens)"),
+              ("policy/entropy_critical", "Entropy at the critical tokens"), ("policy/kl", "KL to reference"),
+              ("gate/fmt", "Format gate pass rate"), ("reward/wrong_grade", "Well-formed, wrong grade")]
 ARM_EVALS = [("pair_acc", "Pair-ACC"), ("acc5", "5-ACC")]
 SMOOTH = 5   # moving-average window over RL steps for the per-step training curves
 
@@ -326,8 +327,8 @@ def draw_experiment(exp_dir, out_dir) -> list[Path]:
                 eval_by_arm.setdefault(arm, []).append([r for r in evals if r.get("phase") == "rl"])
     written = []
     if train_by_arm:
-        fig = Figure(figsize=(12, 7.5), layout="constrained")
-        axes = fig.subplots(2, 2, sharex=True).ravel()
+        fig = Figure(figsize=(15, 7.5), layout="constrained")
+        axes = fig.subplots(2, 3, sharex=True).ravel()
         for ax, (key, title) in zip(axes, ARM_CURVES):
             curves = {}
             for arm, runs in train_by_arm.items():

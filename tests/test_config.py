@@ -64,3 +64,16 @@ def test_pred_gate_reward_is_checked_with_the_config():
     assert load_config(None, ["rl.gate=pred", "rl.reward_ordinal_slope=0.5"]).rl.gate == "pred"
     with pytest.raises(ConfigError, match="rl.reward_ordinal_slope"):
         load_config(None, ["rl.gate=pred", "rl.reward_ordinal_slope=0.7"])
+
+
+def test_every_shipped_training_config_loads_and_validates():
+    from afrl_fast.config import load_distill_config
+
+    for path in sorted(DEMO_CONFIG.parent.glob("*.yaml")):
+        (load_distill_config if path.name.startswith("distill") else load_config)(path)
+
+
+def test_the_headroom_recipe_splits_the_roles():
+    cfg = load_config(DEMO_CONFIG.parent / "headroom_cpu.yaml")
+    assert cfg.data.n_rl_pool > cfg.data.n_train and cfg.data.train_tail_share < cfg.data.rl_pool_tail_share
+    assert cfg.difficulty.correct == "verified_trace" and cfg.data.n_eval >= 800

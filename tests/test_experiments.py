@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_train import TINY  # noqa: E402  (the tiny model and sizes every trainer test uses)
 
 # the tiny trainer settings, minus what the experiment sets itself, plus a 2-step RL phase
-OVERRIDES = [o for o in TINY if not o.startswith("eval.every")] + ["rl.max_steps=2", "eval.every=1"]
+OVERRIDES = [o for o in TINY if not o.startswith("eval.every")] + ["rl.max_steps=2", "eval.every=1",
+                                                                    "difficulty.correct=verified_trace"]
 
 
 def run_experiments(out: Path, *args, overrides=OVERRIDES):
@@ -34,10 +35,14 @@ def run_experiments(out: Path, *args, overrides=OVERRIDES):
 
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory):
-    """Two arms on seed 0, then a second seed for one arm: the second command adds to the experiment."""
+    """The pilot first (the tiny SFT model fails the gate: exit 1, no arm runs), then two arms on seed 0
+    past the gate, then a second seed for one arm: each command adds to the experiment."""
     out = tmp_path_factory.mktemp("ablation")
+    proc = run_experiments(out, "--arms", "grpo,mode_balanced", "--seeds", "0", "--gate", "pilot")
+    assert proc.returncode == 1 and "pilot gate FAILS" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (out / "pilot_gate.json").is_file() and not (out / "grpo").exists()
     for arms, seeds in (("grpo,mode_balanced", "0"), ("grpo", "1")):
-        proc = run_experiments(out, "--arms", arms, "--seeds", seeds)
+        proc = run_experiments(out, "--arms", arms, "--seeds", seeds, "--gate", "ignore")
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
 
@@ -125,3 +130,32 @@ def test_bad_arguments_are_one_line_before_any_work(tmp_path, args, message):
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in proc.stderr
     assert not (out / "sft").exists()
+
+
+def test_pilot_gate_reads_the_shared_sft_run(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from afrl_fast.experiments import ExperimentError, gate_report, pilot_gate
+
+    sft = tmp_path / "sft"
+    sft.mkdir()
+    (sft / "results.json").write_text(json.dumps({"results": {"SFT": {"industry": {"acc5": 0.9},
+                                                                      "longtail": {"acc5": 0.6}}}}))
+    buckets = ["easy"] * 6 + ["medium"] * 3 + ["hard"]
+    valid = [8] * 9 + [4]                                   # 76 of 80 sampled traces well-formed
+    pq.write_table(pa.table({"bucket": buckets, "n_valid_format": valid, "group_size": [8] * 10}),
+                   sft / "difficulty.parquet")
+    gate = pilot_gate(sft)
+    got = {c["name"]: c["value"] for c in gate["checks"]}
+    assert got["valid format at T=1"] == pytest.approx(76 / 80) and got["hard prompts"] == 1
+    assert got["medium+hard share of the pool"] == pytest.approx(0.4) and gate["ok"]
+    (sft / "results.json").write_text(json.dumps({"results": {"SFT": {"industry": {"acc5": 0.9},
+                                                                      "longtail": {"acc5": 0.95}}}}))
+    gate = pilot_gate(sft)
+    assert not gate["ok"] and [c["name"] for c in gate["checks"] if not c["ok"]] == ["sft longtail 5-ACC"]
+    assert "FAILS" in gate_report(gate)
+    pq.write_table(pa.table({"bucket": buckets, "n_valid_format": pa.array([None] * 10, pa.int64()),
+                             "group_size": [8] * 10}), sft / "difficulty.parquet")
+    with pytest.raises(ExperimentError, match="verified_trace"):
+        pilot_gate(sft)
