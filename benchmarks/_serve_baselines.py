@@ -12,6 +12,11 @@ so only the inference differs:
 * reason-first: the judge writes its reasoning before the grade, so a score costs a prefill and
   REASON_TOKENS greedy decode steps (EOS suppressed: a random model's traces have no natural
   length), and the grade is read from the distribution after them. One pair at a time.
+
+Generation (/v1/completions and explain traces: the service hands both to ``backend.generate``) is
+not what these handlers are about and not what bench_serve measures; both baselines generate like
+the service's embedded backend does (afrl_fast.rollout.EmbeddedEngine over the same model), so the
+app starts and every endpoint answers.
 """
 import argparse
 import sys
@@ -25,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from afrl_fast.evaluate import PromptEncoder, load_model  # noqa: E402
 from afrl_fast.format import label_token_ids, load_tokenizer, resolve_prompt_settings  # noqa: E402
+from afrl_fast.rollout import EmbeddedEngine  # noqa: E402
 from afrl_fast.serve import ServeConfig, create_app  # noqa: E402
 
 
@@ -35,7 +41,8 @@ class NaiveBackend:
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.label_ids = label_token_ids(tokenizer)
-        self.eos_ids = [tokenizer.eos_token_id]
+        self.engine = EmbeddedEngine(self.model, tokenizer)     # generation only (see the module docstring)
+        self.eos_ids = self.engine.eos_ids
         self.context_tokens = model.config.max_position_embeddings
         self.device = "cpu"
 
@@ -49,6 +56,12 @@ class NaiveBackend:
             p = torch.softmax(self.last_logits(ids).double(), -1)[self.label_ids]
             out.append((p / p.sum()).numpy())
         return np.stack(out)
+
+    def generate(self, prompts, *, n, temperature, top_p, max_tokens, seeds, top_logprobs=0):
+        """What the service's generation batcher calls: n samples per prompt, as the embedded backend
+        makes them (prompt p's samples from a generator seeded with seeds[p])."""
+        return self.engine.generate_groups(prompts, group_size=n, temperature=temperature, top_p=top_p,
+                                           max_new_tokens=max_tokens, seeds=seeds, top_logprobs=top_logprobs)
 
     def close(self):
         pass

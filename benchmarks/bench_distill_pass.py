@@ -7,6 +7,9 @@ logits at Qwen's vocabulary — the chunk fused_distill_loss uses (both buffers 
 one read sweep of both chunks (row maxima) plus one sweep that reads the teacher's chunk and
 rewrites the student's in place (z_s += z_t). Triton is listed only where CUDA is present (the
 interpreter is far too slow for this shape).
+
+Quick mode (AFRL_BENCH_QUICK=1, see benchmarks/_quick.py): V = 4,096, 32 rows, the repeats of
+bench_vocab_pass's quick mode (2).
 """
 from __future__ import annotations
 
@@ -19,11 +22,12 @@ from afrl_fast.backends import resolve_backend
 from afrl_fast.loss import default_chunk_rows
 from afrl_fast_kernels.constants import DISTILL_KINDS
 
+from _quick import choose
 from bench_fused_loss import machine_line
-from bench_vocab_pass import timed
+from bench_vocab_pass import REPEATS, timed
 
-V = 151_936
-REPEATS = 5
+V = choose(151_936, 4_096)
+QUICK_ROWS = 32
 TAU, BETA, CE_COEF = 2.0, 0.5, 0.5 / 2048
 
 
@@ -39,7 +43,7 @@ def make_chunk(rows: int, device):
 @pytest.mark.benchmark
 def test_bench_distill_pass(capsys):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rows = default_chunk_rows(10_000, V, n_buffers=2)
+    rows = choose(default_chunk_rows(10_000, V, n_buffers=2), QUICK_ROWS)
     zs, zt, targets, coef = make_chunk(rows, device)
     variants = {"floor (read both + read-write sweep)": lambda x: (x.amax(dim=1), zt.amax(dim=1), x.add_(zt))}
     names = ["native", "torch"] if device.type == "cpu" else ["triton", "torch"]

@@ -12,6 +12,9 @@ torch on full logits, and Liger-Kernel's LigerFusedLinearJSDLoss (liger_kernel.c
 torch path, compiled=False) at a chunk of 256 rows, about ours. Liger's LigerFusedLinearJSD is a
 Triton kernel and needs CUDA: not measured here. Targets:
 ≤ 1.25× the floor, faster than Liger, RSS above inputs + grads ≤ 1.5× one chunk of both models' logits.
+
+Quick mode (AFRL_BENCH_QUICK=1, see benchmarks/_quick.py): one shape, N=64 Hs=32 Ht=48 V=2,048, one
+run, no warm-up, every variant, each still in its own worker process, two processes at a time.
 """
 from __future__ import annotations
 
@@ -20,17 +23,20 @@ from pathlib import Path
 
 import pytest
 
-from bench_fused_loss import format_table, machine_line, run_variant
+from _quick import choose
+from bench_fused_loss import format_table, machine_line, run_variants
 
 WORKER = Path(__file__).with_name("_fused_distill_worker.py")
 
 # (N, H_student, H_teacher, V, repeats, warmup, variants)
-SHAPES = [
+SHAPES = choose([
     (512, 1024, 2048, 32_768, 3, 1,
      ["gemm_floor", "ours_auto", "ours_torch", "plain_torch", "liger_chunk256"]),
     (2048, 1024, 2048, 151_936, 2, 0,
      ["gemm_floor", "ours_auto", "ours_torch", "plain_torch", "liger_chunk256"]),
-]
+], [
+    (64, 32, 48, 2_048, 1, 0, ["gemm_floor", "ours_auto", "ours_torch", "plain_torch", "liger_chunk256"]),
+])
 
 
 @pytest.mark.benchmark
@@ -39,7 +45,7 @@ def test_bench_fused_distill(shape, capsys):
     from afrl_fast.loss import default_chunk_rows
     n, hs, ht, v, repeats, warmup, variants = shape
     repeats = int(os.environ.get("AFRL_BENCH_REPEATS", repeats))
-    rows = [run_variant(name, n, hs, ht, v, repeats, warmup, worker=WORKER) for name in variants]
+    rows = run_variants(variants, n, hs, ht, v, repeats, warmup, worker=WORKER)
     chunk_rows = default_chunk_rows(n, v, n_buffers=2)
     chunk_mib = 2 * chunk_rows * v * 4 / 2**20
     table = format_table(f"N={n} Hs={hs} Ht={ht} V={v}  fp32 fwd+bwd, jsd β=0.5 τ=2 + 0.5·CE  "

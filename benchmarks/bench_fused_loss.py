@@ -9,6 +9,10 @@ Batch: every row an RL token (the configuration Liger's GRPO loss also expresses
 ε = 0.2/0.28, per-sequence advantages over sequences of 256 tokens, token-mean ("dapo").
 Liger runs with compiled=False at the big shape: torch.compile only covers its per-token loss math
 (not its GEMMs) and costs ~40 s of compile per process here; the small shape shows both.
+
+Quick mode (AFRL_BENCH_QUICK=1, see benchmarks/_quick.py): one shape, N=256 (one sequence, which
+Liger's [B, 256] view needs) H=32 V=2,048, one run, no warm-up, every variant but liger_compiled
+(its ~40 s compile), each still in its own worker process, two processes at a time.
 """
 from __future__ import annotations
 
@@ -17,20 +21,25 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+
+from _quick import QUICK, choose, quick_note
 
 WORKER = Path(__file__).with_name("_fused_loss_worker.py")
 ROOT = Path(__file__).resolve().parents[1]
 
 # (N, H, V, repeats, warmup, variants)
-SHAPES = [
+SHAPES = choose([
     (512, 1024, 32_768, 3, 1,
      ["gemm_floor", "ours_auto", "ours_torch", "plain_torch", "liger", "liger_compiled"]),
     (2048, 1024, 151_936, 2, 0,
      ["gemm_floor", "ours_auto", "ours_torch", "plain_torch", "liger"]),
-]
+], [
+    (256, 32, 2_048, 1, 0, ["gemm_floor", "ours_auto", "ours_torch", "plain_torch", "liger"]),
+])
 
 
 def run_variant(name, *args, worker=WORKER):
@@ -40,6 +49,15 @@ def run_variant(name, *args, worker=WORKER):
     if proc.returncode != 0:
         return dict(variant=name, error=proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_variants(names, *args, worker=WORKER):
+    """Every variant, each in its own process (run_variant), one after the other; in quick mode two at
+    a time, since there only the wall time of the run matters, not the numbers."""
+    if not QUICK:
+        return [run_variant(name, *args, worker=worker) for name in names]
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(lambda name: run_variant(name, *args, worker=worker), names))
 
 
 def format_table(head, rows):
@@ -61,7 +79,7 @@ def format_table(head, rows):
 
 def machine_line():
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return f"{datetime.date.today()}  cpus={os.cpu_count()}  load(1m)={load:.1f}"
+    return f"{datetime.date.today()}  cpus={os.cpu_count()}  load(1m)={load:.1f}{quick_note()}"
 
 
 @pytest.mark.benchmark
@@ -69,7 +87,7 @@ def machine_line():
 def test_bench_fused_loss(shape, capsys):
     n, h, v, repeats, warmup, variants = shape
     repeats = int(os.environ.get("AFRL_BENCH_REPEATS", repeats))
-    rows = [run_variant(name, n, h, v, repeats, warmup) for name in variants]
+    rows = run_variants(variants, n, h, v, repeats, warmup)
     from afrl_fast.loss import default_chunk_rows
     chunk_mib = default_chunk_rows(n, v) * v * 4 / 2**20
     table = format_table(f"N={n} H={h} V={v}  fp32 fwd+bwd  (one chunk of logits = {chunk_mib:.0f} MiB)", rows)

@@ -25,6 +25,9 @@ Measured 2026-11-22, CPU fp32, torch 2.13.0+cpu, 2 threads, shared machine at lo
 (median wall s; under heavier load from other tenants every row inflated 15-30x):
     4 layers,  T=64: ours 1.90, HF generate 3.24 (1.71x), floor 1.55; MAC bound 1.57x
     16 layers, T=32: ours 1.59, HF generate 3.61 (2.27x), floor 1.20; MAC bound 3.47x
+
+Quick mode (AFRL_BENCH_QUICK=1, see benchmarks/_quick.py): one configuration, 1 layer, a 32-token
+prompt, T=4, one round (same model width and vocabulary, same three rows).
 """
 import datetime
 import statistics
@@ -36,9 +39,12 @@ from transformers import DynamicCache, Qwen3Config, Qwen3ForCausalLM
 
 from afrl_fast.rollout import EmbeddedEngine, cache_argument
 
-PROMPT_LEN = 512
+from _quick import choose, quick_note
+
+PROMPT_LEN = choose(512, 32)
 GROUP = 8
-RUNS = 3
+RUNS = choose(3, 1)
+CONFIGS = choose([(4, 64), (16, 32)], [(1, 4)])     # (layers, new tokens T)
 EOS_ID = 151645  # a random model may sample it; the table reports the tokens actually produced
 
 
@@ -134,10 +140,10 @@ def print_table(layers, new_tokens, medians, produced, bound, our_macs):
 
 
 @pytest.mark.benchmark
-@pytest.mark.parametrize("layers,new_tokens", [(4, 64), (16, 32)])
+@pytest.mark.parametrize("layers,new_tokens", CONFIGS)
 def test_bench_group_rollout_vs_hf_generate(layers, new_tokens):
     print(f"\nrollout benchmark, {datetime.date.today().isoformat()}, CPU fp32, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads (shared machine)")
+          f"{torch.get_num_threads()} threads (shared machine){quick_note()}")
     medians, produced, bound, our_macs = run_config(layers, new_tokens)
     print_table(layers, new_tokens, medians, produced, bound, our_macs)
     assert produced["ours"] > 0 and produced["hf"] > 0

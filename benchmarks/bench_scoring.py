@@ -20,6 +20,9 @@ The 5-row head saves the [B, V] head GEMM and softmax, which at this toy size (H
 position per prompt) is a small part of a ~600-token prefill; its point is memory (no [B, V]
 logits) and the exactness shown in tests/test_evaluate.py; the last line of the table times the
 head alone. The order-of-magnitude gap is to reasoning first.
+
+Quick mode (AFRL_BENCH_QUICK=1, see benchmarks/_quick.py): 4 pairs in batches of 2, a 1-layer model,
+4 reasoning tokens, one timed run of each method, the head alone 3 times.
 """
 import csv
 import statistics
@@ -35,17 +38,21 @@ from afrl_fast.evaluate import FirstTokenScorer
 from afrl_fast.format import load_tokenizer
 from afrl_fast.rulebook import load_rulebook
 
+from _quick import choose, quick_note
+
 NOVELEVAL = Path(__file__).resolve().parents[1] / "data" / "noveleval" / "noveleval_graded.tsv"
-PAIRS = 16
-BATCH = 8
-REASON_TOKENS = 150
-RUNS = 3
+PAIRS = choose(16, 4)
+BATCH = choose(8, 2)
+REASON_TOKENS = choose(150, 4)
+RUNS = choose(3, 1)
+LAYERS = choose(4, 1)
+HEAD_REPEATS = choose(20, 3)
 
 
 def bench_model():
     torch.manual_seed(0)
     config = Qwen3Config(vocab_size=151936, hidden_size=256, intermediate_size=768,
-                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                         num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
                          head_dim=64, tie_word_embeddings=True, max_position_embeddings=4096)
     return Qwen3ForCausalLM(config).eval()
 
@@ -79,7 +86,7 @@ def batches(all_ids):
             for s in range(0, len(order), BATCH)]
 
 
-def head_alone_seconds(model, scorer, repeats=20):
+def head_alone_seconds(model, scorer, repeats=HEAD_REPEATS):
     """Median seconds of the head by itself on BATCH hidden states: the part the two first-token
     rows differ in, measured apart from the prefill that dominates (and is noisy) at this size."""
     hidden = torch.randn(BATCH, model.config.hidden_size)
@@ -127,8 +134,8 @@ def test_bench_first_token_vs_reason_first(capsys):
     times[f"reason first, {REASON_TOKENS} tokens"] = [time.perf_counter() - start]
     slowest = statistics.median(times[f"reason first, {REASON_TOKENS} tokens"])
     lines = [f"scoring {PAIRS} NovelEval pairs, prompt tokens {min(lengths)}-{max(lengths)} "
-             f"(mean {np.mean(lengths):.0f}), batch {BATCH}, Qwen3 h256 x4 layers V=151936, CPU fp32, "
-             f"{torch.get_num_threads()} threads; median (min) of {RUNS} interleaved runs",
+             f"(mean {np.mean(lengths):.0f}), batch {BATCH}, Qwen3 h256 x{LAYERS} layers V=151936, CPU fp32, "
+             f"{torch.get_num_threads()} threads; median (min) of {RUNS} interleaved runs{quick_note()}",
              f"{'method':<30} {'seconds (min)':>18} {'pairs/s':>8} {'ms/pair':>8} {'speed-up':>9}"]
     for name, runs in times.items():
         sec = statistics.median(runs)

@@ -8,6 +8,9 @@ verifier warm (best of several runs; compile time reported separately, cold and 
 and a floor: a numba pass with the same per-response parallel loop that only counts newlines over
 the same bytes, i.e. what reading the memory costs. "from a list of str" adds the conversion of
 Python strings to one Arrow array (the path of a trainer holding decoded texts).
+
+Quick mode (AFRL_BENCH_QUICK=1, see benchmarks/_quick.py): 2,000 responses, best of 2 (the
+reference: 1); the compile times are still measured, each in a fresh process.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +35,10 @@ from afrl_fast.verify import RewardConfig, arrow_string_views, verify_batch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from reference_verifier import verify_all  # noqa: E402
 
-N_RESPONSES = 100_000
+from _quick import choose, quick_note  # noqa: E402
+
+N_RESPONSES = choose(100_000, 2_000)
+REPEATS_FAST, REPEATS_LIST, REPEATS_REF = choose((15, 5, 2), (2, 2, 1))
 WORDS = ("the query asks for recent results about the product and the document covers its release "
          "schedule pricing history and several user reviews from independent sources 北京 東京 😀").split()
 
@@ -82,12 +89,13 @@ def compile_seconds() -> tuple[float, float]:
     code = ("import time; from afrl_fast.verify import verify_batch; t=time.perf_counter(); "
             "verify_batch(['0'], [0]); print(time.perf_counter()-t)")
     out = []
-    for cache_dir in (f"/tmp/afrl_bench_numba_cold_{os.getpid()}_{time.time_ns()}", None):
-        env = dict(os.environ)
-        if cache_dir:
-            env["NUMBA_CACHE_DIR"] = cache_dir
-        res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-        out.append(float(res.stdout.strip().splitlines()[-1]))
+    with tempfile.TemporaryDirectory(prefix="afrl_bench_numba_cold_") as cold_dir:   # empty: a cold compile
+        for cache_dir in (cold_dir, None):
+            env = dict(os.environ)
+            if cache_dir:
+                env["NUMBA_CACHE_DIR"] = cache_dir
+            res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+            out.append(float(res.stdout.strip().splitlines()[-1]))
     return out[0], out[1]
 
 
@@ -100,15 +108,15 @@ def test_bench_verify(capsys):
 
     verify_batch(responses[:10], labels[:10], config=config)            # warm (compile or cache load)
     # best of many: the machine is shared, the minimum is the least disturbed run
-    t_numba = best_of(lambda: verify_batch(responses, labels, config=config), 15)
+    t_numba = best_of(lambda: verify_batch(responses, labels, config=config), REPEATS_FAST)
     counts = np.zeros(len(responses), np.int64)
     count_newlines(data, offsets, counts)
-    t_floor = best_of(lambda: count_newlines(data, offsets, counts), 15)
+    t_floor = best_of(lambda: count_newlines(data, offsets, counts), REPEATS_FAST)
 
     texts = responses.to_pylist()
-    t_list = best_of(lambda: verify_batch(texts, labels, config=config), 5)
+    t_list = best_of(lambda: verify_batch(texts, labels, config=config), REPEATS_LIST)
     rb = load_rulebook()
-    t_ref = best_of(lambda: verify_all(texts, labels, rb), 2)
+    t_ref = best_of(lambda: verify_all(texts, labels, rb), REPEATS_REF)
     cold, cached = compile_seconds()
 
     res = verify_batch(responses, labels, config=config)
@@ -116,7 +124,7 @@ def test_bench_verify(capsys):
             ("numba, from a list of str", t_list), ("floor: numba newline count", t_floor)]
     lines = [f"verifier benchmark: {len(responses):,} responses, {n_bytes / 1e6:.1f} MB, "
              f"{numba.get_num_threads()} numba threads, format pass {res.fmt.mean():.3f}, "
-             f"mean reward {res.reward.mean():.3f}",
+             f"mean reward {res.reward.mean():.3f}{quick_note()}",
              f"{'pass':<28}{'seconds':>10}{'responses/s':>14}{'MB/s':>10}{'vs reference':>14}"]
     for name, t in rows:
         lines.append(f"{name:<28}{t:>10.4f}{len(responses) / t:>14,.0f}{n_bytes / 1e6 / t:>10.1f}{t_ref / t:>13.1f}x")

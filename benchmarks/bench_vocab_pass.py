@@ -6,6 +6,8 @@ sweep for the online log-sum-exp / entropy, the per-row RL/SFT terms, and a seco
 dLoss/dlogits over the logits in place. The floor is the memory traffic that any such kernel needs:
 one read sweep (a row max) plus one read-write sweep (an in-place scale) of the same chunk. Triton is
 listed only where CUDA is present (the interpreter is far too slow for this shape).
+
+Quick mode (AFRL_BENCH_QUICK=1, see benchmarks/_quick.py): V = 4,096, 32 rows, 2 repeats.
 """
 from __future__ import annotations
 
@@ -20,8 +22,11 @@ import torch
 from afrl_fast.backends import resolve_backend
 from afrl_fast.loss import default_chunk_rows
 
-V = 151_936
-REPEATS = 5
+from _quick import choose, quick_note
+
+V = choose(151_936, 4_096)
+REPEATS = choose(5, 2)
+QUICK_ROWS = 32
 
 
 def make_chunk(rows: int, device):
@@ -53,7 +58,7 @@ def timed(fn, base, device) -> list[float]:
 @pytest.mark.benchmark
 def test_bench_vocab_pass(capsys):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rows = default_chunk_rows(10_000, V)
+    rows = choose(default_chunk_rows(10_000, V), QUICK_ROWS)
     base, per_row = make_chunk(rows, device)
     variants = {"floor (read + read-write sweep)": lambda x: (x.amax(dim=1), x.mul_(0.5))}
     names = ["native", "torch"] if device.type == "cpu" else ["triton", "torch"]
@@ -64,7 +69,7 @@ def test_bench_vocab_pass(capsys):
     floor = results["floor (read + read-write sweep)"]
     chunk_bytes = base.numel() * base.element_size()
     lines = [f"{datetime.date.today()}  {device}  threads={torch.get_num_threads()}  "
-             f"load(1m)={os.getloadavg()[0]:.1f}",
+             f"load(1m)={os.getloadavg()[0]:.1f}{quick_note()}",
              f"vocab pass, training mode: {rows} rows x V={V} fp32 = {chunk_bytes / 2**20:.0f} MiB, "
              f"median of {REPEATS}",
              f"{'variant':<34}{'ms':>9}{'x floor':>9}{'GB/s (3 sweeps)':>17}"]
