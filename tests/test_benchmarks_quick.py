@@ -28,11 +28,7 @@ GPU_ONLY = {
     "bench_sglang_smoke.py": "a CUDA GPU, SGLang and AFRL_SGLANG_MODEL (a minutes-long smoke test on one H100)",
 }
 # Benchmarks left out of the child run (deselected with -k), by file, and why.
-EXCLUDED = {
-    # Its quick mode still trains with TRL and ours for minutes (about 115 s of CPU here, more than all the
-    # others together); delete this entry once it runs in seconds.
-    "bench_vs_trl.py": "quick mode not yet within this test's budget",
-}
+EXCLUDED: dict[str, str] = {}   # file -> why the child run leaves it out (none: every benchmark runs)
 TIMEOUT_S = 1800
 
 
