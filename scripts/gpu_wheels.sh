@@ -15,7 +15,7 @@
 #                        device) and datasets, which needs dill and multiprocess (not there): all three travel
 # The versions are requirements/lock-cpu.txt's, the ones CI runs here.
 #
-# Per /work/.library/device/README.md: the wheels go to .whl/ (listed in .git/info/exclude, so they
+# As the device machine requires: the wheels go to .whl/ (listed in .git/info/exclude, so they
 # never reach a commit), are fetched for CPython 3.12 on manylinux x86-64 without dependencies, one
 # version each (two versions of one package stop the whole install), and travel with `carry: [".whl"]`
 # (they count towards the 64 MiB working-tree limit; the script fails above MAX_MIB).
@@ -33,7 +33,7 @@ PACKAGES=(
   dill==0.4.1
   multiprocess==0.70.19
 )
-# On the device image already (/work/.library/device/KINDS.md, "Python packages already there",
+# On the device image already (its documented list of Python packages already there,
 # read 2026-11-17); a requirement not here and not shipped is reported below.
 DEVICE_HAS="absl-py accelerate aiofiles aiohttp annotated-doc anyio attrs certifi charset-normalizer click
 cloudpickle colorama cuda-bindings cuda-core cuda-pathfinder einops filelock fsspec grpcio h11 h5py hf-xet
