@@ -423,6 +423,9 @@ def evaluate_splits(scorer, tables: dict, names, *, max_rows: int, info) -> dict
             full[r] = p
         results[name] = compute_metrics(np.asarray(table.column("label").to_pylist()), full,
                                         np.asarray(table.column("query_id").to_pylist()))
+        # the answered grade per pair, as one string of digits: what a paired comparison of two
+        # phases on the same pairs needs (train.py keeps it out of results.json's rows)
+        results[name]["answers"] = "".join(map(str, full.argmax(1).tolist()))
     return results
 
 

@@ -255,6 +255,21 @@ def compute_metrics(labels, probs, query_ids, *, renormalise: bool = False, exp_
     }
 
 
+def paired_bootstrap(before, after, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+    """The change in a per-pair score (e.g. 5-ACC's 0/1 correctness) from `before` to `after` on the
+    same pairs, with a percentile confidence interval from resampling the pairs with replacement
+    (both models see the same resample: the pairing removes the pairs' shared difficulty)."""
+    a, b = np.asarray(before, dtype=np.float64), np.asarray(after, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or a.size == 0:
+        raise MetricsError(f"paired_bootstrap needs two equally long non-empty vectors, got {a.shape} and {b.shape}")
+    d = b - a
+    idx = np.random.default_rng(seed).integers(0, d.size, size=(n_boot, d.size))
+    boots = d[idx].mean(axis=1)
+    tail = (1.0 - level) / 2
+    return {"diff": float(d.mean()), "lo": float(np.quantile(boots, tail)), "hi": float(np.quantile(boots, 1 - tail)),
+            "n": int(d.size), "n_boot": int(n_boot), "level": level}
+
+
 def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}"
 

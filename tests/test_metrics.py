@@ -246,3 +246,24 @@ def test_null_query_ids_are_rejected_not_grouped(null):
     probs = np.full((4, 5), 0.2)
     with pytest.raises(MetricsError, match="query_id is null in row 1"):
         compute_metrics(labels, probs, np.array(["a", null, "b", null], dtype=object))
+
+
+def test_paired_bootstrap_matches_a_plain_loop_and_covers_the_difference():
+    from afrl_fast.metrics import paired_bootstrap
+
+    rng = np.random.default_rng(5)
+    before = rng.random(300) < 0.6
+    after = before.copy()
+    flip = rng.choice(300, 40, replace=False)
+    after[flip] = ~after[flip]
+    got = paired_bootstrap(before, after, n_boot=500, seed=3)
+    # independent: the same resamples drawn one by one
+    draw = np.random.default_rng(3).integers(0, 300, size=(500, 300))
+    diffs = sorted(float(np.mean(after[i].astype(float) - before[i].astype(float))) for i in draw)
+    assert got["diff"] == pytest.approx(after.mean() - before.mean())
+    assert got["lo"] == pytest.approx(np.quantile(diffs, 0.025)) and got["hi"] == pytest.approx(np.quantile(diffs, 0.975))
+    assert got["lo"] <= got["diff"] <= got["hi"] and got["n"] == 300
+    same = paired_bootstrap(before, before)
+    assert same["diff"] == same["lo"] == same["hi"] == 0.0          # identical answers: no change, no spread
+    with pytest.raises(Exception, match="equally long"):
+        paired_bootstrap(before, after[:10])

@@ -331,3 +331,20 @@ def test_rl_draws_from_the_labels_only_pool_when_the_config_asks_for_one(tmp_pat
     cfg = load_config(DEMO_CONFIG, [f"data.dir={data_dir}", "data.n_rl_pool=60"])
     with pytest.raises(ConfigError, match="rl_pool.parquet"):
         prepare_data(cfg, tmp_path / "run2", rb, info)
+
+
+def test_the_rl_change_is_paired_over_the_same_pairs():
+    import pyarrow as pa
+
+    from afrl_fast.train import rl_change
+
+    labels = [0, 1, 2, 3, 4] * 20
+    sft = "".join(str(x) for x in labels[:60]) + "0" * 40               # 60 right, then 40 wrong (unless label 0)
+    rl = "".join(str(x) for x in labels[:80]) + "0" * 20
+    history = {"sft": {"industry": {"answers": sft}}, "rl": {"industry": {"answers": rl}}}
+    tables = {"industry": pa.table({"label": labels})}
+    got = rl_change(history, tables, ["industry", "longtail"])
+    right = lambda a: np.mean([int(c) == y for c, y in zip(a, labels)])  # noqa: E731
+    assert list(got) == ["industry"]                                      # no answers for longtail: left out
+    assert got["industry"]["diff"] == pytest.approx(right(rl) - right(sft))
+    assert got["industry"]["lo"] <= got["industry"]["diff"] <= got["industry"]["hi"]
