@@ -406,6 +406,35 @@ def arm_row(kind: str, arm: str, run_dir: Path) -> dict:
     return rows[key]
 
 
+def reference_answers(runs: dict) -> dict:
+    """The shared SFT model's answered grade per evaluation pair ({split: digits}), if it finished."""
+    if "sft" not in runs or run_state(runs["sft"]) != "done":
+        return {}
+    return {split: m["answers"] for split, m in (read_results(runs["sft"]).get("SFT") or {}).items()
+            if isinstance(m, dict) and m.get("answers")}
+
+
+def change_over_sft(exp_dir: Path, sft_answers: dict, finals: list[dict]) -> dict:
+    """An arm's 5-ACC minus the shared SFT model's per split: the seeds' per-pair correctness
+    averaged, then the pairs resampled (metrics.paired_bootstrap), so the interval holds both the
+    evaluation set's and the seeds' spread."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from .metrics import paired_bootstrap
+
+    out = {}
+    for split, sft in sft_answers.items():
+        answers = [f.get(split, {}).get("answers") for f in finals]
+        path = exp_dir / "data" / f"{split}.parquet"
+        if not all(a and len(a) == len(sft) for a in answers) or not path.is_file():
+            continue
+        labels = np.asarray(pq.read_table(path, columns=["label"]).column("label").to_pylist())[:len(sft)]
+        right = lambda digits: np.array([int(c) for c in digits]) == labels   # noqa: E731
+        out[split] = paired_bootstrap(right(sft), np.stack([right(a) for a in answers]))
+    return out
+
+
 def summarize(exp_dir: Path) -> dict:
     """Final metrics of every arm as mean ± std over its seeds (finished runs only), with the
     reference rows (see reference_rows)."""
@@ -428,6 +457,7 @@ def summarize(exp_dir: Path) -> dict:
                           for split in splits if all(split in f for f in finals)},
                  "train": {}}
         if kind == "ablation":
+            entry["vs_sft_acc5"] = change_over_sft(exp_dir, reference_answers(runs), finals)
             stats = [final_train_stats(d) for _, d in done]
             entry["train"] = {k: mean_std([st[k] for st in stats]) for k in (*TRAIN_STATS, "rl_steps")
                               if all(st[k] is not None for st in stats)}
@@ -455,6 +485,17 @@ def summary_markdown(summary: dict) -> str:
                 e = a["eval"][split]
                 out.append(f"| {arm} | {len(a['seeds'])} | "
                            + " | ".join(f"{100 * e[m]['mean']:.2f} ± {100 * e[m]['std']:.2f}" for m in METRICS) + " |")
+        out.append("")
+    changes = [(arm, a["vs_sft_acc5"]) for arm, a in summary["arms"].items() if a.get("vs_sft_acc5")]
+    if changes:
+        shown = sorted({s for _, c in changes for s in c})
+        out += ["**5-ACC change over the shared SFT model** (points; 95 % interval from resampling the "
+                "evaluation pairs, the seeds' answers averaged per pair)", "",
+                "| arm | " + " | ".join(shown) + " |", "|---|" + "---|" * len(shown)]
+        for arm, c in changes:
+            out.append(f"| {arm} | " + " | ".join(
+                f"{100 * c[s]['diff']:+.2f} [{100 * c[s]['lo']:+.2f}, {100 * c[s]['hi']:+.2f}]" if s in c else "n/a"
+                for s in shown) + " |")
         out.append("")
     keys = [k for k in (*TRAIN_STATS, "rl_steps") if any(k in a.get("train", {}) for a in summary["arms"].values())]
     if keys:

@@ -258,8 +258,11 @@ def compute_metrics(labels, probs, query_ids, *, renormalise: bool = False, exp_
 def paired_bootstrap(before, after, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
     """The change in a per-pair score (e.g. 5-ACC's 0/1 correctness) from `before` to `after` on the
     same pairs, with a percentile confidence interval from resampling the pairs with replacement
-    (both models see the same resample: the pairing removes the pairs' shared difficulty)."""
+    (both models see the same resample: the pairing removes the pairs' shared difficulty). `after`
+    may be [seeds, pairs]: replicates of one recipe, averaged per pair before the pairs are resampled."""
     a, b = np.asarray(before, dtype=np.float64), np.asarray(after, dtype=np.float64)
+    if b.ndim == 2 and b.shape[0] > 0:
+        b = b.mean(axis=0)
     if a.shape != b.shape or a.ndim != 1 or a.size == 0:
         raise MetricsError(f"paired_bootstrap needs two equally long non-empty vectors, got {a.shape} and {b.shape}")
     d = b - a

@@ -112,8 +112,20 @@ def test_summary_matches_an_independent_computation(experiment, tmp_path):
                 assert got["mean"] == pytest.approx(x.mean()) and got["std"] == pytest.approx(std)
     sft = json.loads((experiment / "sft" / "results.json").read_text())["results"]["SFT"]
     assert summary["reference"]["SFT (AFRL)"] == sft
+    # the change over SFT: per pair, the seeds' mean correctness minus SFT's, averaged over pairs
+    import pyarrow.parquet as pq
+    for arm, row, seeds in (("grpo", "GRPO", (0, 1)), ("mode_balanced", "Mode-Balanced RL", (0,))):
+        for split in ("industry", "longtail"):
+            labels = pq.read_table(experiment / "data" / f"{split}.parquet").column("label").to_pylist()
+            arm_right = np.mean([[int(c) == y for c, y in zip(json.loads(
+                (experiment / arm / f"seed{s}" / "results.json").read_text())["results"][row][split]["answers"], labels)]
+                for s in seeds], axis=0)
+            sft_right = np.array([int(c) == y for c, y in zip(sft[split]["answers"], labels)])
+            got = summary["arms"][arm]["vs_sft_acc5"][split]
+            assert got["diff"] == pytest.approx(float(np.mean(arm_right - sft_right)))
+            assert got["lo"] <= got["diff"] <= got["hi"]
     md = (tmp_path / "summary.md").read_text()
-    assert "| grpo | 2 |" in md and "| SFT (AFRL) | 1 |" in md
+    assert "| grpo | 2 |" in md and "| SFT (AFRL) | 1 |" in md and "change over the shared SFT model" in md
 
 
 @pytest.mark.parametrize("args, message", [

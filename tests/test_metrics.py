@@ -267,3 +267,14 @@ def test_paired_bootstrap_matches_a_plain_loop_and_covers_the_difference():
     assert same["diff"] == same["lo"] == same["hi"] == 0.0          # identical answers: no change, no spread
     with pytest.raises(Exception, match="equally long"):
         paired_bootstrap(before, after[:10])
+
+
+def test_paired_bootstrap_averages_seed_replicates_per_pair():
+    from afrl_fast.metrics import paired_bootstrap
+
+    rng = np.random.default_rng(9)
+    before = rng.random(50) < 0.5
+    seeds = rng.random((3, 50)) < 0.7
+    got = paired_bootstrap(before, seeds, n_boot=200, seed=1)
+    ref = paired_bootstrap(before, seeds.mean(axis=0), n_boot=200, seed=1)
+    assert got == ref and got["diff"] == pytest.approx(seeds.mean() - before.mean())
