@@ -185,14 +185,16 @@ class Endpoint:
         self._last_refusal = why
         if self._refused_in_a_row >= self.max_refusals:
             raise EndpointError(f"{self.url}: refused {self._refused_in_a_row} requests in a row (model "
-                                f"{self.model!r}), the last with {why}; check --model and the request settings")
+                                f"{self.model!r}), the last with {why}; check the model name and the request "
+                                "settings")
 
     def check_answered(self) -> None:
         """EndpointError when this process sent requests and every one was refused (fewer than
         `max_refusals`, so generate did not say so already)."""
         if self.refused and not self.answered:
             raise EndpointError(f"{self.url}: refused every request ({self.refused}, model {self.model!r}), "
-                                f"the last with {self._last_refusal}; check --model and the request settings")
+                                f"the last with {self._last_refusal}; check the model name and the request "
+                                "settings")
 
     def _read_answer(self, content: bytes, n: int) -> tuple[list[Choice], dict | None]:
         """The n choices of a completion body, checked; EndpointError naming what is wrong."""

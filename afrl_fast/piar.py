@@ -26,8 +26,9 @@ DIR/round_000/ holds the starting text and its metrics; DIR/round_NNN/ each roun
 report, candidate text, candidate metrics, the diff against the current text and the decision;
 DIR/history.json the whole run. Every argument and the validation set (at least one pair) are
 checked before DIR is made; an actor, evaluator or refiner that answers something other than a
-completion, or refuses every request, ends the run with one line naming its URL. DIR/instructions.txt is always the best text so far (written
-atomically on each acceptance) and is what the rest of the pipeline takes:
+completion, or refuses every request, ends the run with one line naming its URL.
+DIR/instructions.txt is always the best text so far (written atomically on each acceptance) and is
+what the rest of the pipeline takes:
 `train.py data.instructions=DIR/instructions.txt`, `afrl_fast.evaluate --instructions ...`,
 `afrl_fast.serve --instructions ...`, `afrl_fast.synthesize --instructions ...`.
 """

@@ -503,7 +503,7 @@ def main(argv=None) -> int:
         check_out_dir(out, settings, args.resume)
         shards = read_shards(out, pairs_table.num_rows) if args.resume else []
         done = finished_pairs(shards)
-        answered_before = any(r["reason"] != "request_refused" for t in shards for r in t.select(["reason"]).to_pylist())
+        answered_before = any(r != "request_refused" for t in shards for r in t.column("reason").to_pylist())
         pairs = pairs_table.select(list(PAIR_COLUMNS)).to_pylist()
         todo = [i for i in range(len(pairs)) if i not in done]
         synth = Synthesizer(endpoint, judge, tokenizer, prompt, args.n, args.temperature, args.max_tokens, args.seed)

@@ -282,7 +282,8 @@ def test_a_server_that_hangs_past_the_timeout_is_retried_then_one_line_naming_th
 
 def shard_pairs(out: Path) -> list[list[int]]:
     """The pairs of each shard, in write order."""
-    return [sorted(set(pq.read_table(p).column("pair").to_pylist())) for p in sorted((out / "shards").glob("*.parquet"))]
+    return [sorted(set(pq.read_table(p).column("pair").to_pylist()))
+            for p in sorted((out / "shards").glob("*.parquet"))]
 
 
 def test_refused_pairs_are_asked_again_on_resume(files, source, tmp_path, capsys):
@@ -394,7 +395,7 @@ def test_an_endpoint_refusing_requests_in_a_row_is_an_endpoint_error():
     finally:
         srv.stop()
     assert seen[:5] == ["refused", "refused", "ok", "refused", "refused"]
-    assert "refused 3 requests in a row" in seen[5] and srv.url in seen[5] and "--model" in seen[5]
+    assert "refused 3 requests in a row" in seen[5] and srv.url in seen[5] and "model name" in seen[5]
 
 
 @pytest.mark.parametrize("args, needle", [
