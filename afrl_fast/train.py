@@ -176,7 +176,7 @@ def train_inputs(cfg) -> dict:
     return {k: v for k, v in inputs.items() if v}
 
 
-def read_manifest(manifest: Path) -> dict | None:
+def read_manifest(manifest: Path, warn: bool = True) -> dict | None:
     """What the run folder's synthesized data was made from; None when there is no manifest or it
     cannot be read (one warning line). Synthesizing again is safe: the manifest records only config
     fields and the generator is deterministic in them, so the same config rewrites the same data.
@@ -189,12 +189,13 @@ def read_manifest(manifest: Path) -> dict | None:
     try:
         return json.loads(manifest.read_text(encoding="utf-8"))
     except (ValueError, OSError) as e:   # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        log.warning("%s is unreadable (%s: %s); synthesizing the data again", manifest, type(e).__name__,
+        if warn:
+            log.warning("%s is unreadable (%s: %s); synthesizing the data again", manifest, type(e).__name__,
                     C.first_line(e))
         return None
 
 
-def prepare_data(cfg, run_dir: Path, rulebook) -> tuple[dict, Path, dict | None]:
+def prepare_data(cfg, run_dir: Path, rulebook, is_main: bool = True) -> tuple[dict, Path, dict | None]:
     """The three splits as pyarrow tables, and the synthesized data still to be written (or None).
     Nothing is written here: with no data.dir the splits are synthesized in memory (every rank does
     it, deterministically) unless run_dir/data holds exactly what this config asks for, and
@@ -206,7 +207,7 @@ def prepare_data(cfg, run_dir: Path, rulebook) -> tuple[dict, Path, dict | None]
         wanted = {"n_train": cfg.data.n_train, "n_eval": cfg.data.n_eval, "seed": cfg.data.seed,
                   "reasons": cfg.data.reasons, "rulebook": str(rulebook.path)}
         manifest = data_dir / "manifest.json"
-        if read_manifest(manifest) != wanted or not all((data_dir / f"{s}.parquet").is_file() for s in SPLITS):
+        if read_manifest(manifest, warn=is_main) != wanted or not all((data_dir / f"{s}.parquet").is_file() for s in SPLITS):
             sizes = synth_sizes(cfg.data.n_train, cfg.data.n_eval, cfg.data.n_eval)
             tables = {s: synthesize(n, cfg.data.seed, rulebook, s, reasons=cfg.data.reasons) for s, n in sizes.items()}
             for s, t in tables.items():
@@ -402,7 +403,7 @@ def train(argv=None) -> int:
     rulebook = load_rulebook(cfg.data.rulebook)
     tokenizer = load_tokenizer(cfg.model.tokenizer)
     instructions = instructions_text(rulebook, cfg.data.instructions)
-    tables, data_dir, pending_data = prepare_data(cfg, run_dir, rulebook)
+    tables, data_dir, pending_data = prepare_data(cfg, run_dir, rulebook, info.is_main)
     prompts = {s: tokenize_prompts(tokenizer, rulebook, tables[s], instructions, cfg.data.max_prompt_tokens,
                                    data_dir / f"{s}.parquet") for s in SPLITS}
     labels = {s: tables[s].column("label").to_pylist() for s in SPLITS}
