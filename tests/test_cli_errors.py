@@ -259,6 +259,10 @@ CASES = {
                                                                    "data.dir=" + A("splits"), *DISTILL_TINY,
                                                                    "run.out_dir={d}/run"], [], "student_model",
                                                        before="distill_run"),
+    "distill_teacher_linked_into_the_overwritten_run": Case("distill", ["--overwrite", "teacher.path={d}/teacher",
+                                                                        "data.dir=" + A("splits"), *DISTILL_TINY,
+                                                                        "run.out_dir={d}/run"], [], "student_model",
+                                                            before="distill_run_linked_teacher"),
     "distill_resume_with_non_utf8_metrics": Case("distill", ["--resume", *DIS, "run.out_dir={d}/run"], [],
                                                  "metrics.jsonl", before="distill_run_bad_metrics"),
     # synthesize: reserved split names, arguments checked before the folder is made, endpoint faults,
@@ -327,8 +331,10 @@ def setup(step: str, monkeypatch, d: Path, files: Path, argv: list, request):
     elif step == "train_run_with_model":    # a finished run whose exported model the next run starts from
         shutil.copytree(files / "model", d / "run" / "final_model")
         (d / "run" / "results.json").write_text("{}\n")
-    elif step in ("distill_run", "distill_run_bad_metrics"):
+    elif step in ("distill_run", "distill_run_bad_metrics", "distill_run_linked_teacher"):
         shutil.copytree(request.getfixturevalue("distill_run"), d / "run")
+        if step == "distill_run_linked_teacher":   # the teacher's path outside the run, a symlink into it
+            (d / "teacher").symlink_to(d / "run" / "student_model", target_is_directory=True)
         if step == "distill_run_bad_metrics":      # a Latin-1 byte in the middle of the log
             path = d / "run" / "metrics.jsonl"
             lines = path.read_bytes().splitlines(keepends=True)
