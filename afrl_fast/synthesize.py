@@ -76,7 +76,7 @@ SHARD_SCHEMA = pa.schema([
     ("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64())])
 SHARD_COLUMNS = SHARD_SCHEMA.names
 # names of the outputs: an --eval split of one of these names would replace it
-RESERVED_SPLITS = ("train", "rejected", "hard", "report", "synthesis", "shards")
+RESERVED_SPLITS = ("train", "rejected", "hard", "report")
 JUDGE_TRIES = 3
 SEED_MOD = 2 ** 31 - 1       # servers that keep the seed in an int32 must not overflow
 
@@ -337,9 +337,8 @@ async def sample_all(synth: Synthesizer, pairs: list[dict], todo: list[int], out
                 held = []
             kept += sum(any(r["reason"] is None for r in pair_rows) for pair_rows in results)
             bar.set_postfix(yield_this_run=f"{kept / (start + len(batch)):.0%}")
-        for endpoint in (synth.endpoint, synth.judge):
-            if endpoint is not None and not answered_before:
-                endpoint.check_answered()
+        if not answered_before:        # (a judge refusing everything is caught by its refusals in a row)
+            synth.endpoint.check_answered()
     finally:
         bar.close()
         await synth.endpoint.close()
