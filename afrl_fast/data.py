@@ -740,17 +740,16 @@ RL_POOL = "rl_pool"
 LABELS_ONLY_COLUMNS = PAIR_COLUMNS + ("rule", "tail")   # what a labels-only pool keeps: no trace, no steps
 
 
-def write_synthetic_splits(out, n_train: int, seed: int, rulebook=None, n_industry: int | None = None,
-                           n_longtail: int | None = None, progress: bool = False,
-                           reasons: bool = True, train_tail_share: float | None = None, n_rl_pool: int = 0,
-                           rl_pool_tail_share: float | None = None) -> dict[str, pa.Table]:
-    """Synthesize train/industry/longtail (eval splits default to n_train/4) and write
-    out/{split}.parquet; returns the tables. Everything is checked and generated before the first
-    byte is written, and the files land together (all or none).
+def synthetic_splits(n_train: int, seed: int, rulebook=None, n_industry: int | None = None,
+                     n_longtail: int | None = None, progress: bool = False, reasons: bool = True,
+                     train_tail_share: float | None = None, n_rl_pool: int = 0,
+                     rl_pool_tail_share: float | None = None) -> dict[str, pa.Table]:
+    """Synthesize train/industry/longtail in memory (eval splits default to n_train/4), every size
+    and share checked first.
 
     The paper's split of roles (§3.3-3.5): SFT learns from a limited set of expert traces, RL from a
-    larger labelled pool it never saw. `n_rl_pool` > 0 adds `rl_pool.parquet`: labels only (the trace
-    and step columns dropped), its own random stream and query ids (`rl_pool-q...`, disjoint from
+    larger labelled pool it never saw. `n_rl_pool` > 0 adds `rl_pool`: labels only (the trace and
+    step columns dropped), its own random stream and query ids (`rl_pool-q...`, disjoint from
     `train-q...`). The tail shares set how common long-tail rules are in the SFT set (`train`) and the
     pool (None = the split's default: natural rarity)."""
     sizes = synth_sizes(n_train, n_industry, n_longtail)
@@ -767,22 +766,34 @@ def write_synthetic_splits(out, n_train: int, seed: int, rulebook=None, n_indust
               for split, n in sizes.items()}
     if RL_POOL in tables:
         tables[RL_POOL] = tables[RL_POOL].select(list(LABELS_ONLY_COLUMNS))
+    return tables
+
+
+def write_splits(out, tables: dict[str, pa.Table]) -> None:
+    """out/{split}.parquet for every table, landing together (all or none); an RL pool left by an
+    earlier call without one is removed."""
     atomic_write_many({Path(out) / f"{split}.parquet": (lambda f, t=table: pq.write_table(t, f))
                        for split, table in tables.items()})
-    return tables
-
-
-def write_configured_splits(data_cfg, out, rulebook) -> dict[str, pa.Table]:
-    """The synthetic splits a run config's `data` section asks for (train and the two evaluation
-    splits of n_eval rows, the RL pool when n_rl_pool > 0), written into `out`; an earlier config's
-    pool is removed when this one has none. The trainer and the experiments runner both call this."""
-    d = data_cfg
-    tables = write_synthetic_splits(out, d.n_train, d.seed, rulebook, n_industry=d.n_eval, n_longtail=d.n_eval,
-                                    reasons=d.reasons, train_tail_share=d.train_tail_share, n_rl_pool=d.n_rl_pool,
-                                    rl_pool_tail_share=d.rl_pool_tail_share)
-    if not d.n_rl_pool:
+    if RL_POOL not in tables:
         (Path(out) / f"{RL_POOL}.parquet").unlink(missing_ok=True)
+
+
+def write_synthetic_splits(out, n_train: int, seed: int, rulebook=None, **kw) -> dict[str, pa.Table]:
+    """synthetic_splits written to out/{split}.parquet; returns the tables. Everything is checked and
+    generated before the first byte is written."""
+    tables = synthetic_splits(n_train, seed, rulebook, **kw)
+    write_splits(out, tables)
     return tables
+
+
+def configured_splits(data_cfg, rulebook) -> dict[str, pa.Table]:
+    """The synthetic splits a run config's `data` section asks for (train and the two evaluation
+    splits of n_eval rows, the RL pool when n_rl_pool > 0), in memory. The trainer and the
+    experiments runner both build their data with this."""
+    d = data_cfg
+    return synthetic_splits(d.n_train, d.seed, rulebook, n_industry=d.n_eval, n_longtail=d.n_eval, reasons=d.reasons,
+                            train_tail_share=d.train_tail_share, n_rl_pool=d.n_rl_pool,
+                            rl_pool_tail_share=d.rl_pool_tail_share)
 
 
 def _run_synth(args) -> None:
@@ -791,8 +802,9 @@ def _run_synth(args) -> None:
     check_output_path(args.out, DataError, kind="dir")
     rb = load_rulebook(args.rulebook)
     check_cue_coverage(rb)
-    tables = write_synthetic_splits(args.out, args.n, args.seed, rb, args.n_industry, args.n_longtail,
-                                    progress=not args.no_progress, reasons=not args.no_reasons)
+    tables = write_synthetic_splits(args.out, args.n, args.seed, rb, n_industry=args.n_industry,
+                                    n_longtail=args.n_longtail, progress=not args.no_progress,
+                                    reasons=not args.no_reasons)
     print(f"wrote {', '.join(f'{s}.parquet' for s in tables)} to {args.out} (seed {args.seed}, rulebook {rb.path})")
     print(synth_summary(tables, rb))
 

@@ -61,8 +61,8 @@ from afrl_fast.rollout import STREAM_EVAL, EmbeddedEngine, generate_rollouts, pr
 from afrl_fast.rulebook import RulebookError
 from afrl_fast.sft import sft_batches
 from afrl_fast.synthesize import choose, rejection_reasons
-from afrl_fast.train import (SPLITS, check_run_dir, check_same_config, clear_previous_run, lock_run_dir,
-                             tokenize_prompts, tokenize_targets)
+from afrl_fast.train import (SPLITS, check_model_folder, check_run_dir, check_same_config, instructions_path,
+                             open_run_dir, tokenize_prompts, tokenize_targets)
 
 TRACES_FILE = "teacher_traces.parquet"
 STUDENT_DIR = "student_model"
@@ -153,14 +153,22 @@ def teacher_traces(cfg, teacher_lm, tokenizer, rulebook, prompts, labels, info) 
                                                         ("reason", pa.string())]))
 
 
-def training_examples(cfg, tables, tokenizer, rulebook, prompts, teacher_lm, run_dir, info):
-    """(prompt ids, target ids + EOS) per kept training pair, and a summary of what was kept."""
+def data_examples(cfg, tables, tokenizer, prompts):
+    """distill.traces=data: (prompt ids, trace ids + EOS) per training pair and its summary; the
+    traces' lengths are checked here, before the run folder is made."""
+    train = tables["train"]
+    targets = tokenize_targets(tokenizer, train, "trace", cfg.data.max_response_tokens,
+                               Path(cfg.data.dir) / "train.parquet")
+    return list(zip(prompts, targets)), {"source": "data", "kept": len(targets), "pairs": train.num_rows}
+
+
+def training_examples(cfg, tables, tokenizer, rulebook, prompts, teacher_lm, run_dir, info, from_data=None):
+    """(prompt ids, target ids + EOS) per kept training pair, and a summary of what was kept
+    (`from_data`: data_examples' answer, for distill.traces=data)."""
     d = cfg.distill
     train = tables["train"]
-    where = Path(cfg.data.dir) / "train.parquet"
     if d.traces == "data":
-        targets = tokenize_targets(tokenizer, train, "trace", cfg.data.max_response_tokens, where)
-        return list(zip(prompts, targets)), {"source": "data", "kept": len(targets), "pairs": train.num_rows}
+        return from_data
     labels = train.column("label").to_pylist()
     if d.traces == "first_token":
         # the standard-scoring student: the teacher's answer token alone, distilled at that one position
@@ -270,21 +278,29 @@ def main(argv=None) -> int:
         return 3
 
 
+def distill_inputs(cfg) -> dict:
+    """Every path the run reads (config key -> path), for check_run_dir."""
+    inputs = {"teacher.path": cfg.teacher.path, "student.path": cfg.student.path, "data.dir": cfg.data.dir,
+              "data.rulebook": cfg.data.rulebook, "data.instructions": instructions_path(cfg.data.instructions)}
+    return {k: v for k, v in inputs.items() if v}
+
+
 def distill(argv=None) -> int:
     args = parse_args(argv)
     cfg = load_distill_config(args.config, args.overrides)
     info = D.init_distributed(cfg.run.device)
     setup_logging(info.is_main)
     run_dir, ckpt_dir = Path(cfg.run.out_dir), Path(cfg.run.out_dir) / "checkpoints"
-    if not Path(cfg.teacher.path).is_dir():
-        raise ConfigError(f"teacher.path={cfg.teacher.path}: model folder not found")
-    if info.is_main:
-        check_run_dir(run_dir, args.resume, args.overwrite, ARTIFACTS)
-        lock = lock_run_dir(run_dir)  # noqa: F841  (held until the process exits)
+    inputs = distill_inputs(cfg)
+    if info.is_main:     # the run folder and every input path, before anything is read, made or removed
+        check_run_dir(run_dir, args.resume, args.overwrite, ARTIFACTS, inputs)
+    check_model_folder("teacher.path", cfg.teacher.path)
+    check_model_folder("student.path", cfg.student.path)
     torch.manual_seed(cfg.run.seed)
     t_start = time.time()
 
-    # 1. Prompt settings, tokenizer and data — all checked before anything of an earlier run is touched.
+    # 1. Prompt settings, tokenizer, data and models — all checked and loaded before the run folder
+    #    is made or anything of an earlier run is touched.
     prompt = resolve_prompt_settings(cfg.teacher.path, cfg.data.rulebook, cfg.data.instructions)
     tok_path = cfg.teacher.path if (Path(cfg.teacher.path) / "tokenizer_config.json").is_file() else "qwen3"
     tokenizer = load_tokenizer(tok_path)
@@ -294,6 +310,7 @@ def distill(argv=None) -> int:
               for s in SPLITS}
     prompts = tokenize_prompts(tokenizer, prompt.rulebook, tables["train"], prompt.instructions,
                                cfg.data.max_prompt_tokens, data_dir / "train.parquet")
+    from_data = data_examples(cfg, tables, tokenizer, prompts) if cfg.distill.traces == "data" else None
     teacher = load_teacher(cfg, info)
     vocab = teacher.lm.get_output_embeddings().weight.shape[0]
     student = build_student(cfg, vocab, info)
@@ -303,10 +320,7 @@ def distill(argv=None) -> int:
     if state is not None:
         check_same_config(state["progress"].get("config", {}), progress["config"], ckpt_dir)
     if info.is_main:
-        if args.resume:
-            C.remove_stale_temp_files(ckpt_dir)
-        elif args.overwrite:
-            clear_previous_run(run_dir, ARTIFACTS)
+        lock = open_run_dir(run_dir, args.resume, args.overwrite, ARTIFACTS, inputs)  # noqa: F841 (held to the end)
         C.atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     D.barrier()
     runlog = RunLog(run_dir, info.is_main)
@@ -318,7 +332,8 @@ def distill(argv=None) -> int:
 
     # 2. The traces the student learns to write.
     teacher_lm = full_replica(teacher, info)
-    examples, kept = training_examples(cfg, tables, tokenizer, prompt.rulebook, prompts, teacher_lm, run_dir, info)
+    examples, kept = training_examples(cfg, tables, tokenizer, prompt.rulebook, prompts, teacher_lm, run_dir, info,
+                                       from_data)
     progress["history"]["traces"] = kept
     log.info("training examples: %s", {k: v for k, v in kept.items() if k != "per_grade"})
     if "teacher" not in progress["history"]:

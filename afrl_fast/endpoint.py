@@ -11,6 +11,15 @@ type naming the URL, and the two prompt modes:
   fine-tuned model sees exactly what the trainer feeds it;
 - `api="chat"`: the messages go to /chat/completions and the server applies its own template.
 
+Every answer is read as plain JSON and checked before anything is taken from it: a body that is not
+JSON (an HTML page from a proxy, a truncated body), not an object, without a `choices` list, with
+another number of choices than the `n` asked for, or with malformed choices or log-probs is an
+EndpointError naming the URL and what was wrong (one line for the CLIs), never an AttributeError
+deep inside a caller. A refusal (a 4xx other than 429) is one item's problem (RequestRefused), but
+`max_refusals` refusals in a row mean the endpoint refuses everything (a wrong model name, as vLLM
+answers it): the next one is an EndpointError, and `check_answered` says the same for a run whose
+every request was refused.
+
 Reasoning models may wrap thinking in <think>…</think> before the answer. `strip_thinking` removes
 one leading block (and nothing else): an AFRL response must begin with its grade, so the thinking
 is not part of the trace, and everything after the block is kept verbatim for the verifier.
@@ -18,12 +27,15 @@ is not part of the trace, and everything after the block is kept verbatim for th
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 APIS = ("completions", "chat")
+MAX_REFUSALS = 8         # refusals in a row after which the endpoint, not the item, is at fault
 _THINK = re.compile(r"\A\s*<think>.*?</think>\s*", re.DOTALL)
 
 
@@ -60,7 +72,7 @@ def chat_prompt(tokenizer, messages: list[dict]) -> str:
 @dataclass
 class Choice:
     text: str
-    finish_reason: str
+    finish_reason: str                         # as the server says: stop, length, abort, ... (a missing one: stop)
     first_top_logprobs: dict | None = None     # token text -> log-prob at the first generated position
 
 
@@ -70,11 +82,15 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
-    def add(self, usage) -> None:
+    def add(self, usage: dict | None) -> None:
+        """One answered request and the token counts its `usage` object reports (counts that are
+        not non-negative integers are not counted)."""
         self.requests += 1
-        if usage is not None:
-            self.prompt_tokens += int(getattr(usage, "prompt_tokens", 0) or 0)
-            self.completion_tokens += int(getattr(usage, "completion_tokens", 0) or 0)
+        if isinstance(usage, dict):
+            for key in ("prompt_tokens", "completion_tokens"):
+                value = usage.get(key)
+                if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                    setattr(self, key, getattr(self, key) + value)
 
 
 @dataclass
@@ -87,16 +103,22 @@ class Endpoint:
     timeout: float = 120.0
     retries: int = 5
     api_key: str | None = None
+    max_refusals: int = MAX_REFUSALS
     usage: Usage = field(default_factory=Usage)
 
     def __post_init__(self):
         if self.api not in APIS:
             raise EndpointError(f"api must be one of {APIS}, got {self.api!r}")
-        if self.concurrency < 1 or self.retries < 0 or not self.timeout > 0:
-            raise EndpointError(f"{self.url}: concurrency ≥ 1, retries ≥ 0 and timeout > 0 are required")
+        if self.concurrency < 1 or self.retries < 0 or not (math.isfinite(self.timeout) and self.timeout > 0):
+            raise EndpointError(f"{self.url}: concurrency ≥ 1, retries ≥ 0 and a finite timeout > 0 are required "
+                                f"(got {self.concurrency}, {self.retries}, {self.timeout})")
         self._base = base_url(self.url)
         self._client = None
         self._sem = None
+        self.answered = 0              # requests answered with a usable body
+        self.refused = 0               # requests refused (4xx other than 429)
+        self._refused_in_a_row = 0
+        self._last_refusal = ""
 
     def _ensure_client(self):
         if self._client is None:       # created inside the running loop that uses it
@@ -115,31 +137,30 @@ class Endpoint:
                        temperature: float = 1.0, max_tokens: int = 1024, seed: int | None = None,
                        top_logprobs: int | None = None, stop: list[str] | None = None,
                        usage: Usage | None = None) -> list[Choice]:
-        """n completions of one prompt (completions API) or one message list (chat API); the
-        request's token counts are added to `self.usage` and to `usage` when given."""
+        """n completions of one prompt (completions API) or one message list (chat API), exactly n
+        and in index order; the request's token counts are added to `self.usage` and to `usage`
+        when given. RequestRefused for a refused request, EndpointError for an endpoint that cannot
+        be used (unreachable, failing, refusing everything, or answering something else)."""
         import openai
 
         client = self._ensure_client()
         try:
             async with self._sem:
                 if self.api == "completions":
-                    resp = await client.completions.create(
+                    raw = await client.completions.with_raw_response.create(
                         model=self.model, prompt=prompt, n=n, temperature=temperature, max_tokens=max_tokens,
                         seed=seed, logprobs=top_logprobs, stop=stop)
-                    self._count(resp.usage, usage)
-                    return [Choice(c.text or "", c.finish_reason or "stop", _first_completion_logprobs(c))
-                            for c in sorted(resp.choices, key=lambda c: c.index)]
-                resp = await client.chat.completions.create(
-                    model=self.model, messages=messages, n=n, temperature=temperature, max_tokens=max_tokens,
-                    seed=seed, logprobs=top_logprobs is not None or None, top_logprobs=top_logprobs, stop=stop)
-                self._count(resp.usage, usage)
-                return [Choice(c.message.content or "", c.finish_reason or "stop", _first_chat_logprobs(c))
-                        for c in sorted(resp.choices, key=lambda c: c.index)]
+                else:
+                    raw = await client.chat.completions.with_raw_response.create(
+                        model=self.model, messages=messages, n=n, temperature=temperature, max_tokens=max_tokens,
+                        seed=seed, logprobs=top_logprobs is not None or None, top_logprobs=top_logprobs, stop=stop)
+                content = raw.content
         except openai.RateLimitError as e:
             raise EndpointError(f"{self.url}: still rate-limited (429) after {self.retries} retries: "
                                 f"{_short(e)}") from None
         except openai.APIStatusError as e:
             if 400 <= e.status_code < 500:
+                self._refusal(f"{e.status_code}: {_short(e)}")
                 raise RequestRefused(f"{e.status_code}: {_short(e)}") from None
             raise EndpointError(f"{self.url}: server error {e.status_code} after {self.retries} retries: "
                                 f"{_short(e)}") from None
@@ -148,28 +169,111 @@ class Endpoint:
                                 f"{self.retries} retries") from None
         except openai.APIConnectionError as e:
             raise EndpointError(f"{self.url}: unreachable after {self.retries} retries ({_short(e)})") from None
-        except openai.OpenAIError as e:        # e.g. a body that is not a completion
+        except openai.OpenAIError as e:
             raise EndpointError(f"{self.url}: unusable response: {_short(e)}") from None
-
-
-    def _count(self, reported, usage: Usage | None) -> None:
+        choices, reported = self._read_answer(content, n)
+        self.answered += 1
+        self._refused_in_a_row = 0
         self.usage.add(reported)
         if usage is not None:
             usage.add(reported)
+        return choices
 
+    def _refusal(self, why: str) -> None:
+        self.refused += 1
+        self._refused_in_a_row += 1
+        self._last_refusal = why
+        if self._refused_in_a_row >= self.max_refusals:
+            raise EndpointError(f"{self.url}: refused {self._refused_in_a_row} requests in a row (model "
+                                f"{self.model!r}), the last with {why}; check the model name and the request "
+                                "settings")
+
+    def check_answered(self) -> None:
+        """EndpointError when this process sent requests and every one was refused (fewer than
+        `max_refusals`, so generate did not say so already)."""
+        if self.refused and not self.answered:
+            raise EndpointError(f"{self.url}: refused every request ({self.refused}, model {self.model!r}), "
+                                f"the last with {self._last_refusal}; check the model name and the request "
+                                "settings")
+
+    def _read_answer(self, content: bytes, n: int) -> tuple[list[Choice], dict | None]:
+        """The n choices of a completion body, checked; EndpointError naming what is wrong."""
+        route = "/completions" if self.api == "completions" else "/chat/completions"
+
+        def bad(what: str):
+            start = " ".join(content[:80].decode("utf-8", "replace").split())
+            return EndpointError(f"{self.url}: unusable answer to {route}: {what} (the body starts {start!r}); "
+                                 "is this an OpenAI-compatible server?")
+        try:
+            body = json.loads(content)
+        except ValueError as e:                # JSONDecodeError, UnicodeDecodeError
+            raise bad(f"not JSON ({getattr(e, 'msg', None) or type(e).__name__})") from None
+        if not isinstance(body, dict):
+            raise bad(f"a JSON {type(body).__name__}, not an object")
+        choices = body.get("choices")
+        if not isinstance(choices, list):
+            raise bad(f"no 'choices' list (keys: {', '.join(sorted(map(str, body))[:6]) or 'none'})")
+        if len(choices) != n:
+            raise bad(f"asked for n={n} completions, the answer has {len(choices)} choices")
+        if not all(isinstance(c, dict) for c in choices):
+            raise bad("a choice that is not an object")
+        indices = [c.get("index") for c in choices]
+        if all(i is None for i in indices):
+            ordered = choices
+        elif sorted(i for i in indices if isinstance(i, int) and not isinstance(i, bool)) == list(range(n)):
+            ordered = sorted(choices, key=lambda c: c["index"])
+        else:
+            raise bad(f"choice indices {indices[:8]} are not 0..{n - 1}")
+        out = []
+        for k, c in enumerate(ordered):
+            if self.api == "completions":
+                text = c.get("text")
+            else:
+                message = c.get("message")
+                if not isinstance(message, dict):
+                    raise bad(f"choice {k} has no 'message' object")
+                text = message.get("content")
+            finish = c.get("finish_reason")
+            if not isinstance(text, (str, type(None))) or not isinstance(finish, (str, type(None))):
+                raise bad(f"choice {k}: text and finish_reason must be strings")
+            try:
+                top = (_first_completion_logprobs if self.api == "completions" else _first_chat_logprobs)(c)
+            except (TypeError, ValueError, AttributeError, KeyError, IndexError):
+                raise bad(f"choice {k} has malformed logprobs") from None
+            out.append(Choice(text or "", finish or "stop", top))
+        reported = body.get("usage")
+        return out, reported if isinstance(reported, dict) else None
 
 def _short(e: BaseException) -> str:
     return " ".join(str(e).split())[:300]
 
 
-def _first_completion_logprobs(choice) -> dict | None:
-    lp = getattr(choice, "logprobs", None)
-    tops = getattr(lp, "top_logprobs", None) if lp is not None else None
-    return dict(tops[0]) if tops else None
+def _logprob(value) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"a log-prob must be a number, got {value!r}")
+    return float(value)
 
 
-def _first_chat_logprobs(choice) -> dict | None:
-    content = getattr(getattr(choice, "logprobs", None), "content", None)
+def _first_completion_logprobs(choice: dict) -> dict | None:
+    """{token text: log-prob} at the first position of a completions choice, None without them."""
+    lp = choice.get("logprobs")
+    tops = lp.get("top_logprobs") if lp is not None else None
+    if not tops or tops[0] is None:
+        return None
+    return {str(_text(token)): _logprob(v) for token, v in tops[0].items()}
+
+
+def _first_chat_logprobs(choice: dict) -> dict | None:
+    lp = choice.get("logprobs")
+    content = lp.get("content") if lp is not None else None
     if not content:
         return None
-    return {t.token: t.logprob for t in (content[0].top_logprobs or [])}
+    return {_text(t["token"]): _logprob(t["logprob"]) for t in (content[0].get("top_logprobs") or [])}
+
+
+def _text(value) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"a token must be a string, got {value!r}")
+    return value

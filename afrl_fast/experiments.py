@@ -30,6 +30,8 @@ The distillation: one teacher (teacher.path) and one student architecture (stude
     OUT/labels/seed<k>/        train.py SFT of the same student on the data's own traces, with the
                                distillation's optimisation settings and the teacher's prompt
 
+--out is checked before any work: a file, an unwritable place, a run folder (train.py or distill.py
+output) or a folder holding anything else than an experiment are refused with one line.
 OUT/experiment.json records what was asked for and where each run lives (the report reads it). A
 finished run (its results.json) is skipped, an interrupted one with a checkpoint continues with
 --resume, one that died before its first checkpoint starts again: re-running the command after a
@@ -47,7 +49,7 @@ import sys
 import time
 from pathlib import Path
 
-from .checkpoint import LATEST, atomic_write_text
+from .checkpoint import LATEST, atomic_write_text, check_output_path
 from .config import DEMO_CONFIG, ConfigError, load_config, load_distill_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,6 +95,31 @@ def parse_seeds(text: str) -> list[int]:
             raise ConfigError(f"--seeds: {item!r} is not a non-negative integer")
         seeds.append(int(item))
     return seeds
+
+
+# what an experiment folder holds besides its runs
+EXPERIMENT_FILES = {"ablation": ("data", "sft", "standard", *ARMS),
+                    "distillation": (*STUDENTS, "teacher_instructions.txt", "teacher_rulebook.yaml")}
+# what marks a run folder of train.py / distill.py
+RUN_MARKS = ("config.yaml", "checkpoints", "metrics.jsonl", "results.json", ".run.lock")
+
+
+def check_experiment_out(out: Path, kind: str) -> None:
+    """--out can hold this experiment: a folder to be made, an empty one, or an experiment folder
+    (its manifest readable; another recipe is refused by merge_manifest). Creates nothing."""
+    check_output_path(out, ConfigError, kind="dir")
+    if not out.exists() or (out / MANIFEST).is_file():
+        if (out / MANIFEST).is_file():
+            load_manifest(out)
+        return
+    marks = [m for m in RUN_MARKS if (out / m).exists()]
+    if marks:
+        raise ConfigError(f"--out {out} is a run folder (it holds {', '.join(marks)}), not an experiment folder; "
+                          "give an empty or new folder")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in EXPERIMENT_FILES[kind])
+    if foreign:
+        raise ConfigError(f"--out {out} holds {', '.join(foreign[:4])} and no {MANIFEST}: not an experiment "
+                          "folder; give an empty or new folder")
 
 
 # ----------------------------------------------------------------------------- the plans
@@ -166,13 +193,13 @@ def run_state(run_dir: Path) -> str:
 def write_data(cfg, out: Path) -> None:
     """The synthetic splits every run of the experiment reads, written once (atomically, by the
     same generator the trainer uses when data.dir is unset)."""
-    from .data import RL_POOL, SPLITS, write_configured_splits
+    from .data import RL_POOL, SPLITS, configured_splits, write_splits
     from .rulebook import load_rulebook
 
     splits = SPLITS + ((RL_POOL,) if cfg.data.n_rl_pool else ())
     if all((out / "data" / f"{s}.parquet").is_file() for s in splits):
         return
-    write_configured_splits(cfg.data, out / "data", load_rulebook(cfg.data.rulebook))
+    write_splits(out / "data", configured_splits(cfg.data, load_rulebook(cfg.data.rulebook)))
 
 
 # ----------------------------------------------------------------------------- running the plan
@@ -287,6 +314,7 @@ def ablation(config: Path, out: Path, arms: list[str], seeds: list[int], overrid
              gate: str = "check") -> int:
     """gate: check = run the shared SFT first and the arms only if the pilot gate holds; pilot = the
     shared SFT and the gate's report alone; ignore = the arms whatever the gate says."""
+    check_experiment_out(out, "ablation")
     cfg = load_config(config, overrides)       # a bad config or override fails here, before any work
     out = out.resolve()
     plan = ablation_plan(config, out, arms, seeds, overrides)
@@ -310,6 +338,7 @@ def ablation(config: Path, out: Path, arms: list[str], seeds: list[int], overrid
 
 def distillation(config: Path, out: Path, students: list[str], seeds: list[int], overrides: list[str],
                  nproc: int = 1) -> int:
+    check_experiment_out(out, "distillation")
     cfg = load_distill_config(config, overrides)
     if not Path(cfg.teacher.path).is_dir():
         raise ConfigError(f"teacher.path={cfg.teacher.path}: model folder not found")
@@ -331,16 +360,61 @@ TRAIN_STATS = ("reward/mean", "policy/entropy", "policy/entropy_critical", "poli
 
 
 def load_manifest(exp_dir: Path) -> dict:
+    """The experiment's manifest, checked field by field (ExperimentError naming the file and field)."""
     path = Path(exp_dir) / MANIFEST
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise ExperimentError(f"{path}: not an experiment folder ({e})") from None
+        why = " ".join(str(e).split())[:200]
+        raise ExperimentError(f"{path}: not an experiment folder ({type(e).__name__}: {why})") from None
+
+    def bad(what: str):
+        return ExperimentError(f"{path}: {what}; not a manifest written by afrl_fast.experiments")
+    if not isinstance(manifest, dict):
+        raise bad(f"a JSON {type(manifest).__name__}, not an object")
+    for key, ok, want in (("kind", lambda v: v in EXPERIMENT_FILES, "ablation or distillation"),
+                          ("config", lambda v: isinstance(v, str), "a string"),
+                          ("arms", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+                           "a list of names"),
+                          ("seeds", lambda v: isinstance(v, list) and all(type(x) is int for x in v),
+                           "a list of integers"),
+                          ("overrides", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+                           "a list of strings"),
+                          ("runs", lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
+                           "an object of run name -> folder")):
+        if key not in manifest:
+            raise bad(f"no {key!r} field")
+        if not ok(manifest[key]):
+            raise bad(f"field {key!r} is not {want}")
+    for name, rel in manifest["runs"].items():
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise bad(f"runs[{name!r}] = {rel!r} is not a folder inside the experiment")
+    return manifest
 
 
 def read_results(run_dir: Path) -> dict:
-    """The run's results.json rows (model name -> split -> metrics)."""
-    return json.loads((run_dir / "results.json").read_text())["results"]
+    """The run's results.json rows (model name -> split -> metrics), checked (ExperimentError naming
+    the file and field)."""
+    path = Path(run_dir) / "results.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ExperimentError(f"{path}: unreadable ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+    rows = data.get("results") if isinstance(data, dict) else None
+    if not isinstance(rows, dict):
+        raise ExperimentError(f"{path}: no 'results' object (model -> split -> metrics); not written by "
+                              "train.py or distill.py")
+    for model, splits in rows.items():
+        if not isinstance(splits, dict):
+            raise ExperimentError(f"{path}: results[{model!r}] is not an object of split -> metrics")
+        for split, metrics in splits.items():
+            if not isinstance(metrics, dict):
+                raise ExperimentError(f"{path}: results[{model!r}][{split!r}] is not an object of metrics")
+            for m in METRICS:
+                v = metrics.get(m)
+                if m in metrics and v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                    raise ExperimentError(f"{path}: results[{model!r}][{split!r}][{m!r}] = {v!r} is not a number")
+    return rows
 
 
 def rl_row(run_dir: Path) -> dict:
@@ -378,7 +452,7 @@ def reference_rows(kind: str, runs: dict) -> dict:
     standard-scoring baseline and the majority class; distillation: the teacher (and the majority class)."""
     ref = {}
     if kind == "ablation":
-        if run_state(runs["sft"]) == "done":
+        if "sft" in runs and run_state(runs["sft"]) == "done":
             rows = read_results(runs["sft"])
             ref.update({"majority class": rows.get("majority-class"), "SFT (AFRL)": rows.get("SFT")})
         if "standard" in runs and run_state(runs["standard"]) == "done":
@@ -454,7 +528,8 @@ def summarize(exp_dir: Path) -> dict:
         splits = sorted({s for f in finals for s in f} | set(splits))
         entry = {"seeds": [seed for seed, _ in done],
                  "eval": {split: {m: mean_std([f[split][m] for f in finals]) for m in METRICS}
-                          for split in splits if all(split in f for f in finals)},
+                          for split in splits
+                          if all(split in f and all(f[split].get(m) is not None for m in METRICS) for f in finals)},
                  "train": {}}
         if kind == "ablation":
             entry["vs_sft_acc5"] = change_over_sft(exp_dir, reference_answers(runs), finals)
@@ -462,6 +537,10 @@ def summarize(exp_dir: Path) -> dict:
             entry["train"] = {k: mean_std([st[k] for st in stats]) for k in (*TRAIN_STATS, "rl_steps")
                               if all(st[k] is not None for st in stats)}
         arms[arm] = entry
+    if not arms:
+        finished = sorted(name for name, d in runs.items() if run_state(d) == "done")
+        raise ExperimentError(f"{exp_dir}: no finished run of any arm yet (a run is finished when its folder holds "
+                              f"results.json; finished: {', '.join(finished) or 'none'}); nothing to compare")
     return {"experiment": str(exp_dir), "kind": kind, "config": manifest["config"], "arms_requested": manifest["arms"],
             "seeds_requested": manifest["seeds"], "final_window_steps": FINAL_WINDOW, "splits": splits,
             "reference": reference, "arms": arms}

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .checkpoint import atomic_write_text
+from .config import ConfigError
 
 log = logging.getLogger("afrl_fast")
 
@@ -45,6 +46,26 @@ def _clean(value):
     return value
 
 
+def check_run_log(path: Path) -> list[str]:
+    """The lines of a run's metrics.jsonl before --resume rewrites it; ConfigError (one line naming
+    the file and line) when it is not a file of UTF-8 text. RunLog writes ASCII JSON only, so such a
+    byte is damage from outside, not a line torn by a kill (those are dropped on resume)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    if not path.is_file():
+        raise ConfigError(f"{path}: is not a file, so not the run log; move it away, then --resume again")
+    lines = path.read_bytes().split(b"\n")
+    for lineno, line in enumerate(lines, 1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: line {lineno} is not UTF-8 text (byte {line[e.start]:#04x} at column "
+                              f"{e.start + 1}); the run log was damaged: repair or delete that line, then --resume "
+                              "again") from None
+    return [line.decode("utf-8") for line in lines if line]
+
+
 class RunLog:
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True):
         self.run_dir = Path(run_dir)
@@ -65,7 +86,7 @@ class RunLog:
         if not self.enabled or not self.path.exists():
             return
         kept = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
+        for line in check_run_log(self.path):
             try:
                 if json.loads(line).get("step", 0) <= step:
                     kept.append(line)

@@ -8,7 +8,11 @@ Each round:
 1. Act: the actor grades every validation pair under the current instruction text. The grade is read
    from the first token: its top log-probs over "0".."4" where the endpoint returns them
    (renormalised over the labels present), else the first character of a one-token completion; a
-   reply with neither is counted as unparsed and scored as a uniform distribution.
+   reply with neither, or a refused request, is counted as unparsed and scored as a uniform
+   distribution. The count is printed each round. Metrics of uniform guesses say nothing: more than
+   --max-unparsed (a fraction, default 0.2) of the validation pairs unparsed ends the run with one
+   line when it happens to the starting text (the actor cannot be read: a wrong --actor-model,
+   --api or a model that does not answer grade-first), and rejects a candidate text it happens to.
 2. Diagnose: for each misgraded pair (at most --max-diagnose) the evaluator is asked which rule of
    the rulebook's decision list was misapplied; the answer must name a rule id and is parsed as the
    first rule id it mentions (none → counted as unparseable). The counts, with example pairs, are the
@@ -20,8 +24,11 @@ Each round:
 
 DIR/round_000/ holds the starting text and its metrics; DIR/round_NNN/ each round's attribution
 report, candidate text, candidate metrics, the diff against the current text and the decision;
-DIR/history.json the whole run. DIR/instructions.txt is always the best text so far (written
-atomically on each acceptance) and is what the rest of the pipeline takes:
+DIR/history.json the whole run. Every argument and the validation set (at least one pair) are
+checked before DIR is made; an actor, evaluator or refiner that answers something other than a
+completion, or refuses every request, ends the run with one line naming its URL.
+DIR/instructions.txt is always the best text so far (written atomically on each acceptance) and is
+what the rest of the pipeline takes:
 `train.py data.instructions=DIR/instructions.txt`, `afrl_fast.evaluate --instructions ...`,
 `afrl_fast.serve --instructions ...`, `afrl_fast.synthesize --instructions ...`.
 """
@@ -93,6 +100,14 @@ async def grade(actor: Endpoint, tokenizer, rulebook, instructions: str, pairs: 
     found = await asyncio.gather(*(one(r) for r in pairs))
     unparsed = sum(p is None for p in found)
     return np.stack([p if p is not None else np.full(len(LABELS), 1 / len(LABELS)) for p in found]), unparsed
+
+
+def too_many_unparsed(metrics: dict, max_unparsed: float) -> bool:
+    return metrics["unparsed"] > max_unparsed * metrics["n"]
+
+
+def unparsed_text(metrics: dict) -> str:
+    return f"unparsed {metrics['unparsed']} of {metrics['n']}"
 
 
 def validation_metrics(pairs: list[dict], probs: np.ndarray, unparsed: int) -> dict:
@@ -232,17 +247,26 @@ async def run_piar(args, out: Path, pairs: list[dict], tokenizer, rulebook, star
                    evaluator: Endpoint, refiner: Endpoint) -> dict:
     current = start
     probs, unparsed = await grade(actor, tokenizer, rulebook, current, pairs)
+    actor.check_answered()
     best = validation_metrics(pairs, probs, unparsed)
+    if too_many_unparsed(best, args.max_unparsed):     # before anything is written
+        raise PiarError(f"the actor ({actor.url}, model {actor.model!r}) gave no readable grade for {unparsed} of "
+                        f"{len(pairs)} validation pairs under the starting text (refused, or a first token that is "
+                        f"not 0-4 without label log-probs), more than --max-unparsed {args.max_unparsed:g}; check "
+                        "--actor-model, --api and that the actor answers with the grade first")
     write_round(out / "round_000", {"instructions.txt": current, "metrics.json": best})
     write_predictions(out / "round_000", pairs, probs)
     atomic_write_text(out / "instructions.txt", current)
     history = {"start": best, "rounds": []}
-    print(f"round 0: 5-ACC {shown(best['acc5'])} Pair-ACC {shown(best['pair_acc'])}")
+    print(f"round 0: 5-ACC {shown(best['acc5'])} Pair-ACC {shown(best['pair_acc'])} ({unparsed_text(best)})")
     stale = 0
     for k in range(1, args.rounds + 1):
         folder = out / f"round_{k:03d}"
         report = await diagnose(evaluator, tokenizer, rulebook, pairs, probs.argmax(1), args.max_diagnose)
+        if report["diagnosed"]:
+            evaluator.check_answered()
         candidate = await refine(refiner, tokenizer, rulebook, current, report, args.refiner_max_tokens)
+        refiner.check_answered()
         files = {"attribution.json": report}
         decision = {"round": k, "before": best}
         if candidate is None:
@@ -250,9 +274,13 @@ async def run_piar(args, out: Path, pairs: list[dict], tokenizer, rulebook, star
         else:
             c_probs, c_unparsed = await grade(actor, tokenizer, rulebook, candidate, pairs)
             metrics = validation_metrics(pairs, c_probs, c_unparsed)
-            accepted = improves(metrics, best)
-            decision.update(accepted=accepted, candidate=metrics,
-                            reason="improves 5-ACC (ties: Pair-ACC)" if accepted else "no gain in 5-ACC / Pair-ACC")
+            if too_many_unparsed(metrics, args.max_unparsed):   # uniform guesses must not win a round
+                accepted, reason = False, (f"the actor gave no readable grade for {c_unparsed} of {len(pairs)} pairs "
+                                           f"under the candidate (more than --max-unparsed {args.max_unparsed:g})")
+            else:
+                accepted = improves(metrics, best)
+                reason = "improves 5-ACC (ties: Pair-ACC)" if accepted else "no gain in 5-ACC / Pair-ACC"
+            decision.update(accepted=accepted, candidate=metrics, reason=reason)
             files["candidate.txt"] = candidate
             files["candidate_metrics.json"] = metrics
             files["diff.patch"] = "".join(difflib.unified_diff(current.splitlines(True), candidate.splitlines(True),
@@ -267,7 +295,8 @@ async def run_piar(args, out: Path, pairs: list[dict], tokenizer, rulebook, star
         history["rounds"].append({k2: v for k2, v in decision.items() if k2 != "before"} | {"attribution": report})
         atomic_write_text(out / "history.json", json.dumps({**history, "best": best}, indent=2))
         stale = 0 if decision["accepted"] else stale + 1
-        print(f"round {k}: {'accepted' if decision['accepted'] else 'rejected'} ({decision['reason']}); "
+        seen = f", candidate {unparsed_text(decision['candidate'])}" if "candidate" in decision else ""
+        print(f"round {k}: {'accepted' if decision['accepted'] else 'rejected'} ({decision['reason']}{seen}); "
               f"best 5-ACC {shown(best['acc5'])} Pair-ACC {shown(best['pair_acc'])}")
         if stale >= args.patience:
             break
@@ -294,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default="qwen3")
     p.add_argument("--max-diagnose", type=int, default=64, help="misgraded pairs sent to the evaluator per round")
     p.add_argument("--refiner-max-tokens", type=int, default=2048)
+    p.add_argument("--max-unparsed", type=float, default=0.2,
+                   help="fraction of validation pairs whose answer may carry no grade (else: see above)")
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--retries", type=int, default=5)
@@ -307,10 +338,18 @@ def main(argv=None) -> int:
         for name in ("rounds", "patience", "max_diagnose", "refiner_max_tokens", "concurrency"):
             if getattr(args, name) < 1:
                 raise PiarError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
+        if not 0.0 <= args.max_unparsed <= 1.0:
+            raise PiarError(f"--max-unparsed must be a fraction in [0, 1], got {args.max_unparsed}")
+        if not (math.isfinite(args.timeout) and args.timeout > 0):
+            raise PiarError(f"--timeout must be a finite number of seconds > 0, got {args.timeout}")
+        if args.retries < 0:
+            raise PiarError(f"--retries must be ≥ 0, got {args.retries}")
         check_output_path(out, PiarError, kind="dir")
         if out.exists() and any(out.iterdir()):
             raise PiarError(f"{out}: folder is not empty; give a new --out")
         pairs = read_pairs(args.val).to_pylist()
+        if not pairs:
+            raise PiarError(f"{args.val}: no pairs; PIAR grades the instructions on labelled validation pairs")
         prompt = resolve_prompt_settings(None, args.rulebook, args.instructions)
         tokenizer = load_tokenizer(args.tokenizer)
         endpoints = [Endpoint(url, model, api=args.api, concurrency=args.concurrency, timeout=args.timeout,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
-from .config import ModelConfig
+from .config import ConfigError, ModelConfig
 from .loss import LossRows, fused_distill_loss, fused_loss, token_logprobs
 
 
@@ -231,13 +231,16 @@ def build_lm(cfg: ModelConfig, vocab_size: int, dtype=torch.float32, empty: bool
     (cfg.path's config is read, not its weights), for FSDP2 to shard before anything is allocated."""
     from transformers import AutoConfig, AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-    if cfg.path and empty:
-        with parameters_on_meta():
-            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.path), dtype=dtype,
-                                                    attn_implementation=cfg.attn_implementation)
-    if cfg.path:
-        return AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype,
-                                                    attn_implementation=cfg.attn_implementation)
+    try:
+        if cfg.path and empty:
+            with parameters_on_meta():
+                return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.path), dtype=dtype,
+                                                        attn_implementation=cfg.attn_implementation)
+        if cfg.path:
+            return AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype,
+                                                        attn_implementation=cfg.attn_implementation)
+    except (OSError, ValueError, KeyError) as e:     # no config or weights, an unknown model_type, ...
+        raise ConfigError(f"{cfg.path}: cannot load the model: {' '.join(str(e).split())[:300]}") from None
     config = Qwen3Config(
         vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,

@@ -36,12 +36,17 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.transforms import blended_transform_factory
 
+from .checkpoint import check_output_path
+
 EVAL_METRICS = [("pair_acc", "Pair-ACC"), ("macro_f1", "Macro-F1"), ("acc5", "5-ACC")]
 GATES = [("gate/fmt", "format"), ("gate/cst", "consistency"), ("gate/logic", "logic")]
 TIME_PARTS = [("time/rollout", "rollout"), ("time/verify", "verify"), ("time/advantages", "advantages"),
               ("time/logprobs", "log-probs"), ("time/loss", "loss"), ("time/optimizer", "optimizer"),
               ("time/sync", "weight sync")]
 DPI = 110
+# the fields the figures draw (the arm-comparison ones are added below the experiment section)
+PLOTTED = {k for k, _ in EVAL_METRICS + GATES + TIME_PARTS} | {"reward/mean", "reward/std", "policy/entropy",
+                                                                "policy/kl", "policy/clip_frac"}
 
 
 # ---------------------------------------------------------------- loading
@@ -54,7 +59,14 @@ def load_metrics(path) -> tuple[list[dict], list[dict]]:
     written by something else, so we stop with the file and line number instead of guessing.
     """
     path = Path(path)
-    lines = path.read_text(encoding="utf-8").splitlines()
+    raw = path.read_bytes().split(b"\n")
+    lines = []
+    for i, line in enumerate(raw):
+        try:
+            lines.append(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}:{i + 1}: not UTF-8 text (byte {line[e.start]:#04x} at column {e.start + 1}); "
+                             "the file was damaged or written by something else") from None
     last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
     train, evals = [], []
     for i, line in enumerate(lines):
@@ -77,6 +89,10 @@ def _parse_line(path: Path, lineno: int, line: str, is_last: bool) -> dict | Non
         raise ValueError(f"{path}:{lineno}: invalid JSON line: {err.msg}") from err
     if not isinstance(row, dict) or "step" not in row:
         raise ValueError(f"{path}:{lineno}: expected a JSON object with a 'step' field")
+    for key, value in row.items():     # what is drawn must be a number (null: a non-finite value)
+        if (key == "step" or key in PLOTTED) and (isinstance(value, bool) or not isinstance(value, (int, float))) \
+                and not (value is None and key != "step"):
+            raise ValueError(f"{path}:{lineno}: field {key!r} is {value!r}, not a number")
     return row
 
 
@@ -305,17 +321,17 @@ def draw_experiment(exp_dir, out_dir) -> list[Path]:
     """The comparison of an experiment folder (afrl_fast.experiments): training curves and held-out
     metrics against RL step, per arm (mean over seeds, the band spanning the seeds), and the summary
     table of final metrics (summary.json, summary.md)."""
-    from .experiments import load_manifest, run_state, summarize, summary_markdown
+    from .experiments import load_manifest, read_results, run_state, summarize, summary_markdown
 
     exp_dir, out_dir = Path(exp_dir), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     manifest = load_manifest(exp_dir)
     if manifest.get("kind") == "distillation":
         return draw_distillation(exp_dir, out_dir)
+    summary = summarize(exp_dir)       # checks every finished run's results.json; refuses an empty comparison
     sft_rows = {}
-    sft_dir = exp_dir / manifest["runs"]["sft"]
-    if run_state(sft_dir) == "done":
-        sft_rows = json.loads((sft_dir / "results.json").read_text())["results"].get("SFT", {})
+    sft_dir = exp_dir / manifest["runs"]["sft"] if "sft" in manifest["runs"] else None
+    if sft_dir is not None and run_state(sft_dir) == "done":
+        sft_rows = read_results(sft_dir).get("SFT", {})
     train_by_arm, eval_by_arm = {}, {}
     for arm in manifest["arms"]:
         for seed in manifest["seeds"]:
@@ -325,7 +341,7 @@ def draw_experiment(exp_dir, out_dir) -> list[Path]:
                 train, evals = load_metrics(metrics)
                 train_by_arm.setdefault(arm, []).append([r for r in train if r.get("phase") == "rl"])
                 eval_by_arm.setdefault(arm, []).append([r for r in evals if r.get("phase") == "rl"])
-    written = []
+    figures = []
     if train_by_arm:
         fig = Figure(figsize=(15, 7.5), layout="constrained")
         axes = fig.subplots(2, 3, sharex=True).ravel()
@@ -340,7 +356,7 @@ def draw_experiment(exp_dir, out_dir) -> list[Path]:
         axes[0].legend(fontsize=8)
         fig.suptitle(f"RL dynamics per arm (moving average over {SMOOTH} steps; line: mean over seeds, "
                      "band: min to max over seeds)")
-        written.append(_save(fig, out_dir, "ablation_training.png"))
+        figures.append((fig, "ablation_training.png"))
     if eval_by_arm:
         splits = list(dict.fromkeys(str(r["split"]) for runs in eval_by_arm.values() for rows in runs for r in rows))
         fig = Figure(figsize=(5.5 * len(ARM_EVALS), 4 * len(splits)), layout="constrained")
@@ -359,8 +375,9 @@ def draw_experiment(exp_dir, out_dir) -> list[Path]:
         axes[0][0].legend(fontsize=8)
         fig.suptitle("Held-out first-token metrics against RL step (step 0: the shared SFT model; "
                      "line: mean over seeds, band: min to max)")
-        written.append(_save(fig, out_dir, "ablation_eval.png"))
-    summary = summarize(exp_dir)
+        figures.append((fig, "ablation_eval.png"))
+    out_dir.mkdir(parents=True, exist_ok=True)        # everything was read and drawn: now write
+    written = [_save(fig, out_dir, name) for fig, name in figures]
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     (out_dir / "summary.md").write_text(summary_markdown(summary) + "\n")
     return written + [out_dir / "summary.json", out_dir / "summary.md"]
@@ -374,8 +391,9 @@ def draw_distillation(exp_dir: Path, out_dir: Path) -> list[Path]:
     seeds with every seed as a dot, and the teacher as a dashed line."""
     from .experiments import summarize, summary_markdown
 
-    summary = summarize(exp_dir)
+    summary = summarize(exp_dir)       # refuses an experiment without a finished run
     written = []
+    out_dir.mkdir(parents=True, exist_ok=True)
     if summary["arms"]:
         splits = summary["splits"]
         fig = Figure(figsize=(4.5 * len(DISTILL_METRICS), 3.8 * len(splits)), layout="constrained")
@@ -412,8 +430,8 @@ def draw_report(run_dir, out_dir=None) -> list[Path]:
     if not metrics.is_file():
         raise FileNotFoundError(f"{metrics} not found (is {run_dir} a run folder?)")
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "plots"
+    train, evals = load_metrics(metrics)        # read and checked before anything is made
     out_dir.mkdir(parents=True, exist_ok=True)
-    train, evals = load_metrics(metrics)
     boundaries = stage_boundaries(train)
     written = [plot_eval(evals, boundaries, out_dir),
                plot_reward_entropy(train, boundaries, out_dir),
@@ -431,13 +449,16 @@ def main(argv=None) -> int:
                         help="output folder (RUN_DIR/plots; an experiment's: RUN_DIR/summary)")
     args = parser.parse_args(argv)
     try:
-        if (args.run_dir / "experiment.json").is_file():   # an experiment folder: compare its runs
-            paths = draw_experiment(args.run_dir, args.out or args.run_dir / "summary")
+        experiment = (args.run_dir / "experiment.json").is_file()
+        out = args.out or args.run_dir / ("summary" if experiment else "plots")
+        check_output_path(out, ValueError, kind="dir")
+        if experiment:                                      # an experiment folder: compare its runs
+            paths = draw_experiment(args.run_dir, out)
         else:
-            paths = draw_report(args.run_dir, args.out)
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+            paths = draw_report(args.run_dir, out)
+    except (OSError, ValueError, RuntimeError) as err:     # ExperimentError is a RuntimeError
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
     for path in paths:
         print(path)
     if not paths:

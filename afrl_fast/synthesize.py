@@ -13,7 +13,8 @@
    if it is complete (not cut at --max-tokens), well formed, its decision token, step 9's verdict
    and its final grade agree, the grade the rulebook derives from its boxed steps 4–8 (ŷ) is the
    label, and its final grade is the label. Each rejected sample records the first reason it failed
-   in that order.
+   in that order. A sample the server ended for another reason than a stop or the token limit
+   (finish_reason `abort`, `content_filter`, ...) is `aborted`, never taken as complete.
 3. Best-of-N: with a judge endpoint every survivor of a pair with more than one is scored 0–10 for logical soundness and rule
    adherence (rubric: configs/prompts/judge_rubric.txt; an unparseable reply is asked again twice,
    then ranked last); the highest score wins. Ties, and runs without a judge, keep the shortest
@@ -23,12 +24,18 @@
    synthetic generator writes, so `read_pairs(require_trace=True)` and the trainer accept it);
    rejected.parquet (every rejected sample with its reason); hard.parquet (pairs no sample
    survived: the hard samples, listed, never dropped silently); report.json (yield per grade and per
-   rule, rejection reasons, requests and tokens, wall time); the --eval splits copied beside them.
+   rule, rejection reasons, requests and tokens, wall time); the --eval splits copied beside them
+   (their names must not be those of the outputs: train, rejected, hard, report).
 
 Results land in DIR/shards/ as each shard of pairs finishes (atomic files): a killed run loses at most
 the shard in flight, and `--resume` skips every finished pair, so no pair is asked twice and none is
-written twice. An unreachable endpoint, or one that answers nothing within --timeout, fails after the
-client's retries with one line naming the URL.
+written twice. A pair the endpoint refused, or whose samples it aborted, without a verified trace is
+not finished: `--resume` asks for it again (its newer rows replace the old). Every argument is
+checked before DIR is made, and DIR is made only when the first shard is written, so a refused run
+leaves nothing behind. An unreachable endpoint, one that answers nothing within --timeout, one that
+answers something that is not a completion of n choices, or one that refuses
+`endpoint.MAX_REFUSALS` requests in a row (or every request of a run that has none answered) fails
+with one line naming the URL.
 """
 from __future__ import annotations
 
@@ -36,6 +43,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import math
 import re
 import sys
 import time
@@ -43,6 +51,7 @@ from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .resources import CONFIG_DIR
@@ -57,9 +66,17 @@ from .verify import verify_batch
 
 JUDGE_RUBRIC = CONFIG_DIR / "prompts" / "judge_rubric.txt"
 # Why a sample is rejected, in the order they are checked (the first that applies is recorded).
-REASONS = ("request_refused", "truncated", "format", "inconsistent", "rules_imply_other_grade", "final_not_label")
-SHARD_COLUMNS = ["pair", "sample", "text", "finish_reason", "reason", "judge_score", "chosen",
-                 "requests", "prompt_tokens", "completion_tokens"]
+REASONS = ("request_refused", "truncated", "aborted", "format", "inconsistent", "rules_imply_other_grade",
+           "final_not_label")
+# the endpoint's fault, not the pair's: such a pair without a verified trace is asked again on --resume
+RETRY_REASONS = ("request_refused", "aborted")
+SHARD_SCHEMA = pa.schema([
+    ("pair", pa.int64()), ("sample", pa.int32()), ("text", pa.string()), ("finish_reason", pa.string()),
+    ("reason", pa.string()), ("judge_score", pa.float64()), ("chosen", pa.bool_()), ("requests", pa.int64()),
+    ("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64())])
+SHARD_COLUMNS = SHARD_SCHEMA.names
+# names of the outputs: an --eval split of one of these names would replace it
+RESERVED_SPLITS = ("train", "rejected", "hard", "report")
 JUDGE_TRIES = 3
 SEED_MOD = 2 ** 31 - 1       # servers that keep the seed in an int32 must not overflow
 
@@ -81,6 +98,8 @@ def rejection_reasons(texts: list[str], finish_reasons: list[str], label: int, r
     for j, finish in enumerate(finish_reasons):
         if finish == "length":
             out.append("truncated")
+        elif finish != "stop":            # abort, content_filter, ...: the server did not finish it
+            out.append("aborted")
         elif not res.fmt[j]:
             out.append("format")
         elif not res.cst[j]:
@@ -208,51 +227,118 @@ def run_settings(args, pairs_path: Path, n_pairs: int, instructions: str) -> dic
             "judge_model": args.judge_model, "api": args.api}
 
 
-def prepare_out_dir(out: Path, settings: dict, resume: bool) -> None:
+def check_out_dir(out: Path, settings: dict, resume: bool) -> None:
+    """--out can take this run (nothing is created here: see start_out_dir)."""
     check_output_path(out, SynthesisError, kind="dir")
     state = out / "synthesis.json"
     if resume:
         if not state.exists():
             raise SynthesisError(f"{out}: nothing to resume (no synthesis.json); run without --resume")
-        saved = json.loads(state.read_text(encoding="utf-8"))
+        hint = ("--resume cannot tell which run the shards belong to: restore it, or start over with a new "
+                "--out")
+        try:
+            saved = json.loads(state.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:     # ValueError: JSONDecodeError, UnicodeDecodeError
+            raise SynthesisError(f"{state}: unreadable ({type(e).__name__}: {first_line(e)}); {hint}") from None
+        if not isinstance(saved, dict):
+            raise SynthesisError(f"{state}: not the settings of a synthesis run (a JSON {type(saved).__name__}); "
+                                 f"{hint}")
         diff = sorted(k for k in settings.keys() | saved.keys() if settings.get(k) != saved.get(k))
         if diff:
             raise SynthesisError(f"{out}: cannot resume, this run differs from the saved one in {', '.join(diff)}")
         return
     if out.exists() and any(out.iterdir()):
         raise SynthesisError(f"{out}: folder is not empty; use --resume to continue it or a new --out")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(state, json.dumps(settings, indent=2))
 
 
-def finished_pairs(out: Path) -> tuple[set[int], int]:
-    """Pair indices already in shards, and the next shard number."""
-    done, shards = set(), sorted((out / "shards").glob("*.parquet"))
-    for path in shards:
-        done.update(pq.read_table(path, columns=["pair"]).column("pair").to_pylist())
-    return done, (int(shards[-1].stem) + 1 if shards else 0)
+def start_out_dir(out: Path, settings: dict) -> None:
+    """Make --out and record the run's settings: done when the first shard is about to be written."""
+    state = out / "synthesis.json"
+    if not state.exists():
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(state, json.dumps(settings, indent=2))
+
+
+def first_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:200] or type(e).__name__
+
+
+def read_shards(out: Path, n_pairs: int) -> list[pa.Table]:
+    """The result shards in write order, each checked: a file that is not a readable shard of this
+    tool, or names a pair the pairs file does not have, is one line naming it (and is left alone)."""
+    folder = out / "shards"
+    if not folder.is_dir():
+        return []
+    tables = []
+    hint = f"move it out of {folder}: --resume then asks for its pairs again"
+    for path in sorted(folder.glob("*.parquet")):
+        if not re.fullmatch(r"\d{6,}", path.stem):
+            raise SynthesisError(f"{path}: not a result shard of this tool (they are named 000000.parquet, "
+                                 f"000001.parquet, ...); {hint}")
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError) as e:
+            raise SynthesisError(f"{path}: unreadable result shard ({first_line(e)}); {hint}") from None
+        for f in SHARD_SCHEMA:
+            if f.name not in table.column_names or not table.schema.field(f.name).type.equals(f.type):
+                raise SynthesisError(f"{path}: not a result shard of this tool (column {f.name!r} is missing or "
+                                     f"not {f.type}); {hint}")
+        pair = table.column("pair")
+        if pair.null_count or (len(pair) and not 0 <= pc.min(pair).as_py() <= pc.max(pair).as_py() < n_pairs):
+            raise SynthesisError(f"{path}: names pairs outside 0..{n_pairs - 1} of the pairs file; {hint}")
+        tables.append(table.select(SHARD_COLUMNS))
+    return tables
+
+
+def latest_rows(shards: list[pa.Table]) -> dict[int, list[dict]]:
+    """pair -> its rows in the latest shard that holds it (a pair asked again on --resume)."""
+    by_pair: dict[int, list[dict]] = {}
+    for table in shards:
+        fresh: dict[int, list[dict]] = {}
+        for r in table.to_pylist():
+            fresh.setdefault(r["pair"], []).append(r)
+        by_pair.update(fresh)
+    return by_pair
+
+
+def needs_retry(rows: list[dict]) -> bool:
+    """No verified trace, and a sample the endpoint refused or aborted: not the pair's fault."""
+    return not any(r["chosen"] for r in rows) and any(r["reason"] in RETRY_REASONS for r in rows)
+
+
+def finished_pairs(shards: list[pa.Table]) -> set[int]:
+    """Pairs that --resume does not ask for again."""
+    return {i for i, rows in latest_rows(shards).items() if not needs_retry(rows)}
 
 
 def write_shard(out: Path, number: int, rows: list[dict]) -> None:
-    table = pa.Table.from_pylist(rows, schema=pa.schema([
-        ("pair", pa.int64()), ("sample", pa.int32()), ("text", pa.string()), ("finish_reason", pa.string()),
-        ("reason", pa.string()), ("judge_score", pa.float64()), ("chosen", pa.bool_()), ("requests", pa.int64()),
-        ("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64())]))
+    table = pa.Table.from_pylist(rows, schema=SHARD_SCHEMA)
     atomic_write_many({out / "shards" / f"{number:06d}.parquet": lambda f: pq.write_table(table, f)})
 
 
 async def sample_all(synth: Synthesizer, pairs: list[dict], todo: list[int], out: Path, first_shard: int,
-                     shard_size: int, n_done: int) -> None:
+                     shard_size: int, n_done: int, start_out=lambda: None, answered_before: bool = False) -> None:
+    """Sample the `todo` pairs shard by shard; `start_out()` runs before the first shard is
+    written. `answered_before`: earlier invocations of this run got answers. Until the endpoint has
+    answered once, shards (of refusals only) are held back: an endpoint that refuses everything
+    leaves nothing behind, and one that refuses a few pairs first loses none of them."""
     bar = progress_bar(len(pairs), "synthesize", initial=n_done, unit="pair")
-    kept = 0
+    kept, number, held = 0, first_shard, []
     try:
-        for s, start in enumerate(range(0, len(todo), shard_size)):
+        for start in range(0, len(todo), shard_size):
             batch = todo[start:start + shard_size]
             results = await asyncio.gather(*(_with_progress(synth.sample_pair(i, pairs[i]), bar) for i in batch))
-            rows = [r for pair_rows in results for r in pair_rows]
-            write_shard(out, first_shard + s, rows)
+            held.append([r for pair_rows in results for r in pair_rows])
+            if answered_before or synth.endpoint.answered:
+                start_out()
+                for rows in held:
+                    write_shard(out, number, rows)
+                    number += 1
+                held = []
             kept += sum(any(r["reason"] is None for r in pair_rows) for pair_rows in results)
             bar.set_postfix(yield_this_run=f"{kept / (start + len(batch)):.0%}")
+        if not answered_before:        # (a judge refusing everything is caught by its refusals in a row)
+            synth.endpoint.check_answered()
     finally:
         bar.close()
         await synth.endpoint.close()
@@ -272,12 +358,11 @@ async def _with_progress(coro, bar):
 
 def assemble(out: Path, pairs_table: pa.Table, rulebook, eval_splits: dict[str, pa.Table], wall_s: float,
              settings: dict) -> dict:
-    shards = [pq.read_table(p) for p in sorted((out / "shards").glob("*.parquet"))]
-    samples = pa.concat_tables(shards).to_pylist() if shards else []
+    shards = read_shards(out, pairs_table.num_rows)
+    spent = pa.concat_tables(shards).to_pylist() if shards else []     # every request made, retried ones too
     pairs = pairs_table.select(list(PAIR_COLUMNS)).to_pylist()
-    by_pair: dict[int, list[dict]] = {}
-    for r in samples:
-        by_pair.setdefault(r["pair"], []).append(r)
+    by_pair = latest_rows(shards)
+    samples = [r for rows in by_pair.values() for r in rows]
     train, rejected, hard = [], [], []
     reasons, per_rule, per_rule_samples = Counter(), Counter(), Counter()
     grade_pairs, grade_kept = Counter(), Counter()
@@ -313,9 +398,10 @@ def assemble(out: Path, pairs_table: pa.Table, rulebook, eval_splits: dict[str, 
         "traces_per_rule": dict(sorted(per_rule.items())),
         "kept_samples_per_rule": dict(sorted(per_rule_samples.items())),
         "rejections": {k: reasons[k] for k in REASONS},
-        "requests": sum(r["requests"] for r in samples),
-        "prompt_tokens": sum(r["prompt_tokens"] for r in samples),
-        "completion_tokens": sum(r["completion_tokens"] for r in samples),
+        "pairs_to_retry": sum(needs_retry(by_pair[i]) for i in by_pair),
+        "requests": sum(r["requests"] for r in spent),
+        "prompt_tokens": sum(r["prompt_tokens"] for r in spent),
+        "completion_tokens": sum(r["completion_tokens"] for r in spent),
         "wall_s_this_invocation": round(wall_s, 2), "settings": settings,
         "eval_splits": sorted(eval_splits),
     }
@@ -345,8 +431,13 @@ def parse_eval(items: list[str]) -> dict[str, pa.Table]:
     splits = {}
     for item in items or []:
         name, sep, path = item.partition("=")
-        if not sep or not re.fullmatch(r"[A-Za-z0-9_-]+", name) or name == "train":
-            raise SynthesisError(f"--eval {item!r}: expected NAME=PATH with a split name other than train")
+        if not sep or not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+            raise SynthesisError(f"--eval {item!r}: expected NAME=PATH with a split name of letters, digits, _ and -")
+        if name.lower() in RESERVED_SPLITS:     # lower: a case-insensitive file system would mix them up too
+            raise SynthesisError(f"--eval {item!r}: {name!r} is the name of an output of this tool "
+                                 f"({', '.join(RESERVED_SPLITS)}); give the split another name")
+        if name.lower() in {k.lower() for k in splits}:
+            raise SynthesisError(f"--eval {item!r}: a split named {name!r} was given already")
         splits[name] = read_pairs(path)
     return splits
 
@@ -384,6 +475,8 @@ def check_args(args) -> None:
             raise SynthesisError(f"--{name.replace('_', '-')} must be ≥ {low}, got {getattr(args, name)}")
     if not (0.0 <= args.temperature <= 10.0):
         raise SynthesisError(f"--temperature must be in [0, 10], got {args.temperature}")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise SynthesisError(f"--timeout must be a finite number of seconds > 0, got {args.timeout}")
     if bool(args.judge_endpoint) != bool(args.judge_model):
         raise SynthesisError("--judge-endpoint and --judge-model go together")
 
@@ -393,29 +486,42 @@ def main(argv=None) -> int:
     t0 = time.time()
     out = Path(args.out)
     try:
+        # everything is checked before --out is made (start_out_dir, at the first shard)
         check_args(args)
-        pairs_table = read_pairs(args.pairs)
-        eval_splits = parse_eval(args.eval)
-        prompt = resolve_prompt_settings(None, args.rulebook, args.instructions)
-        tokenizer = load_tokenizer(args.tokenizer)
-        settings = run_settings(args, Path(args.pairs), pairs_table.num_rows, prompt.instructions)
-        prepare_out_dir(out, settings, args.resume)
         endpoint = Endpoint(args.endpoint, args.model, api=args.api, concurrency=args.concurrency,
                             timeout=args.timeout, retries=args.retries)
         judge = (Endpoint(args.judge_endpoint, args.judge_model, api=args.api, concurrency=args.concurrency,
                           timeout=args.timeout, retries=args.retries) if args.judge_endpoint else None)
-        done, next_shard = finished_pairs(out)
+        pairs_table = read_pairs(args.pairs)
+        if pairs_table.num_rows == 0:
+            raise SynthesisError(f"{args.pairs}: no pairs to synthesize traces for")
+        eval_splits = parse_eval(args.eval)
+        prompt = resolve_prompt_settings(None, args.rulebook, args.instructions)
+        tokenizer = load_tokenizer(args.tokenizer)
+        settings = run_settings(args, Path(args.pairs), pairs_table.num_rows, prompt.instructions)
+        check_out_dir(out, settings, args.resume)
+        shards = read_shards(out, pairs_table.num_rows) if args.resume else []
+        done = finished_pairs(shards)
+        answered_before = any(r != "request_refused" for t in shards for r in t.column("reason").to_pylist())
         pairs = pairs_table.select(list(PAIR_COLUMNS)).to_pylist()
         todo = [i for i in range(len(pairs)) if i not in done]
         synth = Synthesizer(endpoint, judge, tokenizer, prompt, args.n, args.temperature, args.max_tokens, args.seed)
+        next_shard = max((int(p.stem) for p in (out / "shards").glob("*.parquet")), default=-1) + 1 \
+            if args.resume else 0
         try:
-            asyncio.run(sample_all(synth, pairs, todo, out, next_shard, args.shard_size, len(done)))
+            asyncio.run(sample_all(synth, pairs, todo, out, next_shard, args.shard_size, len(done),
+                                   start_out=lambda: start_out_dir(out, settings), answered_before=answered_before))
         except (EndpointError, KeyboardInterrupt) as e:
-            kept, _ = finished_pairs(out)
             why = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
-            print(f"error: {' '.join(why.split())}; {len(kept)} of {len(pairs)} pairs are saved in {out}/shards, "
-                  f"rerun with --resume to finish", file=sys.stderr)
+            if (out / "synthesis.json").exists():
+                kept = finished_pairs(read_shards(out, pairs_table.num_rows))
+                where = (f"{len(kept)} of {len(pairs)} pairs are saved in {out}/shards, rerun with --resume to "
+                         "finish")
+            else:
+                where = f"no pair was finished, nothing was written to {out}"
+            print(f"error: {' '.join(why.split())}; {where}", file=sys.stderr)
             return 2 if isinstance(e, EndpointError) else 130
+        start_out_dir(out, settings)
         report = assemble(out, pairs_table, prompt.rulebook, eval_splits, time.time() - t0, settings)
     except (SynthesisError, DataError, EndpointError, FormatError, RulebookError, OSError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
@@ -424,6 +530,9 @@ def main(argv=None) -> int:
           f"(yield {report['yield']:.1%}; {report['samples_kept']} of {report['samples']} samples kept); "
           f"{report['hard_pairs']} hard pairs in {out / 'hard.parquet'}")
     print("rejections: " + ", ".join(f"{k} {v}" for k, v in report["rejections"].items()))
+    if report["pairs_to_retry"]:
+        print(f"{report['pairs_to_retry']} pairs have no trace because the endpoint refused or aborted their "
+              f"requests; rerun with --resume to ask for them again")
     return 0
 
 

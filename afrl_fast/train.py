@@ -8,9 +8,11 @@ N devices / nodes (FSDP2; NCCL on GPU, gloo on CPU):
 Options: --config FILE (default configs/demo.yaml), --resume, --overwrite, and dotted overrides such as
     rl.kl_coef=0 rl.mode=stepwise_grpo sft.epochs=2 run.out_dir=runs/x
 A killed run continues with --resume from its last atomic checkpoint; a run folder that already holds
-a run is never replaced unless --overwrite says so. The run folder gets config.yaml, metrics.jsonl,
-tensorboard/, rollouts/, difficulty.parquet, checkpoints/, sft_model/ and final_model/
-(save_pretrained, with the prompt settings), plots/ and results.json.
+a run is never replaced unless --overwrite says so, and never when an input (model.path, data.dir,
+run.init_from, ...) lies inside what --overwrite removes or the run rewrites. Every input is checked,
+and the data and the model loaded, before the run folder is made or anything in it removed. The run
+folder gets config.yaml, metrics.jsonl, tensorboard/, rollouts/, difficulty.parquet, checkpoints/,
+sft_model/ and final_model/ (save_pretrained, with the prompt settings), plots/ and results.json.
 
 This file sequences the phases; each phase lives in the module named after it: sft.py,
 curriculum.py (difficulty), rl.py (the step and the curriculum loop), evaluate.py.
@@ -43,11 +45,12 @@ from afrl_fast import checkpoint as C
 from afrl_fast import dist as D
 from afrl_fast.config import DEMO_CONFIG, ConfigError, load_config, to_yaml
 from afrl_fast.curriculum import estimate_difficulty, write_difficulty
-from afrl_fast.data import RL_POOL, SPLITS, DataError, read_pairs, write_configured_splits
+from afrl_fast.data import (RL_POOL, SPLITS, DataError, _normalize, configured_splits, read_pairs, validate_pairs,
+                            write_splits)
 from afrl_fast.evaluate import evaluate_splits, majority_baseline, results_table, trace_validity
 from afrl_fast.format import FormatError, build_prompt, instructions_text, load_tokenizer
 from afrl_fast.metrics import paired_bootstrap
-from afrl_fast.observe import RunLog, Timer, log, setup_logging
+from afrl_fast.observe import RunLog, Timer, check_run_log, log, setup_logging
 from afrl_fast.optim import NonFiniteError, make_optimizer
 from afrl_fast.policy import PolicyLoss, build_lm
 from afrl_fast.rl import RLContext, train_rl
@@ -94,11 +97,18 @@ def lock_run_dir(run_dir: Path):
 
 
 def existing_artifacts(run_dir: Path, names=RUN_ARTIFACTS) -> list[str]:
-    return [name for name in names if (run_dir / name).exists()]
+    return [name for name in names if (run_dir / name).exists() or (run_dir / name).is_symlink()]
 
 
-def check_run_dir(run_dir: Path, resume: bool, overwrite: bool, names=RUN_ARTIFACTS) -> None:
-    """A fresh run never silently replaces an earlier one: refuse before anything is touched."""
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool, names=RUN_ARTIFACTS,
+                  inputs: dict | None = None) -> None:
+    """The one check of a run folder (train.py and distill.py), before anything is read, made or
+    removed; it creates nothing. Refused, with one line: run.out_dir that is a file or cannot be
+    written; a folder holding a run without --resume or --overwrite; --resume without a checkpoint
+    or with a damaged metrics.jsonl; an input (`inputs`: config key -> path) that lies inside an
+    artifact of the run (`names`), which --overwrite removes and the run rewrites (paths resolved,
+    symlinks followed)."""
+    C.check_output_path(run_dir, ConfigError, kind="dir")
     found = existing_artifacts(run_dir, names)
     if found and not resume and not overwrite:
         raise ConfigError(f"{run_dir} already holds a run ({', '.join(found[:4])}); continue it with --resume, "
@@ -106,17 +116,69 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool, names=RUN_ARTIFA
     if resume and not (run_dir / "checkpoints" / C.LATEST).is_file():
         raise ConfigError(f"{run_dir}: --resume, but there is no checkpoint to resume ({run_dir}/checkpoints/"
                           f"{C.LATEST}); drop --resume to start a new run")
+    for key, value in (inputs or {}).items():
+        where = Path(value).expanduser().resolve()
+        for name in names:
+            artifact = (run_dir / name).resolve()
+            if where == artifact or artifact in where.parents:
+                does = "--overwrite removes" if overwrite else "this run rewrites"
+                raise ConfigError(f"{key}={value} lies inside {run_dir / name}, which {does}; copy it out of the "
+                                  "run folder first, or choose another run.out_dir")
+    if resume:
+        check_run_log(run_dir / "metrics.jsonl")
+
+
+def open_run_dir(run_dir: Path, resume: bool, overwrite: bool, names=RUN_ARTIFACTS, inputs: dict | None = None):
+    """After every input was checked and loaded (rank 0): make the run folder and lock it, check it
+    again under the lock (another run may have started meanwhile), then remove the earlier run's
+    artifacts (--overwrite) or the temp files of interrupted writes (--resume). Returns the lock:
+    hold it for the run's lifetime."""
+    lock = lock_run_dir(run_dir)
+    check_run_dir(run_dir, resume, overwrite, names, inputs)
+    if resume:
+        C.remove_stale_temp_files(run_dir / "checkpoints")
+    elif overwrite:
+        clear_previous_run(run_dir, names)
+    return lock
 
 
 def clear_previous_run(run_dir: Path, names=RUN_ARTIFACTS) -> None:
-    """--overwrite, after every input was validated: remove the earlier run's artifacts, so nothing
-    stale (a checkpoint, a difficulty file, a model) can leak into the new run."""
+    """--overwrite, after every input was validated and loaded: remove the earlier run's artifacts,
+    so nothing stale (a checkpoint, a difficulty file, a model) can leak into the new run. A symlink
+    is removed, not what it points to."""
     for name in existing_artifacts(run_dir, names):
         path = run_dir / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
-def read_manifest(manifest: Path) -> dict | None:
+def check_model_folder(key: str, path) -> None:
+    """A model folder named in the config exists and is a save_pretrained folder (before any work)."""
+    if not path:
+        return
+    if not Path(path).is_dir():
+        raise ConfigError(f"{key}={path}: model folder not found")
+    if not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"{key}={path}: no config.json, so not a Hugging Face model folder (save_pretrained output)")
+
+
+def instructions_path(value):
+    """data.instructions when it names a file (not full / short)."""
+    return value if value and value not in ("full", "short") else None
+
+
+def train_inputs(cfg) -> dict:
+    """Every path the run reads (config key -> path), for check_run_dir."""
+    inputs = {"model.path": cfg.model.path,
+              "model.tokenizer": None if cfg.model.tokenizer == "qwen3" else cfg.model.tokenizer,
+              "data.dir": cfg.data.dir, "data.rulebook": cfg.data.rulebook,
+              "data.instructions": instructions_path(cfg.data.instructions)}
+    if cfg.run.init_from:
+        for need in ("sft_model", "difficulty.parquet", "results.json", "config.yaml"):
+            inputs[f"run.init_from ({need})"] = str(Path(cfg.run.init_from) / need)
+    return {k: v for k, v in inputs.items() if v}
+
+
+def read_manifest(manifest: Path, warn: bool = True) -> dict | None:
     """What the run folder's synthesized data was made from; None when there is no manifest or it
     cannot be read (one warning line). Synthesizing again is safe: the manifest records only config
     fields and the generator is deterministic in them, so the same config rewrites the same data.
@@ -129,38 +191,55 @@ def read_manifest(manifest: Path) -> dict | None:
     try:
         return json.loads(manifest.read_text(encoding="utf-8"))
     except (ValueError, OSError) as e:   # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        log.warning("%s is unreadable (%s: %s); synthesizing the data again", manifest, type(e).__name__,
+        if warn:
+            log.warning("%s is unreadable (%s: %s); synthesizing the data again", manifest, type(e).__name__,
                     C.first_line(e))
         return None
 
 
-def prepare_data(cfg, run_dir: Path, rulebook, info) -> tuple[dict, Path]:
-    """The splits as pyarrow tables; synthesized into the run folder when no data.dir is given.
-    `rl_pool` (labels only) is among them when the config asks for one or data.dir holds one."""
-    data_dir = Path(cfg.data.dir) if cfg.data.dir else run_dir / "data"
+def data_manifest(cfg, rulebook) -> dict:
+    """What the run folder's synthesized data is made from (data/manifest.json)."""
     d = cfg.data
-    if not d.dir and info.is_main:
-        # regenerate unless the folder holds exactly what this config asks for
-        wanted = {"n_train": d.n_train, "n_eval": d.n_eval, "seed": d.seed, "reasons": d.reasons,
-                  "rulebook": str(rulebook.path)}
-        if d.n_rl_pool or d.train_tail_share is not None or d.rl_pool_tail_share is not None:
-            wanted.update(n_rl_pool=d.n_rl_pool, train_tail_share=d.train_tail_share,
-                          rl_pool_tail_share=d.rl_pool_tail_share)
-        manifest = data_dir / "manifest.json"
-        have = read_manifest(manifest)
-        splits = SPLITS + ((RL_POOL,) if d.n_rl_pool else ())
-        if have != wanted or not all((data_dir / f"{s}.parquet").exists() for s in splits):
-            write_configured_splits(d, data_dir, rulebook)
-            C.atomic_write_text(manifest, json.dumps(wanted))
-    D.barrier()
+    wanted = {"n_train": d.n_train, "n_eval": d.n_eval, "seed": d.seed, "reasons": d.reasons,
+              "rulebook": str(rulebook.path)}
+    if d.n_rl_pool or d.train_tail_share is not None or d.rl_pool_tail_share is not None:
+        wanted.update(n_rl_pool=d.n_rl_pool, train_tail_share=d.train_tail_share, rl_pool_tail_share=d.rl_pool_tail_share)
+    return wanted
+
+
+def prepare_data(cfg, run_dir: Path, rulebook, is_main: bool = True) -> tuple[dict, Path, dict | None]:
+    """The splits as pyarrow tables, and the synthesized data still to be written (or None).
+    `rl_pool` (labels only) is among them when the config asks for one or data.dir holds one.
+    Nothing is written here: with no data.dir the splits are synthesized in memory (every rank does
+    it, deterministically) unless run_dir/data holds exactly what this config asks for, and
+    write_data puts them there once the run folder is made."""
+    d = cfg.data
+    data_dir = Path(d.dir) if d.dir else run_dir / "data"
     need_trace = cfg.sft.target == "trace"
+    if not d.dir:
+        wanted = data_manifest(cfg, rulebook)
+        splits = SPLITS + ((RL_POOL,) if d.n_rl_pool else ())
+        manifest = data_dir / "manifest.json"
+        if read_manifest(manifest, warn=is_main) != wanted or \
+                not all((data_dir / f"{s}.parquet").is_file() for s in splits):
+            tables = configured_splits(d, rulebook)
+            for s, t in tables.items():
+                validate_pairs(t, data_dir / f"{s}.parquet", require_trace=need_trace and s == "train")
+            return {s: _normalize(t) for s, t in tables.items()}, data_dir, {"tables": tables, "manifest": wanted}
     tables = {s: read_pairs(data_dir / f"{s}.parquet", require_trace=need_trace and s == "train") for s in SPLITS}
-    if (data_dir / f"{RL_POOL}.parquet").exists():
-        tables[RL_POOL] = read_pairs(data_dir / f"{RL_POOL}.parquet")
-    elif d.dir and d.n_rl_pool:
-        raise ConfigError(f"data.n_rl_pool={d.n_rl_pool} asks for an RL pool, but {data_dir} has no "
-                          f"{RL_POOL}.parquet (a pairs file, labels only); add one or set data.n_rl_pool=0")
-    return tables, data_dir
+    pool = data_dir / f"{RL_POOL}.parquet"
+    if d.n_rl_pool or (d.dir and pool.exists()):
+        if not pool.exists():
+            raise ConfigError(f"data.n_rl_pool={d.n_rl_pool} asks for an RL pool, but {data_dir} has no "
+                              f"{RL_POOL}.parquet (a pairs file, labels only); add one or set data.n_rl_pool=0")
+        tables[RL_POOL] = read_pairs(pool)
+    return tables, data_dir, None
+
+
+def write_data(data_dir: Path, pending: dict) -> None:
+    """The synthesized splits (all or none), an earlier config's RL pool removed, then the manifest."""
+    write_splits(data_dir, pending["tables"])
+    C.atomic_write_text(data_dir / "manifest.json", json.dumps(pending["manifest"]))
 
 
 def rl_split(tables: dict) -> str:
@@ -331,22 +410,20 @@ def train(argv=None) -> int:
     setup_logging(info.is_main)
     run_dir = Path(cfg.run.out_dir)
     ckpt_dir = run_dir / "checkpoints"
+    inputs = train_inputs(cfg)
+    if info.is_main:     # the run folder and every input path, before anything is read, made or removed
+        check_run_dir(run_dir, cfg.run.resume, args.overwrite, RUN_ARTIFACTS, inputs)
     base_run = check_init_from(cfg) if cfg.run.init_from else None
-    if info.is_main:
-        check_run_dir(run_dir, cfg.run.resume, args.overwrite)
-        lock = lock_run_dir(run_dir)  # noqa: F841  (held until the process exits)
-    if cfg.run.engine == "sglang":  # every node's SGLang servers start from run_dir/engine_init, written by rank 0
-        from afrl_fast.rollout_sglang import check_shared_run_dir
-        check_shared_run_dir(run_dir)
+    check_model_folder("model.path", cfg.model.path)
     torch.manual_seed(cfg.run.seed)
     t_start = time.time()
 
     # 1. Data: rulebook, splits, prompts rendered with the chat template, expert traces — all validated
-    #    before anything of an earlier run is touched.
+    #    before the run folder is made or anything of an earlier run is touched.
     rulebook = load_rulebook(cfg.data.rulebook)
     tokenizer = load_tokenizer(cfg.model.tokenizer)
     instructions = instructions_text(rulebook, cfg.data.instructions)
-    tables, data_dir = prepare_data(cfg, run_dir, rulebook, info)
+    tables, data_dir, pending_data = prepare_data(cfg, run_dir, rulebook, info.is_main)
     prompts = {s: tokenize_prompts(tokenizer, rulebook, tables[s], instructions, cfg.data.max_prompt_tokens,
                                    data_dir / f"{s}.parquet") for s in tables}
     labels = {s: tables[s].column("label").to_pylist() for s in tables}
@@ -358,15 +435,20 @@ def train(argv=None) -> int:
     vocab = QWEN_VOCAB if cfg.model.tokenizer == "qwen3" and len(tokenizer) <= QWEN_VOCAB \
         else 64 * math.ceil(len(tokenizer) / 64)
     log.info("data: %s; RL prompts from %s", {s: tables[s].num_rows for s in tables}, rl_on)
-    if info.is_main:
-        if cfg.run.resume:
-            C.remove_stale_temp_files(ckpt_dir)
-        elif args.overwrite:
-            clear_previous_run(run_dir)
-    D.barrier()
 
-    # 2. Policy, sharded with FSDP2 when launched on several ranks; resume state if asked.
+    # 2. Policy, sharded with FSDP2 when launched on several ranks (model.path is read here, before
+    #    anything is removed); then the run folder is made and locked, and --overwrite clears it.
     policy = build_policy(cfg, vocab, info)
+    D.barrier()          # every rank has read the data before rank 0 writes any
+    if info.is_main:
+        # the lock is held until the process exits
+        lock = open_run_dir(run_dir, cfg.run.resume, args.overwrite, RUN_ARTIFACTS, inputs)  # noqa: F841
+        if pending_data is not None:
+            write_data(data_dir, pending_data)
+    D.barrier()
+    if cfg.run.engine == "sglang":  # every node's SGLang servers start from run_dir/engine_init, written by rank 0
+        from afrl_fast.rollout_sglang import check_shared_run_dir
+        check_shared_run_dir(run_dir)
     runlog = RunLog(run_dir, info.is_main)
     state = C.load_checkpoint(ckpt_dir) if cfg.run.resume else None
     progress = {"phase": "sft", "step": 0, "phase_step": 0, "history": {}, "config": comparable_config(cfg)}

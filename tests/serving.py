@@ -152,3 +152,68 @@ def train_memorizing_judge(out: Path, query: str, document: str, trace: str, max
     tokenizer.save_pretrained(out)
     save_prompt_settings(out, rulebook, instructions)
     return out
+
+
+class Faulty:
+    """A misbehaving OpenAI-compatible endpoint (fault paths only): a plain `http.server` on
+    127.0.0.1 in a thread whose answer depends on the first path segment of the URL, so one server
+    serves every fault: `{url}/html` (200, an HTML page), `/notjson` (200, `{not json`), `/foo`
+    (200, `{"foo": 1}`), `/zero` (200, no choices), `/fewer` (one choice whatever n asked),
+    `/more` (n + 3 choices), `/refuse` (400 for every request, as vLLM answers an unknown model),
+    `/garbage` (well-formed completions whose text is no grade, without log-probs). `count` counts
+    the requests."""
+
+    def __init__(self):
+        import json
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
+                owner.count += 1
+                mode = self.path.strip("/").split("/")[0]
+                n = int(body.get("n") or 1)
+                status, ctype, data = 200, "application/json", None
+                if mode == "html":
+                    ctype, data = "text/html", b"<html><body><h1>Welcome to nginx!</h1></body></html>"
+                elif mode == "notjson":
+                    data = b"{not json"
+                elif mode == "foo":
+                    data = b'{"foo": 1}'
+                elif mode == "refuse":
+                    status = 400
+                    data = json.dumps({"error": {"message": f"The model `{body.get('model')}` does not exist.",
+                                                 "type": "NotFoundError"}}).encode()
+                else:
+                    k = {"zero": 0, "fewer": 1, "more": n + 3}.get(mode, n)
+                    text = "Hello! How can I help you today?" if mode == "garbage" else "0"
+                    choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": "stop"} for i in range(k)]
+                    data = json.dumps({"id": "x", "object": "text_completion", "created": 0, "model": "m",
+                                       "choices": choices, "usage": {"prompt_tokens": 1, "completion_tokens": k,
+                                                                     "total_tokens": 1 + k}}).encode()
+                self.send_response(status)
+                self.send_header("content-type", ctype)
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        class Quiet(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request, client_address):
+                pass      # a client that hung up on an answer (its run already ended) is not news
+
+        self.count = 0
+        self.server = Quiet(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()

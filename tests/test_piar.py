@@ -174,11 +174,40 @@ def test_a_validation_set_without_comparable_pairs_has_no_pair_acc_and_5acc_deci
     cap = capsys.readouterr()
     assert code == 0, cap.err
     lines = cap.out.splitlines()
-    assert lines[0].startswith("round 0: 5-ACC ") and lines[0].endswith("Pair-ACC n/a"), lines
+    assert lines[0].startswith("round 0: 5-ACC ") and "Pair-ACC n/a (unparsed 0 of 6)" in lines[0], lines
     assert "Pair-ACC n/a" in lines[1] and "Pair-ACC n/a" in lines[-1], lines
     history = json.loads((tmp_path / "p" / "history.json").read_text())
     assert history["start"]["pair_acc"] is None and history["best"]["pair_acc"] is None
     assert history["rounds"][0]["accepted"] and history["best"]["acc5"] == 1.0
+
+
+def test_a_candidate_the_actor_cannot_be_read_under_is_rejected(val, tmp_path, capsys):
+    """Under the candidate text the actor answers no grade: its metrics would be those of uniform
+    guesses (which here beat the starting text's wrong grades on 5-ACC), so the candidate is
+    rejected for it, and every round prints how many answers were unparsed."""
+    path, rows = val
+    assert any(r["label"] == 0 for r in rows)
+
+    def actor(n, body):           # a wrong grade under the starting text, no grade under the candidate
+        label = next(r["label"] for r in rows if r["query"] in body["prompt"] and r["document"] in body["prompt"])
+        return 200, ["I cannot grade this" if "CANDIDATE" in body["prompt"] else str((label + 1) % 5)], ["length"]
+
+    a = Scripted(actor)
+    e = Scripted(lambda n, body: (200, ["unclear"], ["stop"]))
+    r = Scripted(lambda n, body: (200, ["<<<CANDIDATE text>>>"], ["stop"]))
+    try:
+        code = piar_main(["--val", str(path), "--actor", a.url, "--evaluator", e.url, "--refiner", r.url,
+                          "--out", str(tmp_path / "p"), "--rounds", "1", "--retries", "0"])
+    finally:
+        a.stop(), e.stop(), r.stop()
+    cap = capsys.readouterr()
+    assert code == 0, cap.err
+    decision = json.loads((tmp_path / "p" / "round_001" / "decision.json").read_text())
+    assert not decision["accepted"] and "no readable grade for 7 of 7" in decision["reason"]
+    assert decision["candidate"]["unparsed"] == 7 and decision["candidate"]["acc5"] > decision["before"]["acc5"] == 0
+    lines = cap.out.splitlines()
+    assert "(unparsed 0 of 7)" in lines[0] and "candidate unparsed 7 of 7" in lines[1], lines
+    assert (tmp_path / "p" / "instructions.txt").read_text() != "CANDIDATE text"
 
 
 def test_bad_input_is_one_line(val, tmp_path, capsys):
@@ -187,6 +216,8 @@ def test_bad_input_is_one_line(val, tmp_path, capsys):
     (tmp_path / "used" / "x").write_text("x")
     for args, needle in [(["--out", str(tmp_path / "used")], "not empty"),
                          (["--out", str(tmp_path / "o"), "--rounds", "0"], "--rounds"),
+                         (["--out", str(tmp_path / "o"), "--max-unparsed", "1.5"], "--max-unparsed"),
+                         (["--out", str(tmp_path / "o"), "--timeout", "nan"], "--timeout"),
                          (["--out", str(tmp_path / "o2"), "--actor", "http://127.0.0.1:9", "--retries", "0",
                            "--timeout", "2"], "http://127.0.0.1:9")]:
         base = ["--val", str(path), "--actor", "http://127.0.0.1:9", "--evaluator", "http://127.0.0.1:9",

@@ -135,11 +135,11 @@ def test_cli(full_run, tmp_path, capsys):
 
 
 def test_cli_reports_errors(tmp_path, capsys):
-    assert main([str(tmp_path / "nope")]) == 1
+    assert main([str(tmp_path / "nope")]) == 2
     assert "metrics.jsonl not found" in capsys.readouterr().err
     run = _write(tmp_path / "run", [])
     (run / "metrics.jsonl").write_text('not json\n{"step": 0}\n')
-    assert main([str(run)]) == 1
+    assert main([str(run)]) == 2
     assert "metrics.jsonl:1:" in capsys.readouterr().err
 
 

@@ -276,9 +276,127 @@ def test_a_server_that_hangs_past_the_timeout_is_retried_then_one_line_naming_th
         srv.stop()
     lines = error_lines(cap)
     assert code == 2 and len(lines) == 1 and srv.url in lines[0] and "0.5 s timeout" in lines[0], cap.err
-    assert "Traceback" not in cap.err and "--resume" in lines[0]
+    assert "Traceback" not in cap.err and "nothing was written" in lines[0]
     assert len(asked) >= 2 and asked[0] == asked[1]        # the first request, then its retry
-    assert not (tmp_path / "o" / "train.parquet").exists()
+    assert not (tmp_path / "o").exists()                   # no pair finished: no folder to trip over
+
+
+def shard_pairs(out: Path) -> list[list[int]]:
+    """The pairs of each shard, in write order."""
+    return [sorted(set(pq.read_table(p).column("pair").to_pylist()))
+            for p in sorted((out / "shards").glob("*.parquet"))]
+
+
+def test_refused_pairs_are_asked_again_on_resume(files, source, tmp_path, capsys):
+    """One pair's request is refused (400, as a too-long prompt is): the others are kept, the run
+    says so, and --resume asks for that pair alone; its new rows replace the refusal."""
+    good = source["trace"]
+
+    def refuse_pair_2(n, body):                  # a pair's seed is its index (--seed 0)
+        return (400, [], []) if body["seed"] == 2 else (200, [good] * body["n"], ["stop"] * body["n"])
+
+    out = tmp_path / "o"
+    srv = Scripted(refuse_pair_2)
+    try:
+        code, cap = run_synth(base_args(files, srv.url, out), capsys)
+    finally:
+        srv.stop()
+    assert code == 0, cap.err
+    assert "1 pairs have no trace because the endpoint refused" in cap.out and "--resume" in cap.out
+    report = json.loads((out / "report.json").read_text())
+    assert report["rejections"]["request_refused"] == 1 and report["pairs_to_retry"] == 1
+    assert "d2" in {h["doc_id"] for h in pq.read_table(out / "hard.parquet").to_pylist()}
+    asked = []
+
+    def healthy(n, body):
+        asked.append(body["seed"])
+        return 200, [good] * body["n"], ["stop"] * body["n"]
+
+    srv = Scripted(healthy)
+    try:
+        code, cap = run_synth(base_args(files, srv.url, out, "--resume"), capsys)
+    finally:
+        srv.stop()
+    assert code == 0, cap.err
+    assert asked == [2]                          # the refused pair alone
+    assert shard_pairs(out) == [[0, 1], [2, 3], [4, 5], [2]]   # its refusal stays in its shard, superseded
+    report = json.loads((out / "report.json").read_text())
+    assert report["rejections"]["request_refused"] == 0 and report["pairs_to_retry"] == 0
+    assert report["samples"] == 12 and report["requests"] == 6
+    train = read_pairs(out / "train.parquet", require_trace=True).to_pylist()
+    assert sorted(r["doc_id"] for r in train) == ["d0", "d1", "d2", "d3"]
+
+
+def test_aborted_samples_are_not_complete_and_their_pairs_are_asked_again(files, source, tmp_path, capsys):
+    """finish_reason "abort" (a server that gave up on the sample): never kept, even when its text
+    verifies; a pair left without a trace by it is asked again on --resume."""
+    good = source["trace"]
+
+    def aborting(n, body):
+        return 200, [good, good], ["abort", "abort" if body["seed"] == 0 else "stop"]
+
+    out = tmp_path / "o"
+    srv = Scripted(aborting)
+    try:
+        code, cap = run_synth(base_args(files, srv.url, out), capsys)
+    finally:
+        srv.stop()
+    assert code == 0, cap.err
+    rejected = pq.read_table(out / "rejected.parquet").to_pylist()
+    assert {(r["doc_id"], r["sample"]) for r in rejected if r["reason"] == "aborted"} == \
+        {(f"d{i}", 0) for i in range(6)} | {("d0", 1)}
+    train = read_pairs(out / "train.parquet", require_trace=True).to_pylist()
+    assert sorted(r["doc_id"] for r in train) == ["d1", "d2", "d3"]
+    # d0: both samples aborted; d4, d5: labelled unlike the trace, and one sample aborted
+    assert json.loads((out / "report.json").read_text())["pairs_to_retry"] == 3
+    asked = []
+
+    def healthy(n, body):
+        asked.append(body["seed"])
+        return 200, [good] * body["n"], ["stop"] * body["n"]
+
+    srv = Scripted(healthy)
+    try:
+        code, cap = run_synth(base_args(files, srv.url, out, "--resume"), capsys)
+    finally:
+        srv.stop()
+    assert code == 0, cap.err
+    assert sorted(asked) == [0, 4, 5]
+    train = read_pairs(out / "train.parquet", require_trace=True).to_pylist()
+    assert sorted(r["doc_id"] for r in train) == ["d0", "d1", "d2", "d3"]
+
+
+def test_an_endpoint_refusing_requests_in_a_row_is_an_endpoint_error():
+    """RequestRefused for the first refusals (an item's problem), EndpointError once max_refusals
+    come in a row (the endpoint's); an answer in between resets the count."""
+    import asyncio
+
+    from afrl_fast.endpoint import Endpoint, EndpointError, RequestRefused
+
+    script = iter([400, 400, 200, 400, 400, 400])
+    srv = Scripted(lambda n, body: (next(script), ["0"], ["stop"]))
+
+    async def go():
+        ep = Endpoint(srv.url, "m", retries=0, max_refusals=3)
+        seen = []
+        try:
+            for _ in range(6):
+                try:
+                    await ep.generate(prompt="x")
+                    seen.append("ok")
+                except RequestRefused:
+                    seen.append("refused")
+        except EndpointError as e:
+            seen.append(str(e))
+        finally:
+            await ep.close()
+        return seen
+    try:
+        seen = asyncio.run(go())
+    finally:
+        srv.stop()
+    assert seen[:5] == ["refused", "refused", "ok", "refused", "refused"]
+    assert "refused 3 requests in a row" in seen[5] and srv.url in seen[5] and "model name" in seen[5]
 
 
 @pytest.mark.parametrize("args, needle", [

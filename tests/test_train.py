@@ -313,24 +313,28 @@ def test_a_folder_in_place_of_the_data_manifest_is_one_line(tmp_path):
 
 def test_rl_draws_from_the_labels_only_pool_when_the_config_asks_for_one(tmp_path):
     from afrl_fast.config import ConfigError, DEMO_CONFIG, load_config
-    from afrl_fast.dist import DistInfo
     from afrl_fast.rulebook import load_rulebook
-    from afrl_fast.train import prepare_data, rl_split
+    from afrl_fast.train import prepare_data, rl_split, write_data
 
-    info = DistInfo(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
     rb = load_rulebook()
+    run = tmp_path / "run"
     cfg = load_config(DEMO_CONFIG, ["data.n_train=40", "data.n_eval=10", "data.n_rl_pool=60"])
-    tables, data_dir = prepare_data(cfg, tmp_path / "run", rb, info)
+    tables, data_dir, pending = prepare_data(cfg, run, rb)
     assert rl_split(tables) == "rl_pool" and tables["rl_pool"].num_rows == 60
-    assert "trace" not in tables["rl_pool"].column_names
-    # the same folder, a config without a pool: the old pool is gone and RL uses the SFT set
+    assert "trace" not in tables["rl_pool"].column_names and not run.exists()   # nothing written yet
+    write_data(data_dir, pending)
+    tables, _, pending = prepare_data(cfg, run, rb)                    # read back: the same pool
+    assert pending is None and rl_split(tables) == "rl_pool" and tables["rl_pool"].num_rows == 60
+    # the same folder, a config without a pool: RL uses the SFT set, and writing drops the old pool
     cfg = load_config(DEMO_CONFIG, ["data.n_train=40", "data.n_eval=10"])
-    tables, _ = prepare_data(cfg, tmp_path / "run", rb, info)
-    assert rl_split(tables) == "train" and not (data_dir / "rl_pool.parquet").exists()
+    tables, _, pending = prepare_data(cfg, run, rb)
+    assert rl_split(tables) == "train"
+    write_data(data_dir, pending)
+    assert not (data_dir / "rl_pool.parquet").exists()
     # a user's data folder without the pool the config asks for: one clear error
     cfg = load_config(DEMO_CONFIG, [f"data.dir={data_dir}", "data.n_rl_pool=60"])
     with pytest.raises(ConfigError, match="rl_pool.parquet"):
-        prepare_data(cfg, tmp_path / "run2", rb, info)
+        prepare_data(cfg, tmp_path / "run2", rb)
 
 
 def test_the_rl_change_is_paired_over_the_same_pairs():
