@@ -92,6 +92,11 @@ class EmbeddedBackend:
         """[B, 5] P(0..4) renormalised over the label tokens, float64."""
         return self.scorer.score_token_ids(batch)
 
+    def score_query(self, query: list[int], candidates: list[list[int]]) -> tuple[np.ndarray, int]:
+        """[n, 5] for one query's candidates, its prefix prefilled once on top of the system prefix,
+        and how many candidates used it (FirstTokenScorer.score_query)."""
+        return self.scorer.score_query(query, candidates)
+
     def generate(self, prompts: list[list[int]], *, n: int, temperature: float, top_p: float,
                  max_tokens: int, seeds: list[int], top_logprobs: int = 0) -> list[RolloutGroup]:
         """n samples per prompt; prompt p draws from its own generator seeded with seeds[p], so its
