@@ -204,24 +204,36 @@ class RequestMetrics:
 
     def __init__(self, app, metrics: Metrics):
         self.app, self.metrics = app, metrics
+        self.counters, self.timers = {}, {}        # the labelled children, looked up once
+
+    def count(self, endpoint: str, status: int, seconds: float) -> None:
+        key = (endpoint, status)
+        counter = self.counters.get(key)
+        if counter is None:
+            counter = self.counters[key] = self.metrics.requests.labels(endpoint, str(status))
+        timer = self.timers.get(endpoint)
+        if timer is None:
+            timer = self.timers[endpoint] = self.metrics.latency.labels(endpoint)
+        counter.inc()
+        timer.observe(seconds)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
-        status = {"code": 500}
+        status = 500
         start = time.perf_counter()
 
         async def send_status(message):
+            nonlocal status
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                status = message["status"]
             await send(message)
 
         try:
             await self.app(scope, receive, send_status)
         finally:
-            self.metrics.requests.labels(endpoint, str(status["code"])).inc()
-            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+            self.count(endpoint, status, time.perf_counter() - start)
 
 
 class BodyLimit:
@@ -968,6 +980,18 @@ def check_completion_request(req, vocab_size: int, max_rows: int) -> list:
 # The app
 # ----------------------------------------------------------------------------------------------
 
+def fastapi_options(fastapi_class) -> dict:
+    """FastAPI >= 0.160 traces every request with OpenTelemetry unless told not to, looking up the
+    global tracer, meter and logger providers per request even when none is configured. This
+    service has its own Prometheus metrics; that per-request work is turned off where the option
+    exists."""
+    import inspect
+
+    if "telemetry" in inspect.signature(fastapi_class.__init__).parameters:
+        return {"telemetry": {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}}
+    return {}
+
+
 def create_app(backend, cfg: ServeConfig, encoder: PromptEncoder, worker: ThreadPoolExecutor):
     """The FastAPI app serving `backend`. `worker` is the single thread all inference runs in."""
     from fastapi import FastAPI, Request
@@ -1000,7 +1024,8 @@ def create_app(backend, cfg: ServeConfig, encoder: PromptEncoder, worker: Thread
             await asyncio.get_running_loop().run_in_executor(worker, backend.close)
             worker.shutdown(wait=False)
 
-    app = FastAPI(title="afrl-fast scoring service", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="afrl-fast scoring service", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  **fastapi_options(FastAPI))
     svc.metrics = Metrics(lambda: svc.batcher.pending if svc.batcher is not None else 0,
                           lambda: svc.pending_rows)
     app.state.service = svc
