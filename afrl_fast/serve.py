@@ -116,6 +116,14 @@ def field_path(loc) -> str:
     return out or "body"
 
 
+def invalid(errors: list[dict]) -> ApiError:
+    """The 422 for a request pydantic refused: its first problem, by field, and how many more."""
+    param, message = validation_message(errors[0]) if errors else ("body", "invalid request")
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return ApiError(422, message, param, "invalid_value")
+
+
 def validation_message(err: dict) -> tuple[str, str]:
     """(param, one-line message) for the first pydantic error of a request."""
     param = field_path(err.get("loc", ()))
@@ -148,7 +156,8 @@ class Metrics:
                                   "cached prefix", registry=r)
         self.batch_pairs = Histogram("afrl_batch_pairs", "pairs per inference batch", registry=r,
                                      buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
-        self.batch_seconds = Histogram("afrl_batch_seconds", "inference time per batch", registry=r,
+        self.batch_seconds = Histogram("afrl_batch_seconds", "inference time per batch (in the inference thread)",
+                                       registry=r,
                                        buckets=(.001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5))
         self.queue = Gauge("afrl_queue_pairs", "pairs waiting in the batching queue", registry=r)
         self.queue.set_function(queue_depth)
@@ -362,16 +371,41 @@ class Batcher:
         return job
 
     async def run(self) -> None:
-        running: asyncio.Future | None = None
+        """Collect a batch, hand it to the inference thread, and only then deliver the previous
+        batch's results: answering its requests (JSON, HTTP) runs on the event loop while the
+        inference thread already computes, instead of leaving it idle in between. A batch that
+        filled up while the previous one still runs is handed over at once and waits in the
+        executor's queue, so the thread goes from one to the next without a round trip."""
+        loop = asyncio.get_running_loop()
+        previous = None           # (jobs, the inference thread's future) of the batch handed over last
         while True:
-            batch = await self.collect(running)
-            if running is not None:
-                await running
-            running = asyncio.ensure_future(self.dispatch(batch))
+            batch = await self.collect(previous[1] if previous else None)
+            live = [job for job in batch if not job.future.done()]     # a client that went away is skipped
+            current = (live, loop.run_in_executor(self.worker, self.timed, live)) if live else None
+            if previous is not None:
+                await self.deliver(*previous)
+            previous = current
+
+    def timed(self, jobs: list[Job]):
+        """score_fn in the inference thread, and how long it took there."""
+        start = time.perf_counter()
+        return self.score_fn(jobs), time.perf_counter() - start
 
     async def collect(self, running: asyncio.Future | None) -> list[Job]:
+        """The next batch; empty when the running batch finished before any job arrived (its
+        results are then delivered)."""
         loop = asyncio.get_running_loop()
-        batch = [self.take(await self.queue.get())]
+        if self.queue.empty() and running is not None:
+            if running.done():
+                return []
+            getter = asyncio.ensure_future(self.queue.get())
+            await asyncio.wait({getter, running}, return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                getter.cancel()
+                return []
+            batch = [self.take(getter.result())]
+        else:
+            batch = [self.take(await self.queue.get())]
         size = batch[0].size
         deadline = batch[0].arrived + self.max_wait
         while size < self.cfg.max_batch:
@@ -394,23 +428,19 @@ class Batcher:
                 getter.cancel()
         return batch
 
-    async def dispatch(self, batch: list[Job]) -> None:
-        live = [job for job in batch if not job.future.done()]     # a client that went away is skipped
-        if not live:
-            return
-        start = time.perf_counter()
+    async def deliver(self, jobs: list[Job], future: asyncio.Future) -> None:
         try:
-            probs = await asyncio.get_running_loop().run_in_executor(self.worker, self.score_fn, live)
+            probs, seconds = await future
         except Exception as e:     # every waiting request gets the error, the service goes on
-            log.exception("scoring batch of %d pairs failed", sum(job.size for job in live))
-            fail_all(live, e)
+            log.exception("scoring batch of %d pairs failed", sum(job.size for job in jobs))
+            fail_all(jobs, e)
             return
         if self.metrics is not None:
-            pairs = sum(job.size for job in live)
+            pairs = sum(job.size for job in jobs)
             self.metrics.batch_pairs.observe(pairs)
-            self.metrics.batch_seconds.observe(time.perf_counter() - start)
+            self.metrics.batch_seconds.observe(seconds)
             self.metrics.pairs.inc(pairs)
-        for job, p in zip(live, probs):
+        for job, p in zip(jobs, probs):
             if not job.future.done():
                 job.future.set_result(p)
 
@@ -995,6 +1025,7 @@ def fastapi_options(fastapi_class) -> dict:
 def create_app(backend, cfg: ServeConfig, encoder: PromptEncoder, worker: ThreadPoolExecutor):
     """The FastAPI app serving `backend`. `worker` is the single thread all inference runs in."""
     from fastapi import FastAPI, Request
+    from pydantic import ValidationError
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
     from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -1038,11 +1069,8 @@ def create_app(backend, cfg: ServeConfig, encoder: PromptEncoder, worker: Thread
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
-        errors = exc.errors()
-        param, message = validation_message(errors[0]) if errors else ("body", "invalid request")
-        if len(errors) > 1:
-            message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
-        return JSONResponse(error_body(message, param, "invalid_value"), status_code=422)
+        error = invalid(exc.errors())
+        return JSONResponse(error_body(error.message, error.param, error.code), status_code=error.status)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
@@ -1055,8 +1083,17 @@ def create_app(backend, cfg: ServeConfig, encoder: PromptEncoder, worker: Thread
         return JSONResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", None, "internal_error",
                                        "server_error"), status_code=500)
 
-    @app.post("/v1/score")
-    async def score(req: ScoreRequest):
+    # The scoring routes are plain Starlette routes: the body is validated straight from its bytes
+    # (pydantic's JSON parser), without FastAPI's per-request dependency machinery, which cost a
+    # third of the event loop's time per pair at 32 clients. Errors keep the same shape.
+    async def parse(request: Request, model):
+        try:
+            return model.model_validate_json(await request.body())
+        except ValidationError as e:
+            raise invalid(e.errors()) from None
+
+    async def score(request: Request):
+        req = await parse(request, ScoreRequest)
         if len(req.pairs) > cfg.max_request_pairs:
             svc.metrics.rejected.labels("too_many_pairs").inc()
             raise ApiError(413, f"pairs: {len(req.pairs)} pairs, more than the limit of {cfg.max_request_pairs} "
@@ -1074,7 +1111,8 @@ def create_app(backend, cfg: ServeConfig, encoder: PromptEncoder, worker: Thread
         return JSONResponse({"model": cfg.model_name, "results": results,
                              "usage": {"pairs": len(ids), "prompt_tokens": sum(map(len, ids))}})
 
-    async def rerank(req: RerankRequest):
+    async def rerank(request: Request):
+        req = await parse(request, RerankRequest)
         if req.documents is not None and req.texts is not None:
             raise ApiError(422, "texts: give the candidates as documents or as texts, not both", "texts")
         name, docs = ("texts", req.texts) if req.documents is None else ("documents", req.documents)
@@ -1107,8 +1145,9 @@ def create_app(backend, cfg: ServeConfig, encoder: PromptEncoder, worker: Thread
         return JSONResponse({"id": f"rerank-{uuid.uuid4().hex}", "model": cfg.model_name, "results": results,
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
-    app.post("/v1/rerank")(rerank)
-    app.post("/rerank")(rerank)
+    app.add_route("/v1/score", score, methods=["POST"])
+    app.add_route("/v1/rerank", rerank, methods=["POST"])
+    app.add_route("/rerank", rerank, methods=["POST"])
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
