@@ -1235,6 +1235,9 @@ def parse_args(argv):
                     help="torch threads for inference; default on CPU: one per core but one, which the event "
                          "loop and the tokenizer need")
     ap.add_argument("--max-batch", type=int, default=64, help="pairs per inference batch")
+    ap.add_argument("--forward-rows", type=int, default=None,
+                    help="rows per forward pass within a batch (embedded backend); default: 8 on a CPU, where "
+                         "small length-sorted forwards pad less and stay in cache, else --max-batch")
     ap.add_argument("--max-wait-ms", type=float, default=5.0, help="longest a pair waits for its batch to fill")
     ap.add_argument("--max-queue", type=int, default=1024, help="pairs waiting before requests get 503")
     ap.add_argument("--max-request-pairs", type=int, default=256)
@@ -1269,6 +1272,8 @@ def build(args):
     cfg.check()
     if args.threads is not None and args.threads < 1:
         raise ServeError(f"--threads must be >= 1, got {args.threads}")
+    if args.forward_rows is not None and args.forward_rows < 1:
+        raise ServeError(f"--forward-rows must be >= 1, got {args.forward_rows}")
     import torch
 
     if args.threads is not None:
@@ -1286,6 +1291,7 @@ def build(args):
     worker = ThreadPoolExecutor(1, thread_name_prefix="afrl-infer")
     backend = worker.submit(load_backend, args.backend, args.model, prompt, device=args.device, dtype=args.dtype,
                             max_batch=args.max_batch, share_prefix=not args.no_prefix_cache,
+                            forward_rows=args.forward_rows,
                             sglang_kwargs=sglang_kwargs).result()
     encoder = PromptEncoder(backend.tokenizer, prompt.rulebook, prompt.instructions)
     log.warning("prompt: %s; shared prefix %d tokens", prompt.source, backend.prefix_tokens)
