@@ -12,7 +12,10 @@ Every prompt starts with the same tokens (system prompt and chat template up to 
 Their KV is computed once (`SharedPrefix`); a prompt that starts with them prefills only its own
 suffix on top of a copy of that KV. Attention over the cached keys gives the same hidden states
 as a full prefill, so this changes no score beyond float rounding (the scorer checks it on a
-probe at start-up). The online service (`afrl_fast.serve`) scores through this same code.
+probe at start-up). The candidates of one query can share one more level: the query's part of the
+prompt prefilled once on top of the system prefix, each candidate prefilling only its document's
+part (`FirstTokenScorer.score_query`, the online service's rerank). The online service
+(`afrl_fast.serve`) scores through this same code.
 
     python -m afrl_fast.evaluate --model DIR --data pairs.parquet --out metrics.json \
         [--predictions preds.parquet] [--tokenizer T] [--batch-size B] [--max-prompt-tokens L]

@@ -3,7 +3,8 @@
 * ``EmbeddedBackend`` (default, any device): the Hugging Face model in the service's process.
   Scores go through `afrl_fast.evaluate.FirstTokenScorer` — the KV of the prompt prefix every pair
   shares is computed once at start-up, each batch prefills only the pairs' suffixes, and only the
-  five label rows of the LM head are applied. Generation (explain traces, /v1/completions) goes
+  five label rows of the LM head are applied; a rerank request's candidates also share their
+  query's part of the prompt (`score_query`: prefilled once per query, two-level prefix). Generation (explain traces, /v1/completions) goes
   through `afrl_fast.rollout.EmbeddedEngine`, which prefills a prompt once and expands its KV for
   the n samples.
 * ``SGLangBackend`` (GPU, `--backend sglang`): SGLang's offline ``sglang.Engine`` in the same
@@ -12,7 +13,9 @@
   SGLang's radix cache keeps the shared prefix's KV, so only the suffixes are prefilled. Generation
   sends n single-sample requests with seeds of their own (see `SGLangBackend.generate`). Written
   against SGLang 0.5.x's ``Engine.generate`` (``return_logprob``, ``logprob_start_len``,
-  ``top_logprobs_num``, ``token_ids_logprob``); it has not run here (no GPU).
+  ``top_logprobs_num``, ``token_ids_logprob``); it has not run here (no GPU). It has no
+  `score_query`: the service sends a rerank's candidates as plain pairs, whose common query prefix
+  SGLang's radix cache shares by itself.
 
 Both backends take token ids, never text: prompts are built and tokenised by the service with
 `afrl_fast.evaluate.PromptEncoder`, the same code the offline evaluator uses. Every method of a

@@ -613,6 +613,29 @@ def test_truncate_flag_cuts_documents_like_the_offline_evaluator(model_dir, mode
         srv.stop()
 
 
+def test_rerank_truncates_and_runs_without_the_query_prefix(model_dir, model, tokenizer, prompt, tmp_path):
+    """--truncate cuts an over-long candidate like the evaluator (flagged in its result);
+    --no-query-prefix scores every candidate on the system prefix only, with the same scores."""
+    srv = Server(model_dir, tmp_path / "rerank.log", "--truncate", "--max-prompt-tokens", "300", "--no-query-prefix")
+    try:
+        assert httpx.get(srv.url + "/health").json()["query_prefix"] is False
+        docs = [LONG_DOCUMENT, "It is 330 metres tall.", "7 wonders"]
+        r = httpx.post(srv.url + "/v1/rerank", json={"query": "tower height", "documents": docs})
+        assert r.status_code == 200, r.text
+        results = {x["index"]: x for x in r.json()["results"]}
+        assert results[0].get("truncated") is True and "truncated" not in results[1]
+        offline = FirstTokenScorer(model, tokenizer, prompt.rulebook, instructions=prompt.instructions,
+                                   max_prompt_tokens=300, progress=False, share_prefix=False)
+        expect = relevance(offline.score(["tower height"] * 3, docs))
+        np.testing.assert_allclose([results[i]["relevance_score"] for i in range(3)], expect, atol=1e-5)
+        assert metric(srv.url, "afrl_query_prefix_candidates_total", outcome="reused") == 0
+        assert metric(srv.url, "afrl_query_prefix_candidates_total", outcome="fallback") == 3
+        r = httpx.post(srv.url + "/v1/rerank", json={"query": "tall " * 400, "documents": ["d", "e"]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "query"
+    finally:
+        srv.stop()
+
+
 # ----------------------------------------------------------------------------------------------
 # Overload, shutdown, start-up errors
 # ----------------------------------------------------------------------------------------------
@@ -674,6 +697,8 @@ def test_startup_errors_end_in_one_line_and_exit_2(tmp_path, capsys, model_dir):
              (["--model", str(not_a_model)], "not a model folder"),
              (["--model", str(broken)], "cannot load the model"),
              (["--model", str(model_dir), "--max-batch", "0"], "--max-batch"),
+             (["--model", str(model_dir), "--forward-rows", "0"], "--forward-rows"),
+             (["--model", str(model_dir), "--max-rerank-documents", "0"], "--max-rerank-documents"),
              (["--model", str(model_dir), "--instructions", str(tmp_path / "nope.txt")], "instructions")]
     try:
         import sglang  # noqa: F401
