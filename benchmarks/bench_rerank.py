@@ -26,7 +26,8 @@ Columns: requests/s and candidates/s, latency per request, the handler process's
 (/proc), and the share of candidates scored on their query's prefix (the service's
 afrl_query_prefix_candidates counter). In process, without HTTP: ms per candidate of a
 CANDIDATES-candidate group, two-level (FirstTokenScorer.score_query) vs one-level (score_token_ids),
-and the naive forward; and the tokens prefilled per candidate either way.
+and the naive forward; the tokens prefilled per candidate either way; and two-level vs one-level for
+a long (~50-token) query, where the second level saves more.
 
 Quick mode (AFRL_BENCH_QUICK=1): the same handlers and tables with 12 candidates per request,
 4 queries, one round of 0.5 s at one client, the in-process costs measured while the handlers start.
@@ -70,30 +71,42 @@ def median_ms(fn, items) -> float:
     return 1e3 * statistics.median(times[len(items):])
 
 
+LONG_QUERY = ("which of these support articles explains how to move a subscription and its saved invoices to "
+              "another company account without losing the discount negotiated last year, and what the billing "
+              "contact has to confirm before the transfer is allowed to go through on the admin console")
+
+
 def in_process_costs(model_dir, requests) -> dict:
     """Per candidate, no HTTP, THREADS threads: a whole group scored two-level and one-level (in
-    batches of 64, the service's default), the naive forward; tokens prefilled per candidate."""
+    forwards of the service's default rows on a CPU), the naive forward; tokens prefilled per
+    candidate; and the same two-level / one-level comparison for a long (~50-token) query."""
     from afrl_fast.evaluate import FirstTokenScorer, PromptPieces, load_model
     from afrl_fast.format import load_tokenizer, resolve_prompt_settings
+    from afrl_fast.serve_backends import forward_rows_default
 
     prompt = resolve_prompt_settings(model_dir, None, "full")
     model = load_model(str(model_dir), "auto")
     scorer = FirstTokenScorer(model, load_tokenizer(model_dir), prompt.rulebook, instructions=prompt.instructions,
-                              progress=False, batch_size=64)
+                              progress=False, batch_size=forward_rows_default("cpu", 64))
     pieces = PromptPieces(scorer)
     groups = [(pieces.query_ids([q])[0], pieces.prompt_ids([q] * len(docs), docs)) for q, docs in requests[:2]]
+    long = [(pieces.query_ids([LONG_QUERY])[0], pieces.prompt_ids([LONG_QUERY] * len(docs), docs))
+            for _, docs in requests[:2]]
     threads = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     try:
         with torch.inference_mode():
-            two = median_ms(lambda g: scorer.score_query(*g), groups) / CANDIDATES
-            one = median_ms(lambda g: scorer.score_token_ids(g[1]), groups) / CANDIDATES
-            naive = median_ms(lambda row: model(input_ids=torch.tensor([row]), logits_to_keep=1), groups[0][1][:8])
+            out = {name: median_ms(fn, g) / CANDIDATES for name, fn, g in (
+                ("two", lambda g: scorer.score_query(*g), groups), ("one", lambda g: scorer.score_token_ids(g[1]), groups),
+                ("long_two", lambda g: scorer.score_query(*g), long),
+                ("long_one", lambda g: scorer.score_token_ids(g[1]), long))}
+            out["naive"] = median_ms(lambda row: model(input_ids=torch.tensor([row]), logits_to_keep=1),
+                                     groups[0][1][:8])
     finally:
         torch.set_num_threads(threads)
     query, ids = groups[0]
-    return {"two": two, "one": one, "naive": naive, "prefix_len": len(scorer.prefix),
-            "query_len": len(query) - len(scorer.prefix),
+    return {**out, "prefix_len": len(scorer.prefix), "query_len": len(query) - len(scorer.prefix),
+            "long_query_len": len(long[0][0]) - len(scorer.prefix),
             "two_tokens": statistics.median(len(row) - len(query) for row in ids),
             "one_tokens": statistics.median(len(row) - len(scorer.prefix) for row in ids)}
 
@@ -157,7 +170,9 @@ def test_bench_rerank(tmp_path, capsys):
     lines.append(f"in process, no HTTP, per candidate of a {CANDIDATES}-candidate group: two-level {costs['two']:.3f} ms "
                  f"(prefills {costs['two_tokens']:.0f} tokens: the document and the template's end), one-level "
                  f"{costs['one']:.3f} ms ({costs['one_tokens']:.0f} tokens: query and document), naive forward "
-                 f"{costs['naive']:.2f} ms (the whole prompt)")
+                 f"{costs['naive']:.2f} ms (the whole prompt); with a {costs['long_query_len']}-token query: two-level "
+                 f"{costs['long_two']:.3f} ms, one-level {costs['long_one']:.3f} ms "
+                 f"({costs['long_one'] / costs['long_two']:.2f}x)")
     two, one = rows[("ours, two-level", "/v1/rerank", CLIENTS[0])], rows[("ours, one-level", "/v1/rerank", CLIENTS[0])]
     naive, single = rows[("naive", "/v1/rerank", CLIENTS[0])], rows[("ours", "/v1/score, 1 pair", SCORE_CLIENTS)]
     lines.append(f"at 1 client, a {CANDIDATES}-candidate rerank: two-level p50 {two.pct(50):.1f} ms, one-level "
