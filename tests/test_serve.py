@@ -222,7 +222,10 @@ def test_metrics_endpoint_is_prometheus_text(server):
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     for name in ("afrl_requests_total", "afrl_request_seconds_bucket", "afrl_pairs_scored_total",
                  "afrl_batch_pairs_bucket", "afrl_queue_pairs", "afrl_batch_seconds_bucket",
-                 "afrl_generation_rows", "afrl_generated_tokens_total"):
+                 "afrl_generation_rows", "afrl_generated_tokens_total", "afrl_rerank_candidates_bucket",
+                 "afrl_query_prefixes_total", "afrl_query_prefix_candidates_total", "afrl_query_prefix_hit_ratio",
+                 "afrl_tokenize_seconds_bucket", "afrl_tokenized_pairs_total", "afrl_thread_cpu_seconds_total",
+                 "afrl_process_cpu_seconds"):
         assert name in r.text
 
 
