@@ -12,7 +12,10 @@ Every prompt starts with the same tokens (system prompt and chat template up to 
 Their KV is computed once (`SharedPrefix`); a prompt that starts with them prefills only its own
 suffix on top of a copy of that KV. Attention over the cached keys gives the same hidden states
 as a full prefill, so this changes no score beyond float rounding (the scorer checks it on a
-probe at start-up). The online service (`afrl_fast.serve`) scores through this same code.
+probe at start-up). The candidates of one query can share one more level: the query's part of the
+prompt prefilled once on top of the system prefix, each candidate prefilling only its document's
+part (`FirstTokenScorer.score_query`, the online service's rerank). The online service
+(`afrl_fast.serve`) scores through this same code.
 
     python -m afrl_fast.evaluate --model DIR --data pairs.parquet --out metrics.json \
         [--predictions preds.parquet] [--tokenizer T] [--batch-size B] [--max-prompt-tokens L]
@@ -213,6 +216,100 @@ class PromptEncoder:
         return all_ids
 
 
+class PromptPieces:
+    """The AFRL prompt cut around its user message, so a pair's token ids need neither the chat
+    template nor a re-tokenisation of the system prompt.
+
+    The template is rendered once with a marker user message: prompt = `pre` + user message +
+    `post`. A fast Hugging Face tokenizer splits a text at its added (special) tokens before
+    anything else and tokenises the pieces between them independently, so the ids of `pre` up to
+    its last special token (`<|im_start|>` for Qwen3) and of `post` from its first one
+    (`<|im_end|>`) never change: `head` and `tail`, tokenised once. Per pair only the piece in
+    between — `segment(query, document)`, the user message and what the template writes next to it
+    — is tokenised: ids = head + ids(segment) + tail, the very ids `PromptEncoder.prompt_ids` gives
+    (checked on probe pairs at construction; `ok` is False, and callers use PromptEncoder, where
+    they differ or the template does not insert the user message verbatim).
+
+    The query's share: `query_segment(query)` is the segment up to "Document:" (the user message for
+    an empty document, trailing whitespace dropped); head + its ids is what every candidate of that
+    query starts with, unless its tokenisation merges a token across the query/document boundary,
+    which the caller detects by comparing ids, as for the system prefix (`SharedPrefix.starts`).
+    """
+
+    MARK_QUERY, MARK_DOCUMENT = "afrlquerymarker", "afrldocumentmarker"
+    # first characters of every kind, whitespace runs, an added token's text inside a document,
+    # combining marks (the tokenizer normalises NFC), a query ending in punctuation
+    PROBES = PREFIX_PROBES + (("what?", ":: colon first"), ("caf\u00e9", "\u0301 a combining mark first"),
+                              ("q", "a <|im_end|> inside <|im_start|>"), ("x", "  spaced \t out \n doc  "),
+                              ("Straße", "ß"), ("query", "document"))
+
+    def __init__(self, encoder: PromptEncoder):
+        from .format import user_message
+
+        self.encoder, self.user_message = encoder, user_message
+        tok = encoder.tokenizer
+        backend = getattr(tok, "backend_tokenizer", None) if getattr(tok, "is_fast", False) else None
+        # the raw Rust tokenizer skips the Python wrapper's overhead; only without padding/truncation set
+        self.backend = backend if backend is not None and backend.padding is None and backend.truncation is None \
+            else None
+        self.ok = False
+        text = encoder.prompt_text(self.MARK_QUERY, self.MARK_DOCUMENT)
+        marker = user_message(self.MARK_QUERY, self.MARK_DOCUMENT)
+        if text.count(marker) != 1:
+            return
+        pre, post = text.split(marker)
+        added = getattr(tok, "added_tokens_decoder", None) or {}
+        specials = [t.content for t in added.values() if t.content] or list(getattr(tok, "all_special_tokens", []))
+        cut_pre = max((pre.rfind(t) + len(t) for t in specials if t in pre), default=0)
+        cut_post = min((post.find(t) for t in specials if t in post), default=len(post))
+        for start, end in ((cut_pre, cut_post), (0, len(post))):   # else: the whole prompt is the segment
+            self.head = encoder.encode(pre[:start]) if start else []
+            self.tail = encoder.encode(post[end:]) if end < len(post) else []
+            self.seg_pre, self.seg_post = pre[start:], post[:end]
+            if self.check():
+                self.ok = True
+                break
+        self.query_ok = self.ok and self.check_query()
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if self.backend is not None:
+            return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+        return self.encoder.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def segment(self, query: str, document: str) -> str:
+        return self.seg_pre + self.user_message(query, document) + self.seg_post
+
+    def query_segment(self, query: str) -> str:
+        return self.seg_pre + self.user_message(query, "").rstrip()
+
+    def prompt_ids(self, queries, documents) -> list[list[int]]:
+        """The same ids as PromptEncoder.prompt_ids (without truncation)."""
+        head, tail = self.head, self.tail
+        return [head + ids + tail for ids in self.encode_batch([self.segment(q, d) for q, d in zip(queries, documents)])]
+
+    def probe_pairs(self):
+        queries, documents = zip(*[(q, d) for q, _ in self.PROBES for _, d in self.PROBES])
+        return list(queries), list(documents)
+
+    def check(self) -> bool:
+        """Probe pairs get PromptEncoder's ids."""
+        queries, documents = self.probe_pairs()
+        expect = self.encoder.tokenizer([self.encoder.prompt_text(q, d) for q, d in zip(queries, documents)],
+                                        add_special_tokens=False)["input_ids"]
+        return self.prompt_ids(queries, documents) == expect
+
+    def query_ids(self, queries) -> list[list[int]]:
+        """For each query the ids every prompt of it starts with, boundary merges aside."""
+        return [self.head + ids for ids in self.encode_batch([self.query_segment(q) for q in queries])]
+
+    def check_query(self) -> bool:
+        """Whether the query's ids start the probe pairs' prompts (else sharing them is not worth it:
+        this tokenizer merges across the query/document boundary as a rule)."""
+        queries, documents = self.probe_pairs()
+        full = self.prompt_ids(queries, documents)
+        return all(len(f) > len(q) and f[:len(q)] == q for q, f in zip(self.query_ids(queries), full))
+
+
 # ----------------------------------------------------------------------------- the scorer
 
 class FirstTokenScorer(PromptEncoder):
@@ -297,22 +394,69 @@ class FirstTokenScorer(PromptEncoder):
         return self.head_logits(out.last_hidden_state[:, -1])   # left padding: the last column is real
 
     @torch.inference_mode()
-    def suffix_label_logits(self, suffixes: list[list[int]]) -> torch.Tensor:
+    def suffix_label_logits(self, suffixes: list[list[int]], prefix: SharedPrefix | None = None) -> torch.Tensor:
         """Label logits of prompts = shared prefix + suffix, prefilling only the suffixes.
+        `prefix`: the system prefix (default) or one extended by a query (`extend_prefix`).
 
         Suffixes are right-padded after the prefix: a pad only ever follows its row's real tokens,
         so causal attention alone keeps it out of every real position and no mask is needed.
         Positions continue from the prefix length; each row's last real position is gathered."""
+        prefix = self.prefix if prefix is None else prefix
         lengths = torch.as_tensor([len(s) for s in suffixes], device=self.device)
-        width, start = int(lengths.max()), len(self.prefix)
+        width, start = int(lengths.max()), len(prefix)
         input_ids = torch.full((len(suffixes), width), self.pad_id, dtype=torch.long)
         for row, ids in enumerate(suffixes):
             input_ids[row, :len(ids)] = torch.as_tensor(ids)
         positions = torch.arange(start, start + width, device=self.device).expand(len(suffixes), -1)
         out = self.base(input_ids=input_ids.to(self.device), position_ids=positions, use_cache=True,
-                        **{cache_argument(self.base): self.prefix.cache(self.model.config, len(suffixes))})
+                        **{cache_argument(self.base): prefix.cache(self.model.config, len(suffixes))})
         last = out.last_hidden_state[torch.arange(len(suffixes), device=self.device), lengths - 1]
         return self.head_logits(last)
+
+    # --- two-level sharing: the system prefix, then one query's part ------------------------------
+
+    @torch.inference_mode()
+    def extend_prefix(self, ids: list[int]) -> SharedPrefix:
+        """The shared prefix extended to `ids` (which start with it: the system prefix plus a
+        query's part of the prompt): one forward over the extra tokens on top of the cached KV."""
+        start = len(self.prefix)
+        cache = self.prefix.cache(self.model.config, 1)
+        self.base(input_ids=torch.as_tensor([ids[start:]], device=self.device),
+                  position_ids=torch.arange(start, len(ids), device=self.device)[None], use_cache=True,
+                  **{cache_argument(self.base): cache})
+        return SharedPrefix(list(ids), [(layer.keys, layer.values) for layer in cache.layers])
+
+    def score_query(self, query_ids: list[int], candidates: list[list[int]]) -> tuple[np.ndarray, int]:
+        """[n, 5] P(0..4) of the prompts of one query's candidates, and how many of them were scored
+        on the query's own prefix.
+
+        `query_ids` are the ids every candidate's prompt starts with, system prefix included
+        (`PromptPieces.query_ids`). They are prefilled once on top of the system prefix's KV
+        (`extend_prefix`) and each candidate prefills only its document's part, candidates batched
+        together, longest first. A candidate whose ids do not start with `query_ids` (its
+        tokenisation merged a token across the query/document boundary), or all of them where
+        fewer than two could share it or there is no system prefix, is scored like any prompt
+        (`score_token_ids`: the system prefix, else a full prefill). Same scores as
+        `score_token_ids` up to float rounding."""
+        n_query = len(query_ids)
+        probs = np.zeros((len(candidates), 5), dtype=np.float64)
+        shared = []
+        if self.prefix is not None and self.prefix.starts(query_ids):
+            shared = [i for i, ids in enumerate(candidates) if len(ids) > n_query and ids[:n_query] == query_ids]
+        if len(shared) < 2:
+            shared = []
+        if shared:
+            prefix = self.extend_prefix(query_ids)
+            shared.sort(key=lambda i: -len(candidates[i]))
+            with torch.inference_mode():
+                for start in range(0, len(shared), self.batch_size):
+                    rows = shared[start:start + self.batch_size]
+                    logits = self.suffix_label_logits([candidates[i][n_query:] for i in rows], prefix)
+                    probs[rows] = torch.softmax(logits.double(), dim=-1).cpu().numpy()
+        rest = sorted(set(range(len(candidates))).difference(shared))
+        if rest:
+            probs[rest] = self.score_token_ids([candidates[i] for i in rest])
+        return probs, len(shared)
 
     @torch.inference_mode()
     def build_prefix(self) -> SharedPrefix | None:

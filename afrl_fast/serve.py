@@ -1,14 +1,23 @@
-"""Online scoring service: first-token relevance scores over HTTP, and OpenAI-compatible completions.
+"""Online scoring service: first-token relevance scores over HTTP, a rerank API, and OpenAI-compatible
+completions.
 
     python -m afrl_fast.serve --model DIR [--host 127.0.0.1] [--port 8000]
         [--instructions short|full|PATH] [--rulebook YAML] [--max-batch 64] [--max-wait-ms 5]
-        [--max-queue 1024] [--device auto] [--backend embedded|sglang] [--truncate]
+        [--max-queue 1024] [--max-rerank-documents 1000] [--device auto] [--backend embedded|sglang]
+        [--truncate]
 
 Endpoints (FastAPI on uvicorn):
   POST /v1/score        {"pairs": [{"query", "document", "id"?}], "explain": false}
                         -> per pair {"id", "grade", "probs": [p0..p4], "score": sum k*p_k, "truncated"};
                         with "explain": true also the AFRL trace generated greedily after the grade
                         token and the verifier's verdict on it
+  POST /v1/rerank, /rerank
+                        the rerank API of Cohere, Jina, vLLM and TEI: {"query", "documents": [text or
+                        {"text"}], "top_n"?, "return_documents"? (default true), "return_grades"?, "model"?}
+                        (TEI's "texts" / "return_text" accepted for documents / return_documents)
+                        -> {"id", "model", "results": [{"index", "relevance_score", "document"?: {"text"},
+                        "grade"?, "probs"?}] sorted by relevance_score, "usage"}; relevance_score is the
+                        expected grade over the five label probabilities divided by 4, in [0, 1]
   POST /v1/completions  the OpenAI completions API (prompt as text or token ids, n, temperature, top_p,
                         max_tokens, seed, stop, logprobs); the n samples of a prompt share its KV
   GET  /v1/models, GET /health, GET /metrics (Prometheus text format)
@@ -16,16 +25,21 @@ Endpoints (FastAPI on uvicorn):
 Why it is fast. In the AFRL format the grade is the first token, so a score is one prefill. The
 prompt prefix every pair shares (system prompt and chat template up to the user's text) has its KV
 computed once at start-up; a pair prefills only its own suffix, and only the five label rows of the
-LM head are applied (`afrl_fast.evaluate.FirstTokenScorer`, the offline evaluator's code). Pairs
-from all clients go through one asyncio queue; a batching task takes up to --max-batch of them,
-keeps filling the batch while the previous one is still computing, then waits at most --max-wait-ms
-after its first pair arrived for requests still being tokenised (not at all when there are none);
-inference runs in one worker thread, so the event loop keeps accepting requests. A full queue
-answers 503 with Retry-After instead of growing memory.
+LM head are applied (`afrl_fast.evaluate.FirstTokenScorer`, the offline evaluator's code). A rerank
+request's candidates share more: the query's part of the prompt is prefilled once on top of that
+KV, and each candidate prefills only its document and the template's end (two-level prefix;
+`FirstTokenScorer.score_query`). A prompt's ids are the cached ids of the template around the user
+message plus the tokenisation of that message alone (`PromptPieces`); requests waiting together
+are tokenised in one batch call in a tokenizer thread. Pairs from all clients go through one asyncio
+queue; a batching task takes up to --max-batch of them, keeps filling the batch while the previous
+one is still computing, then waits at most --max-wait-ms after its first pair arrived for requests
+still being tokenised (not at all when there are none); inference runs in one worker thread, so the
+event loop keeps accepting requests, and the next batch is handed to it before the previous one's
+requests are answered. A full queue answers 503 with Retry-After instead of growing memory.
 
-Bad input gets a JSON 4xx naming the field (and pair index): {"error": {"message", "type", "param",
-"code"}}, the OpenAI error shape. SIGTERM stops accepting connections, finishes the requests in
-flight, then exits (by that signal, as uvicorn re-raises it).
+Bad input gets a JSON 4xx naming the field (and pair or document index): {"error": {"message",
+"type", "param", "code"}}, the OpenAI error shape. SIGTERM stops accepting connections, finishes the
+requests in flight, then exits (by that signal, as uvicorn re-raises it).
 """
 # No `from __future__ import annotations` here: FastAPI reads the handlers' annotations at run time,
 # and the request models are local to request_models().
@@ -44,7 +58,7 @@ from typing import Annotated, Any
 
 import numpy as np
 
-from .evaluate import PromptEncoder, ScoringError
+from .evaluate import PromptEncoder, PromptPieces, ScoringError
 from .format import FormatError, resolve_prompt_settings
 from .metrics import expected_score
 from .rulebook import RulebookError
@@ -54,7 +68,7 @@ from .verify import RewardConfig, verify_batch
 
 log = logging.getLogger("afrl_fast.serve")
 
-ENDPOINTS = ("/v1/score", "/v1/completions", "/v1/models", "/health", "/metrics")
+ENDPOINTS = ("/v1/score", "/v1/rerank", "/rerank", "/v1/completions", "/v1/models", "/health", "/metrics")
 
 
 @dataclass
@@ -69,12 +83,19 @@ class ServeConfig:
     truncate: bool = False
     explain_max_tokens: int = 512
     max_completion_rows: int = 256  # prompts x n of one completions request
+    max_rerank_documents: int = 1000    # candidates of one rerank request (at most max_queue count)
+    query_prefix: bool = True       # rerank: prefill a query's part of the prompt once for its candidates
     retry_after_s: int = 1
     model_name: str = "afrl"
 
+    @property
+    def rerank_limit(self) -> int:
+        """Candidates one rerank request may send: a request must fit the queue whole."""
+        return min(self.max_rerank_documents, self.max_queue)
+
     def check(self) -> None:
         for name in ("max_batch", "max_queue", "max_request_pairs", "max_body_bytes", "explain_max_tokens",
-                     "max_completion_rows", "retry_after_s"):
+                     "max_completion_rows", "max_rerank_documents", "retry_after_s"):
             if getattr(self, name) < 1:
                 raise ServeError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.max_wait_ms < 0:
@@ -109,6 +130,14 @@ def field_path(loc) -> str:
     return out or "body"
 
 
+def invalid(errors: list[dict]) -> ApiError:
+    """The 422 for a request pydantic refused: its first problem, by field, and how many more."""
+    param, message = validation_message(errors[0]) if errors else ("body", "invalid request")
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return ApiError(422, message, param, "invalid_value")
+
+
 def validation_message(err: dict) -> tuple[str, str]:
     """(param, one-line message) for the first pydantic error of a request."""
     param = field_path(err.get("loc", ()))
@@ -141,7 +170,8 @@ class Metrics:
                                   "cached prefix", registry=r)
         self.batch_pairs = Histogram("afrl_batch_pairs", "pairs per inference batch", registry=r,
                                      buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
-        self.batch_seconds = Histogram("afrl_batch_seconds", "inference time per batch", registry=r,
+        self.batch_seconds = Histogram("afrl_batch_seconds", "inference time per batch (in the inference thread)",
+                                       registry=r,
                                        buckets=(.001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5))
         self.queue = Gauge("afrl_queue_pairs", "pairs waiting in the batching queue", registry=r)
         self.queue.set_function(queue_depth)
@@ -155,6 +185,40 @@ class Metrics:
         self.generation_batch_requests = Histogram(
             "afrl_generation_batch_requests", "completion / explain requests decoded together in one engine call",
             registry=r, buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+        # rerank and its query-level prefix
+        self.rerank_candidates = Histogram("afrl_rerank_candidates", "candidate documents per rerank request",
+                                           registry=r, buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000))
+        self.query_prefixes = Counter("afrl_query_prefixes", "query prefixes prefilled (once per query and batch, "
+                                      "on top of the cached system prefix)", registry=r)
+        self.query_prefix_candidates = Counter(
+            "afrl_query_prefix_candidates", "rerank candidates by whether they were scored on their query's "
+            "prefix (reused) or not (fallback: a boundary merge, or a lone candidate; scored like /v1/score)",
+            ["outcome"], registry=r)
+        self.query_prefix_hit_ratio = Gauge("afrl_query_prefix_hit_ratio", "share of rerank candidates so far "
+                                            "scored on their query's prefix", registry=r)
+        self.query_prefix_hit_ratio.set_function(self.hit_ratio)
+        # where the time goes (bench_serve's breakdown)
+        self.tokenize_seconds = Histogram("afrl_tokenize_seconds", "time per tokenizer call (all requests "
+                                          "waiting at that moment together)", registry=r,
+                                          buckets=(.0001, .0002, .0005, .001, .002, .005, .01, .02, .05, .1, .5))
+        self.tokenized_pairs = Counter("afrl_tokenized_pairs", "pairs tokenised", registry=r)
+        self.thread_cpu = Counter("afrl_thread_cpu_seconds", "CPU time of the inference and tokenizer threads "
+                                  "spent on their calls", ["thread"], registry=r)
+        self.process_cpu = Gauge("afrl_process_cpu_seconds", "CPU time of the whole process so far", registry=r)
+        self.process_cpu.set_function(time.process_time)
+
+        self.candidates_reused = self.candidates_fallback = 0
+
+    def count_query_prefix(self, reused: int, fallback: int, prefilled: int) -> None:
+        self.query_prefix_candidates.labels("reused").inc(reused)
+        self.query_prefix_candidates.labels("fallback").inc(fallback)
+        self.query_prefixes.inc(prefilled)
+        self.candidates_reused += reused
+        self.candidates_fallback += fallback
+
+    def hit_ratio(self) -> float:
+        total = self.candidates_reused + self.candidates_fallback
+        return self.candidates_reused / total if total else 0.0
 
 
 class RequestMetrics:
@@ -163,24 +227,36 @@ class RequestMetrics:
 
     def __init__(self, app, metrics: Metrics):
         self.app, self.metrics = app, metrics
+        self.counters, self.timers = {}, {}        # the labelled children, looked up once
+
+    def count(self, endpoint: str, status: int, seconds: float) -> None:
+        key = (endpoint, status)
+        counter = self.counters.get(key)
+        if counter is None:
+            counter = self.counters[key] = self.metrics.requests.labels(endpoint, str(status))
+        timer = self.timers.get(endpoint)
+        if timer is None:
+            timer = self.timers[endpoint] = self.metrics.latency.labels(endpoint)
+        counter.inc()
+        timer.observe(seconds)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
-        status = {"code": 500}
+        status = 500
         start = time.perf_counter()
 
         async def send_status(message):
+            nonlocal status
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                status = message["status"]
             await send(message)
 
         try:
             await self.app(scope, receive, send_status)
         finally:
-            self.metrics.requests.labels(endpoint, str(status["code"])).inc()
-            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+            self.count(endpoint, status, time.perf_counter() - start)
 
 
 class BodyLimit:
@@ -238,9 +314,16 @@ class BodyLimit:
 
 @dataclass
 class Job:
-    ids: list[int]
+    """Pairs scored together: one pair, or the candidates of one query sharing its prefix (`query`:
+    the token ids they all start with; see FirstTokenScorer.score_query)."""
+    ids: list[list[int]]
     future: asyncio.Future
     arrived: float
+    query: list[int] | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.ids)
 
 
 class Overloaded(Exception):
@@ -255,49 +338,95 @@ def fail_all(jobs, error: Exception) -> None:
 
 
 class Batcher:
-    """Pairs from every request go into one bounded asyncio queue; `run` takes batches off it and
-    scores them in the single inference thread.
+    """Pairs from every request go into one asyncio queue, bounded at max_queue pairs; `run` takes
+    batches off it and scores them in the single inference thread with `score_fn(jobs)` -> one
+    [n, 5] array per job.
 
     A batch closes when it holds max_batch pairs, or, once the previous batch has finished, when
     max_wait has passed since its first pair arrived or no request is on its way to the queue
     (`incoming`: admitted by a handler, still being tokenised). While the worker is busy nothing is
     lost by waiting, so the batch keeps filling and batches grow with the load by themselves; with
-    nothing on its way, waiting would only add latency (a lone client never waits)."""
+    nothing on its way, waiting would only add latency (a lone client never waits). A rerank
+    request's candidates are one job, so a batch may pass max_batch pairs by its last job (the
+    scorer splits it)."""
 
     def __init__(self, score_fn, worker: ThreadPoolExecutor, cfg: ServeConfig, metrics: Metrics | None = None):
         self.score_fn, self.worker, self.cfg = score_fn, worker, cfg
-        self.queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=cfg.max_queue)
+        self.queue: asyncio.Queue[Job] = asyncio.Queue()
+        self.pending = 0            # pairs in the queue
         self.metrics = metrics
         self.max_wait = cfg.max_wait_ms / 1000.0
         self.incoming = 0
 
-    def submit(self, all_ids: list[list[int]]) -> list[asyncio.Future]:
-        """Enqueue every pair of one request, or none of them (Overloaded) if they do not all fit."""
-        if self.queue.maxsize - self.queue.qsize() < len(all_ids):
+    def put(self, jobs: list[Job]) -> None:
+        if self.cfg.max_queue - self.pending < sum(job.size for job in jobs):
             raise Overloaded
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        jobs = [Job(ids, loop.create_future(), now) for ids in all_ids]
         for job in jobs:
             self.queue.put_nowait(job)
+            self.pending += job.size
+
+    def submit(self, all_ids: list[list[int]]) -> list[asyncio.Future]:
+        """Enqueue every pair of one request, or none of them (Overloaded) if they do not all fit."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        jobs = [Job([ids], loop.create_future(), now) for ids in all_ids]
+        self.put(jobs)
         return [job.future for job in jobs]
 
+    def submit_query(self, query: list[int], all_ids: list[list[int]]) -> asyncio.Future:
+        """Enqueue one query's candidates as one job (all or nothing)."""
+        loop = asyncio.get_running_loop()
+        job = Job(all_ids, loop.create_future(), loop.time(), query)
+        self.put([job])
+        return job.future
+
+    def take(self, job: Job) -> Job:
+        self.pending -= job.size
+        return job
+
     async def run(self) -> None:
-        running: asyncio.Future | None = None
+        """Collect a batch, hand it to the inference thread, and only then deliver the previous
+        batch's results: answering its requests (JSON, HTTP) runs on the event loop while the
+        inference thread already computes, instead of leaving it idle in between. A batch that
+        filled up while the previous one still runs is handed over at once and waits in the
+        executor's queue, so the thread goes from one to the next without a round trip."""
+        loop = asyncio.get_running_loop()
+        previous = None           # (jobs, the inference thread's future) of the batch handed over last
         while True:
-            batch = await self.collect(running)
-            if running is not None:
-                await running
-            running = asyncio.ensure_future(self.dispatch(batch))
+            batch = await self.collect(previous[1] if previous else None)
+            live = [job for job in batch if not job.future.done()]     # a client that went away is skipped
+            current = (live, loop.run_in_executor(self.worker, self.timed, live)) if live else None
+            if previous is not None:
+                await self.deliver(*previous)
+            previous = current
+
+    def timed(self, jobs: list[Job]):
+        """score_fn in the inference thread, and how long it took there."""
+        start = time.perf_counter()
+        return self.score_fn(jobs), time.perf_counter() - start
 
     async def collect(self, running: asyncio.Future | None) -> list[Job]:
+        """The next batch; empty when the running batch finished before any job arrived (its
+        results are then delivered)."""
         loop = asyncio.get_running_loop()
-        batch = [await self.queue.get()]
+        if self.queue.empty() and running is not None:
+            if running.done():
+                return []
+            getter = asyncio.ensure_future(self.queue.get())
+            await asyncio.wait({getter, running}, return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                getter.cancel()
+                return []
+            batch = [self.take(getter.result())]
+        else:
+            batch = [self.take(await self.queue.get())]
+        size = batch[0].size
         deadline = batch[0].arrived + self.max_wait
-        while len(batch) < self.cfg.max_batch:
-            while len(batch) < self.cfg.max_batch and not self.queue.empty():
-                batch.append(self.queue.get_nowait())
-            if len(batch) >= self.cfg.max_batch:
+        while size < self.cfg.max_batch:
+            while size < self.cfg.max_batch and not self.queue.empty():
+                batch.append(self.take(self.queue.get_nowait()))
+                size += batch[-1].size
+            if size >= self.cfg.max_batch:
                 break
             busy = running is not None and not running.done()
             remaining = deadline - loop.time()
@@ -307,30 +436,78 @@ class Batcher:
             await asyncio.wait({getter, running} if busy else {getter},
                                timeout=None if busy else remaining, return_when=asyncio.FIRST_COMPLETED)
             if getter.done():
-                batch.append(getter.result())
+                batch.append(self.take(getter.result()))
+                size += batch[-1].size
             else:
                 getter.cancel()
         return batch
 
-    async def dispatch(self, batch: list[Job]) -> None:
-        live = [job for job in batch if not job.future.done()]     # a client that went away is skipped
-        if not live:
-            return
-        start = time.perf_counter()
+    async def deliver(self, jobs: list[Job], future: asyncio.Future) -> None:
         try:
-            probs = await asyncio.get_running_loop().run_in_executor(
-                self.worker, self.score_fn, [job.ids for job in live])
+            probs, seconds = await future
         except Exception as e:     # every waiting request gets the error, the service goes on
-            log.exception("scoring batch of %d pairs failed", len(live))
-            fail_all(live, e)
+            log.exception("scoring batch of %d pairs failed", sum(job.size for job in jobs))
+            fail_all(jobs, e)
             return
         if self.metrics is not None:
-            self.metrics.batch_pairs.observe(len(live))
-            self.metrics.batch_seconds.observe(time.perf_counter() - start)
-            self.metrics.pairs.inc(len(live))
-        for job, p in zip(live, probs):
+            pairs = sum(job.size for job in jobs)
+            self.metrics.batch_pairs.observe(pairs)
+            self.metrics.batch_seconds.observe(seconds)
+            self.metrics.pairs.inc(pairs)
+        for job, p in zip(jobs, probs):
             if not job.future.done():
                 job.future.set_result(p)
+
+
+@dataclass
+class EncodeJob:
+    """One request's texts to tokenise: its pairs, and whether its query's own ids are wanted too
+    (a rerank request whose candidates will share them)."""
+    queries: list[str]
+    documents: list[str]
+    with_query: bool
+    future: asyncio.Future
+
+
+class TokenizeStage:
+    """Requests are tokenised in the tokenizer thread, every request waiting at that moment in one
+    call (`encode_fn(jobs)` -> per job its result or the exception to raise): one thread hand-off
+    for all of them, and the fast tokenizer's batch encoding over all their texts. While one call
+    runs, the requests arriving meanwhile gather for the next."""
+
+    def __init__(self, encode_fn, pool: ThreadPoolExecutor):
+        self.encode_fn, self.pool = encode_fn, pool
+        self.waiting: list[EncodeJob] = []
+        self.wake = asyncio.Event()
+
+    async def encode(self, queries: list[str], documents: list[str], with_query: bool):
+        job = EncodeJob(queries, documents, with_query, asyncio.get_running_loop().create_future())
+        self.waiting.append(job)
+        self.wake.set()
+        return await job.future
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            while self.waiting:
+                jobs, self.waiting = [j for j in self.waiting if not j.future.done()], []
+                if not jobs:
+                    continue
+                try:
+                    results = await loop.run_in_executor(self.pool, self.encode_fn, jobs)
+                except Exception as e:     # every request of the call gets the error, the service goes on
+                    log.exception("tokenising %d requests failed", len(jobs))
+                    fail_all(jobs, e)
+                    continue
+                for job, result in zip(jobs, results):
+                    if job.future.done():
+                        continue
+                    if isinstance(result, Exception):
+                        job.future.set_exception(result)
+                    else:
+                        job.future.set_result(result)
 
 
 @dataclass
@@ -433,9 +610,30 @@ def request_seeds(seed: int | None, n_prompts: int) -> list[int]:
 
 def request_models():
     """The pydantic request models (built on first use, so importing this module needs no pydantic)."""
-    from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+    from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt,
+                          StrictStr, field_validator)
 
     Text = Annotated[StrictStr, Field(min_length=1)]
+
+    def not_blank(value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        return value
+
+    def document_text(value):
+        """A document given as an object (Cohere v1, Jina): {"text": ...} -> its text."""
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - {"text"})
+            if unknown:
+                raise ValueError(f'unknown field {unknown[0]!r} (a document object has only "text")')
+            if "text" not in value:
+                raise ValueError('a document object needs its "text"')
+            return value["text"]
+        return value
+
+    NonBlank = Annotated[StrictStr, Field(min_length=1), AfterValidator(not_blank)]
+    Document = Annotated[StrictStr, BeforeValidator(document_text), AfterValidator(not_blank)]
+    Documents = Annotated[list[Document], Field(min_length=1)]
 
     class Pair(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -478,7 +676,20 @@ def request_models():
         user: StrictStr | None = None
         return_tokens_as_token_ids: StrictBool = False      # as in vLLM: tokens written "token_id:<id>"
 
-    return Pair, ScoreRequest, CompletionRequest
+    class RerankRequest(BaseModel):
+        """The rerank request of Cohere, Jina, vLLM and TEI (`texts` for `documents`, `return_text`
+        for `return_documents`); `return_grades` is ours."""
+        model_config = ConfigDict(extra="forbid")
+        model: StrictStr | None = None
+        query: NonBlank
+        documents: Documents | None = None
+        texts: Documents | None = None
+        top_n: StrictInt | None = Field(None, ge=0)
+        return_documents: StrictBool | None = None
+        return_text: StrictBool | None = None
+        return_grades: StrictBool = False
+
+    return Pair, ScoreRequest, CompletionRequest, RerankRequest
 
 
 # ----------------------------------------------------------------------------------------------
@@ -494,52 +705,166 @@ class Service:
     worker: ThreadPoolExecutor
     tokenize_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "afrl-tokenize"))
     batcher: Batcher | None = None
+    tokenizer_stage: TokenizeStage | None = None
     generator: GenerationMerger | None = None
     metrics: Metrics | None = None
     pending_rows: int = 0           # completion / explain rows submitted to the worker, not yet done
+    pieces: PromptPieces | None = None
+
+    def __post_init__(self):
+        pieces = PromptPieces(self.encoder)
+        if pieces.ok:
+            self.pieces = pieces
+        else:
+            log.warning("the chat template cannot be cut around the user message with the same token ids; "
+                        "every prompt is rendered and tokenised whole")
 
     @property
     def prompt_limit(self) -> int:
         return self.cfg.max_prompt_tokens or self.backend.context_tokens or 1 << 62
 
-    # --- scoring -------------------------------------------------------------------------------
+    @property
+    def query_sharing(self) -> bool:
+        """Whether rerank candidates share their query's prefix (two-level prefix)."""
+        return (self.cfg.query_prefix and self.pieces is not None and self.pieces.query_ok
+                and hasattr(self.backend, "score_query"))
 
-    def encode_pairs(self, queries: list[str], documents: list[str]) -> tuple[list[list[int]], list[int]]:
-        """Token ids of each pair's prompt and the rows whose document was cut (only with --truncate).
-        Runs in the tokenizer thread; only that thread uses the encoder."""
+    # --- tokenising (the tokenizer thread) -------------------------------------------------------
+
+    def encode_jobs(self, jobs: list[EncodeJob]) -> list:
+        """Per request (ids of each pair's prompt, the rows whose document was cut (only with
+        --truncate), the query's own ids or None), or the ScoringError to raise. Runs in the
+        tokenizer thread, the only one that uses the encoder: every request's texts in one batch
+        encoding (PromptPieces: only the user message's piece of each prompt is tokenised)."""
+        start, cpu = time.perf_counter(), time.thread_time()
         self.encoder.max_prompt_tokens = self.prompt_limit if self.cfg.truncate else None
-        ids = self.encoder.prompt_ids(queries, documents)
-        return ids, list(self.encoder.truncated_rows)
+        pieces, out = self.pieces, []
+        if pieces is not None:
+            texts = []
+            for job in jobs:
+                texts += map(pieces.segment, job.queries, job.documents)
+                if job.with_query:
+                    texts.append(pieces.query_segment(job.queries[0]))
+            encoded, k = pieces.encode_batch(texts), 0
+            head, tail = pieces.head, pieces.tail
+        for job in jobs:
+            try:
+                if pieces is None:
+                    ids = self.encoder.prompt_ids(job.queries, job.documents)
+                    out.append((ids, list(self.encoder.truncated_rows), None))
+                    continue
+                n = len(job.queries)
+                ids = [head + row + tail for row in encoded[k:k + n]]
+                query = head + encoded[k + n] if job.with_query else None
+                k += n + job.with_query
+                out.append((ids, self.truncate(job, ids), query))
+            except ScoringError as e:
+                out.append(e)
+        if self.metrics is not None:
+            self.metrics.tokenize_seconds.observe(time.perf_counter() - start)
+            self.metrics.tokenized_pairs.inc(sum(len(job.queries) for job in jobs))
+            self.metrics.thread_cpu.labels("tokenizer").inc(time.thread_time() - cpu)
+        return out
 
-    async def score(self, pairs) -> tuple[list[list[int]], np.ndarray, list[int]]:
-        loop = asyncio.get_running_loop()
-        queries, documents = [p.query for p in pairs], [p.document for p in pairs]
+    def truncate(self, job: EncodeJob, ids: list[list[int]]) -> list[int]:
+        """With --truncate, cut the document of each over-long prompt (in place); the rows cut."""
+        if not self.cfg.truncate:
+            return []
+        limit, cut = self.prompt_limit, []
+        for i, row in enumerate(ids):
+            if len(row) > limit:
+                try:
+                    ids[i] = self.encoder.fit_document(job.queries[i], job.documents[i], row)
+                except ScoringError as e:
+                    e.row = i
+                    raise
+                cut.append(i)
+        return cut
+
+    async def encode(self, queries: list[str], documents: list[str], with_query: bool, doc_param, query_param):
+        """(ids, truncated rows, query ids or None) of one request, tokenised with the others
+        waiting; 400 naming the field for a prompt over the limit."""
         self.batcher.incoming += 1
         try:
-            ids, truncated = await loop.run_in_executor(self.tokenize_pool, self.encode_pairs, queries, documents)
-            self.check_lengths(ids)
+            if self.tokenizer_stage is not None:
+                ids, truncated, query = await self.tokenizer_stage.encode(queries, documents, with_query)
+            else:      # a Service used outside the app
+                [result] = await asyncio.get_running_loop().run_in_executor(
+                    self.tokenize_pool, self.encode_jobs, [EncodeJob(queries, documents, with_query, None)])
+                if isinstance(result, Exception):
+                    raise result
+                ids, truncated, query = result
+            self.check_lengths(ids, doc_param)
         except ScoringError as e:      # --truncate, but the prompt is too long without its document
-            param = f"pairs[{getattr(e, 'row', 0)}].query"
+            param = query_param(getattr(e, "row", 0))
             raise ApiError(400, f"{param}: {e}", param, "context_length_exceeded") from None
         finally:
             self.batcher.incoming -= 1
+        return ids, truncated, query
+
+    def check_lengths(self, ids: list[list[int]], doc_param) -> None:
+        limit = self.prompt_limit
+        for i, row in enumerate(ids):
+            if len(row) > limit:
+                param = doc_param(i)
+                raise ApiError(400, f"{param}: the prompt is {len(row)} tokens, more than the model's "
+                                    f"limit of {limit} (start the service with --truncate to cut long documents)",
+                               param, "context_length_exceeded")
+
+    # --- scoring (the inference thread) ----------------------------------------------------------
+
+    def score_jobs(self, jobs: list[Job]) -> list[np.ndarray]:
+        """[n, 5] P(0..4) per job of one batch: the single pairs in one backend call, each query's
+        candidates on its query's prefix (two-level; see FirstTokenScorer.score_query)."""
+        cpu = time.thread_time()
+        out: list = [None] * len(jobs)
+        singles = [k for k, job in enumerate(jobs) if job.query is None]
+        if singles:
+            probs = self.backend.score([ids for k in singles for ids in jobs[k].ids])
+            start = 0
+            for k in singles:
+                out[k] = probs[start:start + jobs[k].size]
+                start += jobs[k].size
+        for k, job in enumerate(jobs):
+            if job.query is not None:
+                out[k], reused = self.backend.score_query(job.query, job.ids)
+                if self.metrics is not None:
+                    self.metrics.count_query_prefix(reused, job.size - reused, int(reused > 0))
+        if self.metrics is not None:
+            self.metrics.thread_cpu.labels("inference").inc(time.thread_time() - cpu)
+        return out
+
+    def enqueue(self, submit, *args):
         try:
-            futures = self.batcher.submit(ids)
+            return submit(*args)
         except Overloaded:
             self.metrics.rejected.labels("queue_full").inc()
             raise ApiError(503, f"the scoring queue is full ({self.cfg.max_queue} pairs); retry shortly", None,
                            "overloaded", {"Retry-After": str(self.cfg.retry_after_s)}) from None
-        probs = np.stack(await asyncio.gather(*futures))
+
+    async def score(self, pairs) -> tuple[list[list[int]], np.ndarray, list[int]]:
+        ids, truncated, _ = await self.encode([p.query for p in pairs], [p.document for p in pairs], False,
+                                              lambda i: f"pairs[{i}].document", lambda i: f"pairs[{i}].query")
+        futures = self.enqueue(self.batcher.submit, ids)
+        probs = np.concatenate(await asyncio.gather(*futures))
         self.metrics.full_prefill.set(self.backend.full_prefill_pairs)
         return ids, probs, truncated
 
-    def check_lengths(self, ids: list[list[int]]) -> None:
-        limit = self.prompt_limit
-        for i, row in enumerate(ids):
-            if len(row) > limit:
-                raise ApiError(400, f"pairs[{i}].document: the prompt is {len(row)} tokens, more than the model's "
-                                    f"limit of {limit} (start the service with --truncate to cut long documents)",
-                               f"pairs[{i}].document", "context_length_exceeded")
+    async def rerank(self, query: str, documents: list[str], name: str):
+        """(ids, [n, 5] probs, truncated rows) of one query's candidates; `name` is the request's
+        field for them (documents or texts), for error messages."""
+        n = len(documents)
+        self.metrics.rerank_candidates.observe(n)
+        share = self.query_sharing and n >= 2
+        ids, truncated, query_ids = await self.encode([query] * n, documents, share, lambda i: f"{name}[{i}]",
+                                                      lambda i: "query")
+        if query_ids is not None:
+            probs = await self.enqueue(self.batcher.submit_query, query_ids, ids)
+        else:
+            probs = np.concatenate(await asyncio.gather(*self.enqueue(self.batcher.submit, ids)))
+            self.metrics.count_query_prefix(0, n, 0)
+        self.metrics.full_prefill.set(self.backend.full_prefill_pairs)
+        return ids, probs, truncated
 
     # --- generation ----------------------------------------------------------------------------
 
@@ -699,23 +1024,38 @@ def check_completion_request(req, vocab_size: int, max_rows: int) -> list:
 # The app
 # ----------------------------------------------------------------------------------------------
 
+def fastapi_options(fastapi_class) -> dict:
+    """FastAPI >= 0.160 traces every request with OpenTelemetry unless told not to, looking up the
+    global tracer, meter and logger providers per request even when none is configured. This
+    service has its own Prometheus metrics; that per-request work is turned off where the option
+    exists."""
+    import inspect
+
+    if "telemetry" in inspect.signature(fastapi_class.__init__).parameters:
+        return {"telemetry": {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}}
+    return {}
+
+
 def create_app(backend, cfg: ServeConfig, encoder: PromptEncoder, worker: ThreadPoolExecutor):
     """The FastAPI app serving `backend`. `worker` is the single thread all inference runs in."""
     from fastapi import FastAPI, Request
+    from pydantic import ValidationError
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    Pair, ScoreRequest, CompletionRequest = request_models()
+    Pair, ScoreRequest, CompletionRequest, RerankRequest = request_models()
     cfg.check()
     svc = Service(backend, cfg, encoder, worker)
     vocab_size = len(encoder.tokenizer)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        svc.batcher = Batcher(backend.score, worker, cfg, svc.metrics)
+        svc.batcher = Batcher(svc.score_jobs, worker, cfg, svc.metrics)
+        svc.tokenizer_stage = TokenizeStage(svc.encode_jobs, svc.tokenize_pool)
         svc.generator = GenerationMerger(backend.generate, worker, cfg, svc.metrics)
-        tasks = [asyncio.create_task(svc.batcher.run()), asyncio.create_task(svc.generator.run())]
+        tasks = [asyncio.create_task(svc.batcher.run()), asyncio.create_task(svc.tokenizer_stage.run()),
+                 asyncio.create_task(svc.generator.run())]
         try:
             yield
         finally:
@@ -729,8 +1069,9 @@ def create_app(backend, cfg: ServeConfig, encoder: PromptEncoder, worker: Thread
             await asyncio.get_running_loop().run_in_executor(worker, backend.close)
             worker.shutdown(wait=False)
 
-    app = FastAPI(title="afrl-fast scoring service", lifespan=lifespan, docs_url=None, redoc_url=None)
-    svc.metrics = Metrics(lambda: svc.batcher.queue.qsize() if svc.batcher is not None else 0,
+    app = FastAPI(title="afrl-fast scoring service", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  **fastapi_options(FastAPI))
+    svc.metrics = Metrics(lambda: svc.batcher.pending if svc.batcher is not None else 0,
                           lambda: svc.pending_rows)
     app.state.service = svc
 
@@ -742,11 +1083,8 @@ def create_app(backend, cfg: ServeConfig, encoder: PromptEncoder, worker: Thread
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
-        errors = exc.errors()
-        param, message = validation_message(errors[0]) if errors else ("body", "invalid request")
-        if len(errors) > 1:
-            message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
-        return JSONResponse(error_body(message, param, "invalid_value"), status_code=422)
+        error = invalid(exc.errors())
+        return JSONResponse(error_body(error.message, error.param, error.code), status_code=error.status)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
@@ -759,8 +1097,17 @@ def create_app(backend, cfg: ServeConfig, encoder: PromptEncoder, worker: Thread
         return JSONResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", None, "internal_error",
                                        "server_error"), status_code=500)
 
-    @app.post("/v1/score")
-    async def score(req: ScoreRequest):
+    # The scoring routes are plain Starlette routes: the body is validated straight from its bytes
+    # (pydantic's JSON parser), without FastAPI's per-request dependency machinery, which cost a
+    # third of the event loop's time per pair at 32 clients. Errors keep the same shape.
+    async def parse(request: Request, model):
+        try:
+            return model.model_validate_json(await request.body())
+        except ValidationError as e:
+            raise invalid(e.errors()) from None
+
+    async def score(request: Request):
+        req = await parse(request, ScoreRequest)
         if len(req.pairs) > cfg.max_request_pairs:
             svc.metrics.rejected.labels("too_many_pairs").inc()
             raise ApiError(413, f"pairs: {len(req.pairs)} pairs, more than the limit of {cfg.max_request_pairs} "
@@ -777,6 +1124,44 @@ def create_app(backend, cfg: ServeConfig, encoder: PromptEncoder, worker: Thread
         # a Response skips FastAPI's generic encoder: the content is plain JSON types already
         return JSONResponse({"model": cfg.model_name, "results": results,
                              "usage": {"pairs": len(ids), "prompt_tokens": sum(map(len, ids))}})
+
+    async def rerank(request: Request):
+        req = await parse(request, RerankRequest)
+        if req.documents is not None and req.texts is not None:
+            raise ApiError(422, "texts: give the candidates as documents or as texts, not both", "texts")
+        name, docs = ("texts", req.texts) if req.documents is None else ("documents", req.documents)
+        if docs is None:
+            raise ApiError(422, "documents: required field missing", "documents")
+        if None not in (req.return_documents, req.return_text) and req.return_documents != req.return_text:
+            raise ApiError(422, "return_text: contradicts return_documents (return_text is TEI's name for it)",
+                           "return_text")
+        if len(docs) > cfg.rerank_limit:
+            svc.metrics.rejected.labels("too_many_documents").inc()
+            raise ApiError(413, f"{name}: {len(docs)} documents, more than the limit of {cfg.rerank_limit} per "
+                                "request", name, "too_many_documents")
+        ids, probs, truncated = await svc.rerank(req.query, docs, name)
+        scores = expected_score(probs) / 4.0
+        order = np.argsort(-scores, kind="stable")[:req.top_n or len(docs)].tolist()
+        with_text = next((v for v in (req.return_documents, req.return_text) if v is not None), True)
+        scores, cut = scores.tolist(), set(truncated)
+        results = []
+        for i in order:
+            result = {"index": i, "relevance_score": scores[i]}
+            if with_text:
+                result["document"] = {"text": docs[i]}
+            if req.return_grades:
+                result["grade"] = int(probs[i].argmax())
+                result["probs"] = probs[i].tolist()
+            if i in cut:
+                result["truncated"] = True
+            results.append(result)
+        tokens = sum(map(len, ids))
+        return JSONResponse({"id": f"rerank-{uuid.uuid4().hex}", "model": cfg.model_name, "results": results,
+                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    app.add_route("/v1/score", score, methods=["POST"])
+    app.add_route("/v1/rerank", rerank, methods=["POST"])
+    app.add_route("/rerank", rerank, methods=["POST"])
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
@@ -817,7 +1202,8 @@ def create_app(backend, cfg: ServeConfig, encoder: PromptEncoder, worker: Thread
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": cfg.model_name, "backend": backend.kind, "device": backend.device,
-                "prefix_tokens": backend.prefix_tokens, "max_prompt_tokens": svc.prompt_limit,
+                "prefix_tokens": backend.prefix_tokens, "query_prefix": svc.query_sharing,
+                "max_prompt_tokens": svc.prompt_limit, "max_rerank_documents": cfg.rerank_limit,
                 "queue_pairs": svc.batcher.queue.qsize() if svc.batcher else 0}
 
     @app.get("/metrics")
@@ -863,9 +1249,14 @@ def parse_args(argv):
                     help="torch threads for inference; default on CPU: one per core but one, which the event "
                          "loop and the tokenizer need")
     ap.add_argument("--max-batch", type=int, default=64, help="pairs per inference batch")
+    ap.add_argument("--forward-rows", type=int, default=None,
+                    help="rows per forward pass within a batch (embedded backend); default: 8 on a CPU, where "
+                         "small length-sorted forwards pad less and stay in cache, else --max-batch")
     ap.add_argument("--max-wait-ms", type=float, default=5.0, help="longest a pair waits for its batch to fill")
     ap.add_argument("--max-queue", type=int, default=1024, help="pairs waiting before requests get 503")
     ap.add_argument("--max-request-pairs", type=int, default=256)
+    ap.add_argument("--max-rerank-documents", type=int, default=1000,
+                    help="candidate documents per rerank request (at most --max-queue)")
     ap.add_argument("--max-body-bytes", type=int, default=8 << 20)
     ap.add_argument("--max-prompt-tokens", type=int, default=None, help="default: the model's context length")
     ap.add_argument("--truncate", action="store_true",
@@ -873,6 +1264,9 @@ def parse_args(argv):
     ap.add_argument("--explain-max-tokens", type=int, default=512)
     ap.add_argument("--served-model-name", default=None, help="default: the model folder's name")
     ap.add_argument("--no-prefix-cache", action="store_true", help="prefill whole prompts (for comparison)")
+    ap.add_argument("--no-query-prefix", action="store_true",
+                    help="rerank: do not share a query's prefix across its candidates, only the system prefix "
+                         "(for comparison)")
     ap.add_argument("--sglang-arg", action="append", default=[], metavar="KEY=VALUE",
                     help="passed to sglang.Engine, e.g. tp_size=2 mem_fraction_static=0.8")
     ap.add_argument("--graceful-timeout", type=float, default=60.0,
@@ -885,12 +1279,15 @@ def build(args):
     """(app, backend) from parsed flags; ServeError & co. for anything that cannot start."""
     cfg = ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                       max_request_pairs=args.max_request_pairs, max_body_bytes=args.max_body_bytes,
+                      max_rerank_documents=args.max_rerank_documents, query_prefix=not args.no_query_prefix,
                       max_prompt_tokens=args.max_prompt_tokens, truncate=args.truncate,
                       explain_max_tokens=args.explain_max_tokens,
                       model_name=args.served_model_name or Path(args.model).resolve().name)
     cfg.check()
     if args.threads is not None and args.threads < 1:
         raise ServeError(f"--threads must be >= 1, got {args.threads}")
+    if args.forward_rows is not None and args.forward_rows < 1:
+        raise ServeError(f"--forward-rows must be >= 1, got {args.forward_rows}")
     import torch
 
     if args.threads is not None:
@@ -908,6 +1305,7 @@ def build(args):
     worker = ThreadPoolExecutor(1, thread_name_prefix="afrl-infer")
     backend = worker.submit(load_backend, args.backend, args.model, prompt, device=args.device, dtype=args.dtype,
                             max_batch=args.max_batch, share_prefix=not args.no_prefix_cache,
+                            forward_rows=args.forward_rows,
                             sglang_kwargs=sglang_kwargs).result()
     encoder = PromptEncoder(backend.tokenizer, prompt.rulebook, prompt.instructions)
     log.warning("prompt: %s; shared prefix %d tokens", prompt.source, backend.prefix_tokens)

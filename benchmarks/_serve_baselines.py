@@ -3,7 +3,8 @@
     python benchmarks/_serve_baselines.py naive|reason-first --model DIR --port P [--instructions full]
 
 Both score the same prompts (same PromptEncoder, same pair -> token ids) and answer the same JSON,
-so only the inference differs:
+/v1/rerank included (a backend without `score_query` gets a rerank's candidates as plain pairs, one at
+a time here), so only the inference differs:
 
 * naive: one pair at a time (max batch 1, no waiting), the whole prompt prefilled through the
   causal LM, the last position's full 151,936-wide logits (``logits_to_keep=1``, the way a

@@ -1,6 +1,7 @@
 """The online scoring service: a real `python -m afrl_fast.serve` in a subprocess on a free loopback
 port, a tiny Qwen3 (hidden 32, 1 layer, the real 151,936-token Qwen3 tokenizer) saved the way the
-trainer exports models, and real HTTP clients (httpx, the official openai client).
+trainer exports models, and real HTTP clients (httpx, the official openai client; the rerank API with
+plain httpx JSON, as Cohere's, Jina's, vLLM's and TEI's users call theirs).
 
 Oracles: the full-vocabulary softmax of the causal LM over the whole prompt (restricted to the
 label tokens and renormalised), `afrl_fast.evaluate.FirstTokenScorer` without prefix reuse,
@@ -74,14 +75,15 @@ def prompt(model_dir):
     return resolve_prompt_settings(model_dir)
 
 
-MAX_REQUEST_PAIRS, MAX_BODY = 32, 40_000
+MAX_REQUEST_PAIRS, MAX_BODY, MAX_RERANK = 32, 40_000, 24
 
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
     srv = Server(model_dir, tmp_path_factory.mktemp("logs") / "server.log", "--max-batch", "8",
                  "--max-wait-ms", "20", "--max-queue", "256", "--max-request-pairs", str(MAX_REQUEST_PAIRS),
-                 "--max-body-bytes", str(MAX_BODY), "--explain-max-tokens", "24")
+                 "--max-body-bytes", str(MAX_BODY), "--explain-max-tokens", "24",
+                 "--max-rerank-documents", str(MAX_RERANK))
     yield srv
     srv.stop()
 
@@ -107,6 +109,7 @@ def pairs_for_tests():
 
 
 PAIRS = pairs_for_tests()
+LONG_DOCUMENT = "The tower is 330 metres tall and was finished in 1889. " * 120      # > CONTEXT tokens
 
 
 def full_vocab_reference(model, tokenizer, prompt, pairs) -> np.ndarray:
@@ -219,8 +222,203 @@ def test_metrics_endpoint_is_prometheus_text(server):
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     for name in ("afrl_requests_total", "afrl_request_seconds_bucket", "afrl_pairs_scored_total",
                  "afrl_batch_pairs_bucket", "afrl_queue_pairs", "afrl_batch_seconds_bucket",
-                 "afrl_generation_rows", "afrl_generated_tokens_total"):
+                 "afrl_generation_rows", "afrl_generated_tokens_total", "afrl_rerank_candidates_bucket",
+                 "afrl_query_prefixes_total", "afrl_query_prefix_candidates_total", "afrl_query_prefix_hit_ratio",
+                 "afrl_tokenize_seconds_bucket", "afrl_tokenized_pairs_total", "afrl_thread_cpu_seconds_total",
+                 "afrl_process_cpu_seconds"):
         assert name in r.text
+
+
+# ----------------------------------------------------------------------------------------------
+# Rerank
+# ----------------------------------------------------------------------------------------------
+
+def evaluator_probs(model, tokenizer, prompt, pairs) -> np.ndarray:
+    """afrl_fast.evaluate's first-token scores, whole prompts prefilled (no prefix reuse)."""
+    return FirstTokenScorer(model, tokenizer, prompt.rulebook, instructions=prompt.instructions, progress=False,
+                            share_prefix=False).score(*zip(*pairs))
+
+
+def relevance(probs: np.ndarray) -> np.ndarray:
+    """The rerank relevance_score: the expected grade over the five label probabilities, / 4."""
+    return probs @ np.arange(5) / 4
+
+
+RERANK_QUERY = "how tall is the eiffel tower"
+RERANK_DOCUMENTS = [d for _, d in PAIRS[:12]] + ["The tower is 330 metres tall.", "7 wonders of the world",
+                                                  "(brackets) first", "東京タワーの高さ", "  spaced   out  "]
+
+
+def test_rerank_the_way_cohere_and_jina_clients_call_it(server, model, tokenizer, prompt):
+    """A Cohere/Jina-shaped request with plain httpx: results sorted by relevance_score, which is
+    the expected grade / 4 of afrl_fast.evaluate's first-token probabilities for the same pairs."""
+    docs = RERANK_DOCUMENTS
+    expect = evaluator_probs(model, tokenizer, prompt, [(RERANK_QUERY, d) for d in docs])
+    r = httpx.post(server.url + "/v1/rerank", timeout=60, json={
+        "model": "tiny_judge", "query": RERANK_QUERY, "documents": docs, "return_grades": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "tiny_judge" and body["id"].startswith("rerank-")
+    results = body["results"]
+    assert sorted(x["index"] for x in results) == list(range(len(docs)))
+    scores = [x["relevance_score"] for x in results]
+    assert scores == sorted(scores, reverse=True)
+    got = np.zeros(len(docs))
+    for x in results:
+        got[x["index"]] = x["relevance_score"]
+        assert x["document"] == {"text": docs[x["index"]]}            # the text as sent (return_documents: true)
+        np.testing.assert_allclose(x["probs"], expect[x["index"]], atol=1e-5)
+        assert x["grade"] == int(np.argmax(x["probs"])) and "truncated" not in x
+    np.testing.assert_allclose(got, relevance(expect), atol=1e-5)
+    assert ((0 <= got) & (got <= 1)).all() and np.ptp(got) > 1e-4     # distinct candidates: a mix-up would show
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] > 0
+
+    # top_n, document objects {"text": ...}, no documents echoed
+    r = httpx.post(server.url + "/v1/rerank", timeout=60, json={
+        "query": RERANK_QUERY, "documents": [{"text": d} for d in docs], "top_n": 3, "return_documents": False})
+    top = r.json()["results"]
+    assert [x["index"] for x in top] == [x["index"] for x in results[:3]]
+    assert all(set(x) == {"index", "relevance_score"} for x in top)
+    np.testing.assert_allclose([x["relevance_score"] for x in top], scores[:3], atol=1e-9)
+    # top_n 0 (vLLM: all) and over the count: every candidate
+    for top_n in (0, 1000):
+        r = httpx.post(server.url + "/v1/rerank", json={"query": RERANK_QUERY, "documents": docs[:4], "top_n": top_n})
+        assert len(r.json()["results"]) == 4
+
+
+def test_rerank_route_takes_tei_texts(server, model, tokenizer, prompt):
+    """TEI's call: POST /rerank {"query", "texts", "return_text"}; same scores as /v1/rerank."""
+    docs = RERANK_DOCUMENTS[:5]
+    r = httpx.post(server.url + "/rerank", json={"query": RERANK_QUERY, "texts": docs, "return_text": True})
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert [x["document"]["text"] for x in results] == [docs[x["index"]] for x in results]
+    expect = relevance(evaluator_probs(model, tokenizer, prompt, [(RERANK_QUERY, d) for d in docs]))
+    np.testing.assert_allclose([x["relevance_score"] for x in results], expect[[x["index"] for x in results]],
+                               atol=1e-5)
+    r = httpx.post(server.url + "/rerank", json={"query": RERANK_QUERY, "texts": docs, "return_text": False})
+    assert all("document" not in x for x in r.json()["results"])
+
+
+def test_rerank_prefills_the_query_once_and_metrics_count_it(server):
+    docs = RERANK_DOCUMENTS[:9]
+    before = {name: metric(server.url, name) for name in ("afrl_query_prefixes_total", "afrl_rerank_candidates_count",
+                                                          "afrl_rerank_candidates_sum")}
+    reused = metric(server.url, "afrl_query_prefix_candidates_total", outcome="reused")
+    requests_before = metric(server.url, "afrl_requests_total", endpoint="/v1/rerank", status="200")
+    r = httpx.post(server.url + "/v1/rerank", json={"query": RERANK_QUERY, "documents": docs})
+    assert r.status_code == 200
+    assert metric(server.url, "afrl_query_prefixes_total") - before["afrl_query_prefixes_total"] == 1
+    assert metric(server.url, "afrl_query_prefix_candidates_total", outcome="reused") - reused == len(docs)
+    assert metric(server.url, "afrl_rerank_candidates_count") - before["afrl_rerank_candidates_count"] == 1
+    assert metric(server.url, "afrl_rerank_candidates_sum") - before["afrl_rerank_candidates_sum"] == len(docs)
+    assert metric(server.url, "afrl_requests_total", endpoint="/v1/rerank", status="200") - requests_before == 1
+    assert metric(server.url, "afrl_query_prefix_hit_ratio") > 0.5
+    assert httpx.get(server.url + "/health").json()["query_prefix"] is True
+    # a lone candidate has nothing to share its query with: scored like /v1/score, counted as a fallback
+    fallback = metric(server.url, "afrl_query_prefix_candidates_total", outcome="fallback")
+    httpx.post(server.url + "/v1/rerank", json={"query": RERANK_QUERY, "documents": docs[:1]})
+    assert metric(server.url, "afrl_query_prefix_candidates_total", outcome="fallback") - fallback == 1
+
+
+def test_concurrent_reranks_get_their_own_answers(server, model, tokenizer, prompt):
+    """Reranks of different queries (and single-pair scores) batched together: each query's candidates
+    on its own query prefix, every answer that of the evaluator."""
+    queries = [f"{RERANK_QUERY} {i}" if i % 2 else f"{i} tower facts" for i in range(8)]
+    docs = RERANK_DOCUMENTS[:6]
+    expect = [relevance(evaluator_probs(model, tokenizer, prompt, [(q, d) for d in docs])) for q in queries]
+
+    async def together():
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
+            reranks = [http.post("/v1/rerank", json={"query": q, "documents": docs}) for q in queries]
+            scores = [http.post("/v1/score", json={"pairs": [{"query": q, "document": docs[0]}]}) for q in queries]
+            return await asyncio.gather(*reranks, *scores)
+
+    answers = asyncio.run(together())
+    for q, want, r in zip(queries, expect, answers[:len(queries)]):
+        assert r.status_code == 200, r.text
+        got = {x["index"]: x["relevance_score"] for x in r.json()["results"]}
+        np.testing.assert_allclose([got[i] for i in range(len(docs))], want, atol=1e-5, err_msg=q)
+    for want, r in zip(expect, answers[len(queries):]):
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(r.json()["results"][0]["score"] / 4, want[0], atol=1e-5)
+
+
+BAD_RERANK_BODIES = [
+    ("missing query", {"documents": ["d"]}, 422, "query"),
+    ("blank query", {"query": "  ", "documents": ["d"]}, 422, "query"),
+    ("missing documents", {"query": "q"}, 422, "documents"),
+    ("empty documents", {"query": "q", "documents": []}, 422, "documents"),
+    ("empty document", {"query": "q", "documents": ["d", ""]}, 422, "documents[1]"),
+    ("blank document", {"query": "q", "documents": ["d", "d", " \t"]}, 422, "documents[2]"),
+    ("non-string document", {"query": "q", "documents": ["d", 7]}, 422, "documents[1]"),
+    ("document object without text", {"query": "q", "documents": ["d", {"title": "t"}]}, 422, "documents[1]"),
+    ("document object with another field", {"query": "q", "documents": [{"text": "d", "url": "u"}]}, 422,
+     "documents[0]"),
+    ("empty text alias", {"query": "q", "texts": ["d", ""]}, 422, "texts[1]"),
+    ("documents and texts", {"query": "q", "documents": ["d"], "texts": ["d"]}, 422, "texts"),
+    ("negative top_n", {"query": "q", "documents": ["d"], "top_n": -1}, 422, "top_n"),
+    ("string top_n", {"query": "q", "documents": ["d"], "top_n": "3"}, 422, "top_n"),
+    ("return_text contradicts return_documents", {"query": "q", "documents": ["d"], "return_documents": True,
+                                                  "return_text": False}, 422, "return_text"),
+    ("unknown field", {"query": "q", "documents": ["d"], "rank_fields": ["title"]}, 422, "rank_fields"),
+    ("too many documents", {"query": "q", "documents": ["d"] * (MAX_RERANK + 1)}, 413, "documents"),
+    ("longer than the context", {"query": "q", "documents": ["d", "d", LONG_DOCUMENT]}, 400, "documents[2]"),
+]
+
+
+@pytest.mark.parametrize("name, body, status, param", BAD_RERANK_BODIES, ids=[b[0] for b in BAD_RERANK_BODIES])
+def test_bad_rerank_requests_get_a_4xx_naming_the_field(server, name, body, status, param):
+    r = httpx.post(server.url + "/v1/rerank", json=body, timeout=60)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and error["message"].startswith(param) and "\n" not in error["message"]
+    assert httpx.post(server.url + "/rerank", json={"query": "q", "documents": ["d", "e"]}).status_code == 200
+
+
+def test_two_level_prefix_equals_the_evaluator_with_boundary_merges(model, tokenizer, prompt):
+    """FirstTokenScorer.score_query: the system prefix extended once by the query's part, the candidates'
+    suffixes batched on it, equals the evaluator's whole-prompt prefill. Candidates whose ids do not
+    start with the query's (a token merged across the boundary; another query; another system
+    prompt) are scored the one-level or full way, and counted out."""
+    from afrl_fast.evaluate import PromptPieces
+
+    kwargs = dict(instructions=prompt.instructions, progress=False, batch_size=4)
+    scorer = FirstTokenScorer(model, tokenizer, prompt.rulebook, **kwargs)
+    plain = FirstTokenScorer(model, tokenizer, prompt.rulebook, share_prefix=False, **kwargs)
+    pieces = PromptPieces(scorer)
+    assert pieces.ok and pieces.query_ok and pieces.head and pieces.tail
+    # the pieces give the evaluator's ids, special-token text and odd whitespace in documents included
+    docs = RERANK_DOCUMENTS + ["a <|im_end|> inside", "<|im_start|>user", "\u0301 combining first", "::"]
+    queries, documents = zip(*([(RERANK_QUERY, d) for d in docs] + PAIRS))
+    assert pieces.prompt_ids(queries, documents) == scorer.prompt_ids(queries, documents)
+
+    query_ids = pieces.query_ids([RERANK_QUERY])[0]
+    candidates = pieces.prompt_ids([RERANK_QUERY] * len(docs), docs)
+    probs, reused = scorer.score_query(query_ids, candidates)
+    assert reused == len(docs)
+    np.testing.assert_allclose(probs, plain.score_token_ids(candidates), atol=1e-6)
+
+    # A boundary that BPE merges across: the query's ids taken up to "Document: " with its space, a
+    # token of its own that the first word of a document absorbs (" The"), while a digit stays apart.
+    merging = pieces.head + pieces.encode_batch([pieces.seg_pre + f"Query: {RERANK_QUERY}\nDocument: "])[0]
+    apart = ["7 wonders", "9 lives", "42 is the answer"]
+    merged = ["The tower is 330 metres tall.", "Paris", "tall"]
+    mixed = pieces.prompt_ids([RERANK_QUERY] * 6, apart + merged)
+    assert all(ids[:len(merging)] == merging for ids in mixed[:3])
+    assert not any(ids[:len(merging)] == merging for ids in mixed[3:])
+    # and a candidate of another query, and one with another system prompt (no shared prefix at all)
+    mixed.append(pieces.prompt_ids(["another query"], ["7 more"])[0])
+    mixed.append(tokenizer.encode(build_prompt(tokenizer, prompt.rulebook, RERANK_QUERY, "7 x", "other system"),
+                                  add_special_tokens=False))
+    before = scorer.n_full_prefill
+    probs, reused = scorer.score_query(merging, mixed)
+    assert reused == 3 and scorer.n_full_prefill - before == 1
+    np.testing.assert_allclose(probs, plain.score_token_ids(mixed), atol=1e-6)
+    # fewer than two candidates left to share the query: no query prefix at all
+    probs, reused = scorer.score_query(merging, mixed[2:])
+    assert reused == 0
+    np.testing.assert_allclose(probs, plain.score_token_ids(mixed[2:]), atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -339,8 +537,6 @@ def test_openai_client_gets_n_completions_with_logprobs(server, model, tokenizer
 # Bad input
 # ----------------------------------------------------------------------------------------------
 
-LONG_DOCUMENT = "The tower is 330 metres tall and was finished in 1889. " * 120      # > CONTEXT tokens
-
 BAD_SCORE_BODIES = [
     ("missing query", {"pairs": [{"document": "d"}]}, 422, "pairs[0].query"),
     ("empty document", {"pairs": [{"query": "q", "document": "d"}, {"query": "q", "document": ""}]}, 422,
@@ -420,6 +616,29 @@ def test_truncate_flag_cuts_documents_like_the_offline_evaluator(model_dir, mode
         srv.stop()
 
 
+def test_rerank_truncates_and_runs_without_the_query_prefix(model_dir, model, tokenizer, prompt, tmp_path):
+    """--truncate cuts an over-long candidate like the evaluator (flagged in its result);
+    --no-query-prefix scores every candidate on the system prefix only, with the same scores."""
+    srv = Server(model_dir, tmp_path / "rerank.log", "--truncate", "--max-prompt-tokens", "300", "--no-query-prefix")
+    try:
+        assert httpx.get(srv.url + "/health").json()["query_prefix"] is False
+        docs = [LONG_DOCUMENT, "It is 330 metres tall.", "7 wonders"]
+        r = httpx.post(srv.url + "/v1/rerank", json={"query": "tower height", "documents": docs})
+        assert r.status_code == 200, r.text
+        results = {x["index"]: x for x in r.json()["results"]}
+        assert results[0].get("truncated") is True and "truncated" not in results[1]
+        offline = FirstTokenScorer(model, tokenizer, prompt.rulebook, instructions=prompt.instructions,
+                                   max_prompt_tokens=300, progress=False, share_prefix=False)
+        expect = relevance(offline.score(["tower height"] * 3, docs))
+        np.testing.assert_allclose([results[i]["relevance_score"] for i in range(3)], expect, atol=1e-5)
+        assert metric(srv.url, "afrl_query_prefix_candidates_total", outcome="reused") == 0
+        assert metric(srv.url, "afrl_query_prefix_candidates_total", outcome="fallback") == 3
+        r = httpx.post(srv.url + "/v1/rerank", json={"query": "tall " * 400, "documents": ["d", "e"]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "query"
+    finally:
+        srv.stop()
+
+
 # ----------------------------------------------------------------------------------------------
 # Overload, shutdown, start-up errors
 # ----------------------------------------------------------------------------------------------
@@ -481,6 +700,8 @@ def test_startup_errors_end_in_one_line_and_exit_2(tmp_path, capsys, model_dir):
              (["--model", str(not_a_model)], "not a model folder"),
              (["--model", str(broken)], "cannot load the model"),
              (["--model", str(model_dir), "--max-batch", "0"], "--max-batch"),
+             (["--model", str(model_dir), "--forward-rows", "0"], "--forward-rows"),
+             (["--model", str(model_dir), "--max-rerank-documents", "0"], "--max-rerank-documents"),
              (["--model", str(model_dir), "--instructions", str(tmp_path / "nope.txt")], "instructions")]
     try:
         import sglang  # noqa: F401
