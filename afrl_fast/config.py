@@ -16,13 +16,11 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .errors import ConfigError
+from .reward import RewardConfig
 from .rulebook import CONFIG_DIR, load_yaml_file
 
 DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
-
-
-class ConfigError(ValueError):
-    pass
 
 
 @dataclass
@@ -320,7 +318,6 @@ def validate(cfg: Config) -> None:
     for i, st in enumerate(cfg.rl.stages):
         if st.easy + st.medium + st.hard <= 0:
             raise ConfigError(f"rl.stages[{i}]: composition easy/medium/hard must be >= 0 and not all 0")
-    from .verify import RewardConfig   # numba-compiled module: imported only when a config is checked
     try:
         RewardConfig(gamma=cfg.rl.reward_ordinal_slope, gate=cfg.rl.gate)
     except ValueError as e:

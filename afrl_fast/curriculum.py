@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import dist as D
-from .checkpoint import atomic_write_bytes
+from .files import atomic_write_bytes
 from .observe import log, progress_bar
 from .rollout import STREAM_DIFFICULTY, generate_rollouts, prompt_seed
 from .verify import verify_batch

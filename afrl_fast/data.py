@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .checkpoint import atomic_write_bytes, atomic_write_many, check_output_path
+from .files import atomic_write_bytes, atomic_write_many, check_output_path
 from .format import render_trace
 from .rulebook import LABELS, Rulebook, RulebookError, load_rulebook
 
@@ -205,7 +205,7 @@ def read_pairs(path, require_trace: bool = False) -> pa.Table:
 
 
 def write_table(table: pa.Table, path) -> Path:
-    """Write Parquet atomically (afrl_fast.checkpoint.atomic_write_bytes): a reader never sees a
+    """Write Parquet atomically (afrl_fast.files.atomic_write_bytes): a reader never sees a
     half-written file and a crash leaves the old file intact."""
     path = Path(path)
     atomic_write_bytes(path, lambda f: pq.write_table(table, f))

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write_many, check_output_path
+from .files import atomic_write_many, check_output_path
 from .data import DataError, read_pairs
 from .format import FormatError, build_prompt, label_token_ids, load_tokenizer, resolve_prompt_settings
 from .metrics import MetricsError, compute_metrics, expected_score, format_table, metrics_json

@@ -49,7 +49,8 @@ import sys
 import time
 from pathlib import Path
 
-from .checkpoint import LATEST, atomic_write_text, check_output_path
+from .checkpoint import LATEST
+from .files import atomic_write_text, check_output_path
 from .config import DEMO_CONFIG, ConfigError, load_config, load_distill_config
 
 ROOT = Path(__file__).resolve().parent.parent

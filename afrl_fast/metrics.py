@@ -42,6 +42,8 @@ import sys
 
 import numpy as np
 
+from .files import atomic_write_text, check_output_path
+
 N_CLASSES = 5
 GRADES = np.arange(N_CLASSES)
 PROB_COLUMNS = tuple(f"p{k}" for k in range(N_CLASSES))
@@ -332,8 +334,6 @@ def metrics_json(metrics: dict) -> str:
 
 def write_json(metrics: dict, path: str) -> None:
     """The metrics as indented JSON, written atomically (no half-written file on a crash)."""
-    from .checkpoint import atomic_write_text      # imports torch: only when a file is written
-
     atomic_write_text(path, metrics_json(metrics))
 
 
@@ -346,8 +346,6 @@ def main(argv=None) -> int:
     ap.add_argument("--exp-gain", action="store_true", help="NDCG gain 2^g-1 instead of g")
     ap.add_argument("--ndcg-ties", choices=("pessimistic", "input"), default="pessimistic")
     args = ap.parse_args(argv)
-    from .checkpoint import check_output_path      # imports torch: the metrics module itself does not
-
     try:
         if args.out:
             check_output_path(args.out, MetricsError)      # before the work, not after the table

@@ -17,8 +17,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .checkpoint import atomic_write_text
-from .config import ConfigError
+from .files import atomic_write_text
+from .errors import ConfigError
 
 log = logging.getLogger("afrl_fast")
 

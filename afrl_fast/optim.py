@@ -10,9 +10,7 @@ import math
 
 import torch
 
-
-class NonFiniteError(RuntimeError):
-    """A loss or gradient that is NaN or infinite; the weights were not updated."""
+from .errors import NonFiniteError
 
 
 def make_optimizer(module: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:

@@ -49,7 +49,7 @@ import pyarrow.parquet as pq
 
 from .resources import CONFIG_DIR
 
-from .checkpoint import atomic_write_many, atomic_write_text, check_output_path
+from .files import atomic_write_many, atomic_write_text, check_output_path
 from .data import DataError, read_pairs
 from .endpoint import APIS, Endpoint, EndpointError, RequestRefused, chat_prompt, strip_thinking
 from .format import (MAX_INSTRUCTIONS_BYTES, FormatError, build_messages, build_prompt, load_tokenizer,

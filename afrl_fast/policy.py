@@ -14,7 +14,8 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
-from .config import ConfigError, ModelConfig
+from .config import ModelConfig
+from .errors import ConfigError
 from .loss import LossRows, fused_distill_loss, fused_loss, token_logprobs
 
 

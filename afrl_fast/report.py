@@ -36,7 +36,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.transforms import blended_transform_factory
 
-from .checkpoint import check_output_path
+from .files import check_output_path
 
 EVAL_METRICS = [("pair_acc", "Pair-ACC"), ("macro_f1", "Macro-F1"), ("acc5", "5-ACC")]
 GATES = [("gate/fmt", "format"), ("gate/cst", "consistency"), ("gate/logic", "logic")]

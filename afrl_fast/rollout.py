@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .optim import NonFiniteError
+from .errors import NonFiniteError
 
 __all__ = ["RolloutGroup", "EmbeddedEngine", "make_engine", "sample_next_tokens", "Rollouts",
            "generate_rollouts", "prompt_seed", "TrainerEngine", "cache_argument"]

@@ -56,7 +56,7 @@ import pyarrow.parquet as pq
 
 from .resources import CONFIG_DIR
 
-from .checkpoint import atomic_write_many, atomic_write_text, check_output_path
+from .files import atomic_write_many, atomic_write_text, check_output_path
 from .data import PAIR_COLUMNS, DataError, read_pairs
 from .endpoint import APIS, Endpoint, EndpointError, RequestRefused, Usage, chat_prompt, strip_thinking
 from .format import FormatError, build_messages, build_prompt, load_tokenizer, resolve_prompt_settings

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from afrl_fast import checkpoint as C
-from afrl_fast.config import ConfigError
+from afrl_fast import files
+from afrl_fast.errors import ConfigError
 from afrl_fast.dist import DistInfo
 
 INFO = DistInfo(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
@@ -37,8 +38,8 @@ def draws() -> tuple:
 
 def test_atomic_write_replaces_whole_file(tmp_path):
     path = tmp_path / "sub" / "f.bin"
-    C.atomic_write_bytes(path, lambda f: f.write(b"first"))
-    C.atomic_write_text(path, "second")
+    files.atomic_write_bytes(path, lambda f: f.write(b"first"))
+    files.atomic_write_text(path, "second")
     assert path.read_text() == "second"
     assert sorted(p.name for p in path.parent.iterdir()) == ["f.bin"]
 
@@ -52,7 +53,7 @@ def test_failed_write_keeps_the_old_file_and_no_temp(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        C.atomic_write_bytes(path, broken)
+        files.atomic_write_bytes(path, broken)
     assert path.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
 
