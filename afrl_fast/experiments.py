@@ -49,33 +49,20 @@ import sys
 import time
 from pathlib import Path
 
-from .checkpoint import LATEST
+import pyarrow.parquet as pq
+import yaml
+
+from .data import RL_POOL, SPLITS, configured_splits, write_splits
 from .files import atomic_write_text, check_output_path
-from .config import DEMO_CONFIG, ConfigError, load_config, load_distill_config
+from .config import DEMO_CONFIG, load_config, load_distill_config
+from .errors import ConfigError
+from .format import resolve_prompt_settings
+from .observe import progress_bar
+from .rulebook import load_rulebook
+from .experiment_results import (ARMS, DISTILL, EXPERIMENT_FILES, MANIFEST, STUDENTS, TRAIN, ExperimentError,
+                                 load_manifest, read_results, run_state)
 
 ROOT = Path(__file__).resolve().parent.parent
-TRAIN = Path(__file__).resolve().parent / "train.py"
-DISTILL = Path(__file__).resolve().parent / "distill.py"
-ARMS = {
-    "grpo": ["rl.mode=grpo"],
-    "stepwise_grpo": ["rl.mode=stepwise_grpo"],
-    "mode_balanced": ["rl.mode=mode_balanced"],
-    "mode_balanced_random": ["rl.mode=mode_balanced", "rl.random_order=true"],
-    "grpo_random": ["rl.mode=grpo", "rl.random_order=true"],
-}
-# the students of the distillation table (paper Table 6): all from one teacher, one architecture
-STUDENTS = {
-    "distilled": ["distill.traces=teacher"],          # the teacher's traces, and its logits at every position
-    "first_token": ["distill.traces=first_token"],    # the teacher's first-token distribution only
-    "labels": [],                                     # no teacher: SFT on the data's own traces (train.py)
-}
-MANIFEST = "experiment.json"
-
-
-class ExperimentError(RuntimeError):
-    pass
-
-
 def parse_list(text: str, what: str, allowed=None) -> list[str]:
     items = [x.strip() for x in text.split(",") if x.strip()]
     if not items:
@@ -98,9 +85,6 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-# what an experiment folder holds besides its runs
-EXPERIMENT_FILES = {"ablation": ("data", "sft", "standard", *ARMS),
-                    "distillation": (*STUDENTS, "teacher_instructions.txt", "teacher_rulebook.yaml")}
 # what marks a run folder of train.py / distill.py
 RUN_MARKS = ("config.yaml", "checkpoints", "metrics.jsonl", "results.json", ".run.lock")
 
@@ -144,15 +128,12 @@ def labels_student_overrides(cfg, out: Path) -> list[str]:
     """train.py settings that train the distillation student's architecture on the data's own traces
     with the distillation's optimisation settings and the teacher's prompt (the "student trained on
     the labels" row): only where the two runs differ is the supervision."""
-    from .format import resolve_prompt_settings
-
     prompt = resolve_prompt_settings(cfg.teacher.path, cfg.data.rulebook, cfg.data.instructions)
     instructions = out / "teacher_instructions.txt"
     if not instructions.is_file():
         atomic_write_text(instructions, prompt.instructions)
     rulebook = out / "teacher_rulebook.yaml"
     if not rulebook.is_file():
-        import yaml
         atomic_write_text(rulebook, yaml.safe_dump(prompt.rulebook.to_dict(), sort_keys=False, allow_unicode=True))
     s, d = cfg.student, cfg.distill
     model = [f"model.{k}={getattr(s, k)}" for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads",
@@ -182,21 +163,9 @@ def distillation_plan(config: Path, out: Path, students: list[str], seeds: list[
     return plan
 
 
-def run_state(run_dir: Path) -> str:
-    """done | resumable | fresh (nothing usable there yet)."""
-    if (run_dir / "results.json").is_file():
-        return "done"
-    if (run_dir / "checkpoints" / LATEST).is_file():
-        return "resumable"
-    return "fresh"
-
-
 def write_data(cfg, out: Path) -> None:
     """The synthetic splits every run of the experiment reads, written once (atomically, by the
     same generator the trainer uses when data.dir is unset)."""
-    from .data import RL_POOL, SPLITS, configured_splits, write_splits
-    from .rulebook import load_rulebook
-
     splits = SPLITS + ((RL_POOL,) if cfg.data.n_rl_pool else ())
     if all((out / "data" / f"{s}.parquet").is_file() for s in splits):
         return
@@ -250,8 +219,6 @@ def merge_manifest(out: Path, kind: str, config: Path, arms, seeds, overrides, p
 def execute(kind: str, config: Path, out: Path, arms, seeds, overrides, plan, nproc: int, only=None) -> int:
     """Record the experiment, then run what is not finished yet, one run at a time (only the runs
     named in `only`, when given)."""
-    from .observe import progress_bar
-
     manifest = merge_manifest(out, kind, config, arms, seeds, overrides, plan)
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2))
     if only is not None:
@@ -285,8 +252,6 @@ GATE_FILE = "pilot_gate.json"
 
 def pilot_gate(sft_dir: Path) -> dict:
     """The gate's measurements from the shared SFT run (its results.json and difficulty.parquet)."""
-    import pyarrow.parquet as pq
-
     sft = read_results(sft_dir).get("SFT") or {}
     diff = pq.read_table(sft_dir / "difficulty.parquet").to_pydict()
     if any(v is None for v in diff["n_valid_format"]):
@@ -349,244 +314,6 @@ def distillation(config: Path, out: Path, students: list[str], seeds: list[int],
     for run in plan:
         (load_config if run["script"] == TRAIN else load_distill_config)(run["config"], run["overrides"])
     return execute("distillation", config, out, students, seeds, overrides, plan, nproc)
-
-
-# ----------------------------------------------------------------------------- the summary
-
-METRICS = ("acc5", "acc2", "pair_acc", "ndcg3", "macro_f1", "weighted_f1")
-# Training statistics averaged over the last steps of each run (single steps of a few prompts are noisy)
-FINAL_WINDOW = 5
-TRAIN_STATS = ("reward/mean", "policy/entropy", "policy/entropy_critical", "policy/kl", "gate/fmt",
-               "reward/wrong_grade", "acc/first_token")
-
-
-def load_manifest(exp_dir: Path) -> dict:
-    """The experiment's manifest, checked field by field (ExperimentError naming the file and field)."""
-    path = Path(exp_dir) / MANIFEST
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        why = " ".join(str(e).split())[:200]
-        raise ExperimentError(f"{path}: not an experiment folder ({type(e).__name__}: {why})") from None
-
-    def bad(what: str):
-        return ExperimentError(f"{path}: {what}; not a manifest written by afrl_fast.experiments")
-    if not isinstance(manifest, dict):
-        raise bad(f"a JSON {type(manifest).__name__}, not an object")
-    for key, ok, want in (("kind", lambda v: v in EXPERIMENT_FILES, "ablation or distillation"),
-                          ("config", lambda v: isinstance(v, str), "a string"),
-                          ("arms", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
-                           "a list of names"),
-                          ("seeds", lambda v: isinstance(v, list) and all(type(x) is int for x in v),
-                           "a list of integers"),
-                          ("overrides", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
-                           "a list of strings"),
-                          ("runs", lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
-                           "an object of run name -> folder")):
-        if key not in manifest:
-            raise bad(f"no {key!r} field")
-        if not ok(manifest[key]):
-            raise bad(f"field {key!r} is not {want}")
-    for name, rel in manifest["runs"].items():
-        if Path(rel).is_absolute() or ".." in Path(rel).parts:
-            raise bad(f"runs[{name!r}] = {rel!r} is not a folder inside the experiment")
-    return manifest
-
-
-def read_results(run_dir: Path) -> dict:
-    """The run's results.json rows (model name -> split -> metrics), checked (ExperimentError naming
-    the file and field)."""
-    path = Path(run_dir) / "results.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ExperimentError(f"{path}: unreadable ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
-    rows = data.get("results") if isinstance(data, dict) else None
-    if not isinstance(rows, dict):
-        raise ExperimentError(f"{path}: no 'results' object (model -> split -> metrics); not written by "
-                              "train.py or distill.py")
-    for model, splits in rows.items():
-        if not isinstance(splits, dict):
-            raise ExperimentError(f"{path}: results[{model!r}] is not an object of split -> metrics")
-        for split, metrics in splits.items():
-            if not isinstance(metrics, dict):
-                raise ExperimentError(f"{path}: results[{model!r}][{split!r}] is not an object of metrics")
-            for m in METRICS:
-                v = metrics.get(m)
-                if m in metrics and v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
-                    raise ExperimentError(f"{path}: results[{model!r}][{split!r}][{m!r}] = {v!r} is not a number")
-    return rows
-
-
-def rl_row(run_dir: Path) -> dict:
-    """The RL model's row of a finished arm run (split -> metrics)."""
-    rows = {k: v for k, v in read_results(run_dir).items() if k not in ("majority-class", "SFT", "Standard scoring")}
-    if len(rows) != 1:
-        raise ExperimentError(f"{run_dir}/results.json: expected one RL model row, found {sorted(rows) or 'none'}")
-    return next(iter(rows.values()))
-
-
-def mean_std(values: list[float]) -> dict:
-    import numpy as np
-
-    x = np.asarray(values, dtype=np.float64)
-    return {"mean": float(x.mean()), "std": float(x.std(ddof=1)) if len(x) > 1 else 0.0,
-            "min": float(x.min()), "max": float(x.max()), "n": int(len(x)), "values": [float(v) for v in x]}
-
-
-def final_train_stats(run_dir: Path) -> dict:
-    from .report import load_metrics
-
-    train, _ = load_metrics(run_dir / "metrics.jsonl")
-    rl = [r for r in train if r.get("phase") == "rl"]
-    tail = rl[-FINAL_WINDOW:]
-    out = {}
-    for key in TRAIN_STATS:
-        vals = [r[key] for r in tail if r.get(key) is not None]
-        out[key] = sum(vals) / len(vals) if vals else None
-    out["rl_steps"] = len(rl)
-    return out
-
-
-def reference_rows(kind: str, runs: dict) -> dict:
-    """The rows an experiment's arms are read against. Ablation: the shared SFT model, the
-    standard-scoring baseline and the majority class; distillation: the teacher (and the majority class)."""
-    ref = {}
-    if kind == "ablation":
-        if "sft" in runs and run_state(runs["sft"]) == "done":
-            rows = read_results(runs["sft"])
-            ref.update({"majority class": rows.get("majority-class"), "SFT (AFRL)": rows.get("SFT")})
-        if "standard" in runs and run_state(runs["standard"]) == "done":
-            ref["Standard scoring"] = read_results(runs["standard"]).get("Standard scoring")
-    else:
-        for name, d in runs.items():
-            if run_state(d) != "done":
-                continue
-            rows = read_results(d)
-            if "teacher" in rows and "teacher" not in ref:
-                ref["teacher"] = rows["teacher"]
-            if "majority-class" in rows and "majority class" not in ref:
-                ref["majority class"] = rows["majority-class"]
-    return {k: v for k, v in ref.items() if v}
-
-
-def arm_row(kind: str, arm: str, run_dir: Path) -> dict:
-    """The compared model's row of a finished run: the RL model (ablation), the student (distillation)."""
-    if kind == "ablation":
-        return rl_row(run_dir)
-    rows = read_results(run_dir)
-    key = "SFT" if arm == "labels" else "student"
-    if key not in rows:
-        raise ExperimentError(f"{run_dir}/results.json: no {key!r} row")
-    return rows[key]
-
-
-def reference_answers(runs: dict) -> dict:
-    """The shared SFT model's answered grade per evaluation pair ({split: digits}), if it finished."""
-    if "sft" not in runs or run_state(runs["sft"]) != "done":
-        return {}
-    return {split: m["answers"] for split, m in (read_results(runs["sft"]).get("SFT") or {}).items()
-            if isinstance(m, dict) and m.get("answers")}
-
-
-def change_over_sft(exp_dir: Path, sft_answers: dict, finals: list[dict]) -> dict:
-    """An arm's 5-ACC minus the shared SFT model's per split: the seeds' per-pair correctness
-    averaged, then the pairs resampled (metrics.paired_bootstrap), so the interval holds both the
-    evaluation set's and the seeds' spread."""
-    import numpy as np
-    import pyarrow.parquet as pq
-
-    from .metrics import paired_bootstrap
-
-    out = {}
-    for split, sft in sft_answers.items():
-        answers = [f.get(split, {}).get("answers") for f in finals]
-        path = exp_dir / "data" / f"{split}.parquet"
-        if not all(a and len(a) == len(sft) for a in answers) or not path.is_file():
-            continue
-        labels = np.asarray(pq.read_table(path, columns=["label"]).column("label").to_pylist())[:len(sft)]
-        right = lambda digits: np.array([int(c) for c in digits]) == labels   # noqa: E731
-        out[split] = paired_bootstrap(right(sft), np.stack([right(a) for a in answers]))
-    return out
-
-
-def summarize(exp_dir: Path) -> dict:
-    """Final metrics of every arm as mean ± std over its seeds (finished runs only), with the
-    reference rows (see reference_rows)."""
-    exp_dir = Path(exp_dir)
-    manifest = load_manifest(exp_dir)
-    kind = manifest.get("kind", "ablation")
-    runs = {name: exp_dir / rel for name, rel in manifest["runs"].items()}
-    reference = reference_rows(kind, runs)
-    splits = sorted({s for v in reference.values() for s in v})
-    arms = {}
-    for arm in manifest["arms"]:
-        done = [(seed, runs[f"{arm}/seed{seed}"]) for seed in manifest["seeds"]
-                if f"{arm}/seed{seed}" in runs and run_state(runs[f"{arm}/seed{seed}"]) == "done"]
-        if not done:
-            continue
-        finals = [arm_row(kind, arm, d) for _, d in done]
-        splits = sorted({s for f in finals for s in f} | set(splits))
-        entry = {"seeds": [seed for seed, _ in done],
-                 "eval": {split: {m: mean_std([f[split][m] for f in finals]) for m in METRICS}
-                          for split in splits
-                          if all(split in f and all(f[split].get(m) is not None for m in METRICS) for f in finals)},
-                 "train": {}}
-        if kind == "ablation":
-            entry["vs_sft_acc5"] = change_over_sft(exp_dir, reference_answers(runs), finals)
-            stats = [final_train_stats(d) for _, d in done]
-            entry["train"] = {k: mean_std([st[k] for st in stats]) for k in (*TRAIN_STATS, "rl_steps")
-                              if all(st[k] is not None for st in stats)}
-        arms[arm] = entry
-    if not arms:
-        finished = sorted(name for name, d in runs.items() if run_state(d) == "done")
-        raise ExperimentError(f"{exp_dir}: no finished run of any arm yet (a run is finished when its folder holds "
-                              f"results.json; finished: {', '.join(finished) or 'none'}); nothing to compare")
-    return {"experiment": str(exp_dir), "kind": kind, "config": manifest["config"], "arms_requested": manifest["arms"],
-            "seeds_requested": manifest["seeds"], "final_window_steps": FINAL_WINDOW, "splits": splits,
-            "reference": reference, "arms": arms}
-
-
-def summary_markdown(summary: dict) -> str:
-    """The summary as Markdown tables: one per split (percentages, mean ± std over seeds), one for
-    the training statistics."""
-    names = {"acc5": "5-ACC", "acc2": "2-ACC", "pair_acc": "Pair-ACC", "ndcg3": "NDCG@3", "macro_f1": "Macro-F1",
-             "weighted_f1": "W-F1"}
-    out = []
-    for split in summary["splits"]:
-        out += [f"**{split}** (first-token metrics, %; arms: mean ± std over seeds, n = seeds)", "",
-                "| model | n | " + " | ".join(names[m] for m in METRICS) + " |",
-                "|---|---|" + "---|" * len(METRICS)]
-        for name, rows in summary["reference"].items():
-            if split in rows:
-                out.append(f"| {name} | 1 | " + " | ".join(f"{100 * rows[split][m]:.2f}" for m in METRICS) + " |")
-        for arm, a in summary["arms"].items():
-            if split in a["eval"]:
-                e = a["eval"][split]
-                out.append(f"| {arm} | {len(a['seeds'])} | "
-                           + " | ".join(f"{100 * e[m]['mean']:.2f} ± {100 * e[m]['std']:.2f}" for m in METRICS) + " |")
-        out.append("")
-    changes = [(arm, a["vs_sft_acc5"]) for arm, a in summary["arms"].items() if a.get("vs_sft_acc5")]
-    if changes:
-        shown = sorted({s for _, c in changes for s in c})
-        out += ["**5-ACC change over the shared SFT model** (points; 95 % interval from resampling the "
-                "evaluation pairs, the seeds' answers averaged per pair)", "",
-                "| arm | " + " | ".join(shown) + " |", "|---|" + "---|" * len(shown)]
-        for arm, c in changes:
-            out.append(f"| {arm} | " + " | ".join(
-                f"{100 * c[s]['diff']:+.2f} [{100 * c[s]['lo']:+.2f}, {100 * c[s]['hi']:+.2f}]" if s in c else "n/a"
-                for s in shown) + " |")
-        out.append("")
-    keys = [k for k in (*TRAIN_STATS, "rl_steps") if any(k in a.get("train", {}) for a in summary["arms"].values())]
-    if keys:
-        out += [f"**training** (mean over the last {summary['final_window_steps']} RL steps of each run; "
-                "mean ± std over seeds)", "", "| arm | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
-        for arm, a in summary["arms"].items():
-            out.append(f"| {arm} | " + " | ".join(
-                f"{a['train'][k]['mean']:.3f} ± {a['train'][k]['std']:.3f}" if k in a["train"] else "n/a"
-                for k in keys) + " |")
-        out.append("")
-    return "\n".join(out)
 
 
 # ----------------------------------------------------------------------------- command line

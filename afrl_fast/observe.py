@@ -11,6 +11,7 @@ import logging
 import math
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -137,3 +138,51 @@ class Timer:
     def pop(self) -> dict[str, float]:
         out, self.totals = {f"time/{k}": v for k, v in self.totals.items()}, {}
         return out
+
+
+# ---------------------------------------------------------------- reading it back
+
+def read_metrics_log(path, numeric=()) -> tuple[list[dict], list[dict]]:
+    """Read metrics.jsonl into (train_rows, eval_rows), in file order; `step` and the `numeric` fields
+    must be numbers (null stands for a non-finite value).
+
+    A line is an evaluation line iff it has `split`. A torn last line (the run was killed while
+    writing) is skipped with a warning; a bad line anywhere else means the file was damaged or
+    written by something else, so we stop with the file and line number instead of guessing.
+    """
+    path = Path(path)
+    raw = path.read_bytes().split(b"\n")
+    lines = []
+    for i, line in enumerate(raw):
+        try:
+            lines.append(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}:{i + 1}: not UTF-8 text (byte {line[e.start]:#04x} at column {e.start + 1}); "
+                             "the file was damaged or written by something else") from None
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    train, evals = [], []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        row = _parse_line(path, i + 1, line, i == last, numeric)
+        if row is not None:
+            (evals if "split" in row else train).append(row)
+    return train, evals
+
+
+def _parse_line(path: Path, lineno: int, line: str, is_last: bool, numeric) -> dict | None:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        if is_last:
+            warnings.warn(f"{path}:{lineno}: skipping truncated last line ({err.msg})",
+                          stacklevel=4)
+            return None
+        raise ValueError(f"{path}:{lineno}: invalid JSON line: {err.msg}") from err
+    if not isinstance(row, dict) or "step" not in row:
+        raise ValueError(f"{path}:{lineno}: expected a JSON object with a 'step' field")
+    for key, value in row.items():     # what is drawn must be a number (null: a non-finite value)
+        if (key == "step" or key in numeric) and (isinstance(value, bool) or not isinstance(value, (int, float))) \
+                and not (value is None and key != "step"):
+            raise ValueError(f"{path}:{lineno}: field {key!r} is {value!r}, not a number")
+    return row

@@ -30,13 +30,14 @@ import argparse
 import json
 import math
 import sys
-import warnings
 from pathlib import Path
 
 from matplotlib.figure import Figure
 from matplotlib.transforms import blended_transform_factory
 
+from .experiment_results import load_manifest, read_results, run_state, summarize, summary_markdown
 from .files import check_output_path
+from .observe import read_metrics_log
 
 EVAL_METRICS = [("pair_acc", "Pair-ACC"), ("macro_f1", "Macro-F1"), ("acc5", "5-ACC")]
 GATES = [("gate/fmt", "format"), ("gate/cst", "consistency"), ("gate/logic", "logic")]
@@ -52,48 +53,8 @@ PLOTTED = {k for k, _ in EVAL_METRICS + GATES + TIME_PARTS} | {"reward/mean", "r
 # ---------------------------------------------------------------- loading
 
 def load_metrics(path) -> tuple[list[dict], list[dict]]:
-    """Read metrics.jsonl into (train_rows, eval_rows), in file order.
-
-    A line is an evaluation line iff it has `split`. A torn last line (the run was killed while
-    writing) is skipped with a warning; a bad line anywhere else means the file was damaged or
-    written by something else, so we stop with the file and line number instead of guessing.
-    """
-    path = Path(path)
-    raw = path.read_bytes().split(b"\n")
-    lines = []
-    for i, line in enumerate(raw):
-        try:
-            lines.append(line.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path}:{i + 1}: not UTF-8 text (byte {line[e.start]:#04x} at column {e.start + 1}); "
-                             "the file was damaged or written by something else") from None
-    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
-    train, evals = [], []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        row = _parse_line(path, i + 1, line, is_last=(i == last))
-        if row is not None:
-            (evals if "split" in row else train).append(row)
-    return train, evals
-
-
-def _parse_line(path: Path, lineno: int, line: str, is_last: bool) -> dict | None:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as err:
-        if is_last:
-            warnings.warn(f"{path}:{lineno}: skipping truncated last line ({err.msg})",
-                          stacklevel=3)
-            return None
-        raise ValueError(f"{path}:{lineno}: invalid JSON line: {err.msg}") from err
-    if not isinstance(row, dict) or "step" not in row:
-        raise ValueError(f"{path}:{lineno}: expected a JSON object with a 'step' field")
-    for key, value in row.items():     # what is drawn must be a number (null: a non-finite value)
-        if (key == "step" or key in PLOTTED) and (isinstance(value, bool) or not isinstance(value, (int, float))) \
-                and not (value is None and key != "step"):
-            raise ValueError(f"{path}:{lineno}: field {key!r} is {value!r}, not a number")
-    return row
+    """metrics.jsonl as (train_rows, eval_rows), every field a figure draws checked to be a number."""
+    return read_metrics_log(path, PLOTTED)
 
 
 def _series(rows: list[dict], key: str) -> tuple[list, list[float]]:
@@ -321,8 +282,6 @@ def draw_experiment(exp_dir, out_dir) -> list[Path]:
     """The comparison of an experiment folder (afrl_fast.experiments): training curves and held-out
     metrics against RL step, per arm (mean over seeds, the band spanning the seeds), and the summary
     table of final metrics (summary.json, summary.md)."""
-    from .experiments import load_manifest, read_results, run_state, summarize, summary_markdown
-
     exp_dir, out_dir = Path(exp_dir), Path(out_dir)
     manifest = load_manifest(exp_dir)
     if manifest.get("kind") == "distillation":
@@ -389,8 +348,6 @@ DISTILL_METRICS = [("acc5", "5-ACC"), ("pair_acc", "Pair-ACC"), ("macro_f1", "Ma
 def draw_distillation(exp_dir: Path, out_dir: Path) -> list[Path]:
     """The distillation table as bars (Table 6): per split and metric, each student's mean over its
     seeds with every seed as a dot, and the teacher as a dashed line."""
-    from .experiments import summarize, summary_markdown
-
     summary = summarize(exp_dir)       # refuses an experiment without a finished run
     written = []
     out_dir.mkdir(parents=True, exist_ok=True)
