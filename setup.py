@@ -13,7 +13,7 @@ setup(
     # distribution named `kernels` exists and transformers probes that import name. csrc/ and configs/
     # ship as package data, so a regular (non-editable) install still builds the native kernel and
     # finds the default rulebook.
-    packages=["afrl_fast", "afrl_fast_kernels", "afrl_fast_csrc", "afrl_fast_configs"],
+    packages=["afrl_fast", "afrl_fast.engines", "afrl_fast_kernels", "afrl_fast_csrc", "afrl_fast_configs"],
     package_dir={"afrl_fast": "afrl_fast", "afrl_fast_kernels": "kernels", "afrl_fast_csrc": "csrc",
                  "afrl_fast_configs": "configs"},
     package_data={"afrl_fast_csrc": ["*.cpp", "*.h"], "afrl_fast_configs": ["*.yaml", "rulebook/*.yaml", "prompts/*.txt"]},
@@ -41,7 +41,7 @@ setup(
                 "httpx>=0.27,<0.30", "openai>=1.40,<3.61", "trl>=1.10,<1.17"],
         "serve": SERVE,
         "gpu": ["flash-attn>=2.6"],
-        # checked against the released code of these versions (afrl_fast/rollout_sglang.py: SGLANG_SPEC)
+        # checked against the released code of these versions (afrl_fast/engines/sglang_server.py: SGLANG_SPEC)
         "sglang": ["sglang>=0.5.21,<0.5.24"],
     },
 )

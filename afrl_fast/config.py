@@ -100,7 +100,7 @@ class StageConfig:
 
 @dataclass
 class SGLangConfig:
-    """The SGLang rollout server of each engine group (run.engine=sglang; see afrl_fast.rollout_sglang)."""
+    """The SGLang rollout server of each engine group (run.engine=sglang; see afrl_fast.engines.sglang)."""
     tp_size: int = 1                 # GPUs (consecutive ranks of one node) that share one server
     mem_fraction_static: float = 0.5  # of each GPU for SGLang's weights + KV pool (the trainer needs the rest)
     enable_memory_saver: bool = True  # release SGLang's memory while the trainer runs (colocated GPUs)

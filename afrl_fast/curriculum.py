@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from . import dist as D
 from .files import atomic_write_bytes
 from .observe import log, progress_bar
-from .rollout import STREAM_DIFFICULTY, generate_rollouts, prompt_seed
+from .rollouts import STREAM_DIFFICULTY, generate_rollouts, prompt_seed
 from .verify import verify_batch
 
 BUCKETS = ("easy", "medium", "hard")
@@ -138,8 +138,8 @@ def estimate_difficulty(engine, tokenizer, rulebook, prompt_ids, labels, n_promp
         right = res.y_dec == ro.labels
         if not first_only:
             right &= res.fmt & res.cst & res.logic
-        correct = right.reshape(-1, d.group_size).sum(1)
-        fmt = np.full(len(idx), -1) if first_only else res.fmt.reshape(-1, d.group_size).sum(1)
+        correct = ro.by_group(right).sum(1)
+        fmt = np.full(len(idx), -1) if first_only else ro.by_group(res.fmt).sum(1)
         rows += [(i, int(c), int(f)) for i, c, f in zip(idx, correct, fmt)]
         bar.update(len(idx))
     bar.close()

@@ -50,14 +50,19 @@ import torch
 
 from afrl_fast import checkpoint as C
 from afrl_fast import dist as D
+from afrl_fast.files import atomic_write_bytes, atomic_write_text
 from afrl_fast.config import ConfigError, load_distill_config, to_yaml
 from afrl_fast.data import DataError, read_pairs
-from afrl_fast.evaluate import FirstTokenScorer, ScoringError, evaluate_splits, load_model, results_table
+from afrl_fast.engines import EmbeddedEngine
+from afrl_fast.errors import ScoringError
+from afrl_fast.evaluate import evaluate_splits, results_table
 from afrl_fast.format import FormatError, load_tokenizer, resolve_prompt_settings
 from afrl_fast.observe import RunLog, log, progress_bar, setup_logging
 from afrl_fast.optim import NonFiniteError, lr_at, make_optimizer, optimizer_step, set_lr
 from afrl_fast.policy import PolicyLoss, build_lm, micro_batches, pack_sequences
-from afrl_fast.rollout import STREAM_EVAL, EmbeddedEngine, generate_rollouts, prompt_seed
+from afrl_fast.rollouts import STREAM_EVAL, generate_rollouts, prompt_seed
+from afrl_fast.scoring import FirstTokenScorer, load_model
+from afrl_fast.report import draw_report
 from afrl_fast.rulebook import RulebookError
 from afrl_fast.sft import sft_batches
 from afrl_fast.synthesize import choose, rejection_reasons
@@ -181,7 +186,7 @@ def training_examples(cfg, tables, tokenizer, rulebook, prompts, teacher_lm, run
     else:
         table = teacher_traces(cfg, teacher_lm, tokenizer, rulebook, prompts, labels, info)
         if info.is_main:
-            C.atomic_write_bytes(path, lambda f: pq.write_table(table, f))
+            atomic_write_bytes(path, lambda f: pq.write_table(table, f))
         D.barrier()
     kept = [(i, t) for i, t in zip(table.column("pair").to_pylist(), table.column("trace").to_pylist()) if t]
     eos = tokenizer.eos_token_id
@@ -321,7 +326,7 @@ def distill(argv=None) -> int:
         check_same_config(state["progress"].get("config", {}), progress["config"], ckpt_dir)
     if info.is_main:
         lock = open_run_dir(run_dir, args.resume, args.overwrite, ARTIFACTS, inputs)  # noqa: F841 (held to the end)
-        C.atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     D.barrier()
     runlog = RunLog(run_dir, info.is_main)
     if state is not None:
@@ -380,11 +385,10 @@ def distill(argv=None) -> int:
     if info.is_main:
         rows = {"teacher": progress["history"]["teacher"], "student": progress["history"]["student"]}
         print(results_table(rows, list(cfg.eval.splits)))
-        C.atomic_write_text(run_dir / "results.json", json.dumps({"results": rows, "traces": kept}, indent=2,
+        atomic_write_text(run_dir / "results.json", json.dumps({"results": rows, "traces": kept}, indent=2,
                                                                  default=float))
         runlog.close()
         try:
-            from afrl_fast.report import draw_report
             draw_report(run_dir)
         except Exception as e:  # plots are a convenience; a plotting problem must not fail a finished run
             log.warning("report failed: %s", e)

@@ -9,3 +9,7 @@ class ConfigError(ValueError):
 
 class NonFiniteError(RuntimeError):
     """A loss or gradient that is NaN or infinite; the weights were not updated."""
+
+
+class ScoringError(ValueError):
+    """A model, tokenizer or input that first-token scoring cannot handle; the message says why."""

@@ -14,17 +14,16 @@ from .verify import response_token_offsets, token_weights
 EPS = 1e-6
 
 
-def group_advantages(rewards: np.ndarray, group_size: int, std_norm: bool = True) -> np.ndarray:
-    """rewards [n_prompts·G] laid out group by group → advantages of the same shape."""
-    r = np.asarray(rewards, dtype=np.float64)
-    if r.size % group_size:
-        raise ValueError(f"{r.size} rewards is not a whole number of groups of {group_size}")
-    g = r.reshape(-1, group_size)
+def group_advantages(rewards: np.ndarray, std_norm: bool = True) -> np.ndarray:
+    """rewards [n_prompts, G] → advantages of the same shape, each relative to its own group."""
+    g = np.asarray(rewards, dtype=np.float64)
+    if g.ndim != 2:
+        raise ValueError(f"rewards must be [prompts, G], got shape {g.shape}")
     centred = g - g.mean(axis=1, keepdims=True)
     if std_norm:
         # unbiased std, as GRPO implementations use; a group of equal rewards gives 0, not 0/0
         centred = centred / (g.std(axis=1, ddof=1, keepdims=True) + EPS)
-    return centred.reshape(-1).astype(np.float32)
+    return centred.astype(np.float32)
 
 
 def token_advantages(advantages: np.ndarray, weights: list[np.ndarray]) -> np.ndarray:
@@ -53,11 +52,10 @@ def response_weights(ro, i: int, tokenizer, weights: tuple[float, float, float] 
     return w
 
 
-def rollout_token_advantages(ro, tokenizer, group_size: int, std_norm: bool,
-                             weights: tuple[float, float, float] | None) -> np.ndarray:
+def rollout_token_advantages(ro, tokenizer, std_norm: bool, weights: tuple[float, float, float] | None) -> np.ndarray:
     """Per-token advantages of all responses of a `Rollouts` batch (verified): group advantages from
     the rewards, times each token's stepwise weight (`response_weights`); weights None = plain GRPO."""
-    adv = group_advantages(ro.result.reward, group_size, std_norm)
+    adv = ro.flat(group_advantages(ro.by_group(ro.result.reward), std_norm))
     return token_advantages(adv, [response_weights(ro, i, tokenizer, weights) for i in range(len(ro.response_ids))])
 
 

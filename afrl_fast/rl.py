@@ -3,14 +3,14 @@
 `step(ctx, stage, batch, step_no)` reads top to bottom as the algorithm:
 
     1. this rank's share of the global batch's prompts, cut into mini-batches      (here)
-    2. G rollouts per prompt from the engine, prefix shared across the group       rollout.py
+    2. G rollouts per prompt from the engine, prefix shared across the group       rollouts.py, engines/
     3. verify every response: gates, ŷ, reward, spans of the critical values       verify.py
     4. group-normalised advantages times the stepwise token weights                grpo.py
     5. reference log-probs; old log-probs from the trainer's own forward, or —      policy.py
        one update per rollout batch — from the loss pass itself (ratio ≡ 1)
     6. per mini-batch: L = α_t·L_GRPO + γ_t·L_SFT through the fused loss over RL   policy.py, loss.py
        rows and SFT rows together, backward, AdamW with gradient clipping          optim.py
-    7. push the new weights to the rollout engine                                  rollout.py
+    7. push the new weights to the rollout engine                                  rollouts.py
 
 α_t / γ_t are the stage's `grpo_weight` / `sft_weight` (paper Table 8); the KL coefficient β of the
 k3 term is `rl.kl_coef`. Token-mean aggregation across the global batch: RL rows carry scale
@@ -35,7 +35,7 @@ from .loss import LossRows
 from .observe import Timer, log, progress_bar
 from .optim import optimizer_step
 from .policy import LossSettings, LossStats, forward_logprobs, loss_backward
-from .rollout import STREAM_RL, Rollouts, TrainerEngine, generate_rollouts, prompt_seed
+from .rollouts import STREAM_RL, Rollouts, TrainerEngine, generate_rollouts, prompt_seed
 from .verify import RewardConfig, verify_batch
 
 
@@ -159,10 +159,10 @@ def split_even(n: int, parts: int) -> list[range]:
     return [range(k * n // parts, (k + 1) * n // parts) for k in range(parts)]
 
 
-def minibatch(ro: Rollouts, tok_adv: np.ndarray, critical: np.ndarray, old_logp, ref_logp, groups: range,
-              group_size: int) -> MiniBatch:
+def minibatch(ro: Rollouts, tok_adv: np.ndarray, critical: np.ndarray, old_logp, ref_logp,
+              groups: range) -> MiniBatch:
     """The responses of the given prompt groups, with their per-token advantages and log-probs."""
-    resp = [g * group_size + k for g in groups for k in range(group_size)]
+    resp = ro.rows_of(groups)
     starts = np.concatenate([[0], np.cumsum([len(r) for r in ro.response_ids])]).astype(np.int64)
     tok = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in resp]) if resp else np.zeros(0, np.int64)
     tok_t = torch.as_tensor(tok, dtype=torch.long)
@@ -187,13 +187,13 @@ class StepResult:
     failed_prompts: list[int]    # prompts of the global batch none of whose rollouts earned the full reward
 
 
-def unsolved_prompts(ro: Rollouts, group_size: int) -> list[int]:
+def unsolved_prompts(ro: Rollouts) -> list[int]:
     """Prompt indices (every rank's) whose G responses all missed the full reward: right grade with
     the format, consistency and logic gates passing."""
     res = ro.result
     full = res.fmt & res.cst & res.logic & (res.y_dec == ro.labels)
-    solved = full.reshape(-1, group_size).any(axis=1)
-    local = [ro.prompt_index[g * group_size] for g in range(len(solved)) if not solved[g]]
+    solved = ro.by_group(full).any(axis=1)
+    local = [p for p, ok in zip(ro.group_prompts(), solved) if not ok]
     return [i for part in D.all_gather_objects(local) for i in part]
 
 
@@ -241,7 +241,7 @@ def step(ctx: RLContext, stage: Stage, batch: list[int], step_no: int) -> StepRe
     # 4. Group advantages, times λ at the decision, the boxed values of steps 4-8 and the final grade.
     with timer("advantages"):
         weights = None if rl.mode == "grpo" else tuple(rl.token_weights)
-        tok_adv = rollout_token_advantages(ro, ctx.tokenizer, G, rl.adv_std_norm, weights)
+        tok_adv = rollout_token_advantages(ro, ctx.tokenizer, rl.adv_std_norm, weights)
         critical = critical_token_mask(ro, ctx.tokenizer)
 
     # 5. Log-probs of the sampled tokens under the reference and, with several updates per rollout
@@ -262,7 +262,7 @@ def step(ctx: RLContext, stage: Stage, batch: list[int], step_no: int) -> StepRe
     for mb_index, mb_pos in enumerate(mb_positions):
         groups = range(first_group, first_group + len(mb_pos))
         first_group += len(mb_pos)
-        mb = minibatch(ro, tok_adv, critical, old_logp, ref_logp, groups, G)
+        mb = minibatch(ro, tok_adv, critical, old_logp, ref_logp, groups)
         sft_mb = [ctx.sft_examples[sft_global[p]] for p in
                   D.rank_slice(list(split_even(len(sft_global), rl.mini_batches)[mb_index]), info)]
         n_sft_local = sum(len(e[1]) for e in sft_mb)
@@ -288,7 +288,7 @@ def step(ctx: RLContext, stage: Stage, batch: list[int], step_no: int) -> StepRe
         ctx.engine.sync()
 
     total = stats.reduce(info.device)
-    failed = unsolved_prompts(ro, G)
+    failed = unsolved_prompts(ro)
     dt = time.perf_counter() - t0
     record = {"step": step_no, "phase": "rl", "stage": stage.name, "weight/grpo": grpo_weight,
               "weight/sft": sft_weight, **total.record(info.world), "acc/unsolved_prompts": len(failed) / len(batch),

@@ -58,11 +58,12 @@ from typing import Annotated, Any
 
 import numpy as np
 
-from .evaluate import PromptEncoder, PromptPieces, ScoringError
+from .errors import ScoringError
+from .prompt_encoding import PromptEncoder, PromptPieces
 from .format import FormatError, resolve_prompt_settings
 from .metrics import expected_score
 from .rulebook import RulebookError
-from .rollout import RolloutGroup
+from .engines import RolloutGroup
 from .serve_backends import BACKENDS, ServeError, load_backend, pick_device
 from .verify import RewardConfig, verify_batch
 

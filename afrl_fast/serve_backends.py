@@ -29,10 +29,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .evaluate import FirstTokenScorer, has_tokenizer, load_model
+from .scoring import FirstTokenScorer, has_tokenizer, load_model
 from .format import PromptSettings, label_token_ids, load_tokenizer
-from .rollout import EmbeddedEngine, RolloutGroup, resolve_eos_ids
-from .rollout_sglang import SEED_LIMIT, label_probs_from_sglang, sample_seeds
+from .engines import EmbeddedEngine, RolloutGroup, resolve_eos_ids
+from .engines.sglang import SEED_LIMIT, label_probs_from_sglang, sample_seeds
+from .engines.sglang_server import SGLangError, check_sglang_version
 
 BACKENDS = ("embedded", "sglang")
 SGLANG_MISSING = ("--backend sglang needs SGLang, which is not installed (pip install 'afrl-fast[sglang]' on a GPU "
@@ -130,8 +131,6 @@ class EmbeddedBackend:
 
 def import_sglang():
     """SGLang, imported only when asked for: installing it would replace the CPU build of torch."""
-    from .rollout_sglang import SGLangError, check_sglang_version
-
     try:
         import sglang
     except ImportError:

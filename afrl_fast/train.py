@@ -43,6 +43,7 @@ from omegaconf import OmegaConf
 
 from afrl_fast import checkpoint as C
 from afrl_fast import dist as D
+from afrl_fast.files import atomic_write_text, check_output_path
 from afrl_fast.config import DEMO_CONFIG, ConfigError, load_config, to_yaml
 from afrl_fast.curriculum import estimate_difficulty, write_difficulty
 from afrl_fast.data import (RL_POOL, SPLITS, DataError, _normalize, configured_splits, read_pairs, validate_pairs,
@@ -54,7 +55,9 @@ from afrl_fast.observe import RunLog, Timer, check_run_log, log, setup_logging
 from afrl_fast.optim import NonFiniteError, make_optimizer
 from afrl_fast.policy import PolicyLoss, build_lm
 from afrl_fast.rl import RLContext, train_rl
-from afrl_fast.rollout import TrainerEngine
+from afrl_fast.engines.sglang_server import check_shared_run_dir
+from afrl_fast.rollouts import TrainerEngine
+from afrl_fast.report import draw_report
 from afrl_fast.rulebook import RulebookError, load_rulebook
 from afrl_fast.sft import train_sft
 
@@ -108,7 +111,7 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool, names=RUN_ARTIFA
     or with a damaged metrics.jsonl; an input (`inputs`: config key -> path) that lies inside an
     artifact of the run (`names`), which --overwrite removes and the run rewrites (paths resolved,
     symlinks followed)."""
-    C.check_output_path(run_dir, ConfigError, kind="dir")
+    check_output_path(run_dir, ConfigError, kind="dir")
     found = existing_artifacts(run_dir, names)
     if found and not resume and not overwrite:
         raise ConfigError(f"{run_dir} already holds a run ({', '.join(found[:4])}); continue it with --resume, "
@@ -239,7 +242,7 @@ def prepare_data(cfg, run_dir: Path, rulebook, is_main: bool = True) -> tuple[di
 def write_data(data_dir: Path, pending: dict) -> None:
     """The synthesized splits (all or none), an earlier config's RL pool removed, then the manifest."""
     write_splits(data_dir, pending["tables"])
-    C.atomic_write_text(data_dir / "manifest.json", json.dumps(pending["manifest"]))
+    atomic_write_text(data_dir / "manifest.json", json.dumps(pending["manifest"]))
 
 
 def rl_split(tables: dict) -> str:
@@ -447,7 +450,6 @@ def train(argv=None) -> int:
             write_data(data_dir, pending_data)
     D.barrier()
     if cfg.run.engine == "sglang":  # every node's SGLang servers start from run_dir/engine_init, written by rank 0
-        from afrl_fast.rollout_sglang import check_shared_run_dir
         check_shared_run_dir(run_dir)
     runlog = RunLog(run_dir, info.is_main)
     state = C.load_checkpoint(ckpt_dir) if cfg.run.resume else None
@@ -465,7 +467,7 @@ def train(argv=None) -> int:
         start_from_run(base_run, policy, run_dir, progress, info)
         log.info("starting RL from %s (its SFT model and difficulty file)", base_run)
     if info.is_main:
-        C.atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))  # as resolved, once resuming is allowed
+        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))  # as resolved, once resuming is allowed
     eval_names = list(cfg.eval.splits)
     engines = []
 
@@ -588,12 +590,11 @@ def finish(run_dir, progress, tables, eval_names, info, runlog) -> int:
         for split, c in change.items():
             print(f"RL - SFT, 5-ACC on {split}: {100 * c['diff']:+.1f} points (95 % CI {100 * c['lo']:+.1f} to "
                   f"{100 * c['hi']:+.1f}; paired bootstrap over the {c['n']} pairs, {c['n_boot']} resamples)")
-        C.atomic_write_text(run_dir / "results.json", json.dumps(
+        atomic_write_text(run_dir / "results.json", json.dumps(
             {"results": rows, **{k: v for k, v in progress["history"].items() if k.endswith("traces")},
              **({"rl_minus_sft_acc5": change} if change else {})}, indent=2, default=float))
         runlog.close()
         try:
-            from afrl_fast.report import draw_report
             files = draw_report(run_dir)
             print(f"plots: {', '.join(str(f) for f in files)}")
         except Exception as e:  # plots are a convenience; a plotting problem must not fail a finished run

@@ -16,7 +16,7 @@ a time here), so only the inference differs:
 
 Generation (/v1/completions and explain traces: the service hands both to ``backend.generate``) is
 not what these handlers are about and not what bench_serve measures; both baselines generate like
-the service's embedded backend does (afrl_fast.rollout.EmbeddedEngine over the same model), so the
+the service's embedded backend does (afrl_fast.engines.EmbeddedEngine over the same model), so the
 app starts and every endpoint answers.
 """
 import argparse
@@ -29,9 +29,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from afrl_fast.evaluate import PromptEncoder, load_model  # noqa: E402
+from afrl_fast.prompt_encoding import PromptEncoder  # noqa: E402
+from afrl_fast.scoring import load_model  # noqa: E402
 from afrl_fast.format import label_token_ids, load_tokenizer, resolve_prompt_settings  # noqa: E402
-from afrl_fast.rollout import EmbeddedEngine  # noqa: E402
+from afrl_fast.engines import EmbeddedEngine  # noqa: E402
 from afrl_fast.serve import ServeConfig, create_app  # noqa: E402
 
 

@@ -128,7 +128,7 @@ def run_ours(work: Path, steps: int, overrides=(), device: str = "cpu") -> dict:
     from afrl_fast.observe import Timer
     from afrl_fast.optim import make_optimizer
     from afrl_fast.rl import RLContext, step
-    from afrl_fast.rollout import TrainerEngine
+    from afrl_fast.rollouts import TrainerEngine
     from afrl_fast.train import QWEN_VOCAB, build_policy, build_ref_policy
 
     batch = json.loads((work / "batch.json").read_text())
@@ -175,7 +175,7 @@ def run_trl(work: Path, steps: int, overrides=(), device: str = "cpu") -> dict:
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from afrl_fast.rollout import resolve_eos_ids
+    from afrl_fast.engines import resolve_eos_ids
     from afrl_fast.verify import RewardConfig, verify_batch
 
     batch = json.loads((work / "batch.json").read_text())

@@ -80,7 +80,8 @@ def in_process_costs(model_dir, requests) -> dict:
     """Per candidate, no HTTP, THREADS threads: a whole group scored two-level and one-level (in
     forwards of the service's default rows on a CPU), the naive forward; tokens prefilled per
     candidate; and the same two-level / one-level comparison for a long (~50-token) query."""
-    from afrl_fast.evaluate import FirstTokenScorer, PromptPieces, load_model
+    from afrl_fast.prompt_encoding import PromptPieces
+    from afrl_fast.scoring import FirstTokenScorer, load_model
     from afrl_fast.format import load_tokenizer, resolve_prompt_settings
     from afrl_fast.serve_backends import forward_rows_default
 

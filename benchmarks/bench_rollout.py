@@ -37,7 +37,7 @@ import pytest
 import torch
 from transformers import DynamicCache, Qwen3Config, Qwen3ForCausalLM
 
-from afrl_fast.rollout import EmbeddedEngine, cache_argument
+from afrl_fast.engines.embedded import EmbeddedEngine, cache_argument
 
 from _quick import choose, quick_note
 

@@ -34,7 +34,7 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from afrl_fast.evaluate import FirstTokenScorer
+from afrl_fast.scoring import FirstTokenScorer
 from afrl_fast.format import load_tokenizer
 from afrl_fast.rulebook import load_rulebook
 

@@ -84,7 +84,8 @@ def in_process_costs(model_dir, pairs) -> dict:
     whole prompt tokenised: PromptEncoder), one forward over a single pair's suffix after the cached
     prefix (the latency floor), ours per pair in batches of half the (at most 64) pairs, 32 in full
     mode, and the naive handler's forward (whole prompt, full-vocab head)."""
-    from afrl_fast.evaluate import FirstTokenScorer, PromptPieces, load_model
+    from afrl_fast.prompt_encoding import PromptPieces
+    from afrl_fast.scoring import FirstTokenScorer, load_model
     from afrl_fast.format import load_tokenizer, resolve_prompt_settings
 
     prompt = resolve_prompt_settings(model_dir, None, "full")

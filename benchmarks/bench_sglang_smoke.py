@@ -3,7 +3,7 @@
     pip install -e ".[dev,sglang]"            # on the GPU machine, with its CUDA torch
     AFRL_SGLANG_MODEL=/models/Qwen3-0.6B pytest benchmarks/bench_sglang_smoke.py --benchmark
 
-It drives `afrl_fast.rollout_sglang.SGLangEngine` exactly as the trainer does (one rank, tp 1) and
+It drives `afrl_fast.engines.sglang.SGLangEngine` exactly as the trainer does (one rank, tp 1) and
 checks, printing what it measured:
 1. rollouts: G samples of one prompt are not all identical (per-sample seeds), and the same seeds
    give the same tokens again (deterministic inference);
@@ -31,7 +31,7 @@ def test_sglang_rollouts_seeds_sync_and_memory(tmp_path):
     pytest.importorskip("sglang")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from afrl_fast.rollout import make_engine
+    from afrl_fast.engines import make_engine
 
     tok = AutoTokenizer.from_pretrained(MODEL)
     hf = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.bfloat16).cuda()

@@ -51,7 +51,7 @@ runs. Statuses: ok | fail (it ran, a check did not pass) | error | skipped (with
               settings), 16 prompts × G = 8, the embedded engine on CUDA, the fused loss on Triton:
               the step's own phase timers (rollout, verify, advantages, log-probs, loss, optimizer,
               sync) and the peak memory of each step.
-  scoring     first-token scoring (afrl_fast.evaluate.FirstTokenScorer) of NovelEval pairs by the same
+  scoring     first-token scoring (afrl_fast.scoring.FirstTokenScorer) of NovelEval pairs by the same
               model shape in bf16: pairs/s with the cached prompt prefix and with a full prefill.
   trl         one GRPO step of ours against TRL's GRPOTrainer (benchmarks/_vs_trl_worker.py, the
               settings of benchmarks/bench_vs_trl.py) on the same model shape, fp32 on both sides, if
@@ -1098,7 +1098,7 @@ def section_rl_step(ctx: Ctx) -> dict:
     from afrl_fast.observe import Timer
     from afrl_fast.optim import make_optimizer
     from afrl_fast.rl import RLContext, step
-    from afrl_fast.rollout import TrainerEngine
+    from afrl_fast.rollouts import TrainerEngine
     from afrl_fast.train import build_policy, build_ref_policy
 
     s = ctx.sizes.rl
@@ -1177,7 +1177,7 @@ def _noveleval_pairs(n: int):
 
 
 def section_scoring(ctx: Ctx) -> dict:
-    from afrl_fast.evaluate import FirstTokenScorer
+    from afrl_fast.scoring import FirstTokenScorer
     from afrl_fast.format import load_tokenizer
     from afrl_fast.policy import build_lm
     from afrl_fast.rulebook import load_rulebook

@@ -58,7 +58,8 @@ def test_first_token_difficulty_counts_the_first_tokens_a_full_decode_draws():
     from afrl_fast.curriculum import estimate_difficulty
     from afrl_fast.dist import DistInfo
     from afrl_fast.format import label_token_ids, load_tokenizer
-    from afrl_fast.rollout import STREAM_DIFFICULTY, EmbeddedEngine, generate_rollouts, prompt_seed
+    from afrl_fast.engines import EmbeddedEngine
+    from afrl_fast.rollouts import STREAM_DIFFICULTY, generate_rollouts, prompt_seed
     from afrl_fast.rulebook import load_rulebook
 
     tok, rb = load_tokenizer(), load_rulebook()

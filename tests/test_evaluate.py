@@ -11,7 +11,9 @@ import pytest
 import torch
 import transformers
 
-from afrl_fast.evaluate import FirstTokenScorer, ScoringError, main as evaluate_main
+from afrl_fast.errors import ScoringError
+from afrl_fast.evaluate import main as evaluate_main
+from afrl_fast.scoring import FirstTokenScorer
 from afrl_fast.format import build_prompt, label_token_ids, load_tokenizer
 from afrl_fast.metrics import compute_metrics, main as metrics_main
 from afrl_fast.rulebook import load_rulebook
@@ -112,7 +114,7 @@ def test_logit_transforms_are_respected(name, build, tokenizer, rulebook):
 
 
 def test_startup_check_rejects_an_unknown_logit_transform(tokenizer, rulebook, monkeypatch):
-    import afrl_fast.evaluate as ev
+    import afrl_fast.scoring as ev
 
     monkeypatch.setattr(ev, "logit_transform", lambda config: (lambda logits: logits))
     with pytest.raises(ScoringError, match="logit transform"):

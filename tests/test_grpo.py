@@ -8,17 +8,31 @@ from afrl_fast.grpo import group_advantages, token_advantages
 def test_group_advantages_match_an_explicit_loop():
     rng = np.random.default_rng(1)
     r = rng.normal(size=6 * 8)
-    adv = group_advantages(r, 8)
+    adv = group_advantages(r.reshape(6, 8))
     for g in range(6):
         grp = r[g * 8:(g + 1) * 8]
         want = (grp - grp.mean()) / (np.std(grp, ddof=1) + 1e-6)
-        np.testing.assert_allclose(adv[g * 8:(g + 1) * 8], want, rtol=1e-5)
-    flat = group_advantages(np.ones(16), 8)
+        np.testing.assert_allclose(adv[g], want, rtol=1e-5)
+    flat = group_advantages(np.ones((2, 8)))
     assert np.all(flat == 0), "equal rewards carry no signal, and no NaN"
-    no_std = group_advantages(r, 8, std_norm=False)
-    np.testing.assert_allclose(no_std[:8], r[:8] - r[:8].mean(), rtol=1e-5)
+    no_std = group_advantages(r.reshape(6, 8), std_norm=False)
+    np.testing.assert_allclose(no_std[0], r[:8] - r[:8].mean(), rtol=1e-5)
     with pytest.raises(ValueError):
-        group_advantages(np.ones(7), 8)
+        group_advantages(np.ones(7))
+
+
+def test_rollouts_own_their_group_layout():
+    from afrl_fast.rollouts import Rollouts
+
+    ro = Rollouts([7, 7, 9, 9, 4, 4], [[]] * 6, [[1]] * 6, [[]] * 6, [""] * 6, np.zeros(6, np.int64), [True] * 6,
+                  group_size=2)
+    assert ro.n_groups == 3 and ro.group_prompts() == [7, 9, 4]
+    assert ro.rows_of([2, 0]) == [4, 5, 0, 1]
+    grouped = ro.by_group(np.arange(6))
+    assert grouped.tolist() == [[0, 1], [2, 3], [4, 5]]
+    assert ro.flat(grouped).tolist() == list(range(6))
+    with pytest.raises(ValueError):
+        ro.by_group(np.arange(5))
 
 
 def test_token_advantages_scale_by_weights():

@@ -7,7 +7,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 from afrl_fast.grpo import rollout_token_advantages
 from afrl_fast.policy import LossSettings, PolicyLoss, loss_backward, pack_sequences
 from afrl_fast.rl import mode_balanced_rows
-from afrl_fast.rollout import Rollouts
+from afrl_fast.rollouts import Rollouts
 from afrl_fast_kernels.reference import rowwise_loss_reference
 
 
@@ -134,8 +134,8 @@ def test_token_advantages_put_the_weights_on_the_critical_tokens():
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     # the first response finished on EOS (which keeps weight 1), the second hit the token limit
     ro = Rollouts([0, 0], [[1], [1]], [ids + [eos], ids2], [[], []], [text, wrong], np.array([2, 2]), [True, False],
-                  res)
-    adv = rollout_token_advantages(ro, tok, group_size=2, std_norm=False, weights=(10.0, 10.0, 5.0))
+                  res, group_size=2)
+    adv = rollout_token_advantages(ro, tok, std_norm=False, weights=(10.0, 10.0, 5.0))
     first = adv[:len(ids)]
     a0 = (res.reward[0] - res.reward[1]) / 2
     assert adv[len(ids)] == pytest.approx(a0)          # the closing EOS: weight 1
@@ -143,7 +143,7 @@ def test_token_advantages_put_the_weights_on_the_critical_tokens():
     weighted = {tok.decode([t]) for t, a in zip(ids, first) if abs(a - a0) > 1e-6}
     assert {"2", "partial", "consistent", "current", "high"} <= weighted
     np.testing.assert_allclose(sorted(set(np.round(first / a0, 4))), [1.0, 5.0, 10.0])
-    plain = rollout_token_advantages(ro, tok, group_size=2, std_norm=False, weights=None)
+    plain = rollout_token_advantages(ro, tok, std_norm=False, weights=None)
     np.testing.assert_allclose(plain[:len(ids)], a0)
 
 
@@ -161,7 +161,7 @@ def test_a_format_failure_spreads_its_advantage_evenly():
     res = verify_batch([good, broken], [rb.expected_label(values)] * 2, rb)
     assert res.fmt.tolist() == [True, False] and res.y_dec[1] == rb.expected_label(values)
     ids = [tok.encode(t, add_special_tokens=False) for t in (good, broken)]
-    ro = Rollouts([0, 0], [[1], [1]], ids, [[], []], [good, broken], np.array([2, 2]), [False, False], res)
-    adv = rollout_token_advantages(ro, tok, group_size=2, std_norm=False, weights=(10.0, 10.0, 5.0))
+    ro = Rollouts([0, 0], [[1], [1]], ids, [[], []], [good, broken], np.array([2, 2]), [False, False], res, group_size=2)
+    adv = rollout_token_advantages(ro, tok, std_norm=False, weights=(10.0, 10.0, 5.0))
     a1 = (res.reward[1] - res.reward[0]) / 2
     np.testing.assert_allclose(adv[len(ids[0]):], a1)

@@ -22,7 +22,7 @@ from afrl_fast.format import load_tokenizer
 from afrl_fast.observe import Timer
 from afrl_fast.optim import make_optimizer
 from afrl_fast.rl import RLContext, step
-from afrl_fast.rollout import TrainerEngine
+from afrl_fast.rollouts import TrainerEngine
 from afrl_fast.rulebook import load_rulebook
 from afrl_fast.train import build_policy
 from afrl_fast.verify import VerifyResult

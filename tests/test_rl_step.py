@@ -15,7 +15,7 @@ from afrl_fast.format import build_prompt, instructions_text, load_tokenizer
 from afrl_fast.observe import Timer
 from afrl_fast.optim import make_optimizer
 from afrl_fast.rl import RLContext, step
-from afrl_fast.rollout import TrainerEngine
+from afrl_fast.rollouts import TrainerEngine
 from afrl_fast.rulebook import load_rulebook
 
 INFO = DistInfo(rank=0, world=1, local_rank=0, device=torch.device("cpu"))

@@ -6,12 +6,8 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from afrl_fast.rollout import (
-    EmbeddedEngine,
-    RolloutGroup,
-    make_engine,
-    sample_next_tokens,
-)
+from afrl_fast.engines import EmbeddedEngine, RolloutGroup, make_engine
+from afrl_fast.engines.sampling import sample_next_tokens
 
 VOCAB = 512
 
@@ -296,7 +292,7 @@ def test_sampler_frequencies_match_the_distribution(temperature, top_p):
 
 
 def test_sampler_never_draws_zero_weight_tokens():
-    from afrl_fast.rollout import inverse_cdf_sample
+    from afrl_fast.engines.sampling import inverse_cdf_sample
 
     weights = torch.tensor([[0.0, 1.0, 0.0, 0.0, 2.0, 0.0]]).repeat(5000, 1)
     tokens = inverse_cdf_sample(weights, torch.Generator().manual_seed(0))
@@ -332,7 +328,7 @@ def full_cdf_draw(weights, uniforms):
 
 @pytest.mark.parametrize("vocab", [151936, 1000, 130])   # a multiple of the block, a padded tail, one block + 2
 def test_two_level_draw_equals_the_full_inverse_cdf(vocab):
-    from afrl_fast.rollout import draw_from_weights, row_uniforms
+    from afrl_fast.engines.sampling import draw_from_weights, row_uniforms
 
     gen = torch.Generator().manual_seed(vocab)
     rows = 64 if vocab > 10000 else 2000
@@ -369,7 +365,7 @@ def test_a_response_whose_first_token_is_an_added_token_answers_no_grade():
     skip_special_tokens=False, so the verifier sees the token and fails the format gate, and y_dec
     is never read from a later token. A scripted engine stands in for a model that emits them."""
     from afrl_fast.format import load_tokenizer, render_trace
-    from afrl_fast.rollout import generate_rollouts
+    from afrl_fast.rollouts import generate_rollouts
     from afrl_fast.rulebook import load_rulebook
     from afrl_fast.verify import verify_batch
 

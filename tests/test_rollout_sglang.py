@@ -1,4 +1,4 @@
-"""SGLang rollouts (afrl_fast.rollout_sglang) against a stand-in server faithful to SGLang's HTTP
+"""SGLang rollouts (afrl_fast.engines.sglang) against a stand-in server faithful to SGLang's HTTP
 semantics as read in its released code (0.5.21, 0.5.23): a list of per-request sampling params;
 seeds honoured per request under deterministic inference (and shared by the n copies of one request);
 `(success, message)` answers with HTTP 400 on failure, `{"error": {"message"}}` from /generate,
@@ -31,9 +31,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-import afrl_fast.rollout_sglang as RS
+import afrl_fast.engines.sglang as RS
+import afrl_fast.engines.sglang_server as SS
 from afrl_fast.config import ConfigError, SGLangConfig, load_config
-from afrl_fast.rollout import make_engine
+from afrl_fast.engines import make_engine
 
 sys.path.insert(0, str(Path(__file__).parent))
 from serving import free_port  # noqa: E402
@@ -370,7 +371,8 @@ def test_groups_get_distinct_seeds_and_share_a_prefilled_prompt(standin, model_d
 
 def test_evaluation_scores_the_first_token_on_the_server(standin, model_dir):
     from afrl_fast.data import synthesize
-    from afrl_fast.evaluate import EngineFirstTokenScorer, PromptEncoder
+    from afrl_fast.prompt_encoding import PromptEncoder
+    from afrl_fast.scoring import EngineFirstTokenScorer
     from afrl_fast.format import label_token_ids, load_tokenizer
     from afrl_fast.rulebook import load_rulebook
 
@@ -633,7 +635,8 @@ def test_tp_groups_over_torch_distributed_route_handles_and_check_the_run_folder
     worker.write_text(textwrap.dedent(f"""
         import json, os, sys
         import torch, torch.distributed as dist
-        import afrl_fast.rollout_sglang as RS
+        import afrl_fast.engines.sglang as RS
+        import afrl_fast.engines.sglang_server as SS
         from afrl_fast.config import ConfigError, SGLangConfig
 
         class JsonCodec:                       # as in the test module (not imported: it pulls in FastAPI)
@@ -661,10 +664,10 @@ def test_tp_groups_over_torch_distributed_route_handles_and_check_the_run_folder
         eng.release_memory()
         eng.sync_weights(model)
         out = {{"leader": eng.place.is_leader}}
-        RS.check_shared_run_dir({str(tmp_path / 'run')!r}, host=f"node{{rank // 2}}")
+        SS.check_shared_run_dir({str(tmp_path / 'run')!r}, host=f"node{{rank // 2}}")
         folder = {str(tmp_path)!r} + ("/run" if rank < 2 else "/node1_run")
         try:
-            RS.check_shared_run_dir(folder, host=f"node{{rank // 2}}", wait_s=1)
+            SS.check_shared_run_dir(folder, host=f"node{{rank // 2}}", wait_s=1)
         except ConfigError as e:
             out["error"] = str(e)
         json.dump(out, open({str(tmp_path)!r} + f"/out{{rank}}.json", "w"))
@@ -762,7 +765,7 @@ def test_serving_backend_says_whether_seeds_reproduce(monkeypatch, tmp_path, cap
     fake = types.ModuleType("sglang")
     fake.Engine = lambda **kw: engines.append(kw) or types.SimpleNamespace(shutdown=lambda: None)
     monkeypatch.setitem(sys.modules, "sglang", fake)
-    monkeypatch.setattr(RS, "check_sglang_version", lambda installed=None: "0.5.23")
+    monkeypatch.setattr("afrl_fast.serve_backends.check_sglang_version", lambda installed=None: "0.5.23")
     with caplog.at_level(logging.WARNING, logger="afrl_fast.serve"):
         fast = SGLangBackend(str(tmp_path), None, engine_kwargs={"tp_size": 1})
     assert not fast.seeds_reproduce and engines[-1] == {"model_path": str(tmp_path), "tp_size": 1}
@@ -806,27 +809,27 @@ def test_the_run_folder_check_sees_a_node_local_folder(tmp_path):
     group = ThreadGroup(2)
 
     def check(i, folder):
-        return lambda: RS.check_shared_run_dir(folder, all_gather=lambda obj: group.all_gather(i, obj), rank=i,
+        return lambda: SS.check_shared_run_dir(folder, all_gather=lambda obj: group.all_gather(i, obj), rank=i,
                                                host=f"node{i}", wait_s=0.6)
     assert group.run([check(0, shared), check(1, shared)]) == [None, None]
     assert list(shared.iterdir()) == []
-    (local / RS.SHARED_MARK).write_text("a token of another run")      # a stale token does not pass
+    (local / SS.SHARED_MARK).write_text("a token of another run")      # a stale token does not pass
     out = group.run([check(0, shared), check(1, local)])
     assert all(isinstance(e, ConfigError) for e in out) and str(out[0]) == str(out[1])
     assert "rank 1 on node1" in str(out[0]) and "rank 0 on node0" in str(out[0])
     assert f"run.out_dir={shared}" in str(out[0])
-    assert RS.check_shared_run_dir(shared) is None                       # one process: nothing to check
+    assert SS.check_shared_run_dir(shared) is None                       # one process: nothing to check
 
     def late_copy():                           # a filesystem that shows rank 0's file a moment later
         for _ in range(100):
-            if (shared / RS.SHARED_MARK).exists():
+            if (shared / SS.SHARED_MARK).exists():
                 time.sleep(0.3)
-                (local / RS.SHARED_MARK).write_text((shared / RS.SHARED_MARK).read_text())
+                (local / SS.SHARED_MARK).write_text((shared / SS.SHARED_MARK).read_text())
                 return
             time.sleep(0.02)
     copier = threading.Thread(target=late_copy)
     copier.start()
-    assert group.run([check(0, shared), lambda: RS.check_shared_run_dir(
+    assert group.run([check(0, shared), lambda: SS.check_shared_run_dir(
         local, all_gather=lambda obj: group.all_gather(1, obj), rank=1, host="node1", wait_s=5)]) == [None, None]
     copier.join()
 
@@ -839,7 +842,7 @@ def test_train_checks_the_run_folder_first_when_the_engine_is_sglang(monkeypatch
     def refuse(run_dir, **kw):
         seen.append(Path(run_dir))
         raise ConfigError("run.out_dir=x is not one folder every node shares")
-    monkeypatch.setattr(RS, "check_shared_run_dir", refuse)
+    monkeypatch.setattr(train, "check_shared_run_dir", refuse)
     assert train.main([f"run.out_dir={tmp_path / 'run'}", "run.engine=sglang"]) == 2
     assert seen == [tmp_path / "run"]
     assert capsys.readouterr().err.strip() == "error: run.out_dir=x is not one folder every node shares"

@@ -25,10 +25,10 @@ import torch
 import transformers
 
 from afrl_fast.data import synthesize
-from afrl_fast.evaluate import FirstTokenScorer
+from afrl_fast.scoring import FirstTokenScorer
 from afrl_fast.format import (build_prompt, instructions_text, label_token_ids, load_tokenizer,
                               render_trace, resolve_prompt_settings, save_prompt_settings)
-from afrl_fast.rollout import EmbeddedEngine
+from afrl_fast.engines import EmbeddedEngine
 from afrl_fast.rulebook import load_rulebook
 from afrl_fast.serve import main as serve_main
 
@@ -381,7 +381,7 @@ def test_two_level_prefix_equals_the_evaluator_with_boundary_merges(model, token
     suffixes batched on it, equals the evaluator's whole-prompt prefill. Candidates whose ids do not
     start with the query's (a token merged across the boundary; another query; another system
     prompt) are scored the one-level or full way, and counted out."""
-    from afrl_fast.evaluate import PromptPieces
+    from afrl_fast.prompt_encoding import PromptPieces
 
     kwargs = dict(instructions=prompt.instructions, progress=False, batch_size=4)
     scorer = FirstTokenScorer(model, tokenizer, prompt.rulebook, **kwargs)
@@ -452,8 +452,8 @@ def test_explain_verdict_on_a_valid_trace(tokenizer, prompt):
     backend 'generates' rendered traces, one consistent, one whose rules imply another grade."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from afrl_fast.evaluate import PromptEncoder
-    from afrl_fast.rollout import RolloutGroup
+    from afrl_fast.engines import RolloutGroup
+    from afrl_fast.prompt_encoding import PromptEncoder
     from afrl_fast.serve import Metrics, ServeConfig, Service
 
     rb = prompt.rulebook
@@ -773,7 +773,7 @@ def test_sglang_backend_scores_like_the_embedded_scorer(monkeypatch, model_dir, 
     fake = types.ModuleType("sglang")
     fake.Engine = lambda **kw: engines.append(StandInEngine(model, **kw)) or engines[-1]
     monkeypatch.setitem(sys.modules, "sglang", fake)
-    monkeypatch.setattr("afrl_fast.rollout_sglang.check_sglang_version", lambda installed=None: "0.5.23")
+    monkeypatch.setattr("afrl_fast.serve_backends.check_sglang_version", lambda installed=None: "0.5.23")
     backend = SGLangBackend(str(model_dir), prompt, engine_kwargs={"tp_size": 1})
     scorer = FirstTokenScorer(model, tokenizer, prompt.rulebook, instructions=prompt.instructions, progress=False)
     ids = scorer.prompt_ids(*zip(*PAIRS[:5]))
