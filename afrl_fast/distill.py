@@ -52,7 +52,7 @@ from afrl_fast import checkpoint as C
 from afrl_fast import dist as D
 from afrl_fast.files import atomic_write_bytes, atomic_write_text
 from afrl_fast.config import ConfigError, load_distill_config, to_yaml
-from afrl_fast.data import DataError, read_pairs
+from afrl_fast.data import SPLITS, DataError, read_pairs
 from afrl_fast.engines import EmbeddedEngine
 from afrl_fast.errors import ScoringError
 from afrl_fast.evaluate import evaluate_splits, results_table
@@ -64,10 +64,11 @@ from afrl_fast.rollouts import STREAM_EVAL, generate_rollouts, prompt_seed
 from afrl_fast.scoring import FirstTokenScorer, load_model
 from afrl_fast.report import draw_report
 from afrl_fast.rulebook import RulebookError
+from afrl_fast.run_data import instructions_path, tokenize_prompts, tokenize_targets
+from afrl_fast.run_dir import (check_model_folder, check_run_dir, check_same_config, comparable_config,
+                               open_run_dir)
 from afrl_fast.sft import sft_batches
 from afrl_fast.synthesize import choose, rejection_reasons
-from afrl_fast.train import (SPLITS, check_model_folder, check_run_dir, check_same_config, instructions_path,
-                             open_run_dir, tokenize_prompts, tokenize_targets)
 
 TRACES_FILE = "teacher_traces.parquet"
 STUDENT_DIR = "student_model"
@@ -395,16 +396,6 @@ def distill(argv=None) -> int:
     D.barrier()
     D.cleanup()
     return 0
-
-
-def comparable_config(cfg) -> dict:
-    """The config a checkpoint must match to be resumed (where and on what device excluded)."""
-    from omegaconf import OmegaConf
-
-    d = json.loads(json.dumps(OmegaConf.to_container(OmegaConf.structured(cfg)), default=str))
-    for key in ("out_dir", "device"):
-        d["run"].pop(key, None)
-    return d
 
 
 if __name__ == "__main__":

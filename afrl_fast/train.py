@@ -21,11 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import fcntl
-import json
-import math
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -37,34 +32,32 @@ if __package__ in (None, ""):
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
     sys.path.append(str(Path(__file__).resolve().parent.parent))
 
-import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 from afrl_fast import checkpoint as C
 from afrl_fast import dist as D
-from afrl_fast.files import atomic_write_text, check_output_path
 from afrl_fast.config import DEMO_CONFIG, ConfigError, load_config, to_yaml
 from afrl_fast.curriculum import estimate_difficulty, write_difficulty
-from afrl_fast.data import (RL_POOL, SPLITS, DataError, _normalize, configured_splits, read_pairs, validate_pairs,
-                            write_splits)
-from afrl_fast.evaluate import evaluate_splits, majority_baseline, results_table, trace_validity
-from afrl_fast.format import FormatError, build_prompt, instructions_text, load_tokenizer
-from afrl_fast.metrics import paired_bootstrap
-from afrl_fast.observe import RunLog, Timer, check_run_log, log, setup_logging
-from afrl_fast.optim import NonFiniteError, make_optimizer
-from afrl_fast.policy import PolicyLoss, build_lm
-from afrl_fast.rl import RLContext, train_rl
+from afrl_fast.data import DataError
 from afrl_fast.engines.sglang_server import check_shared_run_dir
+from afrl_fast.evaluate import evaluate_splits, trace_validity
+from afrl_fast.files import atomic_write_text
+from afrl_fast.format import FormatError, instructions_text, load_tokenizer
+from afrl_fast.observe import RunLog, Timer, log, setup_logging
+from afrl_fast.optim import NonFiniteError, make_optimizer
+from afrl_fast.rl import RLContext, train_rl
 from afrl_fast.rollouts import TrainerEngine
-from afrl_fast.report import draw_report
 from afrl_fast.rulebook import RulebookError, load_rulebook
+from afrl_fast.run_data import (embedding_rows, prepare_data, rl_split, tokenize_prompts, tokenize_targets,
+                                train_inputs, write_data)
+from afrl_fast.run_dir import (RUN_ARTIFACTS, check_model_folder, check_run_dir, check_same_config, comparable_config,
+                               open_run_dir)
+from afrl_fast.run_policy import build_policy, build_ref_policy, check_init_from, start_from_run
+from afrl_fast.run_results import finish
 from afrl_fast.sft import train_sft
 
-QWEN_VOCAB = 151936  # Qwen3's embedding rows (the tokenizer's 151,669 ids, padded)
-RUN_ARTIFACTS = ("checkpoints", "difficulty.parquet", "sft_model", "final_model", "engine_init", "rollouts",
-                 "tensorboard", "plots", "metrics.jsonl", "results.json")
-LOCK_FILE = ".run.lock"
+# run keys a resumed run may change: they say how this attempt runs, not what it trains
+TRAIN_SWITCHES = ("resume", "stop_after", "out_dir", "device")
 
 
 # ----------------------------------------------------------------------------- setup
@@ -77,316 +70,6 @@ def parse_args(argv=None):
                    help="replace the run that run.out_dir already holds (its checkpoints, models and logs)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rl.kl_coef=0")
     return p.parse_args(argv)
-
-
-def lock_run_dir(run_dir: Path):
-    """An exclusive lock on the run folder for this run's lifetime (rank 0 holds it). flock dies with
-    its process, so a killed run leaves no stale lock behind."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    f = open(run_dir / LOCK_FILE, "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        owner = f.read().strip() or "?"
-        f.close()
-        raise ConfigError(f"{run_dir}: another run is using this folder (pid {owner}); wait for it to end "
-                          "or choose another run.out_dir") from None
-    f.seek(0)
-    f.truncate()
-    f.write(str(os.getpid()))
-    f.flush()
-    return f
-
-
-def existing_artifacts(run_dir: Path, names=RUN_ARTIFACTS) -> list[str]:
-    return [name for name in names if (run_dir / name).exists() or (run_dir / name).is_symlink()]
-
-
-def check_run_dir(run_dir: Path, resume: bool, overwrite: bool, names=RUN_ARTIFACTS,
-                  inputs: dict | None = None) -> None:
-    """The one check of a run folder (train.py and distill.py), before anything is read, made or
-    removed; it creates nothing. Refused, with one line: run.out_dir that is a file or cannot be
-    written; a folder holding a run without --resume or --overwrite; --resume without a checkpoint
-    or with a damaged metrics.jsonl; an input (`inputs`: config key -> path) that lies inside an
-    artifact of the run (`names`), which --overwrite removes and the run rewrites (paths resolved,
-    symlinks followed)."""
-    check_output_path(run_dir, ConfigError, kind="dir")
-    found = existing_artifacts(run_dir, names)
-    if found and not resume and not overwrite:
-        raise ConfigError(f"{run_dir} already holds a run ({', '.join(found[:4])}); continue it with --resume, "
-                          "start a new one with run.out_dir=..., or replace it with --overwrite")
-    if resume and not (run_dir / "checkpoints" / C.LATEST).is_file():
-        raise ConfigError(f"{run_dir}: --resume, but there is no checkpoint to resume ({run_dir}/checkpoints/"
-                          f"{C.LATEST}); drop --resume to start a new run")
-    for key, value in (inputs or {}).items():
-        where = Path(value).expanduser().resolve()
-        for name in names:
-            artifact = (run_dir / name).resolve()
-            if where == artifact or artifact in where.parents:
-                does = "--overwrite removes" if overwrite else "this run rewrites"
-                raise ConfigError(f"{key}={value} lies inside {run_dir / name}, which {does}; copy it out of the "
-                                  "run folder first, or choose another run.out_dir")
-    if resume:
-        check_run_log(run_dir / "metrics.jsonl")
-
-
-def open_run_dir(run_dir: Path, resume: bool, overwrite: bool, names=RUN_ARTIFACTS, inputs: dict | None = None):
-    """After every input was checked and loaded (rank 0): make the run folder and lock it, check it
-    again under the lock (another run may have started meanwhile), then remove the earlier run's
-    artifacts (--overwrite) or the temp files of interrupted writes (--resume). Returns the lock:
-    hold it for the run's lifetime."""
-    lock = lock_run_dir(run_dir)
-    check_run_dir(run_dir, resume, overwrite, names, inputs)
-    if resume:
-        C.remove_stale_temp_files(run_dir / "checkpoints")
-    elif overwrite:
-        clear_previous_run(run_dir, names)
-    return lock
-
-
-def clear_previous_run(run_dir: Path, names=RUN_ARTIFACTS) -> None:
-    """--overwrite, after every input was validated and loaded: remove the earlier run's artifacts,
-    so nothing stale (a checkpoint, a difficulty file, a model) can leak into the new run. A symlink
-    is removed, not what it points to."""
-    for name in existing_artifacts(run_dir, names):
-        path = run_dir / name
-        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-
-
-def check_model_folder(key: str, path) -> None:
-    """A model folder named in the config exists and is a save_pretrained folder (before any work)."""
-    if not path:
-        return
-    if not Path(path).is_dir():
-        raise ConfigError(f"{key}={path}: model folder not found")
-    if not (Path(path) / "config.json").is_file():
-        raise ConfigError(f"{key}={path}: no config.json, so not a Hugging Face model folder (save_pretrained output)")
-
-
-def instructions_path(value):
-    """data.instructions when it names a file (not full / short)."""
-    return value if value and value not in ("full", "short") else None
-
-
-def train_inputs(cfg) -> dict:
-    """Every path the run reads (config key -> path), for check_run_dir."""
-    inputs = {"model.path": cfg.model.path,
-              "model.tokenizer": None if cfg.model.tokenizer == "qwen3" else cfg.model.tokenizer,
-              "data.dir": cfg.data.dir, "data.rulebook": cfg.data.rulebook,
-              "data.instructions": instructions_path(cfg.data.instructions)}
-    if cfg.run.init_from:
-        for need in ("sft_model", "difficulty.parquet", "results.json", "config.yaml"):
-            inputs[f"run.init_from ({need})"] = str(Path(cfg.run.init_from) / need)
-    return {k: v for k, v in inputs.items() if v}
-
-
-def read_manifest(manifest: Path, warn: bool = True) -> dict | None:
-    """What the run folder's synthesized data was made from; None when there is no manifest or it
-    cannot be read (one warning line). Synthesizing again is safe: the manifest records only config
-    fields and the generator is deterministic in them, so the same config rewrites the same data.
-    A folder in its place is an error: it cannot be replaced without deleting what it holds."""
-    if manifest.is_dir():
-        raise ConfigError(f"{manifest}: is a directory, not the data manifest; remove it or choose another "
-                          "run.out_dir")
-    if not manifest.exists():
-        return None
-    try:
-        return json.loads(manifest.read_text(encoding="utf-8"))
-    except (ValueError, OSError) as e:   # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        if warn:
-            log.warning("%s is unreadable (%s: %s); synthesizing the data again", manifest, type(e).__name__,
-                    C.first_line(e))
-        return None
-
-
-def data_manifest(cfg, rulebook) -> dict:
-    """What the run folder's synthesized data is made from (data/manifest.json)."""
-    d = cfg.data
-    wanted = {"n_train": d.n_train, "n_eval": d.n_eval, "seed": d.seed, "reasons": d.reasons,
-              "rulebook": str(rulebook.path)}
-    if d.n_rl_pool or d.train_tail_share is not None or d.rl_pool_tail_share is not None:
-        wanted.update(n_rl_pool=d.n_rl_pool, train_tail_share=d.train_tail_share, rl_pool_tail_share=d.rl_pool_tail_share)
-    return wanted
-
-
-def prepare_data(cfg, run_dir: Path, rulebook, is_main: bool = True) -> tuple[dict, Path, dict | None]:
-    """The splits as pyarrow tables, and the synthesized data still to be written (or None).
-    `rl_pool` (labels only) is among them when the config asks for one or data.dir holds one.
-    Nothing is written here: with no data.dir the splits are synthesized in memory (every rank does
-    it, deterministically) unless run_dir/data holds exactly what this config asks for, and
-    write_data puts them there once the run folder is made."""
-    d = cfg.data
-    data_dir = Path(d.dir) if d.dir else run_dir / "data"
-    need_trace = cfg.sft.target == "trace"
-    if not d.dir:
-        wanted = data_manifest(cfg, rulebook)
-        splits = SPLITS + ((RL_POOL,) if d.n_rl_pool else ())
-        manifest = data_dir / "manifest.json"
-        if read_manifest(manifest, warn=is_main) != wanted or \
-                not all((data_dir / f"{s}.parquet").is_file() for s in splits):
-            tables = configured_splits(d, rulebook)
-            for s, t in tables.items():
-                validate_pairs(t, data_dir / f"{s}.parquet", require_trace=need_trace and s == "train")
-            return {s: _normalize(t) for s, t in tables.items()}, data_dir, {"tables": tables, "manifest": wanted}
-    tables = {s: read_pairs(data_dir / f"{s}.parquet", require_trace=need_trace and s == "train") for s in SPLITS}
-    pool = data_dir / f"{RL_POOL}.parquet"
-    if d.n_rl_pool or (d.dir and pool.exists()):
-        if not pool.exists():
-            raise ConfigError(f"data.n_rl_pool={d.n_rl_pool} asks for an RL pool, but {data_dir} has no "
-                              f"{RL_POOL}.parquet (a pairs file, labels only); add one or set data.n_rl_pool=0")
-        tables[RL_POOL] = read_pairs(pool)
-    return tables, data_dir, None
-
-
-def write_data(data_dir: Path, pending: dict) -> None:
-    """The synthesized splits (all or none), an earlier config's RL pool removed, then the manifest."""
-    write_splits(data_dir, pending["tables"])
-    atomic_write_text(data_dir / "manifest.json", json.dumps(pending["manifest"]))
-
-
-def rl_split(tables: dict) -> str:
-    """Where RL draws its prompts: the labels-only pool when there is one, else the SFT set."""
-    return RL_POOL if RL_POOL in tables else "train"
-
-
-def comparable_config(cfg) -> dict:
-    """The config a checkpoint must match to be resumed (run-control switches excluded)."""
-    d = json.loads(json.dumps(OmegaConf.to_container(OmegaConf.structured(cfg)), default=str))
-    for key in ("resume", "stop_after", "out_dir", "device"):
-        d["run"].pop(key, None)
-    return d
-
-
-def check_same_config(saved: dict, current: dict, where: Path) -> None:
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-    a, b = flat(saved), flat(current)
-    diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
-    if diff:
-        raise ConfigError(f"{where}: cannot resume, the config differs from the checkpoint's in "
-                         f"{', '.join(f'{k} ({a.get(k)!r} -> {b.get(k)!r})' for k in diff[:6])}")
-
-
-def tokenize_prompts(tokenizer, rulebook, table, instructions: str, max_tokens: int, where) -> list[list[int]]:
-    queries, docs = table.column("query").to_pylist(), table.column("document").to_pylist()
-    out = []
-    for row, (q, d) in enumerate(zip(queries, docs)):
-        ids = tokenizer.encode(build_prompt(tokenizer, rulebook, q, d, instructions), add_special_tokens=False)
-        if len(ids) > max_tokens:
-            raise DataError(f"{where}: row {row}, column 'document': the prompt is {len(ids)} tokens, more than "
-                            f"data.max_prompt_tokens={max_tokens}", where, row, "document")
-        out.append(ids)
-    return out
-
-
-def tokenize_targets(tokenizer, table, target: str, max_tokens: int, where) -> list[list[int]]:
-    """SFT targets followed by EOS, so the model learns to stop: the expert trace (target=trace), or
-    the grade token alone (target=grade, the standard-scoring baseline)."""
-    eos = tokenizer.eos_token_id
-    texts = table.column("trace").to_pylist() if target == "trace" else [str(x) for x in table.column("label").to_pylist()]
-    out = []
-    for row, trace in enumerate(texts):
-        ids = tokenizer.encode(trace, add_special_tokens=False) + [eos]
-        if len(ids) > max_tokens:
-            raise DataError(f"{where}: row {row}, column 'trace': {len(ids)} tokens, more than "
-                            f"data.max_response_tokens={max_tokens}", where, row, "trace")
-        out.append(ids)
-    return out
-
-
-def check_init_from(cfg) -> Path:
-    """run.init_from must be a run of the same data and model that got through SFT and difficulty."""
-    base = Path(cfg.run.init_from)
-    for need in ("config.yaml", "sft_model/config.json", "difficulty.parquet", "results.json"):
-        if not (base / need).exists():
-            raise ConfigError(f"run.init_from={base}: missing {need}; run it first with run.stop_after=difficulty")
-    saved = load_config(base / "config.yaml")
-    for section in ("data", "model"):
-        a, b = OmegaConf.structured(getattr(saved, section)), OmegaConf.structured(getattr(cfg, section))
-        if a != b:
-            raise ConfigError(f"run.init_from={base}: its {section} config differs from this run's; "
-                              "RL must start from a model trained on the same data and architecture")
-    return base
-
-
-def start_from_run(base: Path, policy, run_dir: Path, progress: dict, info) -> None:
-    """Fresh run with run.init_from: the policy takes the base run's SFT weights, the run folder its
-    SFT model (the reference) and difficulty file, and the history its SFT evaluation."""
-    from transformers import AutoModelForCausalLM
-
-    state = {}   # read on rank 0 alone: load_full_model_state sends the other ranks their shards
-    if info.is_main:
-        state = AutoModelForCausalLM.from_pretrained(base / "sft_model", dtype=torch.float32).state_dict()
-    D.load_full_model_state(policy, {f"lm.{k}": v for k, v in state.items()})
-    if info.is_main:
-        shutil.copytree(base / "sft_model", run_dir / "sft_model", dirs_exist_ok=True)
-        shutil.copy2(base / "difficulty.parquet", run_dir / "difficulty.parquet")
-    results = json.loads((base / "results.json").read_text())
-    sft_name = next((k for k in results["results"] if k != "majority-class"), None)
-    if sft_name is not None:
-        progress["history"]["sft"] = results["results"][sft_name]
-    if "sft_traces" in results:
-        progress["history"]["sft_traces"] = results["sft_traces"]
-    progress.update(phase="rl", phase_step=0)
-    D.barrier()
-
-
-def compute_dtype(cfg) -> torch.dtype | None:
-    return torch.bfloat16 if cfg.model.dtype == "bfloat16" else None
-
-
-def build_policy(cfg, vocab_size: int, info, state_dict=None, trainable: bool = True):
-    """The LM + fused loss, sharded with FSDP2 on several ranks. A trained policy keeps fp32
-    parameters whatever model.dtype says — AdamW's updates at lr 1e-6 are far below bf16's resolution
-    and would round away — and computes in model.dtype; a frozen one is stored in model.dtype.
-    `state_dict` (the LM's own names) replaces the initial weights; with several ranks only rank 0's
-    is read, and only rank 0 builds the initial weights (see shard_policy)."""
-    compute = compute_dtype(cfg)
-    dtype = torch.float32 if trainable or compute is None else compute
-    if D.is_distributed():
-        return shard_policy(cfg, vocab_size, info, dtype, state_dict if info.is_main else None, trainable)
-    lm = build_lm(cfg.model, vocab_size, dtype)
-    if state_dict is not None:
-        lm.load_state_dict(state_dict)
-    if cfg.model.gradient_checkpointing and trainable:
-        lm.gradient_checkpointing_enable()
-    lm.to(info.device)
-    return PolicyLoss(lm, cfg.run.loss_backend, compute_dtype=compute)
-
-
-def shard_policy(cfg, vocab_size: int, info, dtype, state_dict, trainable: bool):
-    """Several ranks: no rank holds the full model on its device. The LM is built with its
-    parameters on the meta device, sharded, and each rank allocates its shard and receives it from
-    rank 0, which alone builds the full state on CPU: `state_dict`, or the one-process path's
-    initial weights (the same seeded init, or model.path), so 1 and N ranks start identical."""
-    full = None
-    if info.is_main:
-        full = state_dict if state_dict is not None else build_lm(cfg.model, vocab_size, dtype).state_dict()
-        full = {f"lm.{k}": v for k, v in full.items()}
-    lm = build_lm(cfg.model, vocab_size, dtype, empty=True)
-    if cfg.model.gradient_checkpointing and trainable:
-        lm.gradient_checkpointing_enable()
-    policy = PolicyLoss(lm, cfg.run.loss_backend, compute_dtype=compute_dtype(cfg))
-    D.shard_model(policy, lm.get_decoder().layers, info, param_dtype=compute_dtype(cfg))
-    D.materialize_from_rank0(policy, info, full)
-    return policy
-
-
-def build_ref_policy(cfg, policy, info, ref_state):
-    """The frozen reference π_ref: the SFT model (`ref_state`, on rank 0 only with several ranks;
-    from the run's sft_model/ on resume)."""
-    if ref_state is None and info.is_main:
-        from transformers import AutoModelForCausalLM
-        ref_state = AutoModelForCausalLM.from_pretrained(Path(cfg.run.out_dir) / "sft_model",
-                                                         dtype=torch.float32).state_dict()
-    ref = build_policy(cfg, policy.lm.config.vocab_size, info, ref_state, trainable=False)
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    return ref.eval()
 
 
 # ----------------------------------------------------------------------------- main
@@ -435,8 +118,7 @@ def train(argv=None) -> int:
                               data_dir / "train.parquet")
     sft_examples = list(zip(prompts["train"], traces))
     pad_id = tokenizer.pad_token_id
-    vocab = QWEN_VOCAB if cfg.model.tokenizer == "qwen3" and len(tokenizer) <= QWEN_VOCAB \
-        else 64 * math.ceil(len(tokenizer) / 64)
+    vocab = embedding_rows(cfg.model.tokenizer, tokenizer)
     log.info("data: %s; RL prompts from %s", {s: tables[s].num_rows for s in tables}, rl_on)
 
     # 2. Policy, sharded with FSDP2 when launched on several ranks (model.path is read here, before
@@ -453,7 +135,7 @@ def train(argv=None) -> int:
         check_shared_run_dir(run_dir)
     runlog = RunLog(run_dir, info.is_main)
     state = C.load_checkpoint(ckpt_dir) if cfg.run.resume else None
-    progress = {"phase": "sft", "step": 0, "phase_step": 0, "history": {}, "config": comparable_config(cfg)}
+    progress = {"phase": "sft", "step": 0, "phase_step": 0, "history": {}, "config": comparable_config(cfg, TRAIN_SWITCHES)}
     saved_opt = {}  # phase -> optimizer state of the checkpoint, used only by that same phase
     if state is not None:
         check_same_config(state["progress"].get("config", {}), progress["config"], ckpt_dir)
@@ -549,59 +231,6 @@ def train(argv=None) -> int:
 
     log.info("total time %.1f s", time.time() - t_start)
     return finish(run_dir, progress, tables, eval_names, info, runlog)
-
-
-RL_NAMES = {"grpo": "GRPO", "stepwise_grpo": "Stepwise-GRPO", "mode_balanced": "Mode-Balanced RL"}
-
-
-def rl_name(rl: dict) -> str:
-    """The results row of the RL model, named after what trained it (paper Table 3's names)."""
-    return RL_NAMES[rl["mode"]] + (" (random order)" if rl.get("random_order") else "")
-
-
-def rl_change(history: dict, tables: dict, eval_names) -> dict:
-    """RL's change in 5-ACC over its SFT start per evaluation split, with a paired bootstrap interval:
-    one RL run at this scale moves 5-ACC by several points either way, so the change is only worth
-    reading beside its uncertainty."""
-    out = {}
-    for split in eval_names:
-        sft, rl = (history.get(k, {}).get(split, {}).get("answers") for k in ("sft", "rl"))
-        if not sft or not rl or len(sft) != len(rl):
-            continue
-        labels = np.asarray(tables[split].column("label").to_pylist())[:len(sft)]
-        right = [np.array([int(c) for c in answers]) == labels for answers in (sft, rl)]
-        out[split] = paired_bootstrap(*right)
-    return out
-
-
-def finish(run_dir, progress, tables, eval_names, info, runlog) -> int:
-    """Print SFT vs RL vs the majority baseline, save results.json and draw the plots."""
-    if info.is_main:
-        rows = {"majority-class": majority_baseline(tables["train"], tables, eval_names)}
-        sft_name = "SFT" if progress["config"]["sft"]["target"] == "trace" else "Standard scoring"
-        for key, name in (("sft", sft_name), ("rl", rl_name(progress["config"]["rl"]))):
-            if key in progress["history"]:
-                rows[name] = progress["history"][key]
-        print(results_table(rows, eval_names))
-        for key in ("sft_traces", "rl_traces"):
-            if key in progress["history"]:
-                print(f"{key}: {progress['history'][key]}")
-        change = rl_change(progress["history"], tables, eval_names)
-        for split, c in change.items():
-            print(f"RL - SFT, 5-ACC on {split}: {100 * c['diff']:+.1f} points (95 % CI {100 * c['lo']:+.1f} to "
-                  f"{100 * c['hi']:+.1f}; paired bootstrap over the {c['n']} pairs, {c['n_boot']} resamples)")
-        atomic_write_text(run_dir / "results.json", json.dumps(
-            {"results": rows, **{k: v for k, v in progress["history"].items() if k.endswith("traces")},
-             **({"rl_minus_sft_acc5": change} if change else {})}, indent=2, default=float))
-        runlog.close()
-        try:
-            files = draw_report(run_dir)
-            print(f"plots: {', '.join(str(f) for f in files)}")
-        except Exception as e:  # plots are a convenience; a plotting problem must not fail a finished run
-            log.warning("report failed: %s", e)
-    D.barrier()
-    D.cleanup()
-    return 0
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ def prepare(work: Path, n_prompts: int = N_PROMPTS, overrides=(), device: str = 
     from afrl_fast.loss import LossRows
     from afrl_fast.optim import make_optimizer, optimizer_step
     from afrl_fast.policy import LossSettings, PolicyLoss, build_lm, loss_backward
-    from afrl_fast.train import QWEN_VOCAB
+    from afrl_fast.run_data import QWEN_VOCAB
 
     cfg = bench_config(n_prompts, overrides, device)
     torch.manual_seed(cfg.run.seed)
@@ -129,7 +129,8 @@ def run_ours(work: Path, steps: int, overrides=(), device: str = "cpu") -> dict:
     from afrl_fast.optim import make_optimizer
     from afrl_fast.rl import RLContext, step
     from afrl_fast.rollouts import TrainerEngine
-    from afrl_fast.train import QWEN_VOCAB, build_policy, build_ref_policy
+    from afrl_fast.run_data import QWEN_VOCAB
+    from afrl_fast.run_policy import build_policy, build_ref_policy
 
     batch = json.loads((work / "batch.json").read_text())
     n_prompts = len(batch["prompt_ids"])

@@ -1081,7 +1081,7 @@ def _prompts_and_traces(cfg, n: int):
     from afrl_fast.data import synthesize
     from afrl_fast.format import instructions_text, load_tokenizer
     from afrl_fast.rulebook import load_rulebook
-    from afrl_fast.train import tokenize_prompts, tokenize_targets
+    from afrl_fast.run_data import tokenize_prompts, tokenize_targets
 
     rulebook, tokenizer = load_rulebook(cfg.data.rulebook), load_tokenizer(cfg.model.tokenizer)
     table = synthesize(n, cfg.data.seed, rulebook, "train", reasons=cfg.data.reasons)
@@ -1099,7 +1099,7 @@ def section_rl_step(ctx: Ctx) -> dict:
     from afrl_fast.optim import make_optimizer
     from afrl_fast.rl import RLContext, step
     from afrl_fast.rollouts import TrainerEngine
-    from afrl_fast.train import build_policy, build_ref_policy
+    from afrl_fast.run_policy import build_policy, build_ref_policy
 
     s = ctx.sizes.rl
     cfg = _rl_config(ctx, s["model"], [f"rl.group_size={s['group']}", f"rl.batch_prompts={s['prompts']}",

@@ -25,9 +25,9 @@ FLOORS = [
     ("steps", ["rollouts", "sft", "report", "experiments"]),
     ("stages", ["curriculum", "evaluate"]),
     ("RL", ["rl"]),
-    ("training run", ["train"]),
+    ("runs", ["run_dir", "run_data", "run_policy", "run_results"]),
     ("service backends", ["serve_backends"]),
-    ("entry points", ["distill", "serve"]),
+    ("entry points", ["train", "distill", "serve"]),
 ]
 
 # What may be imported inside a function: optional extras (serving, SGLang, peers) and dependencies

@@ -39,7 +39,7 @@ def local(p: torch.Tensor) -> torch.Tensor:
 def changed_fraction(dtype: str, steps: int = 5, lr: float = 1e-6, master: bool = True, info: DistInfo = INFO):
     """The fraction of all weights (every rank's shard) that `steps` SFT steps at `lr` changed;
     also returns the policy and its optimizer."""
-    from afrl_fast.train import build_policy
+    from afrl_fast.run_policy import build_policy
 
     cfg = load_config(DEMO_CONFIG, TINY + [f"model.dtype={dtype}"])
     torch.manual_seed(0)
@@ -99,7 +99,7 @@ def same_init_as_one_process(info: DistInfo) -> dict:
     """The sharded policy's weights (on rank 0) and buffers (on every rank) against a one-process
     build from the same seed."""
     from afrl_fast.policy import build_lm
-    from afrl_fast.train import build_policy
+    from afrl_fast.run_policy import build_policy
 
     cfg = load_config(DEMO_CONFIG, TINY)
     torch.manual_seed(0)
@@ -131,7 +131,7 @@ def peak_growth(build):
 def shard_memory(info: DistInfo) -> dict:
     """Peak memory growth while building the policy and, from its rank-0 state, the frozen
     reference, against the size of one full fp32 copy."""
-    from afrl_fast.train import build_policy
+    from afrl_fast.run_policy import build_policy
 
     cfg = load_config(DEMO_CONFIG, LAYERED)
     torch.manual_seed(0)

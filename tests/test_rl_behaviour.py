@@ -24,7 +24,7 @@ from afrl_fast.optim import make_optimizer
 from afrl_fast.rl import RLContext, step
 from afrl_fast.rollouts import TrainerEngine
 from afrl_fast.rulebook import load_rulebook
-from afrl_fast.train import build_policy
+from afrl_fast.run_policy import build_policy
 from afrl_fast.verify import VerifyResult
 
 INFO = DistInfo(rank=0, world=1, local_rank=0, device=torch.device("cpu"))

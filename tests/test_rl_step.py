@@ -36,7 +36,7 @@ def world():
 
 
 def run_step(world, tmp_path, shortcut: bool, mode: str = "mode_balanced"):
-    from afrl_fast.train import build_policy
+    from afrl_fast.run_policy import build_policy
     tok, rb, prompts, labels, sft = world
     cfg = load_config(DEMO_CONFIG, TINY + [f"rl.on_policy_shortcut={str(shortcut).lower()}", f"rl.mode={mode}"])
     torch.manual_seed(0)

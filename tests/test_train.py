@@ -278,7 +278,7 @@ def grade_run(tmp_path_factory):
 def test_standard_scoring_trains_on_the_grade_token_alone_and_names_its_row(grade_run):
     from afrl_fast.data import read_pairs
     from afrl_fast.format import label_token_ids, load_tokenizer
-    from afrl_fast.train import tokenize_targets
+    from afrl_fast.run_data import tokenize_targets
 
     out, _ = grade_run
     tok = load_tokenizer()
@@ -314,7 +314,7 @@ def test_a_folder_in_place_of_the_data_manifest_is_one_line(tmp_path):
 def test_rl_draws_from_the_labels_only_pool_when_the_config_asks_for_one(tmp_path):
     from afrl_fast.config import ConfigError, DEMO_CONFIG, load_config
     from afrl_fast.rulebook import load_rulebook
-    from afrl_fast.train import prepare_data, rl_split, write_data
+    from afrl_fast.run_data import prepare_data, rl_split, write_data
 
     rb = load_rulebook()
     run = tmp_path / "run"
@@ -340,7 +340,7 @@ def test_rl_draws_from_the_labels_only_pool_when_the_config_asks_for_one(tmp_pat
 def test_the_rl_change_is_paired_over_the_same_pairs():
     import pyarrow as pa
 
-    from afrl_fast.train import rl_change
+    from afrl_fast.run_results import rl_change
 
     labels = [0, 1, 2, 3, 4] * 20
     sft = "".join(str(x) for x in labels[:60]) + "0" * 40               # 60 right, then 40 wrong (unless label 0)
