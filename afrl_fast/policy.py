@@ -16,7 +16,8 @@ from torch import nn
 
 from .config import ModelConfig
 from .errors import ConfigError
-from .loss import LossRows, fused_distill_loss, fused_loss, token_logprobs
+from .distill_loss import fused_distill_loss
+from .loss import LossRows, fused_loss, token_logprobs
 
 
 @dataclass

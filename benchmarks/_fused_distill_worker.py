@@ -35,7 +35,8 @@ def make_inputs(n, hs, ht, v):
 
 
 def run_ours(backend):
-    from afrl_fast.loss import fused_distill_loss, resolve_backend
+    from afrl_fast.backends import resolve_backend
+    from afrl_fast.distill_loss import fused_distill_loss
     resolve_backend(backend, torch.device("cpu"), kernel="distill_pass")   # build/import before timing
 
     def step(sh, sw, th, tw, targets):

@@ -8,7 +8,8 @@ Each kernel has a float64 torch reference (`reference.py`), a test in tests/ and
 benchmarks/ under the same name: `vocab_pass` → tests/test_vocab_pass_triton.py,
 benchmarks/bench_vocab_pass.py; `distill_pass` → tests/test_distill_pass_triton.py,
 benchmarks/bench_distill_pass.py. The dispatch between these kernels, the native C++ ones (csrc/) and
-plain torch lives in `afrl_fast.backends`.
+plain torch lives in `afrl_fast.backends`; each kernel's implementations are listed side by side in
+`afrl_fast.vocab_pass` and `afrl_fast.distill_pass`.
 
 IGNORE_INDEX is defined here, the lowest layer, once for the whole project: a target row with this
 value contributes nothing (no loss, zero gradient, zero log-prob and entropy).

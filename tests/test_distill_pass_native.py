@@ -11,7 +11,8 @@ No skips: CI has g++, so an extension that does not build is a failure.
 import pytest
 import torch
 
-from afrl_fast import backends as native
+from afrl_fast import native_build as native
+from afrl_fast.distill_pass import distill_pass_native
 from afrl_fast_kernels.constants import DISTILL_KINDS
 from afrl_fast_kernels.reference import IGNORE_INDEX, distill_pass_reference
 
@@ -52,7 +53,7 @@ def run_and_compare(zs, zt, targets, coef, *, kind, ce_coef=0.2, beta=0.3, inv_t
     want_d, want_ce, want_g = distill_pass_reference(zs, zt, targets, coef, ce_coef, kind=kind, beta=beta,
                                                      inv_temp=inv_temp)
     work, teacher = zs.clone(), zt.clone()
-    got_d, got_ce = native.distill_pass_native(work, teacher, targets, coef, ce_coef, kind, beta, inv_temp, with_grad)
+    got_d, got_ce = distill_pass_native(work, teacher, targets, coef, ce_coef, kind, beta, inv_temp, with_grad)
     assert torch.equal(teacher, zt), "the teacher's logits are only read"
     for name, g, w in (("div", got_d, want_d), ("ce", got_ce, want_ce)):
         assert g.dtype == torch.float32 and g.shape == w.shape, name
@@ -180,7 +181,7 @@ def test_float16_and_noncontiguous_go_through_a_copy():
     zs, zt, targets, coef = make_inputs(5, 1201, seed=12)
     half = zs.half()
     want = distill_pass_reference(half, zt, targets, coef, 0.2, kind="jsd", beta=0.3, inv_temp=1.0)
-    got = native.distill_pass_native(half, zt, targets, coef, 0.2, "jsd", 0.3, 1.0, True)
+    got = distill_pass_native(half, zt, targets, coef, 0.2, "jsd", 0.3, 1.0, True)
     torch.testing.assert_close(got[0].double(), want[0], rtol=3e-5, atol=3e-5)
     torch.testing.assert_close(half.double(), want[2], rtol=2e-3, atol=1e-7)   # fp16 rounding of the gradient
     wide = torch.randn(5, 2402)
@@ -233,11 +234,11 @@ def test_extension_checks_name_the_argument(change, match):
 def test_wrapper_rejects_bad_kind_beta_and_shapes():
     args = {**_args(), "kind": "jsd"}
     with pytest.raises(ValueError, match="kind must be one of forward_kl, reverse_kl, jsd"):
-        native.distill_pass_native(**{**args, "kind": "kl"})
+        distill_pass_native(**{**args, "kind": "kl"})
     with pytest.raises(ValueError, match=r"beta must be in \(0, 1\) for kind='jsd'"):
-        native.distill_pass_native(**{**args, "beta": 0.0})
+        distill_pass_native(**{**args, "beta": 0.0})
     with pytest.raises(ValueError, match="student_logits must be a 2-D tensor"):
-        native.distill_pass_native(**{**args, "student_logits": torch.zeros(50)})
+        distill_pass_native(**{**args, "student_logits": torch.zeros(50)})
 
 
 # ---- one extension for every native kernel -------------------------------------------------------

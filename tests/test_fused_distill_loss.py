@@ -1,4 +1,4 @@
-"""The public distillation loss (afrl_fast.loss.fused_distill_loss) against the float64 full-logits
+"""The public distillation loss (afrl_fast.distill_loss.fused_distill_loss) against the float64 full-logits
 reference (afrl_fast_kernels.reference.fused_distill_loss_reference) and against Liger-Kernel.
 
 Every backend runs the same checks on fresh random inputs: "torch" and "native" here, "triton" when
@@ -28,8 +28,9 @@ import pytest
 import torch
 
 from afrl_fast import backends as B
-from afrl_fast import loss as L
-from afrl_fast.loss import IGNORE_INDEX, default_chunk_rows, fused_distill_loss
+from afrl_fast import lm_head as L
+from afrl_fast.distill_loss import IGNORE_INDEX, fused_distill_loss
+from afrl_fast.lm_head import default_chunk_rows
 from afrl_fast_kernels.constants import DISTILL_KINDS
 from afrl_fast_kernels.reference import fused_distill_loss_reference
 
@@ -153,7 +154,7 @@ CASES = {
 def test_matches_reference(backend, kind, name, monkeypatch):
     if backend == "torch" and name in ("plain", "partial_last_chunk", "extreme_logits"):
         # Row blocks of one row, so the block loop inside the torch distill pass runs many times.
-        monkeypatch.setitem(B.TORCH_BLOCK_BYTES, "cpu", 1)
+        monkeypatch.setitem(L.TORCH_BLOCK_BYTES, "cpu", 1)
     spec = CASES[name]
     case = make_case(seed=list(CASES).index(name) + 10 * DISTILL_KINDS.index(kind), **spec["make"])
     kw = dict(spec["kw"], kind=kind, jsd_beta=0.35)

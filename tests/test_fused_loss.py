@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from afrl_fast import backends as B
-from afrl_fast import loss as L
+from afrl_fast import lm_head as L
 from afrl_fast.loss import IGNORE_INDEX, default_chunk_rows, fused_loss, token_logprobs
 from afrl_fast_kernels.reference import fused_loss_reference, token_logprobs_reference
 
@@ -154,7 +154,7 @@ CASES = {
 def test_matches_reference(backend, name, monkeypatch):
     if backend == "torch" and name in ("mixed", "temperature", "many_chunks", "extreme_logits"):
         # Row blocks of one row, so the block loop inside the torch vocab pass runs many times.
-        monkeypatch.setitem(B.TORCH_BLOCK_BYTES, "cpu", 1)
+        monkeypatch.setitem(L.TORCH_BLOCK_BYTES, "cpu", 1)
     spec = CASES[name]
     temperature = spec["make"].get("temperature", 1.0)
     case = make_case(seed=list(CASES).index(name), **spec["make"])
@@ -177,7 +177,7 @@ def test_extreme_logits_are_extreme():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16_inputs(backend, monkeypatch):
-    monkeypatch.setitem(B.TORCH_BLOCK_BYTES, "cpu", 4 * 517 * 5)      # torch: blocks of 5 rows
+    monkeypatch.setitem(L.TORCH_BLOCK_BYTES, "cpu", 4 * 517 * 5)      # torch: blocks of 5 rows
     case = make_case(n=33, h=32, v=517, seed=3)
     # Compare with the reference evaluated at the bf16-rounded inputs: what remains is our math.
     rounded = dict(case, hidden=case["hidden"].to(torch.bfloat16).to(F64),

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from afrl_fast.backends import TORCH_BLOCK_BYTES
+from afrl_fast.lm_head import TORCH_BLOCK_BYTES
 
 CHILD = r"""
 import json, resource, sys, torch
@@ -67,7 +67,8 @@ def test_peak_rss_above_inputs_and_grads_is_about_one_chunk(backend):
 
 DISTILL_CHILD = r"""
 import json, resource, sys, torch
-from afrl_fast.loss import default_chunk_rows, fused_distill_loss
+from afrl_fast.distill_loss import fused_distill_loss
+from afrl_fast.lm_head import default_chunk_rows
 torch.set_num_threads(2)
 
 def rss():

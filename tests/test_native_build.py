@@ -1,4 +1,4 @@
-"""The native build's lock and cache checks (afrl_fast.backends): a killed build leaves nothing that
+"""The native build's lock and cache checks (afrl_fast.native_build): a killed build leaves nothing that
 makes later processes wait forever, a live build is waited for with a message and a time limit,
 and a cached library is loaded only when it is this user's and matches its recorded hash.
 
@@ -20,7 +20,8 @@ import torch
 from torch.utils import cpp_extension
 from torch.utils.file_baton import FileBaton
 
-from afrl_fast import backends as B
+from afrl_fast import backends
+from afrl_fast import native_build as B
 
 SENTINEL = object()
 
@@ -63,7 +64,7 @@ def hold_lock_in_child(build_dir: Path) -> subprocess.Popen:
     code = textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
-        from afrl_fast.backends import build_lock
+        from afrl_fast.native_build import build_lock
         with build_lock(Path({str(build_dir)!r})):
             print("held", flush=True)
             time.sleep(120)
@@ -119,7 +120,7 @@ def test_backend_unavailable_not_hung_when_the_lock_stays_held(cache, monkeypatc
         monkeypatch.setenv("AFRL_FAST_BUILD_LOCK_TIMEOUT", "0.5")
         assert B.native_available() is False
         assert "gave up after" in B.native_unavailable_reason() and calls == []
-        assert B.resolve_backend("auto", torch.device("cpu"))[0] == "torch"
+        assert backends.resolve_backend("auto", torch.device("cpu"))[0] == "torch"
     finally:
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait()

@@ -7,8 +7,9 @@ are rejected up front, identically for all backends.
 import pytest
 import torch
 
-from afrl_fast import backends
-from afrl_fast.loss import fused_distill_loss, fused_loss, token_logprobs
+from afrl_fast import backends, native_build
+from afrl_fast.distill_loss import fused_distill_loss
+from afrl_fast.loss import fused_loss, token_logprobs
 from afrl_fast_kernels.constants import DISTILL_KINDS
 from afrl_fast_kernels.reference import IGNORE_INDEX, fused_distill_loss_reference, fused_loss_reference
 from nonfinite_cases import (CASES, DISTILL_CASES, assert_same_nonfinite, assert_same_nonfinite_distill, kind,
@@ -32,7 +33,7 @@ def run_case(backend: str, case: dict):
 
 @pytest.fixture(scope="module", autouse=True)
 def native_built():
-    assert backends.native_available(), backends.native_unavailable_reason()
+    assert native_build.native_available(), native_build.native_unavailable_reason()
 
 
 @pytest.mark.parametrize("backend", ["torch", "native"])

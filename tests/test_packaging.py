@@ -42,7 +42,8 @@ def test_regular_install_builds_the_native_kernel_and_finds_its_configs(tmp_path
     (venv_site / "deps.pth").write_text(f"{site}\n{sysconfig.get_paths()['purelib']}\n")
     probe = (
         "import torch, afrl_fast, afrl_fast_csrc\n"
-        "from afrl_fast.backends import resolve_backend, native_unavailable_reason\n"
+        "from afrl_fast.backends import resolve_backend\n"
+        "from afrl_fast.native_build import native_unavailable_reason\n"
         "from afrl_fast.rulebook import load_rulebook\n"
         "from afrl_fast.config import DEMO_CONFIG, load_config\n"
         "print(afrl_fast.__file__)\n"

@@ -13,7 +13,8 @@ import math
 import pytest
 import torch
 
-from afrl_fast import backends as native
+from afrl_fast import native_build as native
+from afrl_fast.vocab_pass import vocab_pass_native
 from afrl_fast_kernels.reference import IGNORE_INDEX, rowwise_loss_reference
 
 HYPER = dict(beta=0.04, eps_low=0.2, eps_high=0.28)
@@ -68,7 +69,7 @@ def run_and_compare(logits, targets, is_sft, adv, old, ref, scale, *, inv_temp=1
     hyper = {**HYPER, **hyper}
     want = reference(logits, targets, is_sft, adv, old, ref, scale, inv_temp=inv_temp, **hyper)
     work = logits.clone()
-    got = native.vocab_pass_native(work, targets, is_sft, adv, old, ref, scale,
+    got = vocab_pass_native(work, targets, is_sft, adv, old, ref, scale,
                                    inv_temp=inv_temp, with_grad=with_grad, **hyper)
     names = ("row_loss", "logp", "entropy", "clipped", "k3")
     for name, g, w in zip(names, got, want):
@@ -240,7 +241,7 @@ def _args(c=4, v=50):
 ])
 def test_bad_inputs_raise_clear_errors(change, match):
     with pytest.raises(RuntimeError, match=match):
-        native.vocab_pass_native(**{**_args(), **change})
+        vocab_pass_native(**{**_args(), **change})
 
 
 @pytest.mark.parametrize("name,bad,match", [
@@ -261,7 +262,7 @@ def test_extension_checks_name_the_argument(name, bad, match):
 
 def test_wrapper_rejects_1d_logits():
     with pytest.raises(ValueError, match="2-D"):
-        native.vocab_pass_native(**{**_args(), "logits": torch.zeros(50)})
+        vocab_pass_native(**{**_args(), "logits": torch.zeros(50)})
 
 
 # ---- build machinery -----------------------------------------------------------------------------
@@ -286,7 +287,7 @@ def test_failed_build_is_reported_not_raised(fresh_native, monkeypatch, tmp_path
     assert len([r for r in caplog.records if "unavailable" in r.getMessage()]) == 1
     assert "Traceback" not in caplog.text
     with pytest.raises(RuntimeError, match="unavailable"):
-        fresh_native.vocab_pass_native(**_args())
+        vocab_pass_native(**_args())
 
 
 def test_missing_compiler_is_reported(fresh_native, monkeypatch):
