@@ -18,7 +18,7 @@ The job, top to bottom:
      `data` takes the train split's `trace` column (e.g. afrl_fast.synthesize output);
      `first_token` keeps the teacher's grade token alone (a standard-scoring student).
   3. logit level — at every position of those traces the student's next-token distribution is pulled
-     to the teacher's with the fused distillation loss (afrl_fast.loss.fused_distill_loss: forward KL,
+     to the teacher's with the fused distillation loss (afrl_fast.distill_loss.fused_distill_loss: forward KL,
      reverse KL or JSD at temperature τ, no [tokens, V] logits of either model), the grade position
      weighted `distill.first_token_weight` (its logits "condense the global reasoning"), plus
      `distill.hard_label_weight` × the student's cross-entropy on the trace tokens.
@@ -52,7 +52,7 @@ from afrl_fast import checkpoint as C
 from afrl_fast import dist as D
 from afrl_fast.files import atomic_write_bytes, atomic_write_text
 from afrl_fast.config import ConfigError, load_distill_config, to_yaml
-from afrl_fast.data import SPLITS, DataError, read_pairs
+from afrl_fast.pairs import SPLITS, DataError, read_pairs
 from afrl_fast.engines import EmbeddedEngine
 from afrl_fast.errors import ScoringError
 from afrl_fast.evaluate import evaluate_splits, results_table
@@ -68,7 +68,7 @@ from afrl_fast.run_data import instructions_path, tokenize_prompts, tokenize_tar
 from afrl_fast.run_dir import (check_model_folder, check_run_dir, check_same_config, comparable_config,
                                open_run_dir)
 from afrl_fast.sft import sft_batches
-from afrl_fast.synthesize import choose, rejection_reasons
+from afrl_fast.trace_selection import choose, rejection_reasons
 
 TRACES_FILE = "teacher_traces.parquet"
 STUDENT_DIR = "student_model"

@@ -9,23 +9,14 @@ splits during RL and checks greedy traces against the rulebook.
 """
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
-import torch
 
 from . import dist as D
-from .data import DataError, read_pairs
-from .errors import ScoringError
-from .files import atomic_write_many, check_output_path
-from .format import FormatError, load_tokenizer, resolve_prompt_settings
-from .metrics import MetricsError, compute_metrics, expected_score, format_table, metrics_json
+from .metrics import compute_metrics, expected_score
 from .reward import RewardConfig
 from .rollouts import STREAM_EVAL, generate_rollouts, prompt_seed
-from .rulebook import RulebookError
-from .scoring import EngineFirstTokenScorer, FirstTokenScorer, has_tokenizer, load_model
+from .scoring import EngineFirstTokenScorer, FirstTokenScorer
 from .verify import verify_batch
 
 __all__ = ["EngineFirstTokenScorer", "FirstTokenScorer", "evaluate_splits", "majority_baseline", "trace_validity",
@@ -112,73 +103,7 @@ def predictions_table(table, probs: np.ndarray):
     return pa.table(cols)
 
 
-def check_device(name: str) -> None:
-    """--device must name a device this machine has (checked before any loading)."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ScoringError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1, …)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ScoringError(f"--device {name}: no CUDA device is visible on this machine (use --device cpu)")
+if __name__ == "__main__":       # python -m afrl_fast.evaluate: the front end in afrl_fast.cli
+    from afrl_fast.cli.evaluate import main
 
-
-def parse_args(argv):
-    ap = argparse.ArgumentParser(prog="python -m afrl_fast.evaluate", description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True, help="Hugging Face model folder")
-    ap.add_argument("--data", required=True, help="pairs parquet: query_id, doc_id, query, document, label")
-    ap.add_argument("--out", required=True, help="metrics JSON")
-    ap.add_argument("--predictions", help="also write per-pair predictions parquet here")
-    ap.add_argument("--tokenizer", help="tokenizer folder or 'qwen3' (default: the model's, else qwen3)")
-    ap.add_argument("--rulebook", help="rulebook YAML (default: the copy in the model folder, else the default rulebook)")
-    ap.add_argument("--instructions", default=None,
-                    help="system prompt: full (the whole rulebook), short (its summary) or a text file; "
-                         "default: the prompt saved in the model folder at export, else full")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--max-prompt-tokens", type=int, default=None)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
-    ap.add_argument("--no-progress", action="store_true")
-    return ap.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        # everything that can be checked cheaply is, before the model is loaded and scored
-        check_output_path(args.out, ScoringError)
-        if args.predictions:
-            check_output_path(args.predictions, ScoringError)
-        check_device(args.device)
-        table = read_pairs(args.data)           # validates the schema; errors name file and column
-        tok_path = args.tokenizer or (args.model if has_tokenizer(args.model) else "qwen3")
-        tokenizer = load_tokenizer(tok_path)
-        if not Path(args.model).is_dir():
-            raise ScoringError(f"{args.model}: model folder not found")
-        prompt = resolve_prompt_settings(args.model, args.rulebook, args.instructions)
-        scorer = FirstTokenScorer(load_model(args.model, args.dtype), tokenizer, prompt.rulebook,
-                                  batch_size=args.batch_size, device=args.device,
-                                  instructions=prompt.instructions,
-                                  max_prompt_tokens=args.max_prompt_tokens, progress=not args.no_progress)
-        probs = scorer.score_pairs(table)
-        metrics = compute_metrics(table.column("label").to_numpy(zero_copy_only=False), probs,
-                                  np.asarray(table.column("query_id").to_pylist(), dtype=object))
-        metrics.update(model=str(args.model), data=str(args.data), n_truncated=scorer.n_truncated,
-                       max_prompt_tokens=args.max_prompt_tokens)
-        outputs = {Path(args.out): lambda f: f.write(metrics_json(metrics).encode("utf-8"))}
-        if args.predictions:
-            import pyarrow.parquet as pq
-            preds = predictions_table(table, probs)
-            outputs[Path(args.predictions)] = lambda f: pq.write_table(preds, f)
-        atomic_write_many(outputs)              # both files or neither
-    except (DataError, ScoringError, MetricsError, FormatError, RulebookError, OSError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    print(format_table(metrics))
-    if args.max_prompt_tokens is not None:
-        print(f"truncated documents: {scorer.n_truncated} of {metrics['n']} "
-              f"(prompts cut to {args.max_prompt_tokens} tokens)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .verify import response_token_offsets, token_weights
+from .token_spans import response_token_offsets, token_weights
 
 EPS = 1e-6
 

@@ -26,17 +26,14 @@ figure registry to leak into, and no display backend is ever touched (Agg render
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
 from matplotlib.figure import Figure
 from matplotlib.transforms import blended_transform_factory
 
 from .experiment_results import load_manifest, read_results, run_state, summarize, summary_markdown
-from .files import check_output_path
 from .observe import read_metrics_log
 
 EVAL_METRICS = [("pair_acc", "Pair-ACC"), ("macro_f1", "Macro-F1"), ("acc5", "5-ACC")]
@@ -397,31 +394,7 @@ def draw_report(run_dir, out_dir=None) -> list[Path]:
     return [p for p in written if p is not None]
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m afrl_fast.report",
-                                     description="Draw PNG plots from RUN_DIR/metrics.jsonl, or compare the "
-                                                 "runs of an experiment folder (afrl_fast.experiments).")
-    parser.add_argument("run_dir", type=Path, help="training run folder holding metrics.jsonl, or an experiment folder")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="output folder (RUN_DIR/plots; an experiment's: RUN_DIR/summary)")
-    args = parser.parse_args(argv)
-    try:
-        experiment = (args.run_dir / "experiment.json").is_file()
-        out = args.out or args.run_dir / ("summary" if experiment else "plots")
-        check_output_path(out, ValueError, kind="dir")
-        if experiment:                                      # an experiment folder: compare its runs
-            paths = draw_experiment(args.run_dir, out)
-        else:
-            paths = draw_report(args.run_dir, out)
-    except (OSError, ValueError, RuntimeError) as err:     # ExperimentError is a RuntimeError
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
-    for path in paths:
-        print(path)
-    if not paths:
-        print("note: nothing to draw")
-    return 0
+if __name__ == "__main__":       # python -m afrl_fast.report: the front end in afrl_fast.cli
+    from afrl_fast.cli.report import main
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -8,7 +8,8 @@ import math
 from pathlib import Path
 
 from .checkpoint import first_line
-from .data import RL_POOL, SPLITS, DataError, _normalize, configured_splits, read_pairs, validate_pairs, write_splits
+from .data import RL_POOL, configured_splits, write_splits
+from .pairs import SPLITS, DataError, _normalize, read_pairs, validate_pairs
 from .errors import ConfigError
 from .files import atomic_write_text
 from .format import build_prompt

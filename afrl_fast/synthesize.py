@@ -39,14 +39,10 @@ with one line naming the URL.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hashlib
 import json
-import math
 import re
-import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -57,19 +53,14 @@ import pyarrow.parquet as pq
 from .resources import CONFIG_DIR
 
 from .files import atomic_write_many, atomic_write_text, check_output_path
-from .data import PAIR_COLUMNS, DataError, read_pairs
-from .endpoint import APIS, Endpoint, EndpointError, RequestRefused, Usage, chat_prompt, strip_thinking
-from .format import FormatError, build_messages, build_prompt, load_tokenizer, resolve_prompt_settings
+from .pairs import PAIR_COLUMNS
+from .endpoint import Endpoint, RequestRefused, Usage, chat_prompt, strip_thinking
+from .format import build_messages, build_prompt
 from .observe import progress_bar
-from .rulebook import LABELS, RulebookError
-from .verify import verify_batch
+from .rulebook import LABELS
+from .trace_selection import REASONS, RETRY_REASONS, choose, parse_judge_score, rejection_reasons, trace_columns
 
 JUDGE_RUBRIC = CONFIG_DIR / "prompts" / "judge_rubric.txt"
-# Why a sample is rejected, in the order they are checked (the first that applies is recorded).
-REASONS = ("request_refused", "truncated", "aborted", "format", "inconsistent", "rules_imply_other_grade",
-           "final_not_label")
-# the endpoint's fault, not the pair's: such a pair without a verified trace is asked again on --resume
-RETRY_REASONS = ("request_refused", "aborted")
 SHARD_SCHEMA = pa.schema([
     ("pair", pa.int64()), ("sample", pa.int32()), ("text", pa.string()), ("finish_reason", pa.string()),
     ("reason", pa.string()), ("judge_score", pa.float64()), ("chosen", pa.bool_()), ("requests", pa.int64()),
@@ -83,63 +74,6 @@ SEED_MOD = 2 ** 31 - 1       # servers that keep the seed in an int32 must not o
 
 class SynthesisError(ValueError):
     """Bad arguments or a run folder that cannot be used; one line."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Filtering and selection (pure functions: the tests check them against the verifier's fields)
-# ----------------------------------------------------------------------------------------------
-
-def rejection_reasons(texts: list[str], finish_reasons: list[str], label: int, rulebook) -> list[str | None]:
-    """None for a kept sample, else the first failed check of REASONS."""
-    if not texts:
-        return []
-    res = verify_batch(texts, [label] * len(texts), rulebook)
-    out = []
-    for j, finish in enumerate(finish_reasons):
-        if finish == "length":
-            out.append("truncated")
-        elif finish != "stop":            # abort, content_filter, ...: the server did not finish it
-            out.append("aborted")
-        elif not res.fmt[j]:
-            out.append("format")
-        elif not res.cst[j]:
-            out.append("inconsistent")
-        elif res.y_hat[j] != label:
-            out.append("rules_imply_other_grade")
-        elif res.y_final[j] != label:
-            out.append("final_not_label")
-        else:
-            out.append(None)
-    return out
-
-
-def choose(texts: list[str], kept: list[int], scores: dict[int, float | None]) -> int | None:
-    """The best kept sample: highest judge score (unscored last), then shortest, then lowest index."""
-    if not kept:
-        return None
-    return min(kept, key=lambda j: (-scores[j] if scores.get(j) is not None else float("inf"), len(texts[j]), j))
-
-
-_SCORE = re.compile(r"score\s*[:=]?\s*\**\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
-
-
-def parse_judge_score(reply: str) -> float | None:
-    """The judge's 0–10 score: the last "Score: x" in the reply, or a reply that is only a number."""
-    hits = _SCORE.findall(reply or "")
-    text = hits[-1] if hits else (reply or "").strip().rstrip(".")
-    try:
-        value = float(text)
-    except ValueError:
-        return None
-    return value if 0.0 <= value <= 10.0 else None
-
-
-def trace_columns(text: str, rulebook) -> dict:
-    """The step columns, rule and tail of a kept trace (what the synthetic generator writes)."""
-    res = verify_batch([text], [-1], rulebook)
-    values = {step.key: res.value_strings(j)[0] for j, step in enumerate(rulebook.critical)}
-    rule = rulebook.first_rule(values)
-    return {"rule": rule.name, "tail": rule.tail, **values}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -427,114 +361,8 @@ def assemble(out: Path, pairs_table: pa.Table, rulebook, eval_splits: dict[str, 
 # CLI
 # ----------------------------------------------------------------------------------------------
 
-def parse_eval(items: list[str]) -> dict[str, pa.Table]:
-    splits = {}
-    for item in items or []:
-        name, sep, path = item.partition("=")
-        if not sep or not re.fullmatch(r"[A-Za-z0-9_-]+", name):
-            raise SynthesisError(f"--eval {item!r}: expected NAME=PATH with a split name of letters, digits, _ and -")
-        if name.lower() in RESERVED_SPLITS:     # lower: a case-insensitive file system would mix them up too
-            raise SynthesisError(f"--eval {item!r}: {name!r} is the name of an output of this tool "
-                                 f"({', '.join(RESERVED_SPLITS)}); give the split another name")
-        if name.lower() in {k.lower() for k in splits}:
-            raise SynthesisError(f"--eval {item!r}: a split named {name!r} was given already")
-        splits[name] = read_pairs(path)
-    return splits
 
+if __name__ == "__main__":       # python -m afrl_fast.synthesize: the front end in afrl_fast.cli
+    from afrl_fast.cli.synthesize import main
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m afrl_fast.synthesize", description=__doc__.split("\n")[0])
-    p.add_argument("--pairs", required=True, help="labelled pairs (Parquet: query_id, doc_id, query, document, label)")
-    p.add_argument("--endpoint", required=True, help="OpenAI-compatible server URL (http://host:port or .../v1)")
-    p.add_argument("--model", required=True, help="model name the server knows")
-    p.add_argument("--out", required=True)
-    p.add_argument("--n", type=int, default=10, help="samples per pair")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--max-tokens", type=int, default=1024)
-    p.add_argument("--concurrency", type=int, default=32, help="requests in flight at once")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
-    p.add_argument("--retries", type=int, default=5, help="retries (with backoff) on 429, 5xx and connection errors")
-    p.add_argument("--judge-endpoint")
-    p.add_argument("--judge-model")
-    p.add_argument("--api", choices=APIS, default="completions",
-                   help="completions: the prompt is rendered here with --tokenizer's chat template; chat: the server's")
-    p.add_argument("--tokenizer", default="qwen3", help="tokenizer whose chat template renders prompts (completions API)")
-    p.add_argument("--instructions", default="full", help="full | short | a text file (e.g. PIAR's output)")
-    p.add_argument("--rulebook", default=None)
-    p.add_argument("--eval", action="append", default=[], metavar="NAME=PATH",
-                   help="an evaluation split copied into --out (the trainer reads industry and longtail)")
-    p.add_argument("--shard-size", type=int, default=64, help="pairs per result shard")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true")
-    return p
-
-
-def check_args(args) -> None:
-    for name, low in (("n", 1), ("max_tokens", 1), ("concurrency", 1), ("shard_size", 1), ("retries", 0), ("seed", 0)):
-        if getattr(args, name) < low:
-            raise SynthesisError(f"--{name.replace('_', '-')} must be ≥ {low}, got {getattr(args, name)}")
-    if not (0.0 <= args.temperature <= 10.0):
-        raise SynthesisError(f"--temperature must be in [0, 10], got {args.temperature}")
-    if not (math.isfinite(args.timeout) and args.timeout > 0):
-        raise SynthesisError(f"--timeout must be a finite number of seconds > 0, got {args.timeout}")
-    if bool(args.judge_endpoint) != bool(args.judge_model):
-        raise SynthesisError("--judge-endpoint and --judge-model go together")
-
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    t0 = time.time()
-    out = Path(args.out)
-    try:
-        # everything is checked before --out is made (start_out_dir, at the first shard)
-        check_args(args)
-        endpoint = Endpoint(args.endpoint, args.model, api=args.api, concurrency=args.concurrency,
-                            timeout=args.timeout, retries=args.retries)
-        judge = (Endpoint(args.judge_endpoint, args.judge_model, api=args.api, concurrency=args.concurrency,
-                          timeout=args.timeout, retries=args.retries) if args.judge_endpoint else None)
-        pairs_table = read_pairs(args.pairs)
-        if pairs_table.num_rows == 0:
-            raise SynthesisError(f"{args.pairs}: no pairs to synthesize traces for")
-        eval_splits = parse_eval(args.eval)
-        prompt = resolve_prompt_settings(None, args.rulebook, args.instructions)
-        tokenizer = load_tokenizer(args.tokenizer)
-        settings = run_settings(args, Path(args.pairs), pairs_table.num_rows, prompt.instructions)
-        check_out_dir(out, settings, args.resume)
-        shards = read_shards(out, pairs_table.num_rows) if args.resume else []
-        done = finished_pairs(shards)
-        answered_before = any(r != "request_refused" for t in shards for r in t.column("reason").to_pylist())
-        pairs = pairs_table.select(list(PAIR_COLUMNS)).to_pylist()
-        todo = [i for i in range(len(pairs)) if i not in done]
-        synth = Synthesizer(endpoint, judge, tokenizer, prompt, args.n, args.temperature, args.max_tokens, args.seed)
-        next_shard = max((int(p.stem) for p in (out / "shards").glob("*.parquet")), default=-1) + 1 \
-            if args.resume else 0
-        try:
-            asyncio.run(sample_all(synth, pairs, todo, out, next_shard, args.shard_size, len(done),
-                                   start_out=lambda: start_out_dir(out, settings), answered_before=answered_before))
-        except (EndpointError, KeyboardInterrupt) as e:
-            why = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
-            if (out / "synthesis.json").exists():
-                kept = finished_pairs(read_shards(out, pairs_table.num_rows))
-                where = (f"{len(kept)} of {len(pairs)} pairs are saved in {out}/shards, rerun with --resume to "
-                         "finish")
-            else:
-                where = f"no pair was finished, nothing was written to {out}"
-            print(f"error: {' '.join(why.split())}; {where}", file=sys.stderr)
-            return 2 if isinstance(e, EndpointError) else 130
-        start_out_dir(out, settings)
-        report = assemble(out, pairs_table, prompt.rulebook, eval_splits, time.time() - t0, settings)
-    except (SynthesisError, DataError, EndpointError, FormatError, RulebookError, OSError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    print(f"{report['pairs_with_trace']} of {report['pairs']} pairs got a verified trace "
-          f"(yield {report['yield']:.1%}; {report['samples_kept']} of {report['samples']} samples kept); "
-          f"{report['hard_pairs']} hard pairs in {out / 'hard.parquet'}")
-    print("rejections: " + ", ".join(f"{k} {v}" for k, v in report["rejections"].items()))
-    if report["pairs_to_retry"]:
-        print(f"{report['pairs_to_retry']} pairs have no trace because the endpoint refused or aborted their "
-              f"requests; rerun with --resume to ask for them again")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

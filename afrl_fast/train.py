@@ -38,7 +38,7 @@ from afrl_fast import checkpoint as C
 from afrl_fast import dist as D
 from afrl_fast.config import DEMO_CONFIG, ConfigError, load_config, to_yaml
 from afrl_fast.curriculum import estimate_difficulty, write_difficulty
-from afrl_fast.data import DataError
+from afrl_fast.pairs import DataError
 from afrl_fast.engines.sglang_server import check_shared_run_dir
 from afrl_fast.evaluate import evaluate_splits, trace_validity
 from afrl_fast.files import atomic_write_text

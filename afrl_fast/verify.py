@@ -26,27 +26,22 @@ CLI:  python -m afrl_fast.verify --responses IN.parquet --out OUT.parquet [--gat
 """
 from __future__ import annotations
 
-import argparse
-import sys
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 from numba import njit, prange
 
-from .files import atomic_write_bytes, check_output_path
 from .format import BOX_OPEN
-from .reward import GATES, RewardConfig
-from .rulebook import CRITICAL_STEPS, LABELS, N_CRITICAL, N_STEPS, Rulebook, RulebookError, load_rulebook
+from .reward import RewardConfig
+from .rulebook import CRITICAL_STEPS, N_CRITICAL, N_STEPS, Rulebook, load_rulebook
+from .text_arrays import arrow_string_views, as_label_array, as_string_array
+from .token_spans import N_SPANS
 
-N_SPANS = 2 + N_CRITICAL            # decision digit, the five critical values, final digit
 SPAN_NAMES = ("dec",) + tuple(f"s{n}" for n in CRITICAL_STEPS) + ("final",)
 VALUE_COLUMNS = tuple(f"s{n}_value" for n in CRITICAL_STEPS)
 RESULT_COLUMNS = ("fmt", "cst", "logic", "y_dec", "y_final", "y_hat") + VALUE_COLUMNS + ("reward",) + \
     tuple(f"{s}_{side}" for s in SPAN_NAMES for side in ("start", "end"))
-_MAX_OFFSET32 = 2**31 - 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,71 +274,8 @@ def _verify_kernel(data, offsets, valid, labels,
 
 
 # ----------------------------------------------------------------------------------------------
-# Arrow input and the result
+# The result
 # ----------------------------------------------------------------------------------------------
-
-def as_string_array(responses) -> pa.Array:
-    """One contiguous Arrow (large_)string array from an Arrow array, chunked array or list."""
-    if not isinstance(responses, (pa.Array, pa.ChunkedArray)):
-        if isinstance(responses, (str, bytes)):
-            raise TypeError("responses must be a sequence of strings, not a single string")
-        # string (int32 offsets) like parquet columns, so both share one compiled specialisation;
-        # pyarrow returns a chunked array when the text outgrows int32 offsets
-        responses = pa.array(list(responses), type=pa.string())
-    if isinstance(responses, pa.ChunkedArray):
-        if responses.num_chunks == 1:
-            responses = responses.chunk(0)
-        else:
-            # combine copies once; int32 offsets cannot address more than 2 GiB of text
-            if pa.types.is_string(responses.type) and \
-                    sum(c.buffers()[2].size if c.buffers()[2] else 0 for c in responses.chunks) > _MAX_OFFSET32:
-                responses = responses.cast(pa.large_string())
-            responses = responses.combine_chunks()
-    if pa.types.is_string_view(responses.type):
-        responses = responses.cast(pa.string())
-    if not (pa.types.is_string(responses.type) or pa.types.is_large_string(responses.type)):
-        raise TypeError(f"responses must be an Arrow string or large_string array, got {responses.type}")
-    return responses
-
-
-def arrow_string_views(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(data uint8, offsets int32/int64 [n+1], valid bool [n]) of a string array; data and offsets
-    are views of the Arrow buffers (no copy), already shifted by the array's own slice offset."""
-    n = len(arr)
-    _, offsets_buf, data_buf = arr.buffers()
-    offset_type = np.int64 if pa.types.is_large_string(arr.type) else np.int32
-    if offsets_buf is None or n == 0:
-        offsets = np.zeros(n + 1, dtype=offset_type)
-    else:
-        offsets = np.frombuffer(offsets_buf, dtype=offset_type)[arr.offset: arr.offset + n + 1]
-    data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
-    if arr.null_count:
-        valid = arr.is_valid().to_numpy(zero_copy_only=False)
-    else:
-        valid = np.ones(n, dtype=np.bool_)
-    return data, offsets, valid
-
-
-def as_label_array(labels, n: int) -> np.ndarray:
-    """Labels as int64 [n]; nulls (Arrow) become -1 (unknown)."""
-    if isinstance(labels, (pa.Array, pa.ChunkedArray)):
-        if not pa.types.is_integer(labels.type):
-            raise TypeError(f"labels must be integers, got Arrow type {labels.type}")
-        # int64 first: -1 does not fit an unsigned column's fill value
-        labels = labels.cast(pa.int64()).fill_null(-1).to_numpy(zero_copy_only=False)
-    arr = np.asarray(labels)
-    if arr.ndim != 1:
-        raise ValueError(f"labels must be one-dimensional, got shape {arr.shape}")
-    if len(arr) != n:
-        raise ValueError(f"got {n} responses but {len(arr)} labels; they must have the same length")
-    if n and not np.issubdtype(arr.dtype, np.integer):
-        raise TypeError(f"labels must be integers (-1 for unknown, {LABELS[0]}..{LABELS[-1]}), got dtype {arr.dtype}")
-    arr = arr.astype(np.int64)
-    bad = (arr < -1) | (arr > LABELS[-1])
-    if bad.any():
-        raise ValueError(f"labels must be -1 (unknown) or {LABELS[0]}..{LABELS[-1]}; "
-                         f"label {arr[bad][0]} at index {int(np.flatnonzero(bad)[0])}")
-    return arr
 
 
 @dataclass
@@ -430,159 +362,11 @@ def verify_batch(responses, labels, rulebook: Rulebook | None = None,
 
 
 # ----------------------------------------------------------------------------------------------
-# Spans -> token weights
-# ----------------------------------------------------------------------------------------------
-
-def _common_prefix_length(piece: str, text: str, at: int) -> int:
-    n = min(len(piece), len(text) - at)
-    k = 0
-    while k < n and piece[k] == text[at + k]:
-        k += 1
-    return k
-
-
-def response_token_offsets(tokenizer, token_ids, skip_special_tokens: bool = True,
-                           text: str | None = None) -> np.ndarray:
-    """Character span [start, end) of each generated token in the decoded response, int32 [T, 2].
-
-    The text is `tokenizer.decode(token_ids, skip_special_tokens=...)` — decode it the same way
-    before verifying, so the verifier's spans and these offsets index the same string. A token's
-    end is how far the decoded prefix ending with it agrees with the text. A token that stops
-    inside a multi-byte character decodes to U+FFFD instead of the character; its span is widened
-    over that character, so both tokens sharing a character carry its weight. Skipped special
-    tokens get empty spans.
-
-    The prefix is decoded from the last position where the text was complete, so the cost is linear
-    for byte-level BPE (Qwen). Tokenizers whose slice decodes are not concatenable (e.g. leading
-    spaces dropped at the slice start) fall back to decoding the whole prefix.
-    """
-    ids = [int(t) for t in token_ids]
-    if text is None:
-        text = tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
-    offsets = np.zeros((len(ids), 2), dtype=np.int32)
-    anchor, anchor_char, prev_end = 0, 0, 0
-    for k in range(len(ids)):
-        piece = tokenizer.decode(ids[anchor:k + 1], skip_special_tokens=skip_special_tokens)
-        matched = _common_prefix_length(piece, text, anchor_char)
-        if piece[matched:].strip("\ufffd"):        # not a pending partial character: slice decode
-            anchor, anchor_char = 0, 0             # disagrees with the text, use the full prefix
-            piece = tokenizer.decode(ids[:k + 1], skip_special_tokens=skip_special_tokens)
-            matched = _common_prefix_length(piece, text, 0)
-        end = max(anchor_char + matched, prev_end)
-        pending = matched < len(piece)
-        offsets[k] = prev_end, min(end + 1, len(text)) if pending else end
-        if not pending:
-            anchor, anchor_char = k + 1, end
-        prev_end = end
-    return offsets
-
-
-def token_weights(spans, token_offsets, weights=(10.0, 10.0, 5.0)) -> np.ndarray:
-    """Per-token advantage weights float32 [T] (paper Table 7, Algorithm 1 line 6).
-
-    spans: [7, 2] one row of VerifyResult.spans; token_offsets: [T, 2] from response_token_offsets.
-    weights: (w_decision, w_trace, w_final). A token overlapping the decision digit gets w_decision,
-    one overlapping any step 4-8 value gets w_trace, one overlapping the final digit w_final (the
-    largest if it overlaps several); all other tokens get 1.
-    """
-    w = np.asarray(weights, dtype=np.float64)
-    if w.shape != (3,) or not np.all(np.isfinite(w)) or np.any(w <= 0):
-        raise ValueError(f"weights must be three positive finite numbers (decision, trace, final), got {weights!r}")
-    spans = np.asarray(spans).reshape(N_SPANS, 2)
-    tok = np.asarray(token_offsets).reshape(-1, 2)
-    span_weight = np.array([w[0]] + [w[1]] * N_CRITICAL + [w[2]])
-    out = np.full(len(tok), -np.inf)
-    for (s, e), ws in zip(spans.tolist(), span_weight):
-        if s < 0:
-            continue
-        hit = (tok[:, 0] < e) & (tok[:, 1] > s)     # half-open intervals overlap
-        out[hit] = np.maximum(out[hit], ws)
-    out[np.isneginf(out)] = 1.0
-    return out.astype(np.float32)
-
-
-# ----------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------
 
-class CliError(Exception):
-    """A user error: printed as one line, exit code 2."""
 
+if __name__ == "__main__":       # python -m afrl_fast.verify: the front end in afrl_fast.cli
+    from afrl_fast.cli.verify import main
 
-def read_inputs(path: Path, response_column: str, label_column: str) -> pa.Table:
-    import pyarrow.parquet as pq
-
-    if not path.is_file():
-        raise CliError(f"{path}: file not found")
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowException, OSError) as e:
-        raise CliError(f"{path}: cannot read as parquet: {e}") from None
-    for col in (response_column, label_column):
-        if col not in table.column_names:
-            raise CliError(f"{path}: missing column {col!r} (columns: {table.column_names})")
-    rtype = table.schema.field(response_column).type
-    if not (pa.types.is_string(rtype) or pa.types.is_large_string(rtype) or pa.types.is_string_view(rtype)):
-        raise CliError(f"{path}: column {response_column!r} must be strings, got {rtype}")
-    ltype = table.schema.field(label_column).type
-    if not pa.types.is_integer(ltype):
-        raise CliError(f"{path}: column {label_column!r} must be integers, got {ltype}")
-    return table
-
-
-def run_cli(args) -> str:
-    import pyarrow.parquet as pq
-
-    out_path = check_output_path(args.out, CliError)
-    try:
-        config = RewardConfig(gate=args.gate)
-        rulebook = load_rulebook(args.rulebook)
-    except (RulebookError, ValueError) as e:
-        raise CliError(str(e)) from None
-    table = read_inputs(Path(args.responses), args.response_column, args.label_column)
-    try:
-        t0 = time.perf_counter()
-        res = verify_batch(table.column(args.response_column), table.column(args.label_column), rulebook, config)
-        seconds = time.perf_counter() - t0
-    except (ValueError, TypeError) as e:
-        raise CliError(f"{args.responses}: {e}") from None
-    out = res.to_arrow()
-    ids = table.drop_columns([c for c in table.column_names if c == args.response_column or c in out.column_names])
-    for name in out.column_names:
-        ids = ids.append_column(name, out.column(name))
-    atomic_write_bytes(out_path, lambda f: pq.write_table(ids, f))
-    n = len(res)
-    fmt_rate = float(res.fmt.mean()) if n else 0.0
-    mean_reward = float(res.reward.mean()) if n else 0.0
-    rate = n / seconds if seconds > 0 else float("inf")
-    return (f"verified n={n} format_pass={fmt_rate:.4f} mean_reward={mean_reward:.4f} "
-            f"responses/s={rate:,.0f} -> {out_path}")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m afrl_fast.verify",
-                                description="Verify AFRL responses and compute their rewards.")
-    p.add_argument("--responses", required=True, help="input parquet with a response and a label column")
-    p.add_argument("--out", required=True, help="output parquet, one row per response")
-    p.add_argument("--rulebook", default=None, help="rulebook YAML (default: configs/rulebook/default.yaml)")
-    p.add_argument("--response-column", default="response")
-    p.add_argument("--label-column", default="label")
-    p.add_argument("--gate", choices=GATES, default="literal")
-    return p
-
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        print(run_cli(args))
-    except CliError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:        # e.g. the disk filled up while writing: the old output is intact
-        print(f"error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -715,7 +715,7 @@ def _fused_grpo_row(name, dev, dtype, *, n, h, v, seed, tol, grad_tol, **kw) -> 
 
 
 def _fused_distill_row(name, dev, dtype, *, n, hs, ht, v, seed, tol, grad_tol, **kw) -> dict:
-    from afrl_fast.loss import fused_distill_loss
+    from afrl_fast.distill_loss import fused_distill_loss
     from afrl_fast_kernels.reference import fused_distill_loss_reference
 
     g = torch.Generator().manual_seed(seed)
@@ -933,7 +933,7 @@ def _distill_variants(ctx: Ctx, inputs):
     sh, sw, th, tw, targets = inputs
 
     def ours():
-        from afrl_fast.loss import fused_distill_loss
+        from afrl_fast.distill_loss import fused_distill_loss
         out = fused_distill_loss(sh, sw, th, tw, targets, kind="jsd", jsd_beta=JSD_BETA, temperature=JSD_TAU,
                                  backend="triton")
         out.loss.backward()

@@ -25,7 +25,12 @@ import pytest
 import torch
 import transformers
 
-from afrl_fast import data, distill, evaluate, experiments, metrics, piar, report, synthesize, train, verify
+from afrl_fast import distill, experiments, synthesize, train
+from afrl_fast.cli import data, evaluate, metrics, piar, report, verify
+from afrl_fast.cli import experiments as experiments_cli
+from afrl_fast.cli import synthesize as synthesize_cli
+from afrl_fast.data import synthesize as synthesize_pairs
+from afrl_fast.pairs import read_pairs, write_table
 from afrl_fast.format import load_tokenizer, render_trace, resolve_prompt_settings
 from afrl_fast.rulebook import DEFAULT_RULEBOOK, load_rulebook
 
@@ -111,7 +116,7 @@ def files(tmp_path_factory):
     pq.write_table(pq.read_table(d / "pairs.parquet").slice(0, 0), d / "pairs_empty.parquet")
     (d / "splits").mkdir()
     for split, n in (("train", 8), ("industry", 6), ("longtail", 6)):
-        data.write_table(data.synthesize(n, seed=3, split=split), d / "splits" / f"{split}.parquet")
+        write_table(synthesize_pairs(n, seed=3, split=split), d / "splits" / f"{split}.parquet")
     (d / "metrics_run").mkdir()
     (d / "metrics_run" / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
     (d / "metrics_latin1").mkdir()
@@ -317,8 +322,8 @@ CASES = {
                                                      before="experiment_unfinished"),
 }
 MAINS = {"data": data.main, "verify": verify.main, "metrics": metrics.main, "evaluate": evaluate.main,
-         "train": train.main, "distill": distill.main, "synthesize": synthesize.main, "piar": piar.main,
-         "experiments": experiments.main, "report": report.main}
+         "train": train.main, "distill": distill.main, "synthesize": synthesize_cli.main, "piar": piar.main,
+         "experiments": experiments_cli.main, "report": report.main}
 
 
 def setup(step: str, monkeypatch, d: Path, files: Path, argv: list, request):
@@ -343,9 +348,9 @@ def setup(step: str, monkeypatch, d: Path, files: Path, argv: list, request):
         (d / "o" / "shards").mkdir(parents=True)
         (d / "o" / "synthesis.json").write_text("{not json")
     elif step == "synth_corrupt_shard":        # the run's own settings, and a torn shard
-        args = synthesize.build_parser().parse_args(argv)
+        args = synthesize_cli.build_parser().parse_args(argv)
         prompt = resolve_prompt_settings(None, args.rulebook, args.instructions)
-        settings = synthesize.run_settings(args, Path(args.pairs), data.read_pairs(args.pairs).num_rows,
+        settings = synthesize.run_settings(args, Path(args.pairs), read_pairs(args.pairs).num_rows,
                                            prompt.instructions)
         (d / "o" / "shards").mkdir(parents=True)
         (d / "o" / "synthesis.json").write_text(json.dumps(settings))

@@ -12,9 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from afrl_fast import data
-from afrl_fast.data import (CUES, PAIRS_SCHEMA, SYNTHETIC_SCHEMA, DataError, cue_patterns, load_trec, main,
-                            read_pairs, rule_combos, synthesize, validate_pairs, write_table)
+from afrl_fast import pairs, synthetic
+from afrl_fast.cli.data import main
+from afrl_fast.pairs import PAIRS_SCHEMA, SYNTHETIC_SCHEMA, DataError, read_pairs, validate_pairs, write_table
+from afrl_fast.synthetic import CUES, cue_patterns, rule_combos, synthesize
+from afrl_fast.trec import load_trec
 from afrl_fast.rulebook import DEFAULT_RULEBOOK, load_rulebook, parse_rulebook
 
 RB = load_rulebook()
@@ -23,7 +25,7 @@ N = 600
 
 @pytest.fixture(scope="module")
 def splits():
-    return {s: synthesize(N, 7, RB, s) for s in data.SPLITS}
+    return {s: synthesize(N, 7, RB, s) for s in pairs.SPLITS}
 
 
 def rows(table):
@@ -135,7 +137,7 @@ def test_rule_combos_partition_the_value_space():
 def test_query_sizes_sum_to_n():
     rng = np.random.default_rng(0)
     for n in (1, 2, 3, 5, 7, 8, 9, 10, 13, 100, 1001):
-        sizes = data.query_sizes(rng, n)
+        sizes = synthetic.query_sizes(rng, n)
         assert sum(sizes) == n
         assert all(k <= 6 for k in sizes)
         assert all(k >= 3 for k in sizes) or n < 3

@@ -21,7 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train import ROOT, torchrun_script  # noqa: E402
 
-from afrl_fast.data import synthesize, write_table  # noqa: E402
+from afrl_fast.data import synthesize  # noqa: E402
+from afrl_fast.pairs import write_table  # noqa: E402
 
 DISTILL = ROOT / "afrl_fast" / "distill.py"
 STUDENT = ["student.hidden_size=32", "student.num_layers=1", "student.num_heads=2", "student.num_kv_heads=1",

@@ -18,16 +18,19 @@ PACKAGE = "afrl_fast"
 # import each other freely as long as they form no circle). A new module gets a floor here.
 FLOORS = [
     ("ground", ["afrl_fast", "errors", "files", "resources", "dist"]),
-    ("primitives", ["rulebook", "optim", "metrics", "observe", "endpoint", "backends", "engines"]),
-    ("formats and kernels", ["format", "reward"]),
-    ("settings, data, losses", ["config", "checkpoint", "data", "verify", "prompt_encoding", "loss"]),
-    ("components", ["policy", "scoring", "grpo", "piar", "synthesize", "experiment_results"]),
-    ("steps", ["rollouts", "sft", "report", "experiments"]),
+    ("primitives", ["rulebook", "optim", "metrics", "observe", "endpoint", "native_build", "lm_head", "engines"]),
+    ("kernels", ["vocab_pass", "distill_pass"]),
+    ("formats and dispatch", ["format", "reward", "backends", "pairs", "token_spans",
+                              "text_arrays"]),
+    ("settings, data, losses", ["config", "checkpoint", "synthetic", "trec", "verify", "prompt_encoding", "loss",
+                                "distill_loss"]),
+    ("components", ["policy", "scoring", "grpo", "piar", "trace_selection", "data", "experiment_results"]),
+    ("steps", ["rollouts", "sft", "synthesize", "report", "experiments"]),
     ("stages", ["curriculum", "evaluate"]),
     ("RL", ["rl"]),
     ("runs", ["run_dir", "run_data", "run_policy", "run_results"]),
     ("service backends", ["serve_backends"]),
-    ("entry points", ["train", "distill", "serve"]),
+    ("entry points", ["train", "distill", "serve", "cli"]),
 ]
 
 # What may be imported inside a function: optional extras (serving, SGLang, peers) and dependencies
@@ -90,12 +93,23 @@ def imports(module: str):
 
     def walk(node, late):
         for child in ast.iter_child_nodes(node):
+            if node is tree and is_main_block(child):
+                continue
             inner = late or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
             if isinstance(child, (ast.Import, ast.ImportFrom)):
                 for target in targets(module, child):
                     yield target, child.lineno, late
             yield from walk(child, inner)
     yield from walk(tree, False)
+
+
+def is_main_block(node) -> bool:
+    """`if __name__ == "__main__":` at module level runs only when the file is run as a script
+    (`python -m afrl_fast.<tool>` starts its front end in afrl_fast.cli); importing the module never
+    runs it, so what it imports is no dependency of the library."""
+    return (isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
+            and isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__"
+            and any(isinstance(c, ast.Constant) and c.value == "__main__" for c in node.test.comparators))
 
 
 def arrows() -> dict[str, set[str]]:
@@ -169,3 +183,9 @@ def test_serve_is_an_entry_point_as_a_module_or_a_package():
     assert room_of("afrl_fast.serve") == (top, "afrl_fast.serve")
     assert room_of("afrl_fast.serve.routes") == (top, "afrl_fast.serve")
     assert room_of("afrl_fast.serve_backends")[0] >= top - 1
+
+
+def test_a_script_block_is_not_an_import_of_the_library():
+    tree = ast.parse('if __name__ == "__main__":\n    from afrl_fast.cli.verify import main\n')
+    assert is_main_block(tree.body[0])
+    assert not is_main_block(ast.parse("if DEBUG:\n    import afrl_fast.cli\n").body[0])

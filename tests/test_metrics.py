@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 from sklearn import metrics as skm
 
-from afrl_fast.metrics import (MetricsError, compute_metrics, expected_score, format_table,
-                               main as metrics_main)
+from afrl_fast.cli.metrics import main as metrics_main
+from afrl_fast.metrics import MetricsError, compute_metrics, expected_score, format_table
 
 
 def random_case(seed, n=300, n_queries=12, peaked=False):

@@ -18,10 +18,12 @@ import pytest
 import torch
 import transformers
 
-from afrl_fast.data import PAIR_COLUMNS, synthesize, write_table
-from afrl_fast.evaluate import main as evaluate_main
+from afrl_fast.data import synthesize
+from afrl_fast.pairs import PAIR_COLUMNS, write_table
+from afrl_fast.cli.evaluate import main as evaluate_main
 from afrl_fast.format import build_prompt, load_tokenizer, resolve_prompt_settings
-from afrl_fast.piar import first_token_probs, improves, main as piar_main, parse_rule_id
+from afrl_fast.cli.piar import main as piar_main
+from afrl_fast.piar import first_token_probs, improves, parse_rule_id
 from afrl_fast.rulebook import load_rulebook
 
 sys.path.insert(0, str(Path(__file__).parent))

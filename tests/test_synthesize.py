@@ -19,9 +19,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from afrl_fast.data import PAIR_COLUMNS, read_pairs, synthesize, write_table
+from afrl_fast.cli.synthesize import main as synth_main
+from afrl_fast.data import synthesize
+from afrl_fast.pairs import PAIR_COLUMNS, read_pairs, write_table
 from afrl_fast.rulebook import load_rulebook
-from afrl_fast.synthesize import REASONS, choose, main as synth_main, parse_judge_score, rejection_reasons
+from afrl_fast.trace_selection import REASONS, choose, parse_judge_score, rejection_reasons
 
 sys.path.insert(0, str(Path(__file__).parent))
 from reference_verifier import verify_all  # noqa: E402

@@ -276,7 +276,7 @@ def grade_run(tmp_path_factory):
 
 
 def test_standard_scoring_trains_on_the_grade_token_alone_and_names_its_row(grade_run):
-    from afrl_fast.data import read_pairs
+    from afrl_fast.pairs import read_pairs
     from afrl_fast.format import label_token_ids, load_tokenizer
     from afrl_fast.run_data import tokenize_targets
 
