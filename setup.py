@@ -13,7 +13,12 @@ setup(
     # distribution named `kernels` exists and transformers probes that import name. csrc/ and configs/
     # ship as package data, so a regular (non-editable) install still builds the native kernel and
     # finds the default rulebook.
-    packages=["afrl_fast", "afrl_fast.cli", "afrl_fast.engines", "afrl_fast_kernels", "afrl_fast_csrc", "afrl_fast_configs"],
+    # afrl_fast's sub-packages: the rollout engines, and the tools, packages so that `python -m afrl_fast.<tool>`
+    # runs their command-line front end (__main__.py) while the package itself stays a library.
+    packages=["afrl_fast", "afrl_fast.engines",
+              *(f"afrl_fast.{tool}" for tool in ("data", "evaluate", "experiments", "metrics", "piar", "report",
+                                                 "synthesize", "verify")),
+              "afrl_fast_kernels", "afrl_fast_csrc", "afrl_fast_configs"],
     package_dir={"afrl_fast": "afrl_fast", "afrl_fast_kernels": "kernels", "afrl_fast_csrc": "csrc",
                  "afrl_fast_configs": "configs"},
     package_data={"afrl_fast_csrc": ["*.cpp", "*.h"], "afrl_fast_configs": ["*.yaml", "rulebook/*.yaml", "prompts/*.txt"]},

@@ -26,9 +26,14 @@ import torch
 import transformers
 
 from afrl_fast import distill, experiments, synthesize, train
-from afrl_fast.cli import data, evaluate, metrics, piar, report, verify
-from afrl_fast.cli import experiments as experiments_cli
-from afrl_fast.cli import synthesize as synthesize_cli
+from afrl_fast.data import __main__ as data
+from afrl_fast.evaluate import __main__ as evaluate
+from afrl_fast.experiments import __main__ as experiments_cli
+from afrl_fast.metrics import __main__ as metrics
+from afrl_fast.piar import __main__ as piar
+from afrl_fast.report import __main__ as report
+from afrl_fast.synthesize import __main__ as synthesize_cli
+from afrl_fast.verify import __main__ as verify
 from afrl_fast.data import synthesize as synthesize_pairs
 from afrl_fast.pairs import read_pairs, write_table
 from afrl_fast.format import load_tokenizer, render_trace, resolve_prompt_settings

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from afrl_fast import pairs, synthetic
-from afrl_fast.cli.data import main
+from afrl_fast.data.__main__ import main
 from afrl_fast.pairs import PAIRS_SCHEMA, SYNTHETIC_SCHEMA, DataError, read_pairs, validate_pairs, write_table
 from afrl_fast.synthetic import CUES, cue_patterns, rule_combos, synthesize
 from afrl_fast.trec import load_trec

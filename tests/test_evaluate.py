@@ -12,10 +12,10 @@ import torch
 import transformers
 
 from afrl_fast.errors import ScoringError
-from afrl_fast.cli.evaluate import main as evaluate_main
+from afrl_fast.evaluate.__main__ import main as evaluate_main
 from afrl_fast.scoring import FirstTokenScorer
 from afrl_fast.format import build_prompt, label_token_ids, load_tokenizer
-from afrl_fast.cli.metrics import main as metrics_main
+from afrl_fast.metrics.__main__ import main as metrics_main
 from afrl_fast.metrics import compute_metrics
 from afrl_fast.rulebook import load_rulebook
 

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from sklearn import metrics as skm
 
-from afrl_fast.cli.metrics import main as metrics_main
+from afrl_fast.metrics.__main__ import main as metrics_main
 from afrl_fast.metrics import MetricsError, compute_metrics, expected_score, format_table
 
 

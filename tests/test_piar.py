@@ -20,9 +20,9 @@ import transformers
 
 from afrl_fast.data import synthesize
 from afrl_fast.pairs import PAIR_COLUMNS, write_table
-from afrl_fast.cli.evaluate import main as evaluate_main
+from afrl_fast.evaluate.__main__ import main as evaluate_main
 from afrl_fast.format import build_prompt, load_tokenizer, resolve_prompt_settings
-from afrl_fast.cli.piar import main as piar_main
+from afrl_fast.piar.__main__ import main as piar_main
 from afrl_fast.piar import first_token_probs, improves, parse_rule_id
 from afrl_fast.rulebook import load_rulebook
 

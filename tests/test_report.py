@@ -6,7 +6,7 @@ import matplotlib.image as mpimg
 import pytest
 
 from afrl_fast import report
-from afrl_fast.cli.report import main
+from afrl_fast.report.__main__ import main
 from afrl_fast.report import draw_report, load_metrics, stage_boundaries
 
 ALL_PNGS = {"eval_over_training.png", "reward_entropy.png", "gates.png", "time_split.png"}

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from afrl_fast.cli.synthesize import main as synth_main
+from afrl_fast.synthesize.__main__ import main as synth_main
 from afrl_fast.data import synthesize
 from afrl_fast.pairs import PAIR_COLUMNS, read_pairs, write_table
 from afrl_fast.rulebook import load_rulebook

@@ -16,7 +16,7 @@ import pytest
 from afrl_fast.format import load_tokenizer, render_trace
 from afrl_fast.rulebook import load_rulebook, parse_rulebook
 from afrl_fast.token_spans import response_token_offsets, token_weights
-from afrl_fast.cli.verify import main
+from afrl_fast.verify.__main__ import main
 from afrl_fast.verify import RESULT_COLUMNS, RewardConfig, verify_batch
 from reference_verifier import response_pattern, verify_all, verify_one
 

@@ -50,15 +50,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .resources import CONFIG_DIR
+from ..resources import CONFIG_DIR
 
-from .files import atomic_write_many, atomic_write_text, check_output_path
-from .pairs import PAIR_COLUMNS
-from .endpoint import Endpoint, RequestRefused, Usage, chat_prompt, strip_thinking
-from .format import build_messages, build_prompt
-from .observe import progress_bar
-from .rulebook import LABELS
-from .trace_selection import REASONS, RETRY_REASONS, choose, parse_judge_score, rejection_reasons, trace_columns
+from ..files import atomic_write_many, atomic_write_text, check_output_path
+from ..pairs import PAIR_COLUMNS
+from ..endpoint import Endpoint, RequestRefused, Usage, chat_prompt, strip_thinking
+from ..format import build_messages, build_prompt
+from ..observe import progress_bar
+from ..rulebook import LABELS
+from ..trace_selection import REASONS, RETRY_REASONS, choose, parse_judge_score, rejection_reasons, trace_columns
 
 JUDGE_RUBRIC = CONFIG_DIR / "prompts" / "judge_rubric.txt"
 SHARD_SCHEMA = pa.schema([
@@ -360,9 +360,3 @@ def assemble(out: Path, pairs_table: pa.Table, rulebook, eval_splits: dict[str, 
 # ----------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------
-
-
-if __name__ == "__main__":       # python -m afrl_fast.synthesize: the front end in afrl_fast.cli
-    from afrl_fast.cli.synthesize import main
-
-    raise SystemExit(main())

@@ -33,3 +33,7 @@ def main(argv=None) -> int:
         return 2
     print(format_table(metrics))
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

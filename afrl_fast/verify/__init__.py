@@ -32,11 +32,11 @@ import numpy as np
 import pyarrow as pa
 from numba import njit, prange
 
-from .format import BOX_OPEN
-from .reward import RewardConfig
-from .rulebook import CRITICAL_STEPS, N_CRITICAL, N_STEPS, Rulebook, load_rulebook
-from .text_arrays import arrow_string_views, as_label_array, as_string_array
-from .token_spans import N_SPANS
+from ..format import BOX_OPEN
+from ..reward import RewardConfig
+from ..rulebook import CRITICAL_STEPS, N_CRITICAL, N_STEPS, Rulebook, load_rulebook
+from ..text_arrays import arrow_string_views, as_label_array, as_string_array
+from ..token_spans import N_SPANS
 
 SPAN_NAMES = ("dec",) + tuple(f"s{n}" for n in CRITICAL_STEPS) + ("final",)
 VALUE_COLUMNS = tuple(f"s{n}_value" for n in CRITICAL_STEPS)
@@ -364,9 +364,3 @@ def verify_batch(responses, labels, rulebook: Rulebook | None = None,
 # ----------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------
-
-
-if __name__ == "__main__":       # python -m afrl_fast.verify: the front end in afrl_fast.cli
-    from afrl_fast.cli.verify import main
-
-    raise SystemExit(main())

@@ -84,3 +84,7 @@ def main(argv=None) -> int:
         print(f"truncated documents: {scorer.n_truncated} of {metrics['n']} "
               f"(prompts cut to {args.max_prompt_tokens} tokens)")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -126,3 +126,7 @@ def main(argv=None) -> int:
         print(f"{report['pairs_to_retry']} pairs have no trace because the endpoint refused or aborted their "
               f"requests; rerun with --resume to ask for them again")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

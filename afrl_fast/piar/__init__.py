@@ -45,13 +45,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .resources import CONFIG_DIR
+from ..resources import CONFIG_DIR
 
-from .files import atomic_write_many, atomic_write_text
-from .endpoint import Endpoint, RequestRefused, chat_prompt, strip_thinking
-from .format import MAX_INSTRUCTIONS_BYTES, build_messages, build_prompt
-from .metrics import compute_metrics
-from .rulebook import LABELS
+from ..files import atomic_write_many, atomic_write_text
+from ..endpoint import Endpoint, RequestRefused, chat_prompt, strip_thinking
+from ..format import MAX_INSTRUCTIONS_BYTES, build_messages, build_prompt
+from ..metrics import compute_metrics
+from ..rulebook import LABELS
 
 PROMPTS = CONFIG_DIR / "prompts"
 _FENCED = re.compile(r"<<<\s*(.*?)\s*>>>", re.DOTALL)
@@ -299,9 +299,3 @@ async def run_piar(args, out: Path, pairs: list[dict], tokenizer, rulebook, star
     history["best"] = best
     atomic_write_text(out / "history.json", json.dumps(history, indent=2))
     return history
-
-
-if __name__ == "__main__":       # python -m afrl_fast.piar: the front end in afrl_fast.cli
-    from afrl_fast.cli.piar import main
-
-    raise SystemExit(main())

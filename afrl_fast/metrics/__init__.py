@@ -40,7 +40,7 @@ import json
 
 import numpy as np
 
-from .files import atomic_write_text
+from ..files import atomic_write_text
 
 N_CLASSES = 5
 GRADES = np.arange(N_CLASSES)
@@ -333,9 +333,3 @@ def metrics_json(metrics: dict) -> str:
 def write_json(metrics: dict, path: str) -> None:
     """The metrics as indented JSON, written atomically (no half-written file on a crash)."""
     atomic_write_text(path, metrics_json(metrics))
-
-
-if __name__ == "__main__":       # python -m afrl_fast.metrics: the front end in afrl_fast.cli
-    from afrl_fast.cli.metrics import main
-
-    raise SystemExit(main())

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import dist as D
-from .metrics import compute_metrics, expected_score
-from .reward import RewardConfig
-from .rollouts import STREAM_EVAL, generate_rollouts, prompt_seed
-from .scoring import EngineFirstTokenScorer, FirstTokenScorer
-from .verify import verify_batch
+from .. import dist as D
+from ..metrics import compute_metrics, expected_score
+from ..reward import RewardConfig
+from ..rollouts import STREAM_EVAL, generate_rollouts, prompt_seed
+from ..scoring import EngineFirstTokenScorer, FirstTokenScorer
+from ..verify import verify_batch
 
 __all__ = ["EngineFirstTokenScorer", "FirstTokenScorer", "evaluate_splits", "majority_baseline", "trace_validity",
            "results_table", "main"]
@@ -101,9 +101,3 @@ def predictions_table(table, probs: np.ndarray):
     cols["score"] = pa.array(expected_score(probs), pa.float64())
     cols["pred"] = pa.array(probs.argmax(1).astype(np.int8), pa.int8())
     return pa.table(cols)
-
-
-if __name__ == "__main__":       # python -m afrl_fast.evaluate: the front end in afrl_fast.cli
-    from afrl_fast.cli.evaluate import main
-
-    raise SystemExit(main())

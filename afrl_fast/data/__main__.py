@@ -68,3 +68,7 @@ def main(argv=None) -> int:
         print(f"error: {e.filename or ''}: {e.strerror or e}".lstrip(": "), file=sys.stderr)
         return 2
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

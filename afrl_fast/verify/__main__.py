@@ -91,3 +91,7 @@ def main(argv=None) -> int:
         print(f"error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
         return 2
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

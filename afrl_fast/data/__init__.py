@@ -15,10 +15,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .files import atomic_write_many
-from .pairs import PAIR_COLUMNS, DataError
-from .rulebook import Rulebook, load_rulebook
-from .synthetic import check_synth_seed, check_synth_size, synth_sizes, synthesize
+from ..files import atomic_write_many
+from ..pairs import PAIR_COLUMNS, DataError
+from ..rulebook import Rulebook, load_rulebook
+from ..synthetic import check_synth_seed, check_synth_size, synth_sizes, synthesize
 
 # ----------------------------------------------------------------------------------------------
 # CLI
@@ -83,9 +83,3 @@ def configured_splits(data_cfg, rulebook) -> dict[str, pa.Table]:
     return synthetic_splits(d.n_train, d.seed, rulebook, n_industry=d.n_eval, n_longtail=d.n_eval, reasons=d.reasons,
                             train_tail_share=d.train_tail_share, n_rl_pool=d.n_rl_pool,
                             rl_pool_tail_share=d.rl_pool_tail_share)
-
-
-if __name__ == "__main__":       # python -m afrl_fast.data: the front end in afrl_fast.cli
-    from afrl_fast.cli.data import main
-
-    raise SystemExit(main())

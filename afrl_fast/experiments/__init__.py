@@ -51,18 +51,18 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import yaml
 
-from .data import RL_POOL, configured_splits, write_splits
-from .files import atomic_write_text, check_output_path
-from .config import DEMO_CONFIG, load_config, load_distill_config
-from .errors import ConfigError
-from .format import resolve_prompt_settings
-from .observe import progress_bar
-from .pairs import SPLITS
-from .rulebook import load_rulebook
-from .experiment_results import (ARMS, DISTILL, EXPERIMENT_FILES, MANIFEST, STUDENTS, TRAIN, ExperimentError,
+from ..data import RL_POOL, configured_splits, write_splits
+from ..files import atomic_write_text, check_output_path
+from ..config import DEMO_CONFIG, load_config, load_distill_config
+from ..errors import ConfigError
+from ..format import resolve_prompt_settings
+from ..observe import progress_bar
+from ..pairs import SPLITS
+from ..rulebook import load_rulebook
+from ..experiment_results import (ARMS, DISTILL, EXPERIMENT_FILES, MANIFEST, STUDENTS, TRAIN, ExperimentError,
                                  load_manifest, read_results, run_state)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]   # the checkout: runs start from there
 
 
 # what marks a run folder of train.py / distill.py
@@ -297,9 +297,3 @@ def distillation(config: Path, out: Path, students: list[str], seeds: list[int],
 
 
 # ----------------------------------------------------------------------------- command line
-
-
-if __name__ == "__main__":       # python -m afrl_fast.experiments: the front end in afrl_fast.cli
-    from afrl_fast.cli.experiments import main
-
-    raise SystemExit(main())

@@ -33,3 +33,7 @@ def main(argv=None) -> int:
     if not paths:
         print("note: nothing to draw")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

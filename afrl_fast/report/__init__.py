@@ -33,8 +33,8 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.transforms import blended_transform_factory
 
-from .experiment_results import load_manifest, read_results, run_state, summarize, summary_markdown
-from .observe import read_metrics_log
+from ..experiment_results import load_manifest, read_results, run_state, summarize, summary_markdown
+from ..observe import read_metrics_log
 
 EVAL_METRICS = [("pair_acc", "Pair-ACC"), ("macro_f1", "Macro-F1"), ("acc5", "5-ACC")]
 GATES = [("gate/fmt", "format"), ("gate/cst", "consistency"), ("gate/logic", "logic")]
@@ -392,9 +392,3 @@ def draw_report(run_dir, out_dir=None) -> list[Path]:
                plot_gates(train, boundaries, out_dir),
                plot_time_split(train, boundaries, out_dir)]
     return [p for p in written if p is not None]
-
-
-if __name__ == "__main__":       # python -m afrl_fast.report: the front end in afrl_fast.cli
-    from afrl_fast.cli.report import main
-
-    raise SystemExit(main())

@@ -82,3 +82,7 @@ def main(argv=None) -> int:
     print(f"{len(history['rounds'])} rounds, {accepted} accepted; best 5-ACC {shown(history['best']['acc5'])}, "
           f"Pair-ACC {shown(history['best']['pair_acc'])}; instructions: {out / 'instructions.txt'}")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -77,3 +77,7 @@ def main(argv=None) -> int:
     except (ConfigError, ExperimentError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
