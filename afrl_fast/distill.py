@@ -6,7 +6,8 @@ N devices / nodes (FSDP2 for student and teacher; NCCL on GPU, gloo on CPU):
     torchrun --nproc_per_node=N afrl_fast/distill.py --config C teacher.path=/models/teacher data.dir=/data/afrl
 Options: --resume, --overwrite and dotted overrides (distill.kind=jsd student.hidden_size=64 ...).
 
-The job, top to bottom:
+The job, top to bottom (each stage in its module: distill_models, distill_traces, distill_step; the
+run folder in run_dir, shared with train.py):
   1. teacher: an exported model folder (frozen, sharded like the RL reference model); student: a
      folder (student.path) or a fresh Qwen3 of the configured size. They must share the tokenizer and
      the vocabulary. The student is prompted exactly as the teacher was trained (the folder's rulebook
@@ -43,221 +44,29 @@ if __package__ in (None, ""):
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
     sys.path.append(str(Path(__file__).resolve().parent.parent))
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from afrl_fast import checkpoint as C
 from afrl_fast import dist as D
-from afrl_fast.files import atomic_write_bytes, atomic_write_text
 from afrl_fast.config import ConfigError, load_distill_config, to_yaml
-from afrl_fast.pairs import SPLITS, DataError, read_pairs
-from afrl_fast.engines import EmbeddedEngine
-from afrl_fast.errors import ScoringError
-from afrl_fast.evaluate import evaluate_splits, results_table
+from afrl_fast.distill_models import (build_student, check_same_vocabulary, evaluate_lm, full_replica, load_teacher,
+                                      student_tokenizer_matches)
+from afrl_fast.distill_step import distill_loss_backward
+from afrl_fast.distill_traces import TRACES_FILE, data_examples, training_examples
+from afrl_fast.evaluate import results_table
+from afrl_fast.files import atomic_write_text
 from afrl_fast.format import FormatError, load_tokenizer, resolve_prompt_settings
 from afrl_fast.observe import RunLog, log, progress_bar, setup_logging
 from afrl_fast.optim import NonFiniteError, lr_at, make_optimizer, optimizer_step, set_lr
-from afrl_fast.policy import PolicyLoss, build_lm, micro_batches, pack_sequences
-from afrl_fast.rollouts import STREAM_EVAL, generate_rollouts, prompt_seed
-from afrl_fast.scoring import FirstTokenScorer, load_model
+from afrl_fast.pairs import DataError, SPLITS, read_pairs
 from afrl_fast.report import draw_report
 from afrl_fast.rulebook import RulebookError
-from afrl_fast.run_data import instructions_path, tokenize_prompts, tokenize_targets
-from afrl_fast.run_dir import (check_model_folder, check_run_dir, check_same_config, comparable_config,
-                               open_run_dir)
+from afrl_fast.run_data import instructions_path, tokenize_prompts
+from afrl_fast.run_dir import check_model_folder, check_run_dir, check_same_config, comparable_config, open_run_dir
 from afrl_fast.sft import sft_batches
-from afrl_fast.trace_selection import choose, rejection_reasons
 
-TRACES_FILE = "teacher_traces.parquet"
 STUDENT_DIR = "student_model"
 ARTIFACTS = ("checkpoints", TRACES_FILE, STUDENT_DIR, "tensorboard", "plots", "metrics.jsonl", "results.json")
-
-
-# ----------------------------------------------------------------------------- models
-
-def load_teacher(cfg, info):
-    """The frozen teacher as a PolicyLoss (sharded with FSDP2 on several ranks)."""
-    path = Path(cfg.teacher.path)
-    if not path.is_dir():
-        raise ConfigError(f"teacher.path={path}: model folder not found")
-    try:
-        lm = load_model(str(path), cfg.teacher.dtype)
-    except ScoringError as e:
-        raise ConfigError(f"teacher.path: {e}") from None
-    lm.to(info.device).eval()
-    for p in lm.parameters():
-        p.requires_grad_(False)
-    teacher = PolicyLoss(lm, cfg.run.loss_backend)
-    D.shard_model(teacher, lm.get_decoder().layers, info)
-    return teacher
-
-
-def build_student(cfg, vocab_size: int, info) -> PolicyLoss:
-    """The student: fp32 master weights, computing in student.dtype (as the RL policy does)."""
-    compute = torch.bfloat16 if cfg.student.dtype == "bfloat16" else None
-    lm = build_lm(cfg.student, vocab_size, torch.float32)
-    if cfg.student.gradient_checkpointing:
-        lm.gradient_checkpointing_enable()
-    lm.to(info.device)
-    student = PolicyLoss(lm, cfg.run.loss_backend, compute_dtype=compute)
-    D.shard_model(student, lm.get_decoder().layers, info, param_dtype=compute)
-    return student
-
-
-def check_same_vocabulary(teacher_lm, student_lm, teacher_path: str, student_desc: str, tokenizer) -> None:
-    """Distillation compares distributions token by token: both models must index one vocabulary."""
-    vt = teacher_lm.get_output_embeddings().weight.shape[0]
-    vs = student_lm.get_output_embeddings().weight.shape[0]
-    if vt != vs:
-        raise ConfigError(f"teacher {teacher_path} has a {vt}-row vocabulary, student {student_desc} has {vs}: "
-                          "they must share the tokenizer and the vocabulary")
-    if len(tokenizer) > vs:
-        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens, more than the models' {vs} vocabulary rows")
-
-
-def student_tokenizer_matches(cfg, tokenizer) -> None:
-    if not cfg.student.path:
-        return
-    other = load_tokenizer(cfg.student.path) if (Path(cfg.student.path) / "tokenizer_config.json").is_file() else None
-    if other is not None and other.get_vocab() != tokenizer.get_vocab():
-        raise ConfigError(f"student.path={cfg.student.path} and teacher.path={cfg.teacher.path} have different "
-                          "tokenizers; distillation needs one tokenizer for both")
-
-
-# ----------------------------------------------------------------------------- 2. the traces
-
-def teacher_traces(cfg, teacher_lm, tokenizer, rulebook, prompts, labels, info) -> pa.Table:
-    """One trace per training pair written by the teacher (or none when no sample passes the filter):
-    pair index, trace text, its token ids, and why a pair has none. Each rank writes its share."""
-    d = cfg.distill
-    engine = EmbeddedEngine(teacher_lm, tokenizer, device=info.device)
-    local = list(range(info.rank, len(prompts), info.world))
-    rows = []
-    bar = progress_bar(total=len(local), desc="teacher traces", enabled=info.is_main, unit="pair")
-    for start in range(0, len(local), 32):
-        idx = local[start:start + 32]
-        ro = generate_rollouts(engine, tokenizer, idx, [prompts[i] for i in idx], [labels[i] for i in idx],
-                               group_size=d.trace_samples, temperature=d.trace_temperature, top_p=1.0,
-                               max_new_tokens=d.max_new_tokens,
-                               seeds=[prompt_seed(cfg.run.seed, STREAM_EVAL, 1, i) for i in idx])
-        for g, i in enumerate(idx):
-            span = range(g * d.trace_samples, (g + 1) * d.trace_samples)
-            texts = [ro.texts[j] for j in span]
-            finish = ["stop" if ro.finished[j] else "length" for j in span]
-            reasons = rejection_reasons(texts, finish, labels[i], rulebook)
-            if d.keep == "valid":   # the label checks do not apply
-                reasons = [None if r in ("rules_imply_other_grade", "final_not_label") else r for r in reasons]
-            best = choose(texts, [k for k, r in enumerate(reasons) if r is None], {})
-            rows.append({"pair": i, "trace": None if best is None else texts[best],
-                         "reason": None if best is not None else reasons[0]})
-        bar.update(len(idx))
-    bar.close()
-    rows = sorted((r for part in D.all_gather_objects(rows) for r in part), key=lambda r: r["pair"])
-    return pa.Table.from_pylist(rows, schema=pa.schema([("pair", pa.int64()), ("trace", pa.string()),
-                                                        ("reason", pa.string())]))
-
-
-def data_examples(cfg, tables, tokenizer, prompts):
-    """distill.traces=data: (prompt ids, trace ids + EOS) per training pair and its summary; the
-    traces' lengths are checked here, before the run folder is made."""
-    train = tables["train"]
-    targets = tokenize_targets(tokenizer, train, "trace", cfg.data.max_response_tokens,
-                               Path(cfg.data.dir) / "train.parquet")
-    return list(zip(prompts, targets)), {"source": "data", "kept": len(targets), "pairs": train.num_rows}
-
-
-def training_examples(cfg, tables, tokenizer, rulebook, prompts, teacher_lm, run_dir, info, from_data=None):
-    """(prompt ids, target ids + EOS) per kept training pair, and a summary of what was kept
-    (`from_data`: data_examples' answer, for distill.traces=data)."""
-    d = cfg.distill
-    train = tables["train"]
-    if d.traces == "data":
-        return from_data
-    labels = train.column("label").to_pylist()
-    if d.traces == "first_token":
-        # the standard-scoring student: the teacher's answer token alone, distilled at that one position
-        eos = tokenizer.eos_token_id
-        examples = [(p, [tokenizer.encode(str(y), add_special_tokens=False)[0], eos]) for p, y in zip(prompts, labels)]
-        return examples, {"source": "first_token", "kept": len(examples), "pairs": train.num_rows}
-    path = run_dir / TRACES_FILE
-    if path.is_file():          # a resumed run reuses the traces it already wrote
-        table = pq.read_table(path)
-    else:
-        table = teacher_traces(cfg, teacher_lm, tokenizer, rulebook, prompts, labels, info)
-        if info.is_main:
-            atomic_write_bytes(path, lambda f: pq.write_table(table, f))
-        D.barrier()
-    kept = [(i, t) for i, t in zip(table.column("pair").to_pylist(), table.column("trace").to_pylist()) if t]
-    eos = tokenizer.eos_token_id
-    examples = [(prompts[i], tokenizer.encode(t, add_special_tokens=False) + [eos]) for i, t in kept]
-    reasons = {}
-    for r in table.column("reason").to_pylist():
-        if r:
-            reasons[r] = reasons.get(r, 0) + 1
-    per_grade = {str(g): {"pairs": labels.count(g), "kept": sum(1 for i, _ in kept if labels[i] == g)}
-                 for g in range(5)}
-    summary = {"source": "teacher", "kept": len(examples), "pairs": train.num_rows, "rejections": reasons,
-               "per_grade": per_grade}
-    if not examples:
-        raise ConfigError(f"the teacher wrote no trace that passes distill.keep={d.keep} "
-                          f"(rejections: {reasons}); check teacher.path, or use distill.traces=data")
-    return examples, summary
-
-
-# ----------------------------------------------------------------------------- 3. the loss
-
-def distill_loss_backward(student, teacher, examples, cfg, info, pad_id: int) -> dict:
-    """The fused distillation loss over one global batch, backward included; sums for the log."""
-    d = cfg.distill
-    n_local = sum(len(e[1]) for e in examples)
-    n_global = D.all_reduce_sum([float(n_local)], info.device)[0]
-    # FSDP averages gradients over ranks: a denominator of n_global / world makes their sum the
-    # global token mean, whatever the number of ranks or micro-batches
-    denominator = max(n_global, 1.0) / info.world
-    sums = {"loss": 0.0, "divergence": 0.0, "divergence_first": 0.0, "ce": 0.0, "rows": 0, "first_rows": 0}
-    student.train()
-    for chunk in micro_batches(len(examples), d.micro_batch_size):
-        part = examples[chunk]
-        if not part:
-            continue
-        batch = pack_sequences([e[0] for e in part], [e[1] for e in part], pad_id).to(info.device)
-        first = torch.zeros(batch.n_rows, dtype=torch.bool, device=info.device)
-        first[torch.as_tensor(np.cumsum([0] + [len(e[1]) for e in part[:-1]]), device=info.device)] = True
-        row_weight = torch.where(first, torch.full_like(first, d.first_token_weight, dtype=torch.float32),
-                                 torch.ones(batch.n_rows, device=info.device))
-        with torch.no_grad():
-            t_hidden, t_weight = teacher(batch, mode="hidden")
-        out = student(batch, mode="distill", teacher=(t_hidden, t_weight), distill=d, row_weight=row_weight,
-                      denominator=denominator)
-        out.loss.backward()
-        per_row, ce = out.per_row.float(), out.ce.float()
-        sums["loss"] += float(out.loss.detach())
-        sums["divergence"] += float(per_row.sum())
-        sums["divergence_first"] += float(per_row[first].sum())
-        sums["ce"] += float(ce.sum())
-        sums["rows"] += batch.n_rows
-        sums["first_rows"] += len(part)
-    return sums
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-def full_replica(policy, info):
-    """An unsharded copy of a (possibly sharded) policy's LM for first-token scoring."""
-    if not D.is_distributed():
-        return policy.lm
-    lm = C.replica_of(policy.lm, info.device)
-    D.copy_full_params(policy, lm)
-    return lm
-
-
-def evaluate_lm(lm, tokenizer, prompt, tables, cfg, info) -> dict:
-    scorer = FirstTokenScorer(lm, tokenizer, prompt.rulebook, batch_size=cfg.eval.batch_size, device=info.device,
-                              instructions=prompt.instructions, max_prompt_tokens=cfg.data.max_prompt_tokens,
-                              progress=False)
-    return evaluate_splits(scorer, tables, list(cfg.eval.splits), max_rows=cfg.eval.max_rows, info=info)
 
 
 # ----------------------------------------------------------------------------- main

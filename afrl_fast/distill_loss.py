@@ -57,6 +57,7 @@ from .backends import resolve_backend
 from .lm_head import (check_chunk_rows, check_head, check_number, check_row_tensor, check_targets_range,
                       default_chunk_rows, grad_gemms, hand_over_grads, logits_gemm, nvtx_range)
 
+
 @dataclass
 class DistillLossOutput:
     loss: torch.Tensor        # scalar fp32, differentiable w.r.t. student_hidden and student_weight only

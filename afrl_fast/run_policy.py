@@ -15,6 +15,7 @@ from .config import load_config
 from .errors import ConfigError
 from .policy import PolicyLoss, build_lm
 
+
 def check_init_from(cfg) -> Path:
     """run.init_from must be a run of the same data and model that got through SFT and difficulty."""
     base = Path(cfg.run.init_from)

@@ -11,6 +11,7 @@ import pyarrow as pa
 from .pairs import PAIR_COLUMNS, PAIRS_SCHEMA, DataError, validate_pairs
 from .rulebook import LABELS
 
+
 def _check_grade_map(grade_map) -> dict[int, int]:
     if not grade_map:
         raise DataError("grade_map: required (e.g. {0: 0, 1: 2, 2: 4}); the source scale must be mapped explicitly")

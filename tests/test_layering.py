@@ -29,6 +29,7 @@ FLOORS = [
     ("stages", ["curriculum", "evaluate"]),
     ("RL", ["rl"]),
     ("runs", ["run_dir", "run_data", "run_policy", "run_results"]),
+    ("distillation", ["distill_models", "distill_traces", "distill_step"]),
     ("service backends", ["serve_backends"]),
     ("entry points", ["train", "distill", "serve"]),
 ]
