@@ -13,7 +13,7 @@ setup(
     # distribution named `kernels` exists and transformers probes that import name. csrc/ and configs/
     # ship as package data, so a regular (non-editable) install still builds the native kernel and
     # finds the default rulebook.
-    packages=["afrl_fast", "afrl_fast_kernels", "afrl_fast_csrc", "afrl_fast_configs"],
+    packages=["afrl_fast", "afrl_fast.serve", "afrl_fast_kernels", "afrl_fast_csrc", "afrl_fast_configs"],
     package_dir={"afrl_fast": "afrl_fast", "afrl_fast_kernels": "kernels", "afrl_fast_csrc": "csrc",
                  "afrl_fast_configs": "configs"},
     package_data={"afrl_fast_csrc": ["*.cpp", "*.h"], "afrl_fast_configs": ["*.yaml", "rulebook/*.yaml", "prompts/*.txt"]},

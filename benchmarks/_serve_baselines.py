@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from afrl_fast.evaluate import PromptEncoder, load_model  # noqa: E402
 from afrl_fast.format import label_token_ids, load_tokenizer, resolve_prompt_settings  # noqa: E402
 from afrl_fast.rollout import EmbeddedEngine  # noqa: E402
-from afrl_fast.serve import ServeConfig, create_app  # noqa: E402
+from afrl_fast.serve.app import create_app  # noqa: E402
+from afrl_fast.serve.config import ServeConfig  # noqa: E402
 
 
 class NaiveBackend:

@@ -82,7 +82,7 @@ def in_process_costs(model_dir, requests) -> dict:
     candidate; and the same two-level / one-level comparison for a long (~50-token) query."""
     from afrl_fast.evaluate import FirstTokenScorer, PromptPieces, load_model
     from afrl_fast.format import load_tokenizer, resolve_prompt_settings
-    from afrl_fast.serve_backends import forward_rows_default
+    from afrl_fast.serve.backends import forward_rows_default
 
     prompt = resolve_prompt_settings(model_dir, None, "full")
     model = load_model(str(model_dir), "auto")

@@ -753,8 +753,8 @@ def test_error_text_reads_every_answer_shape(body, headers, want):
 def test_serving_backend_says_whether_seeds_reproduce(monkeypatch, tmp_path, caplog):
     """SGLangBackend starts SGLang's engine without deterministic inference unless asked: seeded
     completions then do not reproduce, and start-up says so; asked, the engine gets the flag."""
-    from afrl_fast.serve import parse_engine_args
-    from afrl_fast.serve_backends import SGLangBackend
+    from afrl_fast.serve.cli import parse_engine_args
+    from afrl_fast.serve.backends import SGLangBackend
 
     Qwen3Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                 num_key_value_heads=1, head_dim=16).save_pretrained(tmp_path)

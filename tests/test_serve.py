@@ -30,7 +30,7 @@ from afrl_fast.format import (build_prompt, instructions_text, label_token_ids, 
                               render_trace, resolve_prompt_settings, save_prompt_settings)
 from afrl_fast.rollout import EmbeddedEngine
 from afrl_fast.rulebook import load_rulebook
-from afrl_fast.serve import main as serve_main
+from afrl_fast.serve.cli import main as serve_main
 
 sys.path.insert(0, str(Path(__file__).parent))
 from reference_verifier import verify_all  # noqa: E402
@@ -454,7 +454,9 @@ def test_explain_verdict_on_a_valid_trace(tokenizer, prompt):
 
     from afrl_fast.evaluate import PromptEncoder
     from afrl_fast.rollout import RolloutGroup
-    from afrl_fast.serve import Metrics, ServeConfig, Service
+    from afrl_fast.serve.config import ServeConfig
+    from afrl_fast.serve.metrics import Metrics
+    from afrl_fast.serve.service import Service
 
     rb = prompt.rulebook
     values = {step.key: step.values[0] for step in rb.steps if step.values}
@@ -767,7 +769,7 @@ class StandInEngine:
 def test_sglang_backend_scores_like_the_embedded_scorer(monkeypatch, model_dir, model, tokenizer, prompt):
     import types
 
-    from afrl_fast.serve_backends import SGLangBackend
+    from afrl_fast.serve.backends import SGLangBackend
 
     engines = []
     fake = types.ModuleType("sglang")

@@ -23,24 +23,26 @@ backend (its constructor included) runs in the service's single inference thread
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import AutoConfig
 
-from .evaluate import FirstTokenScorer, has_tokenizer, load_model
-from .format import PromptSettings, label_token_ids, load_tokenizer
-from .rollout import EmbeddedEngine, RolloutGroup, resolve_eos_ids
-from .rollout_sglang import SEED_LIMIT, label_probs_from_sglang, sample_seeds
+from ..evaluate import FirstTokenScorer, has_tokenizer, load_model
+from ..format import PromptSettings, label_token_ids, load_tokenizer
+from ..rollout import EmbeddedEngine, RolloutGroup, resolve_eos_ids
+from .. import rollout_sglang
+from ..rollout_sglang import SEED_LIMIT, label_probs_from_sglang, sample_seeds
+from .errors import ServeError
+
+log = logging.getLogger("afrl_fast.serve")
 
 BACKENDS = ("embedded", "sglang")
 SGLANG_MISSING = ("--backend sglang needs SGLang, which is not installed (pip install 'afrl-fast[sglang]' on a GPU "
                   "machine); the default embedded backend runs everywhere")
-
-
-class ServeError(ValueError):
-    """A model folder, flag or backend the service cannot start with; the message says why."""
 
 
 def model_tokenizer(model_dir: str):
@@ -130,15 +132,14 @@ class EmbeddedBackend:
 
 def import_sglang():
     """SGLang, imported only when asked for: installing it would replace the CPU build of torch."""
-    from .rollout_sglang import SGLangError, check_sglang_version
-
     try:
         import sglang
     except ImportError:
         raise ServeError(SGLANG_MISSING) from None
     try:
-        check_sglang_version()
-    except SGLangError as e:
+        # looked up on the module at call time (tests stand in for the version check)
+        rollout_sglang.check_sglang_version()
+    except rollout_sglang.SGLangError as e:
         raise ServeError(str(e)) from None
     return sglang
 
@@ -181,8 +182,6 @@ class SGLangBackend:
     DETERMINISTIC = "enable_deterministic_inference"
 
     def __init__(self, model_dir: str, prompt: PromptSettings, *, engine_kwargs: dict | None = None):
-        import logging
-
         check_model_dir(model_dir)
         sglang = import_sglang()
         self.tokenizer = model_tokenizer(model_dir)
@@ -191,13 +190,11 @@ class SGLangBackend:
         engine_kwargs = dict(engine_kwargs or {})
         self.seeds_reproduce = engine_kwargs.get(self.DETERMINISTIC) is True
         if not self.seeds_reproduce:
-            logging.getLogger("afrl_fast.serve").warning(
+            log.warning(
                 "SGLang backend without deterministic inference: seeded completions do not reproduce "
                 "(--sglang-arg %s=true makes them reproduce; it slows scoring and generation)", self.DETERMINISTIC)
         # The radix cache (on by default) keeps the shared prompt prefix's KV across requests.
         self.engine = sglang.Engine(model_path=str(model_dir), **engine_kwargs)
-        from transformers import AutoConfig
-
         config = AutoConfig.from_pretrained(model_dir)
         self.context_tokens = int(getattr(config.get_text_config(), "max_position_embeddings", 0) or 0)
         self.device, self.prefix_tokens, self.full_prefill_pairs = "cuda (SGLang)", 0, 0
