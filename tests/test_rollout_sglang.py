@@ -756,7 +756,8 @@ def test_serving_backend_says_whether_seeds_reproduce(monkeypatch, tmp_path, cap
     from afrl_fast.serve.cli import parse_engine_args
     from afrl_fast.serve.backends import SGLangBackend
 
-    Qwen3Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+    # the vocabulary of the Qwen3 tokenizer the backend falls back to (it refuses a smaller model)
+    Qwen3Config(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                 num_key_value_heads=1, head_dim=16).save_pretrained(tmp_path)
     engines = []
     fake = types.ModuleType("sglang")

@@ -6,13 +6,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..evaluate import PromptEncoder
 from .config import ServeConfig
 from .errors import ApiError, error_body, invalid
-from .middleware import BodyLimit, RequestMetrics
+from .middleware import ApiKey, BodyLimit, RequestMetrics
 from .routes import router
 from .service import Service
 
@@ -33,13 +34,19 @@ async def http_error(request: Request, exc: StarletteHTTPException) -> JSONRespo
                         status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
+async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
+    # The client left, or BodyLimit already answered it (413, 408) and told the app it left:
+    # nobody reads this answer, and it is no internal error.
+    return Response(status_code=400)
+
+
 async def internal_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("internal error on %s", request.url.path)
     return JSONResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", None, "internal_error",
                                    "server_error"), status_code=500)
 
 
-ERROR_HANDLERS = {ApiError: api_error, RequestValidationError: invalid_request,
+ERROR_HANDLERS = {ApiError: api_error, RequestValidationError: invalid_request, ClientDisconnect: client_gone,
                   StarletteHTTPException: http_error, Exception: internal_error}
 
 
@@ -57,6 +64,7 @@ def create_app(backend, cfg: ServeConfig, encoder: PromptEncoder, worker: Thread
     """The FastAPI app serving `backend`. `worker` is the single thread all inference runs in."""
     cfg.check()
     svc = Service(backend, cfg, encoder, worker)
+    svc.check_room()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -71,6 +79,9 @@ def create_app(backend, cfg: ServeConfig, encoder: PromptEncoder, worker: Thread
     app = FastAPI(title="afrl-fast scoring service", lifespan=lifespan, docs_url=None, redoc_url=None,
                   exception_handlers=ERROR_HANDLERS, **fastapi_options())
     app.include_router(router)
-    app.add_middleware(BodyLimit, limit=cfg.max_body_bytes, metrics=svc.metrics)
+    # the last added runs first: metrics see every answer, the key is checked before a body is read
+    app.add_middleware(BodyLimit, limit=cfg.max_body_bytes, metrics=svc.metrics, timeout=cfg.body_timeout_s)
+    if cfg.api_key:
+        app.add_middleware(ApiKey, key=cfg.api_key, metrics=svc.metrics)
     app.add_middleware(RequestMetrics, metrics=svc.metrics)
     return app

@@ -46,8 +46,38 @@ SGLANG_MISSING = ("--backend sglang needs SGLang, which is not installed (pip in
 
 
 def model_tokenizer(model_dir: str):
-    """The tokenizer saved with the model, else the real Qwen3 tokenizer."""
-    return load_tokenizer(model_dir if has_tokenizer(model_dir) else "qwen3")
+    """The tokenizer saved with the model, else the real Qwen3 tokenizer; ServeError (one line) for
+    one that does not load (a broken tokenizer.json raises from deep in the tokenizers library)."""
+    try:
+        return load_tokenizer(model_dir if has_tokenizer(model_dir) else "qwen3")
+    except Exception as e:  # tokenizers and transformers raise many types; start-up ends in one line
+        raise ServeError(f"{model_dir}: cannot load the tokenizer ({type(e).__name__}: "
+                         f"{(str(e).splitlines() or [''])[0][:200]})") from None
+
+
+def check_vocabulary(model_dir: str, model_rows: int, tokenizer) -> None:
+    """A token id the model has no embedding row for would fail at the first request that uses it
+    (or read another row on some devices): refuse a tokenizer larger than the model's vocabulary."""
+    if model_rows and model_rows < len(tokenizer):
+        raise ServeError(f"{model_dir}: the model's vocabulary has {model_rows} tokens, fewer than its tokenizer's "
+                         f"{len(tokenizer)}; the tokenizer does not belong to this model")
+
+
+def check_device(device: str) -> str:
+    """The torch device `device` (auto: cuda if present, else cpu) names; ServeError for one torch
+    does not know or this machine does not have."""
+    name = pick_device(device)
+    try:
+        kind = torch.device(name).type
+    except (RuntimeError, ValueError):
+        raise ServeError(f"--device {device!r}: not a device torch knows (auto, cpu, cuda, cuda:N, mps)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ServeError(f"--device {device!r}: CUDA is not available on this machine")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ServeError(f"--device {device!r}: MPS is not available on this machine")
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ServeError(f"--device {device!r}: the embedded backend runs on cpu, cuda or mps")
+    return name
 
 
 def check_model_dir(model_dir: str) -> None:
@@ -83,12 +113,13 @@ class EmbeddedBackend:
     def __init__(self, model_dir: str, prompt: PromptSettings, *, device: str = "auto", dtype: str = "auto",
                  max_batch: int = 64, share_prefix: bool = True, forward_rows: int | None = None):
         check_model_dir(model_dir)
+        device = check_device(device)
         self.tokenizer = model_tokenizer(model_dir)
         try:
             model = load_model(model_dir, dtype)
         except Exception as e:  # from_pretrained raises many types; start-up must end in one line
             raise ServeError(f"{model_dir}: cannot load the model ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-        device = pick_device(device)
+        check_vocabulary(model_dir, model.get_input_embeddings().num_embeddings, self.tokenizer)
         self.forward_rows = forward_rows or forward_rows_default(device, max_batch)
         self.scorer = FirstTokenScorer(model, self.tokenizer, prompt.rulebook, batch_size=self.forward_rows,
                                        device=device, instructions=prompt.instructions,
@@ -193,9 +224,10 @@ class SGLangBackend:
             log.warning(
                 "SGLang backend without deterministic inference: seeded completions do not reproduce "
                 "(--sglang-arg %s=true makes them reproduce; it slows scoring and generation)", self.DETERMINISTIC)
+        config = AutoConfig.from_pretrained(model_dir)
+        check_vocabulary(model_dir, int(getattr(config.get_text_config(), "vocab_size", 0) or 0), self.tokenizer)
         # The radix cache (on by default) keeps the shared prompt prefix's KV across requests.
         self.engine = sglang.Engine(model_path=str(model_dir), **engine_kwargs)
-        config = AutoConfig.from_pretrained(model_dir)
         self.context_tokens = int(getattr(config.get_text_config(), "max_position_embeddings", 0) or 0)
         self.device, self.prefix_tokens, self.full_prefill_pairs = "cuda (SGLang)", 0, 0
 

@@ -51,3 +51,22 @@ def validation_message(err: dict) -> tuple[str, str]:
     if err.get("type") == "missing":
         msg = "required field missing"
     return param, f"{param}: {msg}"
+
+
+def not_utf8(body: bytes) -> ApiError | None:
+    """The 400 for a body that is not UTF-8 (JSON must be, RFC 8259), naming the first bad byte;
+    None when it is UTF-8. Only called once the JSON parser refused the body, so valid requests
+    pay nothing for it."""
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return ApiError(400, f"body: not valid UTF-8 (byte 0x{body[e.start]:02x} at offset {e.start}: {e.reason}); "
+                             "send the JSON encoded as UTF-8", "body", "invalid_encoding")
+    return None
+
+
+def unknown_model(name: str, served: str) -> ApiError:
+    """OpenAI's answer to a model it does not serve: 404, code model_not_found (answering it with
+    the served model would hide a client's wrong configuration)."""
+    return ApiError(404, f"model: the model {name!r} does not exist; this server serves {served!r}", "model",
+                    "model_not_found")

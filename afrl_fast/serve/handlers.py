@@ -8,8 +8,8 @@ import uuid
 import numpy as np
 
 from ..metrics import expected_score
-from .completions import check_completion_request, completion_choice
-from .errors import ApiError
+from .completions import check_completion_request, completion_choices
+from .errors import ApiError, unknown_model
 from .protocol import CompletionRequest, RerankRequest, ScoreRequest
 from .service import Service
 
@@ -35,6 +35,8 @@ async def score(svc: Service, req: ScoreRequest) -> dict:
 
 async def rerank(svc: Service, req: RerankRequest) -> dict:
     cfg = svc.cfg
+    if not cfg.serves(req.model):
+        raise unknown_model(req.model, cfg.model_name)
     if req.documents is not None and req.texts is not None:
         raise ApiError(422, "texts: give the candidates as documents or as texts, not both", "texts")
     name, docs = ("texts", req.texts) if req.documents is None else ("documents", req.documents)
@@ -70,10 +72,10 @@ async def rerank(svc: Service, req: RerankRequest) -> dict:
 
 async def complete(svc: Service, req: CompletionRequest) -> dict:
     backend, tokenizer = svc.backend, svc.encoder.tokenizer
-    prompts = check_completion_request(req, svc.vocab_size, svc.cfg.max_completion_rows)
+    prompts = check_completion_request(req, svc.vocab_size, svc.cfg)
+    loop = asyncio.get_running_loop()
     if isinstance(prompts[0], str):
-        prompts = await asyncio.get_running_loop().run_in_executor(
-            svc.tokenize_pool, lambda: tokenizer(prompts)["input_ids"])
+        prompts = await loop.run_in_executor(svc.tokenize_pool, lambda: tokenizer(prompts)["input_ids"])
     max_tokens = req.max_tokens if req.max_tokens is not None else 16
     for i, p in enumerate(prompts):
         if backend.context_tokens and len(p) + max_tokens > backend.context_tokens:
@@ -85,15 +87,11 @@ async def complete(svc: Service, req: CompletionRequest) -> dict:
     groups = await svc.run_generation(prompts, n=req.n, temperature=temperature,
                                       top_p=1.0 if req.top_p is None else req.top_p, max_tokens=max_tokens,
                                       seed=req.seed, top_logprobs=req.logprobs or 0)
-    eos = set(backend.eos_ids)
-    choices, n_out = [], 0
-    for p, group in enumerate(groups):
-        for j in range(req.n):
-            choice, used = completion_choice(tokenizer, group, j, p * req.n + j, stops, req.logprobs,
-                                             req.return_tokens_as_token_ids, eos)
-            choices.append(choice)
-            n_out += used
-            svc.metrics.generated.inc(len(group.token_ids[j]))
+    svc.metrics.generated.inc(sum(len(t) for g in groups for t in g.token_ids))
+    # in the tokenizer thread (the only one that uses the tokenizer), off the event loop
+    choices, n_out = await loop.run_in_executor(svc.tokenize_pool, completion_choices, tokenizer, groups, req.n,
+                                                stops, req.logprobs, req.return_tokens_as_token_ids,
+                                                set(backend.eos_ids))
     n_in = sum(map(len, prompts))
     return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": svc.cfg.model_name, "choices": choices,

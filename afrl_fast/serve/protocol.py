@@ -12,9 +12,18 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
                       StrictStr)
 
 
+# What a text made only of is blank: whitespace, the C0/C1 control characters (NUL among them:
+# str.strip() keeps it, and a NUL-only document would be scored as if it said something) and the
+# invisible format characters (zero-width spaces and joiners, marks, the BOM).
+INVISIBLE = ("".join(map(chr, range(0x20))) + "".join(map(chr, range(0x7f, 0xa1))) + " \u00ad\u034f\u061c"
+             "\u115f\u1160\u1680\u180e" + "".join(map(chr, range(0x2000, 0x2010))) + "\u2028\u2029\u202a\u202b"
+             "\u202c\u202d\u202e\u202f\u205f\u2060\u2061\u2062\u2063\u2064\u3000\u3164\ufeff\uffa0")
+
+
 def not_blank(value: str) -> str:
-    if not value.strip():
-        raise ValueError("must not be blank")
+    # str.strip(chars) runs in C and stops at the first visible character: nothing for real text
+    if not value.strip(INVISIBLE):
+        raise ValueError("must not be blank (only whitespace, control or invisible characters)")
     return value
 
 
@@ -78,7 +87,8 @@ class CompletionRequest(Strict):
     max_tokens: StrictInt | None = Field(16, ge=1)
     temperature: float | None = Field(1.0, ge=0, le=2)
     top_p: float | None = Field(1.0, gt=0, le=1)
-    seed: StrictInt | None = None
+    # numpy seeds the per-prompt generators; a negative seed has no defined meaning there
+    seed: StrictInt | None = Field(None, ge=0, le=2**64 - 1)
     stop: StrictStr | list[StrictStr] | None = None
     logprobs: StrictInt | None = Field(None, ge=0, le=20)
     echo: StrictBool = False

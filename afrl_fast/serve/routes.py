@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
 from . import handlers
-from .errors import invalid
+from .errors import invalid, not_utf8
 from .protocol import CompletionRequest, Health, ModelList, RerankRequest, ScoreRequest
 from .service import Service
 
@@ -33,7 +33,11 @@ async def parse(request: Request, model: type[BaseModel]):
     try:
         return model.model_validate_json(body)
     except ValidationError as e:
-        raise invalid(e.errors()) from None
+        errors = e.errors()
+        if errors and errors[0].get("type") == "json_invalid":
+            # the JSON parser says only "invalid unicode code point": say which byte, and where
+            raise not_utf8(body) or invalid(errors) from None
+        raise invalid(errors) from None
 
 
 async def score(request: Request) -> JSONResponse:

@@ -19,10 +19,11 @@ from .batching import (Batcher, EncodeJob, GenerationMerger, GenJob, Job, Overlo
                        request_seeds)
 from .completions import strip_eos
 from .config import ServeConfig
-from .errors import ApiError
+from .errors import ApiError, ServeError
 from .metrics import Metrics
 
 log = logging.getLogger("afrl_fast.serve")
+CLOSE_TIMEOUT_S = 30
 
 
 @dataclass
@@ -53,6 +54,17 @@ class Service:
             self.metrics = Metrics(lambda: self.batcher.pending if self.batcher is not None else 0,
                                    lambda: self.pending_rows)
 
+    def check_room(self) -> None:
+        """ServeError when no pair can fit: the prompt's fixed part (system prompt and chat
+        template) alone fills the prompt limit, so every score would be refused."""
+        fixed = len(self.encoder.encode(self.encoder.prompt_text("q", "d")))
+        if fixed >= self.prompt_limit:
+            limit = (f"--max-prompt-tokens {self.cfg.max_prompt_tokens}" if self.cfg.max_prompt_tokens
+                     else f"the model's context of {self.prompt_limit} tokens")
+            raise ServeError(f"{limit} leaves no room for a pair: the prompt without query and document (system "
+                             f"prompt and chat template) is already {fixed} tokens; use shorter --instructions or "
+                             "a longer limit")
+
     @property
     def vocab_size(self) -> int:
         return len(self.encoder.tokenizer)
@@ -76,7 +88,14 @@ class Service:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self.tokenize_pool.shutdown(wait=False)
-        await asyncio.get_running_loop().run_in_executor(self.worker, self.backend.close)
+        # The close queues behind the engine call still running (a long generation whose request
+        # --graceful-timeout cancelled): bounded, so a drain stays bounded too.
+        try:
+            await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(self.worker, self.backend.close),
+                                   CLOSE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            log.warning("the backend did not close within %d s (an engine call still running); exiting anyway",
+                        CLOSE_TIMEOUT_S)
         self.worker.shutdown(wait=False)
 
     @property
@@ -111,6 +130,7 @@ class Service:
             try:
                 if pieces is None:
                     ids = self.encoder.prompt_ids(job.queries, job.documents)
+                    self.check_queries(job, ids)
                     out.append((ids, list(self.encoder.truncated_rows), None))
                     continue
                 n = len(job.queries)
@@ -126,9 +146,24 @@ class Service:
             self.metrics.thread_cpu.labels("tokenizer").inc(time.thread_time() - cpu)
         return out
 
+    def check_queries(self, job: EncodeJob, ids: list[list[int]]) -> None:
+        """Without --truncate: ScoringError (its `row` set) for an over-long prompt that would be
+        too long even without its document, so the error names the query, not the document, and
+        does not suggest --truncate. Only over-long prompts are re-tokenised (the error path)."""
+        limit = self.prompt_limit
+        for i, row in enumerate(ids):
+            if len(row) > limit:
+                bare = len(self.encoder.encode(self.encoder.prompt_text(job.queries[i], "")))
+                if bare > limit:
+                    error = ScoringError(f"the prompt without its document is already {bare} tokens, more than "
+                                         f"the model's limit of {limit}; shorten the query")
+                    error.row = i
+                    raise error
+
     def truncate(self, job: EncodeJob, ids: list[list[int]]) -> list[int]:
         """With --truncate, cut the document of each over-long prompt (in place); the rows cut."""
         if not self.cfg.truncate:
+            self.check_queries(job, ids)
             return []
         limit, cut = self.prompt_limit, []
         for i, row in enumerate(ids):
