@@ -1,10 +1,13 @@
 """Online scoring service: first-token relevance scores over HTTP, a rerank API, and OpenAI-compatible
 completions.
 
-    python -m afrl_fast.serve --model DIR [--host 127.0.0.1] [--port 8000]
+    python -m afrl_fast.serve --model DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY]
         [--instructions short|full|PATH] [--rulebook YAML] [--max-batch 64] [--max-wait-ms 5]
         [--max-queue 1024] [--max-rerank-documents 1000] [--device auto] [--backend embedded|sglang]
-        [--truncate]
+        [--truncate] [--max-completion-tokens 32768] [--max-logprob-entries 65536]
+        [--body-timeout 30] [--keep-alive-timeout 5] [--graceful-timeout 60]
+
+(`--help` lists every flag with its default.)
 
 Endpoints (FastAPI on uvicorn):
   POST /v1/score        {"pairs": [{"query", "document", "id"?}], "explain": false}
@@ -38,8 +41,25 @@ event loop keeps accepting requests, and the next batch is handed to it before t
 requests are answered. A full queue answers 503 with Retry-After instead of growing memory.
 
 Bad input gets a JSON 4xx naming the field (and pair or document index): {"error": {"message",
-"type", "param", "code"}}, the OpenAI error shape. SIGTERM stops accepting connections, finishes the
-requests in flight, then exits (by that signal, as uvicorn re-raises it).
+"type", "param", "code"}}, the OpenAI error shape. A body that is not UTF-8 is a 400 naming the
+first bad byte; a query or document made only of whitespace, control characters (NUL included) or
+invisible format characters is refused as blank; a request naming another model than the served
+one (or "default") gets OpenAI's 404 model_not_found.
+
+Access. With --api-key KEY, or the AFRL_FAST_API_KEY environment variable (preferred: a flag shows
+in the process list), every route but GET /health needs the header `Authorization: Bearer KEY`
+(what the openai client sends for its api_key); others get 401. /health stays open for load
+balancers and orchestrators' probes; it tells the model's name and limits, nothing else. The key is
+compared in constant time. Listening beyond loopback (e.g. --host 0.0.0.0) without a key prints a
+warning. --host and --port (1-65535) are checked, and the port bound, before the model loads.
+
+Limits. One completions request may ask for at most --max-completion-tokens tokens (prompts x n x
+max_tokens) and --max-logprob-entries log-probs (those tokens x (1 + logprobs)); more is a 400
+naming max_tokens or logprobs. Completion bodies are built in the tokenizer thread, off the event
+loop. A request body must arrive whole within --body-timeout seconds (else 408); an idle keep-alive
+connection is closed after --keep-alive-timeout seconds. SIGTERM stops accepting connections,
+finishes the requests in flight for at most --graceful-timeout seconds (then cancels what is left,
+one log line each), and exits by that signal, as uvicorn re-raises it.
 
 The package, one concern per module (imports go down this list, never up):
 
