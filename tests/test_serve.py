@@ -1125,6 +1125,35 @@ def test_slow_clients_time_out_and_sigterm_drains_in_bounded_time(model_dir, tmp
     assert "Traceback" not in text and "CancelledError" not in text, text[-3000:]
 
 
+def test_sigterm_cancels_what_outlasts_the_graceful_timeout_in_one_line(model_dir, tmp_path):
+    """A generation still running when --graceful-timeout runs out is cancelled: the process still
+    ends by SIGTERM, the cancelled request is one log line, and no traceback is logged."""
+    log = tmp_path / "drain.log"
+    srv = Server(model_dir, log, "--graceful-timeout", "1")
+    try:
+        slow = {}
+
+        def generate():
+            try:
+                slow["r"] = httpx.post(srv.url + "/v1/completions", timeout=300,
+                                       json={"prompt": [1, 2, 3], "n": 16, "max_tokens": 1000, "seed": 0})
+            except httpx.TransportError as e:        # the connection closed under it: what is expected
+                slow["error"] = e
+
+        gen = threading.Thread(target=generate)
+        gen.start()
+        wait_until(lambda: metric(srv.url, "afrl_generation_rows") == 16)
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(timeout=120) == -signal.SIGTERM
+        gen.join(timeout=60)
+        assert "error" in slow or slow["r"].status_code != 200       # cut off, not answered in full
+    finally:
+        srv.stop()
+    text = log.read_text()
+    assert "POST /v1/completions cancelled: still running when --graceful-timeout ran out" in text, text[-3000:]
+    assert "Traceback" not in text and "CancelledError" not in text, text[-3000:]
+
+
 def test_responses_follow_the_protocol_models(server):
     """The response bodies the routes build by hand have the shape of afrl_fast.serve.protocol's models."""
     from afrl_fast.serve import protocol

@@ -298,12 +298,16 @@ class Service:
             raise ApiError(400, "pairs: no room left in the model's context for an explanation", "pairs",
                            "context_length_exceeded")
         groups = await self.run_generation(prompts, n=1, temperature=0.0, top_p=1.0, max_tokens=budget, seed=0)
+        self.metrics.generated.inc(sum(len(group.token_ids[0]) for group in groups))
+        # decoding and verifying up to --max-request-pairs traces: in the tokenizer thread, off the event loop
+        return await asyncio.get_running_loop().run_in_executor(self.tokenize_pool, self.explained, prompts,
+                                                                grades, groups)
+
+    def explained(self, prompts: list[list[int]], grades: list[int], groups: list[RolloutGroup]) -> list[dict]:
+        """Per pair its trace (the grade token and what followed) and the verifier's verdict."""
         tokenizer, eos = self.encoder.tokenizer, set(self.backend.eos_ids)
-        texts = []
-        for prompt, group in zip(prompts, groups):
-            tokens = strip_eos(group.token_ids[0], eos)
-            self.metrics.generated.inc(len(group.token_ids[0]))
-            texts.append(tokenizer.decode([prompt[-1]] + tokens, skip_special_tokens=True))
+        texts = [tokenizer.decode([prompt[-1]] + strip_eos(group.token_ids[0], eos), skip_special_tokens=True)
+                 for prompt, group in zip(prompts, groups)]
         # No ground truth here: passing the answered grade as the label with gate="pred" makes the
         # verifier's logic gate exactly "the trace's rules imply the answered grade" (y_hat == y_dec).
         verdict = verify_batch(texts, grades, self.encoder.rulebook, RewardConfig(gate="pred"))
@@ -316,7 +320,6 @@ class Service:
                 "values": {name: verdict.value_strings(j)[i] for j, name in enumerate(VALUE_NAMES)},
                 "finished": bool(group.finished[0])}})
         return out
-
 
 VALUE_NAMES = ("step4", "step5", "step6", "step7", "step8")
 
