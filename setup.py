@@ -15,7 +15,7 @@ setup(
     # finds the default rulebook.
     # afrl_fast's sub-packages: the rollout engines, and the tools, packages so that `python -m afrl_fast.<tool>`
     # runs their command-line front end (__main__.py) while the package itself stays a library.
-    packages=["afrl_fast", "afrl_fast.engines",
+    packages=["afrl_fast", "afrl_fast.engines", "afrl_fast.serve",
               *(f"afrl_fast.{tool}" for tool in ("data", "evaluate", "experiments", "metrics", "piar", "report",
                                                  "synthesize", "verify")),
               "afrl_fast_kernels", "afrl_fast_csrc", "afrl_fast_configs"],

@@ -33,7 +33,8 @@ from afrl_fast.prompt_encoding import PromptEncoder  # noqa: E402
 from afrl_fast.scoring import load_model  # noqa: E402
 from afrl_fast.format import label_token_ids, load_tokenizer, resolve_prompt_settings  # noqa: E402
 from afrl_fast.engines import EmbeddedEngine  # noqa: E402
-from afrl_fast.serve import ServeConfig, create_app  # noqa: E402
+from afrl_fast.serve.app import create_app  # noqa: E402
+from afrl_fast.serve.config import ServeConfig  # noqa: E402
 
 
 class NaiveBackend:

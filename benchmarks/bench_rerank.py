@@ -83,7 +83,7 @@ def in_process_costs(model_dir, requests) -> dict:
     from afrl_fast.prompt_encoding import PromptPieces
     from afrl_fast.scoring import FirstTokenScorer, load_model
     from afrl_fast.format import load_tokenizer, resolve_prompt_settings
-    from afrl_fast.serve_backends import forward_rows_default
+    from afrl_fast.serve.backends import forward_rows_default
 
     prompt = resolve_prompt_settings(model_dir, None, "full")
     model = load_model(str(model_dir), "auto")

@@ -46,6 +46,7 @@ def test_regular_install_builds_the_native_kernel_and_finds_its_configs(tmp_path
         "from afrl_fast.native_build import native_unavailable_reason\n"
         "from afrl_fast.rulebook import load_rulebook\n"
         "from afrl_fast.config import DEMO_CONFIG, load_config\n"
+        "import afrl_fast.serve.cli  # the service's subpackage is shipped too\n"
         "print(afrl_fast.__file__)\n"
         "print(resolve_backend('auto', torch.device('cpu'))[0], native_unavailable_reason())\n"
         "print(len(load_rulebook().rules), load_config(DEMO_CONFIG).run.out_dir)\n"

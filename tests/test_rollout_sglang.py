@@ -756,16 +756,17 @@ def test_error_text_reads_every_answer_shape(body, headers, want):
 def test_serving_backend_says_whether_seeds_reproduce(monkeypatch, tmp_path, caplog):
     """SGLangBackend starts SGLang's engine without deterministic inference unless asked: seeded
     completions then do not reproduce, and start-up says so; asked, the engine gets the flag."""
-    from afrl_fast.serve import parse_engine_args
-    from afrl_fast.serve_backends import SGLangBackend
+    from afrl_fast.serve.cli import parse_engine_args
+    from afrl_fast.serve.backends import SGLangBackend
 
-    Qwen3Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+    # the vocabulary of the Qwen3 tokenizer the backend falls back to (it refuses a smaller model)
+    Qwen3Config(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                 num_key_value_heads=1, head_dim=16).save_pretrained(tmp_path)
     engines = []
     fake = types.ModuleType("sglang")
     fake.Engine = lambda **kw: engines.append(kw) or types.SimpleNamespace(shutdown=lambda: None)
     monkeypatch.setitem(sys.modules, "sglang", fake)
-    monkeypatch.setattr("afrl_fast.serve_backends.check_sglang_version", lambda installed=None: "0.5.23")
+    monkeypatch.setattr("afrl_fast.serve.backends.check_sglang_version", lambda installed=None: "0.5.23")
     with caplog.at_level(logging.WARNING, logger="afrl_fast.serve"):
         fast = SGLangBackend(str(tmp_path), None, engine_kwargs={"tp_size": 1})
     assert not fast.seeds_reproduce and engines[-1] == {"model_path": str(tmp_path), "tp_size": 1}

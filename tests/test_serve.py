@@ -30,11 +30,12 @@ from afrl_fast.format import (build_prompt, instructions_text, label_token_ids, 
                               render_trace, resolve_prompt_settings, save_prompt_settings)
 from afrl_fast.engines import EmbeddedEngine
 from afrl_fast.rulebook import load_rulebook
-from afrl_fast.serve import main as serve_main
+from afrl_fast.serve.cli import API_KEY_ENV
+from afrl_fast.serve.cli import main as serve_main
 
 sys.path.insert(0, str(Path(__file__).parent))
 from reference_verifier import verify_all  # noqa: E402
-from serving import Server  # noqa: E402
+from serving import Server, free_port  # noqa: E402
 
 NOVELEVAL = Path(__file__).resolve().parents[1] / "data" / "noveleval" / "noveleval_graded.tsv"
 CONTEXT = 1024
@@ -364,6 +365,10 @@ BAD_RERANK_BODIES = [
     ("unknown field", {"query": "q", "documents": ["d"], "rank_fields": ["title"]}, 422, "rank_fields"),
     ("too many documents", {"query": "q", "documents": ["d"] * (MAX_RERANK + 1)}, 413, "documents"),
     ("longer than the context", {"query": "q", "documents": ["d", "d", LONG_DOCUMENT]}, 400, "documents[2]"),
+    ("query longer than the context", {"query": LONG_DOCUMENT, "documents": ["d", "e"]}, 400, "query"),
+    ("NUL-only document", {"query": "q", "documents": ["d", "\x00"]}, 422, "documents[1]"),
+    ("NUL-only query", {"query": "\x00 \x00", "documents": ["d"]}, 422, "query"),
+    ("unknown model", {"model": "rerank-english-v3.0", "query": "q", "documents": ["d"]}, 404, "model"),
 ]
 
 
@@ -373,6 +378,10 @@ def test_bad_rerank_requests_get_a_4xx_naming_the_field(server, name, body, stat
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert error["param"] == param and error["message"].startswith(param) and "\n" not in error["message"]
+    if param == "query":
+        assert "--truncate" not in error["message"]
+    if status == 404:
+        assert error["code"] == "model_not_found" and error["type"] == "invalid_request_error"
     assert httpx.post(server.url + "/rerank", json={"query": "q", "documents": ["d", "e"]}).status_code == 200
 
 
@@ -454,7 +463,9 @@ def test_explain_verdict_on_a_valid_trace(tokenizer, prompt):
 
     from afrl_fast.engines import RolloutGroup
     from afrl_fast.prompt_encoding import PromptEncoder
-    from afrl_fast.serve import Metrics, ServeConfig, Service
+    from afrl_fast.serve.config import ServeConfig
+    from afrl_fast.serve.metrics import Metrics
+    from afrl_fast.serve.service import Service
 
     rb = prompt.rulebook
     values = {step.key: step.values[0] for step in rb.steps if step.values}
@@ -552,6 +563,13 @@ BAD_SCORE_BODIES = [
     ("too many pairs", {"pairs": [{"query": "q", "document": "d"}] * (MAX_REQUEST_PAIRS + 1)}, 413, "pairs"),
     ("longer than the context", {"pairs": [{"query": "q", "document": "d"}, {"query": "q", "document": LONG_DOCUMENT}]},
      400, "pairs[1].document"),
+    # the query alone does not fit: the query is named, and --truncate (which cuts documents) not suggested
+    ("query longer than the context", {"pairs": [{"query": "q", "document": "d"},
+                                                 {"query": LONG_DOCUMENT, "document": "d"}]}, 400, "pairs[1].query"),
+    ("NUL-only document", {"pairs": [{"query": "q", "document": "\x00\x00"}]}, 422, "pairs[0].document"),
+    ("invisible-only document", {"pairs": [{"query": "q", "document": " \u200b\u3000\ufeff\t"}]}, 422,
+     "pairs[0].document"),
+    ("control-only query", {"pairs": [{"query": "\x01\x7f", "document": "d"}]}, 422, "pairs[0].query"),
 ]
 
 
@@ -561,6 +579,8 @@ def test_bad_score_requests_get_a_4xx_naming_the_field(server, name, body, statu
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert error["param"] == param and error["message"].startswith(param) and "\n" not in error["message"]
+    if param.endswith("query"):
+        assert "--truncate" not in error["message"]
     assert score(server.url, PAIRS[:1])[0]["grade"] in range(5)          # the server still answers
 
 
@@ -578,6 +598,15 @@ def test_raw_bodies_get_a_4xx(server):
     r = httpx.post(server.url + "/v1/score", content=b'{"pairs": [', headers={"content-type": "application/json"})
     assert r.status_code == 422 and r.json()["error"]["param"] == "body"
     assert "invalid JSON" in r.json()["error"]["message"]
+
+    # bytes that are not UTF-8 (a Latin-1 client): 400 naming the encoding and the first bad byte, on every route
+    latin1 = '{"pairs": [{"query": "caf\u00e9", "document": "d"}]}'.encode("latin-1")
+    for path, body in (("/v1/score", latin1), ("/v1/rerank", b'{"query": "\xff", "documents": ["d"]}'),
+                       ("/v1/completions", b'{"prompt": "na\xefve"}')):
+        r = httpx.post(server.url + path, content=body, headers={"content-type": "application/json"})
+        error = r.json()["error"]
+        assert r.status_code == 400 and error["param"] == "body" and error["code"] == "invalid_encoding", r.text
+        assert "UTF-8" in error["message"] and "0x" in error["message"] and "\n" not in error["message"]
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
 
 
@@ -589,6 +618,13 @@ BAD_COMPLETIONS = [
     ("prompt + max_tokens over the context", {"prompt": [1] * 1000, "max_tokens": 100}, 400, "prompt[0]"),
     ("temperature out of range", {"prompt": "hi", "temperature": 3}, 422, "temperature"),
     ("unsupported option", {"prompt": "hi", "echo": True}, 400, "echo"),
+    ("negative seed", {"prompt": "hi", "seed": -1}, 422, "seed"),
+    ("seed over 64 bits", {"prompt": "hi", "seed": 2 ** 64}, 422, "seed"),
+    ("unknown model", {"prompt": "hi", "model": "gpt-4o"}, 404, "model"),
+    # what a response can grow to: 64 x 600 tokens, each with 20 alternatives, was 24 MB
+    ("n x max_tokens over the cap", {"prompt": [1, 2, 3], "n": 64, "max_tokens": 600, "logprobs": 20}, 400,
+     "max_tokens"),
+    ("log-probs over the cap", {"prompt": [1, 2, 3], "n": 8, "max_tokens": 400, "logprobs": 20}, 400, "logprobs"),
 ]
 
 
@@ -596,7 +632,9 @@ BAD_COMPLETIONS = [
 def test_bad_completion_requests(server, name, body, status, param):
     r = httpx.post(server.url + "/v1/completions", json={"model": "tiny_judge", **body}, timeout=60)
     assert r.status_code == status, r.text
-    assert r.json()["error"]["param"] == param
+    error = r.json()["error"]
+    assert error["param"] == param and error["message"].startswith(param) and "\n" not in error["message"]
+    assert httpx.get(server.url + "/health", timeout=10).json()["status"] == "ok"
 
 
 def test_truncate_flag_cuts_documents_like_the_offline_evaluator(model_dir, model, tokenizer, prompt, tmp_path):
@@ -690,27 +728,97 @@ def test_full_queue_answers_503_and_sigterm_finishes_in_flight(model_dir, tmp_pa
         srv.stop()
 
 
-def test_startup_errors_end_in_one_line_and_exit_2(tmp_path, capsys, model_dir):
+def model_variant(model_dir, out, tokenizer_json=None, **config):
+    """A copy of the test model folder with its config.json changed by `config`, or its
+    tokenizer.json replaced by `tokenizer_json`."""
+    import json
+    import shutil
+
+    shutil.copytree(model_dir, out)
+    if config:
+        path = out / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
+    if tokenizer_json is not None:
+        (out / "tokenizer.json").write_text(tokenizer_json)
+    return out
+
+
+def test_startup_errors_end_in_one_line_and_exit_2(tmp_path, capsys, model_dir, tokenizer):
     not_a_model = tmp_path / "empty"
     not_a_model.mkdir()
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("{not json")
+    # a model whose vocabulary is smaller than the tokenizer saved with it
+    small = tmp_path / "small_vocab"
+    transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**{**TINY, "vocab_size": 1000})).save_pretrained(small)
+    tokenizer.save_pretrained(small)
+    broken_tokenizer = model_variant(model_dir, tmp_path / "broken_tok", tokenizer_json="{not json")
+    short_context = model_variant(model_dir, tmp_path / "short_ctx", max_position_embeddings=64)
+    capsys.readouterr()        # the progress bars of saving them
     cases = [(["--model", str(tmp_path / "missing")], "model folder not found"),
              (["--model", str(not_a_model)], "not a model folder"),
              (["--model", str(broken)], "cannot load the model"),
              (["--model", str(model_dir), "--max-batch", "0"], "--max-batch"),
              (["--model", str(model_dir), "--forward-rows", "0"], "--forward-rows"),
              (["--model", str(model_dir), "--max-rerank-documents", "0"], "--max-rerank-documents"),
-             (["--model", str(model_dir), "--instructions", str(tmp_path / "nope.txt")], "instructions")]
+             (["--model", str(model_dir), "--max-completion-tokens", "0"], "--max-completion-tokens"),
+             (["--model", str(model_dir), "--body-timeout", "0"], "--body-timeout"),
+             (["--model", str(model_dir), "--instructions", str(tmp_path / "nope.txt")], "instructions"),
+             (["--model", str(model_dir), "--device", "tpu"], "--device 'tpu'"),
+             (["--model", str(broken_tokenizer)], "cannot load the tokenizer"),
+             (["--model", str(small)], "fewer than its tokenizer's"),
+             # a context shorter than the prompt's fixed part: every score would be refused
+             (["--model", str(short_context)], "leaves no room for a pair"),
+             (["--model", str(model_dir), "--max-prompt-tokens", "20"], "--max-prompt-tokens 20 leaves no room")]
     try:
         import sglang  # noqa: F401
     except ImportError:
         cases.append((["--model", str(model_dir), "--backend", "sglang"], "needs SGLang"))
     for argv, words in cases:
-        assert serve_main(argv) == 2, argv
+        assert serve_main([*argv, "--port", str(free_port())]) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and words in err[0], (argv, err)
+
+
+def test_address_errors_come_before_the_model_loads(tmp_path, capsys, model_dir):
+    """A bad port or host, or a port in use, is one line before anything loads: the model folder
+    here does not even exist, and the error is still about the address."""
+    import socket
+
+    missing = ["--model", str(tmp_path / "missing")]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        cases = [(["--port", "70000"], "--port must be 1-65535, got 70000"),
+                 (["--port", "0"], "--port must be 1-65535"),
+                 (["--port", "-1"], "--port must be 1-65535"),
+                 (["--host", "no-such-host.invalid", "--port", str(free_port())], "--host 'no-such-host.invalid'"),
+                 (["--host", "300.1.2.3", "--port", str(free_port())], "--host '300.1.2.3'")]
+        for argv, words in cases:
+            assert serve_main([*missing, *argv]) == 2, argv
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and err[0].startswith("error: ") and words in err[0], (argv, err)
+        # in use: found before the model loads (the model folder exists, its loading would take seconds)
+        assert serve_main(["--model", str(model_dir), "--port", str(taken.getsockname()[1])]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "cannot listen there" in err[0] and "in use" in err[0], err
+
+
+def test_listening_beyond_loopback_without_a_key_warns(tmp_path, capsys):
+    """Binding another address than loopback without an API key says so on stderr (the folder is no
+    model, so start-up then ends; the warning comes before the model loads)."""
+    not_a_model = tmp_path / "empty"
+    not_a_model.mkdir()
+    assert serve_main(["--model", str(not_a_model), "--host", "0.0.0.0", "--port", str(free_port())]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[0].startswith("warning: listening on 0.0.0.0 without an API key"), err
+    assert serve_main(["--model", str(not_a_model), "--host", "0.0.0.0", "--port", str(free_port()),
+                       "--api-key", "k"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a model folder" in err[0], err
+    assert serve_main(["--model", str(not_a_model), "--port", str(free_port())]) == 2      # loopback: no warning
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -767,13 +875,13 @@ class StandInEngine:
 def test_sglang_backend_scores_like_the_embedded_scorer(monkeypatch, model_dir, model, tokenizer, prompt):
     import types
 
-    from afrl_fast.serve_backends import SGLangBackend
+    from afrl_fast.serve.backends import SGLangBackend
 
     engines = []
     fake = types.ModuleType("sglang")
     fake.Engine = lambda **kw: engines.append(StandInEngine(model, **kw)) or engines[-1]
     monkeypatch.setitem(sys.modules, "sglang", fake)
-    monkeypatch.setattr("afrl_fast.serve_backends.check_sglang_version", lambda installed=None: "0.5.23")
+    monkeypatch.setattr("afrl_fast.serve.backends.check_sglang_version", lambda installed=None: "0.5.23")
     backend = SGLangBackend(str(model_dir), prompt, engine_kwargs={"tp_size": 1})
     scorer = FirstTokenScorer(model, tokenizer, prompt.rulebook, instructions=prompt.instructions, progress=False)
     ids = scorer.prompt_ids(*zip(*PAIRS[:5]))
@@ -826,3 +934,240 @@ def test_concurrent_completions_decode_together_and_get_what_they_get_alone(serv
         assert all(1 <= len(t) <= body["max_tokens"] for t in toks)
     calls = metric(server.url, "afrl_generation_batch_requests_count") - before
     assert calls < len(bodies)          # fewer engine calls than requests: some decoded together
+
+
+# ----------------------------------------------------------------------------------------------
+# Reliability: API key, response caps, slow clients, log-probs, the protocol models
+# ----------------------------------------------------------------------------------------------
+
+def test_api_key_guards_every_route_but_health(model_dir, tmp_path, monkeypatch):
+    """With the key in the environment (as a deployment passes it, out of the process list):
+    every route answers 401 in the OpenAI error shape without it or with a wrong one, /health
+    answers anyway, and the official openai client with the key works."""
+    from openai import AuthenticationError, OpenAI
+
+    monkeypatch.setenv(API_KEY_ENV, "s3cret-key")
+    srv = Server(model_dir, tmp_path / "key.log")        # its /health readiness probe needs no key
+    try:
+        routes = [("POST", "/v1/score", {"pairs": [{"query": "q", "document": "d"}]}),
+                  ("POST", "/v1/rerank", {"query": "q", "documents": ["d"]}),
+                  ("POST", "/rerank", {"query": "q", "texts": ["d"]}),
+                  ("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 2}),
+                  ("GET", "/v1/models", None), ("GET", "/metrics", None), ("GET", "/openapi.json", None),
+                  ("GET", "/no-such-route", None)]
+        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "Bearer s3cret-keyX"},
+                        {"authorization": "Basic s3cret-key"}, {"authorization": "s3cret-key"}):
+            for method, path, body in routes:
+                r = httpx.request(method, srv.url + path, json=body, headers=headers, timeout=60)
+                assert r.status_code == 401, (path, headers, r.text)
+                assert r.json()["error"]["code"] == "invalid_api_key" and r.headers["www-authenticate"] == "Bearer"
+        assert httpx.get(srv.url + "/health").json()["status"] == "ok"
+        good = {"authorization": "Bearer s3cret-key"}
+        for method, path, body in routes[:-2]:
+            r = httpx.request(method, srv.url + path, json=body, headers=good, timeout=60)
+            assert r.status_code == 200, (path, r.text)
+        assert httpx.get(srv.url + "/v1/models", headers={"authorization": "bearer s3cret-key"}).status_code == 200
+        client = OpenAI(base_url=srv.url + "/v1", api_key="s3cret-key", max_retries=0)
+        assert client.completions.create(model="tiny_judge", prompt="hi", max_tokens=2).choices[0].finish_reason
+        with pytest.raises(AuthenticationError):
+            OpenAI(base_url=srv.url + "/v1", api_key="guess", max_retries=0).completions.create(
+                model="tiny_judge", prompt="hi", max_tokens=2)
+    finally:
+        srv.stop()
+
+
+def test_openai_client_naming_another_model_gets_404(server):
+    from openai import NotFoundError, OpenAI
+
+    client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    with pytest.raises(NotFoundError) as caught:
+        client.completions.create(model="gpt-3.5-turbo-instruct", prompt="hi", max_tokens=2)
+    assert caught.value.body["code"] == "model_not_found" and caught.value.body["param"] == "model"
+    for name in ("tiny_judge", "default"):        # the served name, and the one-model placeholder
+        assert client.completions.create(model=name, prompt="hi", max_tokens=2).model == "tiny_judge"
+
+
+def test_top_logprobs_entry_of_the_sampled_token_is_its_logprob(server, tokenizer):
+    """A sampled token listed among its position's top_logprobs has there exactly its token_logprobs
+    value (the engine computes the two by different float32 routes)."""
+    prompt_ids = tokenizer.encode("Query: cheap phones\nDocument: The Brava Z5 costs", add_special_tokens=False)
+    listed = 0
+    for temperature in (0.0, 0.3, 1.0):
+        r = httpx.post(server.url + "/v1/completions", timeout=60, json={
+            "prompt": prompt_ids, "n": 4, "max_tokens": 12, "temperature": temperature, "seed": 5, "logprobs": 5,
+            "return_tokens_as_token_ids": True})
+        assert r.status_code == 200, r.text
+        for choice in r.json()["choices"]:
+            lp = choice["logprobs"]
+            for token, value, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+                if token in top:
+                    listed += 1
+                    assert top[token] == value, (temperature, token, top[token], value)
+    assert listed > 0
+
+
+class BlockingDecode:
+    """The test tokenizer, but `decode` waits, once armed, until the test lets it go."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.armed = tokenizer, False
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+    def __call__(self, *args, **kwargs):
+        return self.tokenizer(*args, **kwargs)
+
+    def __len__(self):
+        return len(self.tokenizer)
+
+    def decode(self, *args, **kwargs):
+        if self.armed:
+            self.entered.set()
+            self.release.wait(120)
+        return self.tokenizer.decode(*args, **kwargs)
+
+
+def test_completion_bodies_are_built_off_the_event_loop(prompt):
+    """/health answers while a completion's body is being built. The body's tokens are decoded by a
+    tokenizer that, once armed, waits until /health has answered: were bodies built on the event
+    loop, /health could not answer (its read timeout fails the test). A stand-in backend
+    "generates" at once, so only the body building is in flight."""
+    import uvicorn
+    from concurrent.futures import ThreadPoolExecutor
+
+    from afrl_fast.prompt_encoding import PromptEncoder
+    from afrl_fast.engines import RolloutGroup
+    from afrl_fast.serve.app import create_app
+    from afrl_fast.serve.config import ServeConfig
+
+    tok = BlockingDecode(load_tokenizer())
+
+    class StandIn:
+        kind, device, prefix_tokens, full_prefill_pairs, context_tokens = "stand-in", "cpu", 0, 0, 4096
+        label_ids, eos_ids = label_token_ids(tok.tokenizer), [tok.tokenizer.eos_token_id]
+
+        def generate(self, prompts, *, n, max_tokens, **kw):
+            return [RolloutGroup(p, [[100, 200, 300][:max_tokens]] * n, [[-1.0] * 3] * n, [False] * n) for p in prompts]
+
+        def close(self):
+            pass
+
+    app = create_app(StandIn(), ServeConfig(model_name="stand-in"),
+                     PromptEncoder(tok, prompt.rulebook, prompt.instructions), ThreadPoolExecutor(1))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: server.started)
+        tok.armed = True
+        done = {}
+        client = threading.Thread(target=lambda: done.update(r=httpx.post(
+            url + "/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 3}, timeout=120)))
+        client.start()
+        assert tok.entered.wait(60)
+        health = httpx.get(url + "/health", timeout=30)       # the body is being built meanwhile
+        assert health.status_code == 200 and "r" not in done
+        tok.release.set()
+        client.join(timeout=60)
+        assert done["r"].status_code == 200 and done["r"].json()["choices"][0]["text"]
+    finally:
+        tok.release.set()
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def read_until_closed(sock) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def test_slow_clients_time_out_and_sigterm_drains_in_bounded_time(model_dir, tmp_path):
+    """A body that does not arrive in full within --body-timeout gets 408 and its connection
+    closed; an idle keep-alive connection is closed after --keep-alive-timeout; SIGTERM with a
+    stalled client connected ends the process by that signal, with no traceback in the log."""
+    import socket
+
+    log = tmp_path / "slow.log"
+    srv = Server(model_dir, log, "--body-timeout", "1", "--keep-alive-timeout", "1", "--graceful-timeout", "20")
+    partial = (b"POST /v1/score HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n"
+               b'{"pairs": [{"query": ')
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=60) as s:
+            s.sendall(partial)
+            answer = read_until_closed(s)        # a socket timeout (60 s) would fail the test
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), answer
+        assert b'"param":"body"' in body.replace(b" ", b"") and b"--body-timeout" in body
+        assert metric(srv.url, "afrl_rejected_total", reason="body_timeout") == 1
+
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=60) as s:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+            answer = read_until_closed(s)        # answered, then closed by the server when idle
+        assert answer.startswith(b"HTTP/1.1 200") and b'"status":"ok"' in answer
+
+        stalled = socket.create_connection(("127.0.0.1", srv.port), timeout=60)
+        stalled.sendall(partial)
+        # a request on another connection answered after it: the stalled one's headers are read by then
+        assert httpx.get(srv.url + "/health", timeout=30).status_code == 200
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(timeout=60) == -signal.SIGTERM
+        assert read_until_closed(stalled).startswith(b"HTTP/1.1 408")
+        stalled.close()
+    finally:
+        srv.stop()
+    text = log.read_text()
+    assert "Traceback" not in text and "CancelledError" not in text, text[-3000:]
+
+
+def test_sigterm_cancels_what_outlasts_the_graceful_timeout_in_one_line(model_dir, tmp_path):
+    """A generation still running when --graceful-timeout runs out is cancelled: the process still
+    ends by SIGTERM, the cancelled request is one log line, and no traceback is logged."""
+    log = tmp_path / "drain.log"
+    srv = Server(model_dir, log, "--graceful-timeout", "1")
+    try:
+        slow = {}
+
+        def generate():
+            try:
+                slow["r"] = httpx.post(srv.url + "/v1/completions", timeout=300,
+                                       json={"prompt": [1, 2, 3], "n": 16, "max_tokens": 1000, "seed": 0})
+            except httpx.TransportError as e:        # the connection closed under it: what is expected
+                slow["error"] = e
+
+        gen = threading.Thread(target=generate)
+        gen.start()
+        wait_until(lambda: metric(srv.url, "afrl_generation_rows") == 16)
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(timeout=120) == -signal.SIGTERM
+        gen.join(timeout=60)
+        assert "error" in slow or slow["r"].status_code != 200       # cut off, not answered in full
+    finally:
+        srv.stop()
+    text = log.read_text()
+    assert "POST /v1/completions cancelled: still running when --graceful-timeout ran out" in text, text[-3000:]
+    assert "Traceback" not in text and "CancelledError" not in text, text[-3000:]
+
+
+def test_responses_follow_the_protocol_models(server):
+    """The response bodies the routes build by hand have the shape of afrl_fast.serve.protocol's models."""
+    from afrl_fast.serve import protocol
+
+    pairs = {"pairs": [{"query": q, "document": d, "id": f"p{i}"} for i, (q, d) in enumerate(PAIRS[:2])]}
+    checks = [("/v1/score", pairs, protocol.ScoreResponse),
+              ("/v1/score", {**pairs, "explain": True}, protocol.ScoreResponse),
+              ("/v1/rerank", {"query": "q", "documents": ["a", "b"], "return_grades": True}, protocol.RerankResponse),
+              ("/rerank", {"query": "q", "texts": ["a", "b"]}, protocol.RerankResponse),
+              ("/v1/completions", {"prompt": "hi", "max_tokens": 3, "logprobs": 2}, protocol.CompletionResponse)]
+    for path, body, model in checks:
+        r = httpx.post(server.url + path, json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        model.model_validate(r.json(), strict=False)
+    protocol.ModelList.model_validate(httpx.get(server.url + "/v1/models").json())
+    protocol.Health.model_validate(httpx.get(server.url + "/health").json())
+    protocol.ErrorResponse.model_validate(httpx.post(server.url + "/v1/score", json={}).json())

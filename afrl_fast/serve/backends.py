@@ -1,11 +1,11 @@
 """Where the online service's model runs: the scoring and generation backends of `afrl_fast.serve`.
 
 * ``EmbeddedBackend`` (default, any device): the Hugging Face model in the service's process.
-  Scores go through `afrl_fast.evaluate.FirstTokenScorer` — the KV of the prompt prefix every pair
+  Scores go through `afrl_fast.scoring.FirstTokenScorer` — the KV of the prompt prefix every pair
   shares is computed once at start-up, each batch prefills only the pairs' suffixes, and only the
   five label rows of the LM head are applied; a rerank request's candidates also share their
   query's part of the prompt (`score_query`: prefilled once per query, two-level prefix). Generation (explain traces, /v1/completions) goes
-  through `afrl_fast.rollout.EmbeddedEngine`, which prefills a prompt once and expands its KV for
+  through `afrl_fast.engines.EmbeddedEngine`, which prefills a prompt once and expands its KV for
   the n samples.
 * ``SGLangBackend`` (GPU, `--backend sglang`): SGLang's offline ``sglang.Engine`` in the same
   process. A score is one ``generate`` call with ``max_new_tokens=1`` asking, through
@@ -18,35 +18,66 @@
   SGLang's radix cache shares by itself.
 
 Both backends take token ids, never text: prompts are built and tokenised by the service with
-`afrl_fast.evaluate.PromptEncoder`, the same code the offline evaluator uses. Every method of a
+`afrl_fast.prompt_encoding.PromptEncoder`, the same code the offline evaluator uses. Every method of a
 backend (its constructor included) runs in the service's single inference thread.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import AutoConfig
 
-from .scoring import FirstTokenScorer, has_tokenizer, load_model
-from .format import PromptSettings, label_token_ids, load_tokenizer
-from .engines import EmbeddedEngine, RolloutGroup, resolve_eos_ids
-from .engines.sglang import SEED_LIMIT, label_probs_from_sglang, sample_seeds
-from .engines.sglang_server import SGLangError, check_sglang_version
+from ..scoring import FirstTokenScorer, has_tokenizer, load_model
+from ..format import PromptSettings, label_token_ids, load_tokenizer
+from ..engines import EmbeddedEngine, RolloutGroup, resolve_eos_ids
+from ..engines.sglang import SEED_LIMIT, label_probs_from_sglang, sample_seeds
+from ..engines.sglang_server import SGLangError, check_sglang_version
+from .errors import ServeError
+
+log = logging.getLogger("afrl_fast.serve")
 
 BACKENDS = ("embedded", "sglang")
 SGLANG_MISSING = ("--backend sglang needs SGLang, which is not installed (pip install 'afrl-fast[sglang]' on a GPU "
                   "machine); the default embedded backend runs everywhere")
 
 
-class ServeError(ValueError):
-    """A model folder, flag or backend the service cannot start with; the message says why."""
-
-
 def model_tokenizer(model_dir: str):
-    """The tokenizer saved with the model, else the real Qwen3 tokenizer."""
-    return load_tokenizer(model_dir if has_tokenizer(model_dir) else "qwen3")
+    """The tokenizer saved with the model, else the real Qwen3 tokenizer; ServeError (one line) for
+    one that does not load (a broken tokenizer.json raises from deep in the tokenizers library)."""
+    try:
+        return load_tokenizer(model_dir if has_tokenizer(model_dir) else "qwen3")
+    except Exception as e:  # tokenizers and transformers raise many types; start-up ends in one line
+        raise ServeError(f"{model_dir}: cannot load the tokenizer ({type(e).__name__}: "
+                         f"{(str(e).splitlines() or [''])[0][:200]})") from None
+
+
+def check_vocabulary(model_dir: str, model_rows: int, tokenizer) -> None:
+    """A token id the model has no embedding row for would fail at the first request that uses it
+    (or read another row on some devices): refuse a tokenizer larger than the model's vocabulary."""
+    if model_rows and model_rows < len(tokenizer):
+        raise ServeError(f"{model_dir}: the model's vocabulary has {model_rows} tokens, fewer than its tokenizer's "
+                         f"{len(tokenizer)}; the tokenizer does not belong to this model")
+
+
+def check_device(device: str) -> str:
+    """The torch device `device` (auto: cuda if present, else cpu) names; ServeError for one torch
+    does not know or this machine does not have."""
+    name = pick_device(device)
+    try:
+        kind = torch.device(name).type
+    except (RuntimeError, ValueError):
+        raise ServeError(f"--device {device!r}: not a device torch knows (auto, cpu, cuda, cuda:N, mps)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ServeError(f"--device {device!r}: CUDA is not available on this machine")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ServeError(f"--device {device!r}: MPS is not available on this machine")
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ServeError(f"--device {device!r}: the embedded backend runs on cpu, cuda or mps")
+    return name
 
 
 def check_model_dir(model_dir: str) -> None:
@@ -82,12 +113,13 @@ class EmbeddedBackend:
     def __init__(self, model_dir: str, prompt: PromptSettings, *, device: str = "auto", dtype: str = "auto",
                  max_batch: int = 64, share_prefix: bool = True, forward_rows: int | None = None):
         check_model_dir(model_dir)
+        device = check_device(device)
         self.tokenizer = model_tokenizer(model_dir)
         try:
             model = load_model(model_dir, dtype)
         except Exception as e:  # from_pretrained raises many types; start-up must end in one line
             raise ServeError(f"{model_dir}: cannot load the model ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-        device = pick_device(device)
+        check_vocabulary(model_dir, model.get_input_embeddings().num_embeddings, self.tokenizer)
         self.forward_rows = forward_rows or forward_rows_default(device, max_batch)
         self.scorer = FirstTokenScorer(model, self.tokenizer, prompt.rulebook, batch_size=self.forward_rows,
                                        device=device, instructions=prompt.instructions,
@@ -136,6 +168,7 @@ def import_sglang():
     except ImportError:
         raise ServeError(SGLANG_MISSING) from None
     try:
+        # looked up on the module at call time (tests stand in for the version check)
         check_sglang_version()
     except SGLangError as e:
         raise ServeError(str(e)) from None
@@ -180,8 +213,6 @@ class SGLangBackend:
     DETERMINISTIC = "enable_deterministic_inference"
 
     def __init__(self, model_dir: str, prompt: PromptSettings, *, engine_kwargs: dict | None = None):
-        import logging
-
         check_model_dir(model_dir)
         sglang = import_sglang()
         self.tokenizer = model_tokenizer(model_dir)
@@ -190,14 +221,13 @@ class SGLangBackend:
         engine_kwargs = dict(engine_kwargs or {})
         self.seeds_reproduce = engine_kwargs.get(self.DETERMINISTIC) is True
         if not self.seeds_reproduce:
-            logging.getLogger("afrl_fast.serve").warning(
+            log.warning(
                 "SGLang backend without deterministic inference: seeded completions do not reproduce "
                 "(--sglang-arg %s=true makes them reproduce; it slows scoring and generation)", self.DETERMINISTIC)
+        config = AutoConfig.from_pretrained(model_dir)
+        check_vocabulary(model_dir, int(getattr(config.get_text_config(), "vocab_size", 0) or 0), self.tokenizer)
         # The radix cache (on by default) keeps the shared prompt prefix's KV across requests.
         self.engine = sglang.Engine(model_path=str(model_dir), **engine_kwargs)
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(model_dir)
         self.context_tokens = int(getattr(config.get_text_config(), "max_position_embeddings", 0) or 0)
         self.device, self.prefix_tokens, self.full_prefill_pairs = "cuda (SGLang)", 0, 0
 
@@ -215,7 +245,7 @@ class SGLangBackend:
     def generate(self, prompts: list[list[int]], *, n: int, temperature: float, top_p: float,
                  max_tokens: int, seeds: list[int], top_logprobs: int = 0) -> list[RolloutGroup]:
         """n samples per prompt as n single-sample requests, prompt-major, each with its own seed.
-        As in the rollout engine (rollout_sglang.py): under deterministic inference SGLang honours
+        As in the rollout engine (engines/sglang.py): under deterministic inference SGLang honours
         `sampling_seed` and the n copies of one request share it, so `n=n` would return n identical
         completions. The sample seeds come from the prompt's seed (seeds[p]) and the sample index
         (below 2^31); without deterministic inference SGLang ignores them (see the class docstring)."""
