@@ -40,6 +40,8 @@ setup(
         "dev": ["pytest>=8,<9.3", "scikit-learn>=1.4,<1.10", "liger-kernel>=0.6,<0.9", "ninja>=1.11,<1.14", *SERVE,
                 "httpx>=0.27,<0.30", "openai>=1.40,<3.61", "trl>=1.10,<1.17"],
         "serve": SERVE,
+        # the documentation site (mkdocs.yml; `mkdocs build --strict` in CI)
+        "docs": ["mkdocs>=1.6,<1.7"],
         "gpu": ["flash-attn>=2.6"],
         # checked against the released code of these versions (afrl_fast/rollout_sglang.py: SGLANG_SPEC)
         "sglang": ["sglang>=0.5.21,<0.5.24"],
