@@ -81,3 +81,13 @@ def test_readme_keeps_the_commands_ci_and_newcomers_rely_on():
     assert any("-c requirements/lock-cpu.txt" in line and "pip install" in line for line in ci)
     assert any(line.startswith("python -m mkdocs build --strict") for line in ci)
     assert len(text.splitlines()) <= 160, "README.md is meant to stay short: move detail into docs/"
+
+
+def test_the_rulebook_example_in_the_docs_loads(tmp_path):
+    from afrl_fast.rulebook import load_rulebook
+
+    page = (DOCS / "reference" / "rulebook-schema.md").read_text(encoding="utf-8")
+    example = re.findall(r"```yaml\n(.*?)```", page, flags=re.S)[-1]
+    (tmp_path / "rulebook.yaml").write_text(example, encoding="utf-8")
+    rulebook = load_rulebook(tmp_path / "rulebook.yaml")
+    assert len(rulebook.steps) == 9 and rulebook.rules[-1].when == {}
