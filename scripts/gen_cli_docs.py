@@ -41,6 +41,11 @@ TOOLS = [
 ]
 
 
+# Defaults a parser computes from the machine it runs on, written as the rule instead of this
+# machine's value: (module, dest) -> text.
+MACHINE_DEFAULTS = {("afrl_fast.evaluate", "device"): "`cuda` if a GPU is visible, else `cpu`"}
+
+
 class _Parser(BaseException):
     """Carries the parser out of a tool's main() (BaseException: no `except Exception` catches it)."""
 
@@ -72,13 +77,29 @@ def cell(text) -> str:
 def show_default(action) -> str:
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
         return "off" if isinstance(action, argparse._StoreTrueAction) else "on"
+    if not action.option_strings and action.nargs in ("*", "?"):
+        return "none" if action.default in (None, []) else f"`{action.default}`"
     if action.required:
         return "required"
     if action.default is None or action.default == argparse.SUPPRESS:
         return "—"
     if action.default == []:
         return "none"
-    return f"`{action.default}`"
+    return f"`{portable(action.default)}`"
+
+
+def portable(value):
+    """A default that is an absolute path inside this checkout or its installed configs, written as the
+    repository-relative path, so the page is the same on every machine."""
+    if isinstance(value, (str, Path)) and Path(value).is_absolute():
+        path = Path(value)
+        try:
+            return path.relative_to(ROOT).as_posix()
+        except ValueError:
+            parts = path.parts
+            if "configs" in parts:
+                return Path(*parts[len(parts) - 1 - parts[::-1].index("configs"):]).as_posix()
+    return value
 
 
 def show_help(parser, action) -> str:
@@ -109,7 +130,7 @@ def show_name(action) -> str:
     return f"`{names} {metavar}`"
 
 
-def parser_section(parser, level: int) -> list[str]:
+def parser_section(parser, level: int, module: str = "") -> list[str]:
     out = []
     if parser.description:
         out += [parser.description.strip(), ""]
@@ -117,7 +138,8 @@ def parser_section(parser, level: int) -> list[str]:
             if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction)) and a.help != argparse.SUPPRESS]
     if rows:
         out += ["| argument | default | what it is |", "|---|---|---|"]
-        out += [f"| {show_name(a)} | {show_default(a)} | {show_help(parser, a)} |" for a in rows]
+        out += [f"| {show_name(a)} | {MACHINE_DEFAULTS.get((module, a.dest)) or show_default(a)} | "
+                f"{show_help(parser, a)} |" for a in rows]
         out.append("")
     for sub in (a for a in parser._actions if isinstance(a, argparse._SubParsersAction)):
         helps = {c.dest: c.help for c in sub._choices_actions}
@@ -125,7 +147,7 @@ def parser_section(parser, level: int) -> list[str]:
             out += [f"{'#' * level} `{name}`", ""]
             if helps.get(name):
                 out += [cell(helps[name]), ""]
-            out += parser_section(child, level + 1)
+            out += parser_section(child, level + 1, module)
     return out
 
 
@@ -135,7 +157,7 @@ def cli_page(name: str, module: str, invocation: str) -> str:
     if name in ("train", "distill"):
         lines += ["Besides the flags below, every config key can be set on the command line as `section.key=value` "
                   "([config keys](../config.md)).", ""]
-    lines += parser_section(parser, 2)
+    lines += parser_section(parser, 2, module)
     return HEADER.format(source=f"the parser of {module}") + "\n".join(lines).rstrip() + "\n"
 
 
