@@ -91,3 +91,10 @@ def test_the_rulebook_example_in_the_docs_loads(tmp_path):
     (tmp_path / "rulebook.yaml").write_text(example, encoding="utf-8")
     rulebook = load_rulebook(tmp_path / "rulebook.yaml")
     assert len(rulebook.steps) == 9 and rulebook.rules[-1].when == {}
+
+
+def test_no_page_names_a_path_of_the_machine_it_was_written_on():
+    here = [p for p in (str(ROOT), str(Path.home())) if len(p) > 4]   # a home of "/" names nothing
+    found = [f"{doc.relative_to(ROOT)}: {p}" for doc in documents() if "results-files" not in doc.parts
+             for p in here if p in doc.read_text(encoding="utf-8")]
+    assert not found, found
