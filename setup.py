@@ -3,6 +3,8 @@ from setuptools import setup
 
 # The online scoring service (python -m afrl_fast.serve); the tests need it, so dev pulls it in.
 SERVE = ["fastapi>=0.110,<0.166", "uvicorn[standard]>=0.29,<0.56", "pydantic>=2,<2.15", "prometheus-client>=0.20,<0.27"]
+# The documentation site (mkdocs.yml; `mkdocs build --strict` in CI and in tests/test_docs.py), so dev pulls it in.
+DOCS = ["mkdocs>=1.6,<1.7"]
 
 setup(
     name="afrl-fast",
@@ -43,8 +45,9 @@ setup(
     extras_require={
         # trl: the peer benchmarks/bench_vs_trl.py runs (GRPOTrainer; pulls accelerate and datasets)
         "dev": ["pytest>=8,<9.3", "scikit-learn>=1.4,<1.10", "liger-kernel>=0.6,<0.9", "ninja>=1.11,<1.14", *SERVE,
-                "httpx>=0.27,<0.30", "openai>=1.40,<3.61", "trl>=1.10,<1.17"],
+                "httpx>=0.27,<0.30", "openai>=1.40,<3.61", "trl>=1.10,<1.17", *DOCS],
         "serve": SERVE,
+        "docs": DOCS,
         "gpu": ["flash-attn>=2.6"],
         # checked against the released code of these versions (afrl_fast/engines/sglang_server.py: SGLANG_SPEC)
         "sglang": ["sglang>=0.5.21,<0.5.24"],

@@ -50,7 +50,8 @@ from afrl_fast.rollouts import TrainerEngine
 from afrl_fast.rulebook import RulebookError, load_rulebook
 from afrl_fast.run_data import (embedding_rows, prepare_data, rl_split, tokenize_prompts, tokenize_targets,
                                 train_inputs, write_data)
-from afrl_fast.run_dir import (RUN_ARTIFACTS, check_model_folder, check_run_dir, check_same_config, comparable_config,
+from afrl_fast.run_dir import (RUN_ARTIFACTS, check_data_dir_for_a_real_model, check_model_folder, check_run_dir,
+                               check_same_config, comparable_config,
                                open_run_dir)
 from afrl_fast.run_policy import build_policy, build_ref_policy, check_init_from, start_from_run
 from afrl_fast.run_results import finish
@@ -101,6 +102,7 @@ def train(argv=None) -> int:
         check_run_dir(run_dir, cfg.run.resume, args.overwrite, RUN_ARTIFACTS, inputs)
     base_run = check_init_from(cfg) if cfg.run.init_from else None
     check_model_folder("model.path", cfg.model.path)
+    check_data_dir_for_a_real_model(cfg)
     torch.manual_seed(cfg.run.seed)
     t_start = time.time()
 

@@ -14,7 +14,7 @@ ENV="$(mktemp -d)/venv"
 python3 -m venv "$ENV"
 "$ENV/bin/python" -m pip install --quiet --upgrade pip
 "$ENV/bin/python" -m pip install --quiet "$TORCH"
-"$ENV/bin/python" -m pip install --quiet ".[dev]"
+"$ENV/bin/python" -m pip install --quiet ".[dev,docs]"
 {
   echo "# The exact versions CI passed with: constraints for \`pip install -c requirements/lock-cpu.txt\`."
   echo "# Resolved by scripts/refresh_lock.sh on $(date -u +%Y-%m-%d), $("$ENV/bin/python" -c 'import platform; print("Python", platform.python_version())'), CPU torch."

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The synthesis demo in README ("Trace synthesis"): a trained demo model serves as the teacher.
+# The synthesis demo (docs/results/synthesis.md): a trained demo model serves as the teacher.
 #   1. the demo's synthetic training pairs with their labels only (trace and step columns dropped)
 #      -> python -m afrl_fast.synthesize against `python -m afrl_fast.serve --model TEACHER`
 #   2. a fresh demo model SFT-trained on the synthesized traces, evaluated from the first token

@@ -3,7 +3,7 @@ tiny judge that writes one pair's trace by heart (tests/serving.py), so its trac
 
 - sequence level: the teacher writes a trace per training pair; only the memorized pair's passes the
   consistency filter against its label, the rest are counted by reason; the student trains on it;
-- the run folder holds what the README promises, the student model carries the teacher's prompt
+- the run folder holds what docs/guides/distillation.md describes, the student model carries the teacher's prompt
   and loads in transformers, results.json scores student and teacher on the eval splits with the
   first-token scorer (checked against afrl_fast.evaluate run on the exported student);
 - a run killed with SIGKILL mid-run and resumed ends with the same student and log as an

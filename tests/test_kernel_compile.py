@@ -1,5 +1,5 @@
 """Every Triton kernel (the vocab pass and the distill pass) compiles for sm_80 and sm_90 without
-register spills (the budget README's Performance table reports: registers, spills and shared memory
+register spills (the budget docs/results/benchmarks.md reports: registers, spills and shared memory
 per variant).
 
 No GPU is needed: Triton lowers to PTX/cubin on the CPU and the ptxas it ships reports registers

@@ -17,7 +17,7 @@ from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCK = ROOT / "requirements" / "lock-cpu.txt"
-CPU_EXTRAS = ("dev", "serve")            # gpu (flash-attn) and sglang are GPU-only, not in the CPU lock
+CPU_EXTRAS = ("dev", "serve", "docs")          # gpu (flash-attn) and sglang are GPU-only, not in the CPU lock
 
 
 def setup_kwargs() -> dict:
@@ -76,4 +76,4 @@ def test_the_installed_versions_are_the_locked_ones_or_in_range_in_latest_mode()
         elif installed.public != pins[canonicalize_name(r.name)].public:
             wrong.append(f"{r.name} {installed} != lock {pins[canonicalize_name(r.name)]}")
     assert wrong == [], ("the test environment is not the one the lock describes (install with "
-                         f"`pip install -c requirements/lock-cpu.txt -e .[dev]`): {wrong}")
+                         f"`pip install -c requirements/lock-cpu.txt -e .[dev,docs]`): {wrong}")

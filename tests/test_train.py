@@ -1,6 +1,6 @@
 """The trainer end to end, through torchrun, on a tiny Qwen3 with the real Qwen3 tokenizer:
 
-- one rank runs SFT → difficulty → RL → evaluation and leaves the run folder the README promises;
+- one rank runs SFT → difficulty → RL → evaluation and leaves the run folder docs/guides/training.md describes;
 - two ranks on gloo (FSDP2) reproduce the one-rank metrics;
 - a run killed with SIGKILL mid-step and resumed logs the same metrics as the uninterrupted run;
 - the exported policy loads in transformers and scores with afrl_fast.evaluate.

@@ -217,7 +217,7 @@ def execute(kind: str, config: Path, out: Path, arms, seeds, overrides, plan, np
     return 0
 
 
-# The pilot gate (README "An RL experiment with headroom"): the arms are worth running only when the
+# The pilot gate (docs/results/headroom.md): the arms are worth running only when the
 # shared SFT model leaves RL something to fix on the long tail without failing the head, writes valid
 # traces when sampled, and the RL pool holds prompts that are neither always nor never solved.
 PILOT_GATE = {
