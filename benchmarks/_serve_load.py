@@ -66,6 +66,11 @@ def demo_pairs(n):
         table.column("trace").to_pylist()
 
 
+def fmt(x, width=9, digits=2) -> str:
+    # NaN (x != x) marks a point that was not measured: a dash keeps the columns aligned
+    return f"{x:>{width}.{digits}f}" if x == x else f"{'-':>{width}}"
+
+
 def load_average() -> str:
     try:
         return "/".join(f"{x:.2f}" for x in os.getloadavg())

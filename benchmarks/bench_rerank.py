@@ -43,7 +43,7 @@ import pytest
 import torch
 
 from _quick import QUICK, choose, quick_note
-from _serve_load import Handler, Row, demo_pairs, export_demo_model, load_average, window
+from _serve_load import Handler, Row, demo_pairs, export_demo_model, fmt, load_average, window
 
 DURATION = float(os.environ.get("AFRL_BENCH_SECONDS", choose("30", "0.5")))
 ROUNDS = choose(2, 1)
@@ -110,10 +110,6 @@ def in_process_costs(model_dir, requests) -> dict:
             "long_query_len": len(long[0][0]) - len(scorer.prefix),
             "two_tokens": statistics.median(len(row) - len(query) for row in ids),
             "one_tokens": statistics.median(len(row) - len(scorer.prefix) for row in ids)}
-
-
-def fmt(x, width=9, digits=2) -> str:
-    return f"{x:>{width}.{digits}f}" if x == x else f"{'-':>{width}}"
 
 
 @pytest.mark.benchmark

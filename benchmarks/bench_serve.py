@@ -54,7 +54,7 @@ import pytest
 import torch
 
 from _quick import QUICK, choose, quick_note
-from _serve_load import Handler, Row, demo_pairs, export_demo_model, load_average, window
+from _serve_load import Handler, Row, demo_pairs, export_demo_model, fmt, load_average, window
 
 DURATION = float(os.environ.get("AFRL_BENCH_SECONDS", choose("30", "0.3")))
 ROUNDS = choose(3, 1)
@@ -111,10 +111,6 @@ def in_process_costs(model_dir, pairs) -> dict:
                     "prompt_len": statistics.median(map(len, ids)), "batch": half}
     finally:
         torch.set_num_threads(threads)
-
-
-def fmt(x, width=9, digits=2) -> str:
-    return f"{x:>{width}.{digits}f}" if x == x else f"{'-':>{width}}"
 
 
 @pytest.mark.benchmark

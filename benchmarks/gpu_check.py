@@ -818,20 +818,15 @@ def section_kernels(ctx: Ctx) -> dict:
     if subset:
         vocab_cases = {k: v for k, v in vocab_cases.items() if k in DRY_VOCAB}
         distill_cases = {k: v for k, v in distill_cases.items() if k in DRY_DISTILL}
-    for i, (name, case) in enumerate(vocab_cases.items()):
-        try:
-            rows.append(_run_vocab_case(f"vocab/{name}", case, 1000 + i, dev))
-        except Exception as e:
-            rows.append({"case": f"vocab/{name}", "pass": False, "error": short(e),
-                         "traceback": traceback.format_exc()[-2000:]})
-        free_memory(dev)
-    for i, (name, case) in enumerate(distill_cases.items()):
-        try:
-            rows.append(_run_distill_case(f"distill/{name}", case, 2000 + i, dev))
-        except Exception as e:
-            rows.append({"case": f"distill/{name}", "pass": False, "error": short(e),
-                         "traceback": traceback.format_exc()[-2000:]})
-        free_memory(dev)
+    for family, cases, run_case, seed0 in (("vocab", vocab_cases, _run_vocab_case, 1000),
+                                           ("distill", distill_cases, _run_distill_case, 2000)):
+        for i, (name, case) in enumerate(cases.items()):
+            try:
+                rows.append(run_case(f"{family}/{name}", case, seed0 + i, dev))
+            except Exception as e:
+                rows.append({"case": f"{family}/{name}", "pass": False, "error": short(e),
+                             "traceback": traceback.format_exc()[-2000:]})
+            free_memory(dev)
     try:
         rows += _nonfinite_rows(dev, DRY_NONFINITE if subset else None)
     except Exception as e:
