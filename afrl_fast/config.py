@@ -363,6 +363,9 @@ class DistillSettings:
     temperature: float = 1.0         # τ of both distributions in the divergence
     first_token_weight: float = 1.0  # row weight of the grade position; every other trace position has 1
     hard_label_weight: float = 0.0   # + this × the student's cross-entropy on the trace tokens
+    # × the divergence term: 0 with hard_label_weight > 0 is sequence-level distillation (the teacher's
+    # traces learnt by cross-entropy alone, its logits unused)
+    logit_weight: float = 1.0
     epochs: float = 3.0
     batch_size: int = 16
     lr: float = 3e-3
@@ -397,7 +400,8 @@ DISTILL_RANGES = {
     "data.max_prompt_tokens": AT_LEAST_1, "data.max_response_tokens": AT_LEAST_1,
     "distill.trace_samples": AT_LEAST_1, "distill.trace_temperature": AT_LEAST_0, "distill.max_new_tokens": AT_LEAST_1,
     "distill.jsd_beta": (lambda v: 0 < v < 1, "in (0, 1)"), "distill.temperature": POSITIVE,
-    "distill.first_token_weight": AT_LEAST_0, "distill.hard_label_weight": AT_LEAST_0, "distill.epochs": AT_LEAST_0,
+    "distill.first_token_weight": AT_LEAST_0, "distill.hard_label_weight": AT_LEAST_0,
+    "distill.logit_weight": AT_LEAST_0, "distill.epochs": AT_LEAST_0,
     "distill.batch_size": AT_LEAST_1, "distill.lr": POSITIVE, "distill.warmup_steps": AT_LEAST_0,
     "distill.weight_decay": AT_LEAST_0, "distill.grad_clip": AT_LEAST_0, "distill.micro_batch_size": AT_LEAST_0,
     "eval.max_rows": AT_LEAST_0, "eval.batch_size": AT_LEAST_1, "run.seed": AT_LEAST_0,
@@ -419,6 +423,8 @@ def load_distill_config(path: str | Path | None, overrides: list[str] = ()) -> D
         (d.traces in ("teacher", "data", "first_token"), "distill.traces", d.traces),
         (d.keep in ("label", "valid"), "distill.keep", d.keep),
         (d.kind in ("forward_kl", "reverse_kl", "jsd"), "distill.kind", d.kind),
+        (d.logit_weight + d.hard_label_weight > 0, "distill.logit_weight + distill.hard_label_weight (> 0: the "
+         "student must learn from something)", (d.logit_weight, d.hard_label_weight)),
         (cfg.student.num_heads % cfg.student.num_kv_heads == 0, "student.num_kv_heads (must divide num_heads)",
          cfg.student.num_kv_heads),
         (cfg.run.loss_backend in ("auto", "triton", "native", "torch"), "run.loss_backend", cfg.run.loss_backend),

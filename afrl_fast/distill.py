@@ -21,8 +21,9 @@ run folder in run_dir, shared with train.py):
   3. logit level — at every position of those traces the student's next-token distribution is pulled
      to the teacher's with the fused distillation loss (afrl_fast.distill_loss.fused_distill_loss: forward KL,
      reverse KL or JSD at temperature τ, no [tokens, V] logits of either model), the grade position
-     weighted `distill.first_token_weight` (its logits "condense the global reasoning"), plus
-     `distill.hard_label_weight` × the student's cross-entropy on the trace tokens.
+     weighted `distill.first_token_weight` (its logits "condense the global reasoning"), the whole
+     term × `distill.logit_weight`, plus `distill.hard_label_weight` × the student's cross-entropy on
+     the trace tokens (logit_weight=0 hard_label_weight=1: sequence-level distillation alone).
   4. the usual run folder: config.yaml, metrics.jsonl, tensorboard/, teacher_traces.parquet,
      checkpoints/ (a killed run continues with --resume), student_model/ (save_pretrained with the
      prompt settings: evaluate, serve and a later RL run take it as is), results.json (student vs

@@ -27,7 +27,7 @@ def distill_loss_backward(student, teacher, examples, cfg, info, pad_id: int) ->
         first = torch.zeros(batch.n_rows, dtype=torch.bool, device=info.device)
         first[torch.as_tensor(np.cumsum([0] + [len(e[1]) for e in part[:-1]]), device=info.device)] = True
         row_weight = torch.where(first, torch.full_like(first, d.first_token_weight, dtype=torch.float32),
-                                 torch.ones(batch.n_rows, device=info.device))
+                                 torch.ones(batch.n_rows, device=info.device)) * d.logit_weight
         with torch.no_grad():
             t_hidden, t_weight = teacher(batch, mode="hidden")
         out = student(batch, mode="distill", teacher=(t_hidden, t_weight), distill=d, row_weight=row_weight,

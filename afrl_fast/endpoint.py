@@ -277,3 +277,65 @@ def _text(value) -> str:
     if not isinstance(value, str):
         raise TypeError(f"a token must be a string, got {value!r}")
     return value
+
+
+# ----------------------------------------------------------------------------- /v1/score of afrl_fast.serve
+
+@dataclass
+class ScoreEndpoint:
+    """A first-token judge served by `python -m afrl_fast.serve`, asked through its /v1/score route.
+    The `openai` client carries the request (its retries and backoff on 429, 5xx, timeouts and
+    connection errors, as for completions); the answer is checked before anything is taken from it."""
+    url: str
+    batch_size: int = 64
+    timeout: float = 120.0
+    retries: int = 5
+    api_key: str | None = None
+    n_truncated: int = 0
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.retries < 0 or not (math.isfinite(self.timeout) and self.timeout > 0):
+            raise EndpointError(f"{self.url}: batch size ≥ 1, retries ≥ 0 and a finite timeout > 0 are required "
+                                f"(got {self.batch_size}, {self.retries}, {self.timeout})")
+        import openai
+        self._base = base_url(self.url)
+        self._client = openai.OpenAI(base_url=self._base, timeout=self.timeout, max_retries=self.retries,
+                                     api_key=self.api_key or os.environ.get("AFRL_FAST_API_KEY") or "none")
+
+    def score_pairs(self, table, progress=None):
+        """P(grade = 0..4) per pair of a pairs table [N, 5], in its row order (the interface of
+        afrl_fast.scoring.FirstTokenScorer, so the same metrics follow)."""
+        import numpy as np
+        queries, docs = table.column("query").to_pylist(), table.column("document").to_pylist()
+        probs = np.zeros((len(queries), 5))
+        for start in range(0, len(queries), self.batch_size):
+            stop = min(start + self.batch_size, len(queries))
+            pairs = [{"query": q, "document": d} for q, d in zip(queries[start:stop], docs[start:stop])]
+            probs[start:stop] = self._score(pairs, start)
+            if progress is not None:
+                progress.update(stop - start)
+        return probs
+
+    def _score(self, pairs: list[dict], first_row: int):
+        import httpx
+        import numpy as np
+        import openai
+        try:
+            response = self._client.post("/score", body={"pairs": pairs}, cast_to=httpx.Response)
+        except openai.APIStatusError as e:
+            raise EndpointError(f"{self._base}/score refused rows {first_row}..{first_row + len(pairs) - 1} "
+                                f"(HTTP {e.status_code}): {_short(e.response.text)}") from None
+        except openai.APIError as e:
+            raise EndpointError(f"{self._base}/score: {type(e).__name__}: {_short(e)}") from None
+        try:
+            results = json.loads(response.content)["results"]
+            probs = np.array([r["probs"] for r in results], dtype=float)
+            truncated = sum(bool(r["truncated"]) for r in results)
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            raise EndpointError(f"{self._base}/score: the answer is not a score response "
+                                f"({type(e).__name__}: {_short(e)})") from None
+        if probs.shape != (len(pairs), 5) or not np.isfinite(probs).all():
+            raise EndpointError(f"{self._base}/score: asked for {len(pairs)} pairs, got probabilities of shape "
+                                f"{probs.shape} (finite: {bool(np.isfinite(probs).all())})")
+        self.n_truncated += truncated
+        return probs

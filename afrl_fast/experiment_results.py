@@ -29,6 +29,8 @@ ARMS = {
 STUDENTS = {
     "distilled": ["distill.traces=teacher"],          # the teacher's traces, and its logits at every position
     "first_token": ["distill.traces=first_token"],    # the teacher's first-token distribution only
+    # sequence-level: the teacher's traces learnt by cross-entropy alone, its logits unused
+    "sequence": ["distill.traces=teacher", "distill.logit_weight=0", "distill.hard_label_weight=1"],
     "labels": [],                                     # no teacher: SFT on the data's own traces (train.py)
 }
 MANIFEST = "experiment.json"
@@ -36,7 +38,8 @@ MANIFEST = "experiment.json"
 
 # what an experiment folder holds besides its runs
 EXPERIMENT_FILES = {"ablation": ("data", "sft", "standard", *ARMS),
-                    "distillation": (*STUDENTS, "teacher_instructions.txt", "teacher_rulebook.yaml")}
+                    "distillation": (*STUDENTS, "teacher_instructions.txt", "teacher_rulebook.yaml"),
+                    "teacher": ("data", "sft", "teacher.json")}
 
 
 class ExperimentError(RuntimeError):
@@ -72,7 +75,7 @@ def load_manifest(exp_dir: Path) -> dict:
         return ExperimentError(f"{path}: {what}; not a manifest written by afrl_fast.experiments")
     if not isinstance(manifest, dict):
         raise bad(f"a JSON {type(manifest).__name__}, not an object")
-    for key, ok, want in (("kind", lambda v: v in EXPERIMENT_FILES, "ablation or distillation"),
+    for key, ok, want in (("kind", lambda v: v in EXPERIMENT_FILES, "ablation, distillation or teacher"),
                           ("config", lambda v: isinstance(v, str), "a string"),
                           ("arms", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
                            "a list of names"),

@@ -171,3 +171,37 @@ def test_pilot_gate_reads_the_shared_sft_run(tmp_path):
                              "group_size": [8] * 10}), sft / "difficulty.parquet")
     with pytest.raises(ExperimentError, match="verified_trace"):
         pilot_gate(sft)
+
+
+def test_teacher_gate_reads_the_same_measurements(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from afrl_fast.experiments import TEACHER_GATE, pilot_gate
+
+    sft = tmp_path / "sft"
+    sft.mkdir()
+    pq.write_table(pa.table({"bucket": ["easy"] * 10, "n_valid_format": [8] * 9 + [6], "group_size": [8] * 10}),
+                   sft / "difficulty.parquet")
+    for longtail, ok in ((0.95, True), (0.6, False)):
+        (sft / "results.json").write_text(json.dumps({"results": {"SFT": {"industry": {"acc5": 0.9},
+                                                                          "longtail": {"acc5": longtail}}}}))
+        gate = pilot_gate(sft, TEACHER_GATE)
+        assert gate["ok"] is ok and [c["name"] for c in gate["checks"]] == list(TEACHER_GATE)
+        assert gate["checks"][2]["value"] == pytest.approx(78 / 80)
+
+
+@pytest.mark.slow
+def test_teacher_command_trains_measures_and_skips_a_finished_teacher(tmp_path):
+    """`experiments teacher`: one SFT run with its trace validity measured; teacher.json points at the
+    model; the tiny model fails the gate (exit 1) and a second call does no work."""
+    out = tmp_path / "teacher"
+    cmd = [sys.executable, "-m", "afrl_fast.experiments", "teacher", "--config", str(ROOT / "configs" / "demo.yaml"),
+           "--out", str(out), *[o for o in OVERRIDES if not o.startswith("rl.")]]
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 1 and "teacher gate FAILS" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    verdict = json.loads((out / "teacher.json").read_text())
+    assert (out / verdict["model"] / "config.json").is_file() and (out / "sft" / "difficulty.parquet").is_file()
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    assert "1 finished already" in again.stdout and again.returncode == 1

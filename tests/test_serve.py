@@ -165,6 +165,23 @@ def test_scores_equal_the_offline_evaluator(server, model, tokenizer, prompt):
     assert metric(server.url, "afrl_full_prefill_pairs") == 0   # every pair reused the cached prefix
 
 
+def test_score_endpoint_client_reads_the_served_scores_in_row_order(server, model, tokenizer, prompt):
+    """afrl_fast.endpoint.ScoreEndpoint (what `evaluate --endpoint` and the user's path use): batches
+    of 5 over 24 pairs (a partial last batch) come back in the table's row order, as scored offline."""
+    import pyarrow as pa
+    from afrl_fast.endpoint import EndpointError, ScoreEndpoint
+
+    table = pa.table({"query": [q for q, _ in PAIRS], "document": [d for _, d in PAIRS]})
+    client = ScoreEndpoint(server.url, batch_size=5)
+    probs = client.score_pairs(table)
+    offline = FirstTokenScorer(model, tokenizer, prompt.rulebook, instructions=prompt.instructions,
+                               progress=False, share_prefix=False).score(*zip(*PAIRS))
+    np.testing.assert_allclose(probs, offline, atol=1e-5)
+    bad = pa.table({"query": ["q", "q", "q"], "document": ["a", "   ", "c"]})
+    with pytest.raises(EndpointError, match=r"refused rows 0\.\.2 \(HTTP 422\)"):
+        ScoreEndpoint(server.url, batch_size=5, retries=0).score_pairs(bad)
+
+
 def test_batched_equals_one_by_one(server):
     together = np.array([r["probs"] for r in score(server.url, PAIRS)])
     alone = np.array([score(server.url, [pair])[0]["probs"] for pair in PAIRS])

@@ -228,10 +228,19 @@ PILOT_GATE = {
     "hard prompts": (1, float("inf")),
 }
 GATE_FILE = "pilot_gate.json"
+# A teacher worth learning from (issue: the user's path): right on both splits, and its sampled traces
+# valid often enough that best-of-N synthesis keeps most pairs.
+TEACHER_GATE = {
+    "sft industry 5-ACC": (0.85, 1.0),
+    "sft longtail 5-ACC": (0.85, 1.0),
+    "valid format at T=1": (0.85, 1.0),
+}
+TEACHER_FILE = "teacher.json"
 
 
-def pilot_gate(sft_dir: Path) -> dict:
-    """The gate's measurements from the shared SFT run (its results.json and difficulty.parquet)."""
+def pilot_gate(sft_dir: Path, gate: dict = PILOT_GATE) -> dict:
+    """The gate's measurements from an SFT run (its results.json and difficulty.parquet), each
+    checked against its range in `gate`."""
     sft = read_results(sft_dir).get("SFT") or {}
     diff = pq.read_table(sft_dir / "difficulty.parquet").to_pydict()
     if any(v is None for v in diff["n_valid_format"]):
@@ -243,17 +252,17 @@ def pilot_gate(sft_dir: Path) -> dict:
               "valid format at T=1": sum(diff["n_valid_format"]) / max(sum(diff["group_size"]), 1),
               "medium+hard share of the pool": sum(b in ("medium", "hard") for b in buckets) / max(len(buckets), 1),
               "hard prompts": sum(b == "hard" for b in buckets)}
-    checks = [{"name": k, "value": values[k], "range": list(PILOT_GATE[k]),
-               "ok": values[k] is not None and PILOT_GATE[k][0] <= values[k] <= PILOT_GATE[k][1]} for k in PILOT_GATE]
+    checks = [{"name": k, "value": values[k], "range": list(gate[k]),
+               "ok": values[k] is not None and gate[k][0] <= values[k] <= gate[k][1]} for k in gate]
     return {"ok": all(c["ok"] for c in checks), "checks": checks,
             "buckets": {b: buckets.count(b) for b in ("easy", "medium", "hard", "dropped")}}
 
 
-def gate_report(gate: dict) -> str:
+def gate_report(gate: dict, name: str = "pilot gate") -> str:
     lines = [f"  {'ok ' if c['ok'] else 'NO '} {c['name']}: "
              + ("n/a" if c["value"] is None else f"{c['value']:.4g}") + f"  (wanted {c['range'][0]:g}..{c['range'][1]:g})"
              for c in gate["checks"]]
-    return "\n".join([f"pilot gate {'holds' if gate['ok'] else 'FAILS'} (buckets {gate['buckets']}):", *lines])
+    return "\n".join([f"{name} {'holds' if gate['ok'] else 'FAILS'} (buckets {gate['buckets']}):", *lines])
 
 
 def ablation(config: Path, out: Path, arms: list[str], seeds: list[int], overrides: list[str], nproc: int = 1,
@@ -280,6 +289,28 @@ def ablation(config: Path, out: Path, arms: list[str], seeds: list[int], overrid
                   " tune the recipe (e.g. data.train_tail_share) or pass --gate ignore", file=sys.stderr)
             return 1
     return execute("ablation", config, out, arms, seeds, overrides, plan, nproc)
+
+
+def teacher(config: Path, out: Path, overrides: list[str], nproc: int = 1) -> int:
+    """The teacher: one SFT run on the recipe's data (OUT/sft, run.stop_after=difficulty, so the
+    format validity of its sampled traces is measured), then OUT/teacher.json: where its model is and
+    how it does against TEACHER_GATE. Exit 1 when the gate fails (the model is kept either way)."""
+    check_experiment_out(out, "teacher")
+    cfg = load_config(config, overrides)
+    out = out.resolve()
+    plan = [{"script": TRAIN, "config": config, "name": "sft", "dir": out / "sft",
+             "overrides": [f"data.dir={out / 'data'}", *overrides, "run.stop_after=difficulty"]}]
+    load_config(config, plan[0]["overrides"])
+    out.mkdir(parents=True, exist_ok=True)
+    write_data(cfg, out)
+    execute("teacher", config, out, [], [], overrides, plan, nproc)
+    verdict = pilot_gate(out / "sft", TEACHER_GATE)
+    verdict["model"] = "sft/sft_model"         # relative to OUT: the folder moves with it
+    atomic_write_text(out / TEACHER_FILE, json.dumps(verdict, indent=2))
+    print(gate_report(verdict, "teacher gate"), flush=True)
+    print(f"the teacher is {out / 'sft' / 'sft_model'}; serve it with: python -m afrl_fast.serve "
+          f"--model {out / 'sft' / 'sft_model'}")
+    return 0 if verdict["ok"] else 1
 
 
 def distillation(config: Path, out: Path, students: list[str], seeds: list[int], overrides: list[str],

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from afrl_fast.errors import ConfigError
 from afrl_fast.experiment_results import ARMS, ExperimentError, STUDENTS
-from afrl_fast.experiments import __doc__ as experiments_doc, ablation, distillation
+from afrl_fast.experiments import __doc__ as experiments_doc, ablation, distillation, teacher
 
 
 def parse_list(text: str, what: str, allowed=None) -> list[str]:
@@ -47,8 +47,12 @@ def parse_args(argv=None):
     d.add_argument("--config", type=Path, required=True, help="the distillation recipe, e.g. configs/distill_demo.yaml")
     d.add_argument("--students", default="distilled,labels,first_token", help=f"comma-separated, from: {', '.join(STUDENTS)}")
     d.add_argument("--out", type=Path, default=Path("runs/distillation"))
+    t = sub.add_parser("teacher", help="one SFT judge and its teacher gate: the starting point of the user's path")
+    t.add_argument("--config", type=Path, required=True, help="the teacher recipe, e.g. configs/teacher_cpu.yaml")
+    t.add_argument("--out", type=Path, default=Path("runs/teacher"))
     for q in (a, d):
         q.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (run.seed of each compared run)")
+    for q in (a, d, t):
         q.add_argument("--nproc-per-node", type=int, default=1, help="ranks per run (torchrun --nproc_per_node)")
         q.add_argument("overrides", nargs="*", help="dotted config overrides for every run, e.g. rl.max_steps=5")
     return p.parse_args(argv)
@@ -57,7 +61,8 @@ def parse_args(argv=None):
 # what each experiment sets per run, so an override of it would be silently replaced
 SET_PER_RUN = {"ablation": ("data.dir", "run.out_dir", "run.init_from", "run.seed", "rl.mode", "rl.random_order",
                             "run.stop_after", "sft.target"),
-               "distillation": ("run.out_dir", "run.seed", "distill.traces")}
+               "distillation": ("run.out_dir", "run.seed", "distill.traces"),
+               "teacher": ("data.dir", "run.out_dir", "run.stop_after")}
 
 
 def main(argv=None) -> int:
@@ -68,6 +73,8 @@ def main(argv=None) -> int:
         for o in args.overrides:
             if o.split("=", 1)[0] in SET_PER_RUN[args.experiment]:
                 raise ConfigError(f"override {o!r}: the experiment sets {o.split('=', 1)[0]} itself for each run")
+        if args.experiment == "teacher":
+            return teacher(args.config, args.out, list(args.overrides), args.nproc_per_node)
         seeds = parse_seeds(args.seeds)
         if args.experiment == "ablation":
             return ablation(args.config, args.out, parse_list(args.arms, "arms", ARMS), seeds, list(args.overrides),
