@@ -203,6 +203,45 @@ def change_over_sft(exp_dir: Path, sft_answers: dict, finals: list[dict]) -> dic
     return out
 
 
+# What the paper's ablations compare (Table 3, Figure 5): the full recipe against each part removed,
+# and the curriculum against one shuffled pool.
+CONTRASTS = (("mode_balanced", "grpo"), ("mode_balanced", "stepwise_grpo"), ("stepwise_grpo", "grpo"),
+             ("mode_balanced", "mode_balanced_random"))
+
+
+def per_pair_right(exp_dir: Path, split: str, finals: list[dict]):
+    """[seeds, pairs] 0/1 correctness of each seed's answers on a split, or None where unknown."""
+    answers = [f.get(split, {}).get("answers") for f in finals]
+    path = exp_dir / "data" / f"{split}.parquet"
+    if not all(answers) or len({len(a) for a in answers}) != 1 or not path.is_file():
+        return None
+    labels = np.asarray(pq.read_table(path, columns=["label"]).column("label").to_pylist())[:len(answers[0])]
+    return np.stack([np.array([int(c) for c in a]) == labels for a in answers])
+
+
+def arm_contrasts(exp_dir: Path, finals_by_arm: dict, entries: dict) -> list[dict]:
+    """Arm a against arm b: 5-ACC per split with a paired bootstrap over the evaluation pairs (each
+    arm's seeds averaged per pair first), Pair-ACC and the critical-token entropy as the difference
+    of the seed means beside both seed stds (they are not per-pair quantities)."""
+    out = []
+    for a, b in CONTRASTS:
+        if a not in finals_by_arm or b not in finals_by_arm:
+            continue
+        row = {"a": a, "b": b, "acc5": {}, "pair_acc": {}}
+        for split in sorted(set(entries[a]["eval"]) & set(entries[b]["eval"])):
+            ra, rb = (per_pair_right(exp_dir, split, finals_by_arm[x]) for x in (a, b))
+            if ra is not None and rb is not None and ra.shape[1] == rb.shape[1]:
+                row["acc5"][split] = paired_bootstrap(rb.mean(axis=0), ra)
+            pa_, pb_ = entries[a]["eval"][split]["pair_acc"], entries[b]["eval"][split]["pair_acc"]
+            row["pair_acc"][split] = {"diff": pa_["mean"] - pb_["mean"], "std_a": pa_["std"], "std_b": pb_["std"]}
+        ea, eb = (entries[x]["train"].get("policy/entropy_critical") for x in (a, b))
+        if ea and eb:
+            row["entropy_critical"] = {"a": ea["mean"], "b": eb["mean"], "diff": ea["mean"] - eb["mean"],
+                                       "std_a": ea["std"], "std_b": eb["std"]}
+        out.append(row)
+    return out
+
+
 def summarize(exp_dir: Path) -> dict:
     """Final metrics of every arm as mean ± std over its seeds (finished runs only), with the
     reference rows (see reference_rows)."""
@@ -212,7 +251,7 @@ def summarize(exp_dir: Path) -> dict:
     runs = {name: exp_dir / rel for name, rel in manifest["runs"].items()}
     reference = reference_rows(kind, runs)
     splits = sorted({s for v in reference.values() for s in v})
-    arms = {}
+    arms, finals_by_arm = {}, {}
     for arm in manifest["arms"]:
         done = [(seed, runs[f"{arm}/seed{seed}"]) for seed in manifest["seeds"]
                 if f"{arm}/seed{seed}" in runs and run_state(runs[f"{arm}/seed{seed}"]) == "done"]
@@ -231,13 +270,15 @@ def summarize(exp_dir: Path) -> dict:
             entry["train"] = {k: mean_std([st[k] for st in stats]) for k in (*TRAIN_STATS, "rl_steps")
                               if all(st[k] is not None for st in stats)}
         arms[arm] = entry
+        finals_by_arm[arm] = finals
     if not arms:
         finished = sorted(name for name, d in runs.items() if run_state(d) == "done")
         raise ExperimentError(f"{exp_dir}: no finished run of any arm yet (a run is finished when its folder holds "
                               f"results.json; finished: {', '.join(finished) or 'none'}); nothing to compare")
     return {"experiment": str(exp_dir), "kind": kind, "config": manifest["config"], "arms_requested": manifest["arms"],
             "seeds_requested": manifest["seeds"], "final_window_steps": FINAL_WINDOW, "splits": splits,
-            "reference": reference, "arms": arms}
+            "reference": reference, "arms": arms,
+            "contrasts": arm_contrasts(exp_dir, finals_by_arm, arms) if kind == "ablation" else []}
 
 
 def summary_markdown(summary: dict) -> str:
@@ -270,6 +311,7 @@ def summary_markdown(summary: dict) -> str:
                 f"{100 * c[s]['diff']:+.2f} [{100 * c[s]['lo']:+.2f}, {100 * c[s]['hi']:+.2f}]" if s in c else "n/a"
                 for s in shown) + " |")
         out.append("")
+    out += contrasts_markdown(summary.get("contrasts") or [])
     keys = [k for k in (*TRAIN_STATS, "rl_steps") if any(k in a.get("train", {}) for a in summary["arms"].values())]
     if keys:
         out += [f"**training** (mean over the last {summary['final_window_steps']} RL steps of each run; "
@@ -280,3 +322,26 @@ def summary_markdown(summary: dict) -> str:
                 for k in keys) + " |")
         out.append("")
     return "\n".join(out)
+
+
+def contrasts_markdown(contrasts: list[dict]) -> list[str]:
+    if not contrasts:
+        return []
+    splits = sorted({s for c in contrasts for s in (*c["acc5"], *c["pair_acc"])})
+    out = ["**Arm against arm** (a − b, points. 5-ACC: 95 % interval from resampling the evaluation pairs, each "
+           "arm's seeds averaged per pair. Pair-ACC and the critical-token entropy (mean of the last RL steps): the "
+           "difference of the seed means, then each arm's std over its seeds)", "",
+           "| a − b | " + " | ".join(f"{s} 5-ACC | {s} Pair-ACC" for s in splits) + " | critical-token entropy |",
+           "|---|" + "---|---|" * len(splits) + "---|"]
+    for c in contrasts:
+        cells = []
+        for s in splits:
+            d = c["acc5"].get(s)
+            cells.append(f"{100 * d['diff']:+.2f} [{100 * d['lo']:+.2f}, {100 * d['hi']:+.2f}]" if d else "n/a")
+            p = c["pair_acc"].get(s)
+            cells.append(f"{100 * p['diff']:+.2f} (± {100 * p['std_a']:.2f} / {100 * p['std_b']:.2f})" if p else "n/a")
+        e = c.get("entropy_critical")
+        cells.append(f"{e['a']:.3f} − {e['b']:.3f} = {e['diff']:+.3f} (± {e['std_a']:.3f} / {e['std_b']:.3f})"
+                     if e else "n/a")
+        out.append(f"| {c['a']} − {c['b']} | " + " | ".join(cells) + " |")
+    return out + [""]

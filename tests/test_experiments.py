@@ -124,7 +124,22 @@ def test_summary_matches_an_independent_computation(experiment, tmp_path):
             got = summary["arms"][arm]["vs_sft_acc5"][split]
             assert got["diff"] == pytest.approx(float(np.mean(arm_right - sft_right)))
             assert got["lo"] <= got["diff"] <= got["hi"]
+    # arm against arm: mode_balanced − grpo, each arm's seeds averaged per pair first
+    [contrast] = summary["contrasts"]
+    assert (contrast["a"], contrast["b"]) == ("mode_balanced", "grpo")
+    for split in ("industry", "longtail"):
+        labels = pq.read_table(experiment / "data" / f"{split}.parquet").column("label").to_pylist()
+        right = {arm: np.mean([[int(c) == y for c, y in zip(json.loads(
+            (experiment / arm / f"seed{s}" / "results.json").read_text())["results"][row][split]["answers"], labels)]
+            for s in seeds], axis=0) for arm, row, seeds in (("grpo", "GRPO", (0, 1)), ("mode_balanced",
+                                                                                     "Mode-Balanced RL", (0,)))}
+        got = contrast["acc5"][split]
+        assert got["diff"] == pytest.approx(float(np.mean(right["mode_balanced"] - right["grpo"])))
+        assert got["lo"] <= got["diff"] <= got["hi"]
+        means = {arm: summary["arms"][arm]["eval"][split]["pair_acc"]["mean"] for arm in ("grpo", "mode_balanced")}
+        assert contrast["pair_acc"][split]["diff"] == pytest.approx(means["mode_balanced"] - means["grpo"])
     md = (tmp_path / "summary.md").read_text()
+    assert "| mode_balanced − grpo |" in md
     assert "| grpo | 2 |" in md and "| SFT (AFRL) | 1 |" in md and "change over the shared SFT model" in md
 
 

@@ -7,6 +7,7 @@ The paper's ablations (Table 3, Figures 3-5) and its distillation table (Table 6
     python -m afrl_fast.experiments distillation --config configs/distill_demo.yaml \
         --students distilled,labels,first_token --seeds 0,1,2 --out runs/distillation
     python -m afrl_fast.report runs/ablation --out results/ablation      # figures + summary table
+    python -m afrl_fast.experiments teacher --config configs/teacher_cpu.yaml --out runs/teacher
 
 Every piece is an ordinary training run (`torchrun afrl_fast/train.py` or `afrl_fast/distill.py`,
 resumable) in its own folder. The ablation:
@@ -29,6 +30,11 @@ The distillation: one teacher (teacher.path) and one student architecture (stude
     OUT/first_token/seed<k>/   distill.py: the teacher's first-token distribution only
     OUT/labels/seed<k>/        train.py SFT of the same student on the data's own traces, with the
                                distillation's optimisation settings and the teacher's prompt
+
+The teacher (the user's path starts from it, scripts/user_path.sh): one SFT run and its measurements
+    OUT/data/, OUT/sft/     as the ablation's shared SFT (its sft_model is the teacher)
+    OUT/teacher.json        where the model is and the teacher gate (TEACHER_GATE): 5-ACC on both
+                            splits and the format validity of its sampled traces at T = 1; exit 1 below it
 
 --out is checked before any work: a file, an unwritable place, a run folder (train.py or distill.py
 output) or a folder holding anything else than an experiment are refused with one line.
