@@ -36,7 +36,10 @@ TEXT_COLUMNS = ("query_id", "doc_id", "query", "document")   # must be non-empty
 DEFAULT_STEP_KEYS = ("intent", "entity", "time", "source", "coverage")
 
 
-SPLITS = ("train", "industry", "longtail")
+# The splits the bundled synthetic generator writes. A folder of one's own (data.dir) holds train
+# plus whichever evaluation splits the config names (eval.splits), so only the generator's data is
+# bound to these names.
+SYNTHETIC_SPLITS = ("train", "industry", "longtail")
 
 
 def synthetic_schema(step_keys=DEFAULT_STEP_KEYS) -> pa.Schema:
