@@ -8,6 +8,7 @@ override is an error naming the key, not a silently ignored setting.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, fields
 from typing import List, Optional
 from pathlib import Path
@@ -17,6 +18,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ConfigError
+from .pairs import SYNTHETIC_SPLITS
 from .reward import RewardConfig
 from .rulebook import CONFIG_DIR, load_yaml_file
 
@@ -40,7 +42,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dir: Optional[str] = None           # folder with train/industry/longtail.parquet; None = synthesize into the run folder
+    dir: Optional[str] = None           # folder with train.parquet and NAME.parquet per eval.splits name; None = synthesize into the run folder
     n_train: int = 1200
     n_eval: int = 160                # rows of each synthetic evaluation split
     seed: int = 0
@@ -154,6 +156,8 @@ class EvalConfig:
     every: int = 10                  # RL steps between held-out evaluations (0 = only after SFT and RL)
     max_rows: int = 0                # 0 = whole split
     batch_size: int = 16
+    # held-out splits scored after SFT and RL: with data.dir any names (each read from NAME.parquet
+    # there); without it, the synthetic generator's (train, industry, longtail)
     splits: List[str] = field(default_factory=lambda: ["industry", "longtail"])
 
 
@@ -310,11 +314,11 @@ def validate(cfg: Config) -> None:
     checks += [
         (1 <= d.medium_min < d.easy_min <= d.group_size,
          "difficulty (need 1 <= medium_min < easy_min <= group_size)", (d.medium_min, d.easy_min, d.group_size)),
-        (set(cfg.eval.splits) <= {"train", "industry", "longtail"}, "eval.splits", cfg.eval.splits),
     ]
     for ok, key, value in checks:
         if not ok:
             raise ConfigError(f"{key}: invalid value {value!r}")
+    check_eval_splits(cfg.eval.splits, cfg.data.dir)
     for i, st in enumerate(cfg.rl.stages):
         if st.easy + st.medium + st.hard <= 0:
             raise ConfigError(f"rl.stages[{i}]: composition easy/medium/hard must be >= 0 and not all 0")
@@ -322,6 +326,25 @@ def validate(cfg: Config) -> None:
         RewardConfig(gamma=cfg.rl.reward_ordinal_slope, gate=cfg.rl.gate)
     except ValueError as e:
         raise ConfigError(f"rl.reward_ordinal_slope / rl.gate: {e}") from None
+
+
+SPLIT_NAME = re.compile(r"[A-Za-z0-9_-]+")   # a split names a file, <name>.parquet
+
+
+def check_eval_splits(splits, data_dir) -> None:
+    """eval.splits names files: plain names, each once (case-insensitively, as a file system may
+    compare them), and without data.dir only the splits the synthetic generator writes."""
+    for name in splits:
+        if not SPLIT_NAME.fullmatch(name):
+            raise ConfigError(f"eval.splits: {name!r} is not a split name (letters, digits, _ and -; the split is "
+                              f"read from <name>.parquet in data.dir)")
+    if len({s.lower() for s in splits}) != len(splits):
+        raise ConfigError(f"eval.splits: {list(splits)} names a split twice")
+    unknown = [s for s in splits if s not in SYNTHETIC_SPLITS]
+    if unknown and not data_dir:
+        raise ConfigError(f"eval.splits: {', '.join(map(repr, unknown))}: data.dir is unset, so the data is synthetic "
+                          f"and its only splits are {', '.join(SYNTHETIC_SPLITS)}; set data.dir to a folder holding "
+                          f"train.parquet and {', '.join(s + '.parquet' for s in unknown)}")
 
 
 def to_yaml(cfg: Config) -> str:
@@ -338,7 +361,7 @@ class TeacherConfig:
 
 @dataclass
 class DistillDataConfig:
-    dir: str = ""                    # train/industry/longtail.parquet, e.g. the teacher run's data/ folder
+    dir: str = ""                    # train.parquet and NAME.parquet per eval.splits name, e.g. the teacher run's data/ folder
     rulebook: Optional[str] = None      # None = the teacher folder's rulebook
     instructions: Optional[str] = None  # None = the teacher folder's system prompt (full | short | a text file)
     max_prompt_tokens: int = 4096
@@ -417,7 +440,7 @@ def load_distill_config(path: str | Path | None, overrides: list[str] = ()) -> D
     d = cfg.distill
     checks = [
         (bool(cfg.teacher.path), "teacher.path (the teacher's exported model folder)", cfg.teacher.path),
-        (bool(cfg.data.dir), "data.dir (the folder with train/industry/longtail.parquet)", cfg.data.dir),
+        (bool(cfg.data.dir), "data.dir (the folder with train.parquet and the eval.splits files)", cfg.data.dir),
         (cfg.teacher.dtype in ("auto", "float32", "bfloat16"), "teacher.dtype", cfg.teacher.dtype),
         (cfg.student.dtype in ("float32", "bfloat16"), "student.dtype", cfg.student.dtype),
         (d.traces in ("teacher", "data", "first_token"), "distill.traces", d.traces),
@@ -429,9 +452,9 @@ def load_distill_config(path: str | Path | None, overrides: list[str] = ()) -> D
          cfg.student.num_kv_heads),
         (cfg.run.loss_backend in ("auto", "triton", "native", "torch"), "run.loss_backend", cfg.run.loss_backend),
         (cfg.run.device in ("auto", "cpu", "cuda"), "run.device", cfg.run.device),
-        (set(cfg.eval.splits) <= {"train", "industry", "longtail"}, "eval.splits", cfg.eval.splits),
     ]
     for ok, key, value in checks:
         if not ok:
             raise ConfigError(f"{key}: invalid value {value!r}")
+    check_eval_splits(cfg.eval.splits, cfg.data.dir)
     return cfg

@@ -59,10 +59,10 @@ from afrl_fast.files import atomic_write_text
 from afrl_fast.format import FormatError, load_tokenizer, resolve_prompt_settings
 from afrl_fast.observe import RunLog, log, progress_bar, setup_logging
 from afrl_fast.optim import NonFiniteError, lr_at, make_optimizer, optimizer_step, set_lr
-from afrl_fast.pairs import DataError, SPLITS, read_pairs
+from afrl_fast.pairs import DataError
 from afrl_fast.report import draw_report
 from afrl_fast.rulebook import RulebookError
-from afrl_fast.run_data import instructions_path, tokenize_prompts
+from afrl_fast.run_data import instructions_path, read_splits, tokenize_prompts
 from afrl_fast.run_dir import check_model_folder, check_run_dir, check_same_config, comparable_config, open_run_dir
 from afrl_fast.sft import sft_batches
 
@@ -122,8 +122,7 @@ def distill(argv=None) -> int:
     tokenizer = load_tokenizer(tok_path)
     student_tokenizer_matches(cfg, tokenizer)
     data_dir = Path(cfg.data.dir)
-    tables = {s: read_pairs(data_dir / f"{s}.parquet", require_trace=cfg.distill.traces == "data" and s == "train")
-              for s in SPLITS}
+    tables = read_splits(data_dir, cfg.eval.splits, need_trace=cfg.distill.traces == "data")
     prompts = tokenize_prompts(tokenizer, prompt.rulebook, tables["train"], prompt.instructions,
                                cfg.data.max_prompt_tokens, data_dir / "train.parquet")
     from_data = data_examples(cfg, tables, tokenizer, prompts) if cfg.distill.traces == "data" else None

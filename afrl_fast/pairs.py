@@ -36,7 +36,10 @@ TEXT_COLUMNS = ("query_id", "doc_id", "query", "document")   # must be non-empty
 DEFAULT_STEP_KEYS = ("intent", "entity", "time", "source", "coverage")
 
 
-SPLITS = ("train", "industry", "longtail")
+# The splits the bundled synthetic generator writes. A folder of one's own (data.dir) holds train
+# plus whichever evaluation splits the config names (eval.splits), so only the generator's data is
+# bound to these names.
+SYNTHETIC_SPLITS = ("train", "industry", "longtail")
 
 
 def synthetic_schema(step_keys=DEFAULT_STEP_KEYS) -> pa.Schema:
@@ -63,11 +66,11 @@ class DataError(ValueError):
         self.path, self.row, self.column = path, row, column
 
 
-def _bad_value(path, row, column, problem):
+def bad_value(path, row, column, problem):
     raise DataError(f"{path}: row {row}, column {column!r}: {problem}", path, row, column)
 
 
-def _first_true(mask) -> int | None:
+def first_true(mask) -> int | None:
     """Index of the first true entry of a boolean (chunked) array; nulls count as false."""
     idx = pc.index(pc.fill_null(mask, False), True).as_py()
     return None if idx is None or idx < 0 else idx
@@ -78,41 +81,41 @@ def _is_string_type(t) -> bool:
 
 
 def _first_non_null(col) -> int:
-    return _first_true(pc.is_valid(col)) or 0
+    return first_true(pc.is_valid(col)) or 0
 
 
 def _check_type(table, path, name, expected):
     col = table.column(name)
     t = col.type
     if pa.types.is_null(t) and len(col):
-        _bad_value(path, 0, name, "null")
+        bad_value(path, 0, name, "null")
     ok = {"string": _is_string_type, "int": pa.types.is_integer, "bool": pa.types.is_boolean}[expected](t)
     if not ok:
         row = _first_non_null(col)
         shown = col[row].as_py() if len(col) else None
-        _bad_value(path, row, name, f"expected {expected} type, column has type {t} (value {shown!r})")
+        bad_value(path, row, name, f"expected {expected} type, column has type {t} (value {shown!r})")
 
 
 def _check_non_empty_text(table, path, name):
     col = table.column(name)
-    row = _first_true(pc.is_null(col))
+    row = first_true(pc.is_null(col))
     if row is not None:
-        _bad_value(path, row, name, "null")
+        bad_value(path, row, name, "null")
     blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(col)), 0)
-    row = _first_true(blank)
+    row = first_true(blank)
     if row is not None:
-        _bad_value(path, row, name, f"empty or whitespace-only text {col[row].as_py()!r}")
+        bad_value(path, row, name, f"empty or whitespace-only text {col[row].as_py()!r}")
 
 
 def _check_labels(table, path):
     col = table.column("label")
-    row = _first_true(pc.is_null(col))
+    row = first_true(pc.is_null(col))
     if row is not None:
-        _bad_value(path, row, "label", "null grade")
+        bad_value(path, row, "label", "null grade")
     outside = pc.or_(pc.less(col, min(LABELS)), pc.greater(col, max(LABELS)))
-    row = _first_true(outside)
+    row = first_true(outside)
     if row is not None:
-        _bad_value(path, row, "label", f"grade {col[row].as_py()} outside {min(LABELS)}-{max(LABELS)}")
+        bad_value(path, row, "label", f"grade {col[row].as_py()} outside {min(LABELS)}-{max(LABELS)}")
 
 
 def _first_duplicate(qid, did) -> tuple[int, int] | None:
@@ -156,9 +159,9 @@ def validate_pairs(table: pa.Table, path="<table>", require_trace: bool = False)
     dup = _first_duplicate(table.column("query_id"), table.column("doc_id"))
     if dup is not None:
         row, first = dup
-        _bad_value(path, row, "doc_id",
-                   f"duplicate (query_id, doc_id) = ({table.column('query_id')[row].as_py()!r}, "
-                   f"{table.column('doc_id')[row].as_py()!r}), first seen at row {first}")
+        bad_value(path, row, "doc_id",
+                  f"duplicate (query_id, doc_id) = ({table.column('query_id')[row].as_py()!r}, "
+                  f"{table.column('doc_id')[row].as_py()!r}), first seen at row {first}")
 
 
 def _normalize(table: pa.Table) -> pa.Table:
@@ -172,6 +175,13 @@ def _normalize(table: pa.Table) -> pa.Table:
     return table
 
 
+def checked_pairs(table: pa.Table, path="<table>", require_trace: bool = False) -> pa.Table:
+    """validate_pairs, then the label as int8 and plain strings: what every reader of pairs gets,
+    whether the table came from Parquet (read_pairs) or another format (afrl_fast.data import)."""
+    validate_pairs(table, path, require_trace=require_trace)
+    return _normalize(table)
+
+
 def read_pairs(path, require_trace: bool = False) -> pa.Table:
     """Read and validate a pairs (or synthetic) Parquet file; label comes back as int8."""
     path = str(path)
@@ -181,8 +191,7 @@ def read_pairs(path, require_trace: bool = False) -> pa.Table:
         raise DataError(f"{path}: file not found", path) from None
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{path}: not a readable Parquet file: {e}", path) from None
-    validate_pairs(table, path, require_trace=require_trace)
-    return _normalize(table)
+    return checked_pairs(table, path, require_trace=require_trace)
 
 
 def write_table(table: pa.Table, path) -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .checkpoint import first_line
 from .data import RL_POOL, configured_splits, write_splits
-from .pairs import SPLITS, DataError, _normalize, read_pairs, validate_pairs
+from .pairs import SYNTHETIC_SPLITS, DataError, checked_pairs, read_pairs
 from .errors import ConfigError
 from .files import atomic_write_text
 from .format import build_prompt
@@ -75,15 +75,17 @@ def prepare_data(cfg, run_dir: Path, rulebook, is_main: bool = True) -> tuple[di
     need_trace = cfg.sft.target == "trace"
     if not d.dir:
         wanted = data_manifest(cfg, rulebook)
-        splits = SPLITS + ((RL_POOL,) if d.n_rl_pool else ())
+        splits = SYNTHETIC_SPLITS + ((RL_POOL,) if d.n_rl_pool else ())
         manifest = data_dir / "manifest.json"
         if read_manifest(manifest, warn=is_main) != wanted or \
                 not all((data_dir / f"{s}.parquet").is_file() for s in splits):
             tables = configured_splits(d, rulebook)
-            for s, t in tables.items():
-                validate_pairs(t, data_dir / f"{s}.parquet", require_trace=need_trace and s == "train")
-            return {s: _normalize(t) for s, t in tables.items()}, data_dir, {"tables": tables, "manifest": wanted}
-    tables = {s: read_pairs(data_dir / f"{s}.parquet", require_trace=need_trace and s == "train") for s in SPLITS}
+            checked = {s: checked_pairs(t, data_dir / f"{s}.parquet", require_trace=need_trace and s == "train")
+                       for s, t in tables.items()}
+            return checked, data_dir, {"tables": tables, "manifest": wanted}
+    # data.dir holds train and the splits eval.splits names; the run folder's synthetic data, the generator's
+    names = cfg.eval.splits if d.dir else [s for s in SYNTHETIC_SPLITS if s != "train"]
+    tables = read_splits(data_dir, names, need_trace)
     pool = data_dir / f"{RL_POOL}.parquet"
     if d.n_rl_pool or (d.dir and pool.exists()):
         if not pool.exists():
@@ -91,6 +93,25 @@ def prepare_data(cfg, run_dir: Path, rulebook, is_main: bool = True) -> tuple[di
                               f"{RL_POOL}.parquet (a pairs file, labels only); add one or set data.n_rl_pool=0")
         tables[RL_POOL] = read_pairs(pool)
     return tables, data_dir, None
+
+
+def read_splits(data_dir: Path, eval_names, need_trace: bool) -> dict:
+    """train.parquet (with its traces when `need_trace`) and <name>.parquet for each evaluation split
+    the config names (eval.splits); a missing split file is one error naming it and that key."""
+    tables = {}
+    for s in dict.fromkeys(("train", *eval_names)):
+        path = data_dir / f"{s}.parquet"
+        if s != "train" and not path.exists():
+            raise ConfigError(f"{path}: file not found; eval.splits={list(eval_names)} names the split {s!r}, so "
+                              f"{data_dir} must hold {s}.parquet (or leave {s!r} out of eval.splits)")
+        tables[s] = read_pairs(path, require_trace=need_trace and s == "train")
+    return tables
+
+
+def trace_split(eval_names) -> str:
+    """Where the greedy traces after SFT and RL are checked: the first evaluation split (train when
+    none is named)."""
+    return eval_names[0] if eval_names else "train"
 
 
 def write_data(data_dir: Path, pending: dict) -> None:

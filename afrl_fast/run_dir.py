@@ -114,9 +114,9 @@ def check_data_dir_for_a_real_model(cfg) -> None:
     rather than trained on the bundled synthetic pairs, which only the demo's from-scratch model uses."""
     if cfg.model.path and not cfg.data.dir and not cfg.run.init_from:
         raise ConfigError(f"data.dir: not set, but model.path={cfg.model.path} is a real checkpoint; set data.dir to "
-                          "your folder with train/industry/longtail.parquet (the bundled synthetic data is for the "
-                          "demo's model built from scratch; to use it anyway, write it with `python -m afrl_fast.data "
-                          "synth --n 800 --out DIR` and pass data.dir=DIR)")
+                          "your folder with train.parquet and a <name>.parquet per eval.splits name (the bundled "
+                          "synthetic data is for the demo's model built from scratch; to use it anyway, write it with "
+                          "`python -m afrl_fast.data synth --n 800 --out DIR` and pass data.dir=DIR)")
 
 
 def check_same_config(saved: dict, current: dict, where: Path) -> None:

@@ -49,7 +49,7 @@ from afrl_fast.rl import RLContext, train_rl
 from afrl_fast.rollouts import TrainerEngine
 from afrl_fast.rulebook import RulebookError, load_rulebook
 from afrl_fast.run_data import (embedding_rows, prepare_data, rl_split, tokenize_prompts, tokenize_targets,
-                                train_inputs, write_data)
+                                trace_split, train_inputs, write_data)
 from afrl_fast.run_dir import (RUN_ARTIFACTS, check_data_dir_for_a_real_model, check_model_folder, check_run_dir,
                                check_same_config, comparable_config,
                                open_run_dir)
@@ -153,6 +153,7 @@ def train(argv=None) -> int:
     if info.is_main:
         atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))  # as resolved, once resuming is allowed
     eval_names = list(cfg.eval.splits)
+    traces_on = trace_split(eval_names)     # greedy traces checked on the first evaluation split
     engines = []
 
     def engine() -> TrainerEngine:
@@ -182,7 +183,7 @@ def train(argv=None) -> int:
         progress["history"][phase] = evaluate(phase)
         if cfg.sft.target == "trace":   # a grade-only model writes no trace
             progress["history"][f"{phase}_traces"] = trace_validity(
-                engine(), tokenizer, rulebook, prompts["industry"], labels["industry"], 32,
+                engine(), tokenizer, rulebook, prompts[traces_on], labels[traces_on], 32,
                 max_new_tokens=cfg.rl.max_new_tokens, seed=cfg.run.seed)
             log.info("%s traces: %s", phase.upper(), progress["history"][f"{phase}_traces"])
         progress.update(phase=next_phase, phase_step=0)

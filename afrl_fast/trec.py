@@ -12,7 +12,8 @@ from .pairs import PAIR_COLUMNS, PAIRS_SCHEMA, DataError, validate_pairs
 from .rulebook import LABELS
 
 
-def _check_grade_map(grade_map) -> dict[int, int]:
+def check_grade_map(grade_map) -> dict[int, int]:
+    """{source grade: grade 0-4}, every target checked (the TREC loader and `data import` share it)."""
     if not grade_map:
         raise DataError("grade_map: required (e.g. {0: 0, 1: 2, 2: 4}); the source scale must be mapped explicitly")
     out = {}
@@ -101,7 +102,7 @@ def load_trec(qrels_path, corpus_path, queries_path, grade_map: dict[int, int]) 
 
     grade_map maps every source grade found in the qrels to 0-4 (required; a grade without an entry
     is an error naming the qrels file, line and grade)."""
-    gmap = _check_grade_map(grade_map)
+    gmap = check_grade_map(grade_map)
     corpus, queries = read_id_text_tsv(corpus_path), read_id_text_tsv(queries_path)
     cols = {name: [] for name in PAIR_COLUMNS}
     for qid, docid, grade, line_no in read_qrels(qrels_path):

@@ -105,6 +105,10 @@ def files(tmp_path_factory):
     (d / "corpus.tsv").write_text("d1\tfirst passage\nd2\tsecond passage\n")
     (d / "corpus_latin1.tsv").write_bytes("d1\tcaf\xe9 passage\nd2\tsecond\n".encode("latin-1"))
     (d / "queries.tsv").write_text("q1\ta query\n")
+    (d / "labels_grade7.csv").write_text("query_id,doc_id,query,document,rating\nq1,d1,a query,a doc,4\n"
+                                         "q1,d2,a query,another doc,7\n")
+    (d / "labels_latin1.csv").write_bytes("query_id,doc_id,query,document,rating\nq1,d1,caf\xe9,a doc,4\n"
+                                          .encode("latin-1"))
     (d / "a_file").write_text("not a folder\n")
     (d / "a_dir").mkdir()
     rulebook_variant(d / "rb_latin1.yaml", "You are an expert", "You are an expert caf\xe9".encode("latin-1"))
@@ -206,6 +210,14 @@ CASES = {
     "trec_empty_qrels": Case("data", ["trec", "--qrels", A("qrels_empty.txt"), "--corpus", A("corpus.tsv"), "--queries",
                                       A("queries.tsv"), "--grade-map", "0:0,1:4", "--out", "{d}/p.parquet"],
                              ["{d}/p.parquet"], "no judgements"),
+    # data import
+    "import_grade_out_of_range": Case("data", ["import", "--input", A("labels_grade7.csv"), "--column", "label=rating",
+                                               "--out", "{d}/p.parquet"], ["{d}/p.parquet"],
+                                      "labels_grade7.csv: row 1, column 'label': grade 7"),
+    "import_latin1_csv": Case("data", ["import", "--input", A("labels_latin1.csv"), "--column", "label=rating",
+                                       "--out", "{d}/p.parquet"], ["{d}/p.parquet"], "invalid UTF8"),
+    "import_out_is_a_directory": Case("data", ["import", "--input", A("labels_grade7.csv"), "--out", A("a_dir")], [],
+                                      "is a directory"),
     # data synth
     "synth_negative_seed": Case("data", ["synth", "--n", "20", "--seed", "-1", "--out", "{d}/s", "--no-progress"],
                                 ["{d}/s"], "--seed"),

@@ -77,3 +77,25 @@ def test_the_headroom_recipe_splits_the_roles():
     cfg = load_config(DEMO_CONFIG.parent / "headroom_cpu.yaml")
     assert cfg.data.n_rl_pool > cfg.data.n_train and cfg.data.train_tail_share < cfg.data.rl_pool_tail_share
     assert cfg.difficulty.correct == "verified_trace" and cfg.data.n_eval >= 800
+
+
+def test_eval_splits_name_any_split_of_a_data_dir_and_only_the_generators_without_one():
+    from afrl_fast.config import load_distill_config
+
+    assert load_config(DEMO_CONFIG).eval.splits == ["industry", "longtail"]        # the synthetic default
+    assert load_config(DEMO_CONFIG, ["data.dir=mine", "eval.splits=[head,tail]"]).eval.splits == ["head", "tail"]
+    assert load_config(DEMO_CONFIG, ["eval.splits=[longtail,train]"]).eval.splits == ["longtail", "train"]
+    with pytest.raises(ConfigError) as err:
+        load_config(DEMO_CONFIG, ["eval.splits=[head,longtail]"])
+    msg = str(err.value)
+    assert msg.startswith("eval.splits: 'head':") and "data.dir" in msg and "head.parquet" in msg
+    assert "\n" not in msg and "longtail.parquet" not in msg
+    for bad, needle in [("[../x]", "'../x' is not a split name"), ("[head,Head]", "names a split twice"),
+                        ("['']", "'' is not a split name")]:
+        with pytest.raises(ConfigError, match=re.escape(needle)):
+            load_config(DEMO_CONFIG, ["data.dir=mine", f"eval.splits={bad}"])
+    # distillation always reads a data.dir: any names there, the same name checks
+    distill = ["teacher.path=t", "data.dir=d"]
+    assert load_distill_config(None, [*distill, "eval.splits=[head]"]).eval.splits == ["head"]
+    with pytest.raises(ConfigError, match="not a split name"):
+        load_distill_config(None, [*distill, "eval.splits=[a/b]"])

@@ -25,7 +25,7 @@ N = 600
 
 @pytest.fixture(scope="module")
 def splits():
-    return {s: synthesize(N, 7, RB, s) for s in pairs.SPLITS}
+    return {s: synthesize(N, 7, RB, s) for s in pairs.SYNTHETIC_SPLITS}
 
 
 def rows(table):

@@ -352,3 +352,35 @@ def test_the_rl_change_is_paired_over_the_same_pairs():
     assert list(got) == ["industry"]                                      # no answers for longtail: left out
     assert got["industry"]["diff"] == pytest.approx(right(rl) - right(sft))
     assert got["industry"]["lo"] <= got["industry"]["diff"] <= got["industry"]["hi"]
+
+
+def test_evaluation_splits_are_the_ones_the_config_names(tmp_path):
+    """eval.splits=[head,tail] with data.dir: the trainer reads train.parquet, head.parquet and
+    tail.parquet (no industry/longtail anywhere), and every result is keyed by those names."""
+    from afrl_fast.config import ConfigError, DEMO_CONFIG, load_config
+    from afrl_fast.data import synthesize
+    from afrl_fast.pairs import write_table
+    from afrl_fast.rulebook import load_rulebook
+    from afrl_fast.run_data import prepare_data
+
+    data = tmp_path / "mine"
+    write_table(synthesize(16, seed=1, split="train"), data / "train.parquet")
+    for name, split in (("head", "industry"), ("tail", "longtail")):      # evaluation needs no traces
+        write_table(synthesize(6, seed=1, split=split).drop_columns(["trace"]), data / f"{name}.parquet")
+    splits = [f"data.dir={data}", "eval.splits=[head,tail]"]
+    tables, _, pending = prepare_data(load_config(DEMO_CONFIG, splits), tmp_path / "run0", load_rulebook())
+    assert sorted(tables) == ["head", "tail", "train"] and pending is None
+    res = run_train_direct([*TINY, *splits, "run.stop_after=sft", "sft.epochs=0.25"], tmp_path / "run")
+    assert res.returncode == 0, res.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert {m: sorted(r) for m, r in results["results"].items()} == {"majority-class": ["head", "tail"],
+                                                                      "SFT": ["head", "tail"]}
+    assert results["sft_traces"]["n_traces"] == 6                  # checked on the first named split, head
+    evals = [r for r in training_lines(tmp_path / "run") if "split" in r]
+    assert sorted(r["split"] for r in evals) == ["head", "tail"]
+    assert "\nHEAD\n" in res.stdout and "\nTAIL\n" in res.stdout
+    # a split the config names but the folder lacks: one error naming the file and the key
+    (data / "tail.parquet").unlink()
+    with pytest.raises(ConfigError) as err:
+        prepare_data(load_config(DEMO_CONFIG, splits), tmp_path / "run0", load_rulebook())
+    assert f"{data / 'tail.parquet'}: file not found; eval.splits=['head', 'tail']" in str(err.value)

@@ -3,10 +3,12 @@ r"""The data stage: the splits a run trains and evaluates on, and the command li
     afrl_fast.pairs      the pair schema every stage reads, its checks, atomic reads and writes
     afrl_fast.synthetic  the rule-grounded synthetic generator (the traces are the SFT targets)
     afrl_fast.trec       a loader for TREC-style graded relevance data
+    table_import         labelled pairs from CSV, TSV, JSON Lines or Parquet, columns and grades mapped
 
 CLI:
     python -m afrl_fast.data synth --n 1200 --seed 0 --out data/synth
     python -m afrl_fast.data trec --qrels Q --corpus C --queries Q --grade-map 0:0,1:2,2:4 --out F.parquet
+    python -m afrl_fast.data import --input labels.csv --column label=rating --out F.parquet
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from ..files import atomic_write_many
 from ..pairs import PAIR_COLUMNS, DataError
 from ..rulebook import Rulebook, load_rulebook
 from ..synthetic import check_synth_seed, check_synth_size, synth_sizes, synthesize
+from .table_import import Imported, import_pairs  # noqa: F401 (the library's entry point for one's own files)
 
 # ----------------------------------------------------------------------------------------------
 # CLI

@@ -63,7 +63,7 @@ from ..config import DEMO_CONFIG, load_config, load_distill_config
 from ..errors import ConfigError
 from ..format import resolve_prompt_settings
 from ..observe import progress_bar
-from ..pairs import SPLITS
+from ..pairs import SYNTHETIC_SPLITS
 from ..rulebook import load_rulebook
 from ..experiment_results import (ARMS, DISTILL, EXPERIMENT_FILES, MANIFEST, STUDENTS, TRAIN, ExperimentError,
                                  load_manifest, read_results, run_state)
@@ -152,7 +152,7 @@ def distillation_plan(config: Path, out: Path, students: list[str], seeds: list[
 def write_data(cfg, out: Path) -> None:
     """The synthetic splits every run of the experiment reads, written once (atomically, by the
     same generator the trainer uses when data.dir is unset)."""
-    splits = SPLITS + ((RL_POOL,) if cfg.data.n_rl_pool else ())
+    splits = SYNTHETIC_SPLITS + ((RL_POOL,) if cfg.data.n_rl_pool else ())
     if all((out / "data" / f"{s}.parquet").is_file() for s in splits):
         return
     write_splits(out / "data", configured_splits(cfg.data, load_rulebook(cfg.data.rulebook)))

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instructions", default="full", help="full | short | a text file (e.g. PIAR's output)")
     p.add_argument("--rulebook", default=None)
     p.add_argument("--eval", action="append", default=[], metavar="NAME=PATH",
-                   help="an evaluation split copied into --out (the trainer reads industry and longtail)")
+                   help="an evaluation split copied into --out as NAME.parquet (name it in the trainer's eval.splits)")
     p.add_argument("--shard-size", type=int, default=64, help="pairs per result shard")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true")
