@@ -474,3 +474,17 @@ def test_a_tail_share_outside_0_1_is_refused(tmp_path, share):
     with pytest.raises(DataError, match="tail_share"):
         write_synthetic_splits(tmp_path, 10, 0, train_tail_share=share)
     assert not any(tmp_path.iterdir())
+
+
+def test_labels_only_synth_writes_the_same_pairs_without_traces(tmp_path):
+    """`data synth --labels-only`: every split holds the pairs the plain command writes, minus the
+    trace and step columns (what synthesis takes as input)."""
+    for name, extra in (("full", []), ("labels", ["--labels-only"])):
+        assert main(["synth", "--n", "12", "--seed", "4", "--no-progress", "--out", str(tmp_path / name), *extra]) == 0
+    for split in ("train", "industry", "longtail"):
+        full, labels = (pq.read_table(tmp_path / name / f"{split}.parquet") for name in ("full", "labels"))
+        assert "trace" in full.column_names and "trace" not in labels.column_names
+        assert not {c for c in labels.column_names if c.startswith("step")}
+        assert labels.equals(full.select(labels.column_names)) and labels.num_rows == full.num_rows
+        with pytest.raises(DataError, match="trace"):
+            read_pairs(tmp_path / "labels" / f"{split}.parquet", require_trace=True)

@@ -35,7 +35,7 @@ LABELS_ONLY_COLUMNS = PAIR_COLUMNS + ("rule", "tail")   # what a labels-only poo
 def synthetic_splits(n_train: int, seed: int, rulebook=None, n_industry: int | None = None,
                      n_longtail: int | None = None, progress: bool = False, reasons: bool = True,
                      train_tail_share: float | None = None, n_rl_pool: int = 0,
-                     rl_pool_tail_share: float | None = None) -> dict[str, pa.Table]:
+                     rl_pool_tail_share: float | None = None, labels_only: bool = False) -> dict[str, pa.Table]:
     """Synthesize train/industry/longtail in memory (eval splits default to n_train/4), every size
     and share checked first.
 
@@ -43,7 +43,8 @@ def synthetic_splits(n_train: int, seed: int, rulebook=None, n_industry: int | N
     larger labelled pool it never saw. `n_rl_pool` > 0 adds `rl_pool`: labels only (the trace and
     step columns dropped), its own random stream and query ids (`rl_pool-q...`, disjoint from
     `train-q...`). The tail shares set how common long-tail rules are in the SFT set (`train`) and the
-    pool (None = the split's default: natural rarity)."""
+    pool (None = the split's default: natural rarity). `labels_only` drops the trace and step columns
+    of every split (labelled pairs as a search team has them; the same pairs as without it)."""
     sizes = synth_sizes(n_train, n_industry, n_longtail)
     if n_rl_pool:
         check_synth_size("n_rl_pool", n_rl_pool)
@@ -56,8 +57,9 @@ def synthetic_splits(n_train: int, seed: int, rulebook=None, n_industry: int | N
     shares = {"train": train_tail_share, RL_POOL: rl_pool_tail_share}
     tables = {split: synthesize(n, seed, rb, split, tail_share=shares.get(split), progress=progress, reasons=reasons)
               for split, n in sizes.items()}
-    if RL_POOL in tables:
-        tables[RL_POOL] = tables[RL_POOL].select(list(LABELS_ONLY_COLUMNS))
+    for split in tables:
+        if split == RL_POOL or labels_only:
+            tables[split] = tables[split].select(list(LABELS_ONLY_COLUMNS))
     return tables
 
 

@@ -28,6 +28,8 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-longtail", type=int, default=None, help="rows of the longtail split (default N/4)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.add_argument("--no-reasons", action="store_true", help="box the step values without reason sentences")
+    s.add_argument("--labels-only", action="store_true",
+                   help="drop the trace and step columns: labelled pairs to synthesize traces for (the same pairs)")
     t = sub.add_parser("trec", help="convert TREC qrels + corpus.tsv + queries.tsv into a pairs Parquet file")
     t.add_argument("--qrels", required=True, help="TREC qrels: lines 'qid Q0 docid grade'")
     t.add_argument("--corpus", required=True, help="documents: lines 'docid<TAB>text'")
@@ -74,7 +76,7 @@ def _run_synth(args) -> None:
     check_cue_coverage(rb)
     tables = write_synthetic_splits(args.out, args.n, args.seed, rb, n_industry=args.n_industry,
                                     n_longtail=args.n_longtail, progress=not args.no_progress,
-                                    reasons=not args.no_reasons)
+                                    reasons=not args.no_reasons, labels_only=args.labels_only)
     print(f"wrote {', '.join(f'{s}.parquet' for s in tables)} to {args.out} (seed {args.seed}, rulebook {rb.path})")
     print(synth_summary(tables, rb))
 
