@@ -59,8 +59,8 @@ from afrl_fast.run_results import finish
 from afrl_fast.sft import train_sft
 
 DESCRIPTION = ("Train an AFRL relevance judge end to end: SFT cold start, difficulty (Acc@8), Mode-Balanced RL, "
-               "first-token evaluation. Run as `torchrun --nproc_per_node=N afrl_fast/train.py [flags] [key=value ...]`, "
-               "or on one process as `python -m afrl_fast.train [flags] [key=value ...]`.")
+               "first-token evaluation. Run as `torchrun --nproc_per_node=N afrl_fast/train.py [flags] "
+               "[key=value ...]`, or on one process as `python -m afrl_fast.train [flags] [key=value ...]`.")
 
 # run keys a resumed run may change: they say how this attempt runs, not what it trains
 TRAIN_SWITCHES = ("resume", "stop_after", "out_dir", "device")

@@ -153,8 +153,7 @@ def cli_page(name: str, module: str, invocation: str) -> str:
     parser = tool_parser(module)
     lines = [f"# {name}", "", f"`{invocation}` — module `{module}`.", ""]
     if name in ("train", "distill"):
-        lines += [f"On one process, without `torchrun`: `python -m {module}` with the same arguments.", "",
-                  "Besides the flags below, every config key can be set on the command line as `section.key=value` "
+        lines += ["Besides the flags below, every config key can be set on the command line as `section.key=value` "
                   "([config keys](../config.md)).", ""]
     lines += parser_section(parser, 2)
     return HEADER.format(source=f"the parser of {module}") + "\n".join(lines).rstrip() + "\n"

@@ -167,7 +167,8 @@ def synth_case(fault, *extra, needle=None, outputs=("{d}/o",), before=""):
 
 def piar_case(fault, *extra, needle=None, val="pairs.parquet"):
     url = "{url}/" + fault
-    return Case("piar", ["--pairs", A(val), "--actor-endpoint", url, "--evaluator-endpoint", url, "--refiner-endpoint", url, "--out", "{d}/p",
+    return Case("piar", ["--pairs", A(val), "--actor-endpoint", url, "--evaluator-endpoint", url,
+                         "--refiner-endpoint", url, "--out", "{d}/p",
                          "--retries", "0", "--timeout", "5", "--rounds", "1", *extra], ["{d}/p"],
                 url if needle is None else needle)
 

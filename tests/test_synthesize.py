@@ -113,7 +113,8 @@ def reference_reasons(texts, finishes, label):
 def test_labels_to_traces_to_sft(teacher, files, source, tmp_path, capsys):
     out = tmp_path / "synth"
     code, cap = run_synth(["--pairs", files / "pairs.parquet", "--teacher-endpoint", teacher.url,
-                           "--teacher-model", "judge", "--out", out, "--n", "3", "--temperature", "0.3", "--max-tokens", "400",
+                           "--teacher-model", "judge", "--out", out, "--n", "3", "--temperature", "0.3",
+                           "--max-tokens", "400",
                            "--instructions", "short", "--concurrency", "4", "--shard-size", "2",
                            "--eval", f"industry={files / 'industry.parquet'}",
                            "--eval", f"longtail={files / 'longtail.parquet'}"], capsys)

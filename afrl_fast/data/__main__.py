@@ -31,7 +31,8 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--qrels", required=True, help="TREC qrels file: QUERY_ID ITERATION DOC_ID GRADE per line")
     t.add_argument("--corpus", required=True, help="corpus TSV: DOC_ID<tab>TEXT per line")
     t.add_argument("--queries", required=True, help="queries TSV: QUERY_ID<tab>TEXT per line")
-    t.add_argument("--grade-map", required=True, type=parse_grade_map, help="the qrels grades mapped to labels 0-4, SRC:DST,… e.g. 0:0,1:2,2:4")
+    t.add_argument("--grade-map", required=True, type=parse_grade_map,
+                   help="the qrels grades mapped to labels 0-4, SRC:DST,… e.g. 0:0,1:2,2:4")
     t.add_argument("--out", required=True, help="output pairs Parquet file")
     return p
 

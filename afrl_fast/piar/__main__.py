@@ -24,7 +24,8 @@ ROLES = {"actor": "the judge being instructed", "evaluator": "the model that att
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m afrl_fast.piar", description=piar_doc.split("\n")[0])
-    p.add_argument("--pairs", required=True, help="labelled validation pairs (Parquet with labels) the texts are graded on")
+    p.add_argument("--pairs", required=True,
+                   help="labelled validation pairs (Parquet with labels) the texts are graded on")
     p.rename("--val", "--pairs")
     for role, what in ROLES.items():
         p.add_argument(f"--{role}-endpoint", required=True, metavar="URL",
@@ -34,17 +35,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{role}-model", default="default", metavar="NAME",
                        help=f"the model name the {role}'s server answers to (default: default, which afrl_fast.serve "
                             "takes; other servers list theirs at /v1/models)")
-    p.add_argument("--out", required=True, help="output folder (new or empty): round_NNN/, history.json, instructions.txt")
+    p.add_argument("--out", required=True,
+                   help="output folder (new or empty): round_NNN/, history.json, instructions.txt")
     p.add_argument("--rounds", type=int, default=5, help="refinement rounds at most")
     p.add_argument("--patience", type=int, default=2, help="stop after this many rounds in a row without a gain")
     p.add_argument("--instructions", default=None, help=instructions_help(what="the starting system prompt"))
     p.add_argument("--rulebook", default=None, help="rulebook YAML (default: configs/rulebook/default.yaml)")
     p.add_argument("--api", choices=APIS, default="completions",
                    help="completions: prompts rendered here with --tokenizer's chat template; chat: the server's")
-    p.add_argument("--tokenizer", default="qwen3", help="tokenizer whose chat template renders prompts (completions API)")
+    p.add_argument("--tokenizer", default="qwen3",
+                   help="tokenizer whose chat template renders prompts (completions API)")
     p.add_argument("--max-diagnose", type=int, default=64, help="misgraded pairs sent to the evaluator per round")
-    p.add_argument("--refiner-max-tokens", type=int, default=2048, help="longest rewritten text the refiner may return, "
-                                                                         "in tokens")
+    p.add_argument("--refiner-max-tokens", type=int, default=2048,
+                   help="longest rewritten text the refiner may return, in tokens")
     p.add_argument("--max-unparsed", type=float, default=0.2,
                    help="fraction of validation pairs whose answer may carry no grade; more ends the run under the "
                         "starting text and rejects a candidate text")
