@@ -48,7 +48,7 @@ class DataConfig:
     seed: int = 0
     reasons: bool = True             # synthetic traces write a reason sentence before each box
     rulebook: Optional[str] = None      # None = configs/rulebook/default.yaml
-    instructions: str = "full"       # full = the rulebook rendered as expert policy; short = its summary; or a text file (PIAR's output)
+    instructions: str = "full"       # full = the rulebook rendered as expert policy; short = its summary; a text file (PIAR's or synthesize's instructions.txt); or a model folder (its saved prompt)
     max_prompt_tokens: int = 4096
     max_response_tokens: int = 1024
     # The paper's split of roles: SFT on a limited set of traces (train), RL on a larger labelled pool
@@ -296,8 +296,8 @@ def validate(cfg: Config) -> None:
          cfg.run.stop_after),
         (cfg.model.num_heads % cfg.model.num_kv_heads == 0, "model.num_kv_heads (must divide model.num_heads)",
          cfg.model.num_kv_heads),
-        (cfg.data.instructions in ("full", "short") or Path(cfg.data.instructions).is_file(),
-         "data.instructions (full, short or an existing text file)", cfg.data.instructions),
+        (cfg.data.instructions in ("full", "short") or Path(cfg.data.instructions).exists(),
+         "data.instructions (full, short, an existing text file or a model folder)", cfg.data.instructions),
         (cfg.rl.batch_prompts % cfg.rl.mini_batches == 0,
          "rl.mini_batches (must divide rl.batch_prompts)", cfg.rl.mini_batches),
         (cfg.rl.sglang.tp_size >= 1, "rl.sglang.tp_size", cfg.rl.sglang.tp_size),
@@ -363,7 +363,7 @@ class TeacherConfig:
 class DistillDataConfig:
     dir: str = ""                    # train.parquet and NAME.parquet per eval.splits name, e.g. the teacher run's data/ folder
     rulebook: Optional[str] = None      # None = the teacher folder's rulebook
-    instructions: Optional[str] = None  # None = the teacher folder's system prompt (full | short | a text file)
+    instructions: Optional[str] = None  # None = the teacher folder's system prompt, else full (full | short | a text file | a model folder)
     max_prompt_tokens: int = 4096
     max_response_tokens: int = 1024
 

@@ -31,7 +31,6 @@ run folder in run_dir, shared with train.py):
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import sys
@@ -49,6 +48,7 @@ import torch
 
 from afrl_fast import checkpoint as C
 from afrl_fast import dist as D
+from afrl_fast.cli import Parser
 from afrl_fast.config import ConfigError, load_distill_config, to_yaml
 from afrl_fast.distill_models import (build_student, check_same_vocabulary, evaluate_lm, full_replica, load_teacher,
                                       student_tokenizer_matches)
@@ -66,6 +66,9 @@ from afrl_fast.run_data import instructions_path, read_splits, tokenize_prompts
 from afrl_fast.run_dir import check_model_folder, check_run_dir, check_same_config, comparable_config, open_run_dir
 from afrl_fast.sft import sft_batches
 
+DESCRIPTION = ("Distil an AFRL teacher into a smaller student (paper §4.6, Table 6). Run as `torchrun "
+               "--nproc_per_node=N afrl_fast/distill.py --config C [flags] [key=value ...]`, or on one process as "
+               "`python -m afrl_fast.distill --config C [flags] [key=value ...]`.")
 STUDENT_DIR = "student_model"
 ARTIFACTS = ("checkpoints", TRACES_FILE, STUDENT_DIR, "tensorboard", "plots", "metrics.jsonl", "results.json")
 
@@ -73,11 +76,13 @@ ARTIFACTS = ("checkpoints", TRACES_FILE, STUDENT_DIR, "tensorboard", "plots", "m
 # ----------------------------------------------------------------------------- main
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", default=None, help="YAML config (e.g. configs/distill_demo.yaml)")
+    p = Parser(prog="afrl_fast/distill.py", description=DESCRIPTION)
+    p.add_argument("--config", default=None,
+                   help="YAML config, e.g. configs/distill_demo.yaml (default: none, every key from the defaults "
+                        "and the overrides)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace the run that run.out_dir already holds")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. distill.kind=jsd")
+    p.add_argument("overrides", nargs="*", help="dotted config overrides (section.key=value), e.g. distill.kind=jsd")
     return p.parse_args(argv)
 
 

@@ -34,6 +34,8 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+import numpy as np
+
 APIS = ("completions", "chat")
 MAX_REFUSALS = 8         # refusals in a row after which the endpoint, not the item, is at fault
 _THINK = re.compile(r"\A\s*<think>.*?</think>\s*", re.DOTALL)
@@ -305,7 +307,6 @@ class ScoreEndpoint:
     def score_pairs(self, table, progress=None):
         """P(grade = 0..4) per pair of a pairs table [N, 5], in its row order (the interface of
         afrl_fast.scoring.FirstTokenScorer, so the same metrics follow)."""
-        import numpy as np
         queries, docs = table.column("query").to_pylist(), table.column("document").to_pylist()
         probs = np.zeros((len(queries), 5))
         for start in range(0, len(queries), self.batch_size):
@@ -318,7 +319,6 @@ class ScoreEndpoint:
 
     def _score(self, pairs: list[dict], first_row: int):
         import httpx
-        import numpy as np
         import openai
         try:
             response = self._client.post("/score", body={"pairs": pairs}, cast_to=httpx.Response)

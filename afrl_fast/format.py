@@ -82,19 +82,22 @@ MAX_INSTRUCTIONS_BYTES = 1 << 20     # a system prompt file larger than this is 
 
 
 def instructions_text(rulebook: Rulebook, kind: str = "full") -> str:
-    """The system prompt: "full" renders the whole rulebook (steps, vocabularies, decision list);
-    "short" is its one-paragraph summary; anything else is the path of a UTF-8 text file holding
-    the prompt itself (e.g. the instructions PIAR refined). Training, evaluation and serving must
-    use the same one; exported model folders carry it (see `save_prompt_settings`)."""
+    """The system prompt `kind` names: "full" renders the whole rulebook (steps, vocabularies, decision
+    list); "short" is its one-paragraph summary; a model folder gives the prompt saved in it at export
+    (`save_prompt_settings`); anything else is the path of a UTF-8 text file holding the prompt itself
+    (e.g. the instructions PIAR refined). Training, evaluation and serving must use the same one."""
     if kind in INSTRUCTION_KINDS:
         return rulebook.describe() if kind == "full" else rulebook.instructions
+    if Path(kind).is_dir():
+        return saved_instructions(kind)
     return read_instructions_file(kind)
 
 
 def read_instructions_file(path: str | os.PathLike) -> str:
     path = Path(path)
     if not path.is_file():
-        raise FormatError(f"instructions must be 'full', 'short' or an existing text file; {str(path)!r} is none of them")
+        raise FormatError(f"instructions must be 'full', 'short', an existing text file or a model folder; "
+                          f"{str(path)!r} is none of them")
     if path.stat().st_size > MAX_INSTRUCTIONS_BYTES:
         raise FormatError(f"{path}: instructions file is {path.stat().st_size} bytes, more than {MAX_INSTRUCTIONS_BYTES}")
     try:
@@ -132,6 +135,15 @@ def save_prompt_settings(model_dir: str | os.PathLike, rulebook: Rulebook, instr
                                                     ensure_ascii=False), encoding="utf-8")
 
 
+def saved_instructions(model_dir: str | os.PathLike) -> str:
+    """The system prompt saved in a model folder; FormatError when it has none (a plain HF checkpoint)."""
+    saved = load_prompt_settings(model_dir)
+    if saved is None:
+        raise FormatError(f"{model_dir}: a folder without a saved system prompt ({PROMPT_FILE}); give full, short "
+                          "or a text file as instructions")
+    return saved.instructions
+
+
 def load_prompt_settings(model_dir: str | os.PathLike) -> PromptSettings | None:
     """The settings saved in a model folder, or None when it has none (a plain HF checkpoint)."""
     model_dir = Path(model_dir)
@@ -149,10 +161,25 @@ def load_prompt_settings(model_dir: str | os.PathLike) -> PromptSettings | None:
     return PromptSettings(rulebook, text, str(model_dir))
 
 
+# The one --instructions rule of every tool, as its --help says it (`instructions_help`).
+INSTRUCTIONS_RULE = ("full (the whole rulebook), short (its summary), a text file (e.g. PIAR's instructions.txt) "
+                     "or a model folder (the prompt saved in it)")
+
+
+def instructions_help(model_flag: str | None = None, what: str = "system prompt") -> str:
+    """--instructions' help line: the rule, and the default of a tool with (`model_flag`) or without a
+    model folder of its own."""
+    default = f"the prompt saved in the {model_flag} folder, else full" if model_flag else "full"
+    return f"{what}: {INSTRUCTIONS_RULE} (default: {default})"
+
+
 def resolve_prompt_settings(model_dir: str | os.PathLike | None, rulebook: str | None = None,
                             instructions: str | None = None) -> PromptSettings:
-    """The rulebook and system prompt for a model: explicit flags win, then what the model folder
-    carries, then the defaults (default rulebook, "full" instructions). One rule for every CLI."""
+    """The rulebook and system prompt of a run, one rule for every tool: an explicit `instructions`
+    (full | short | a text file | a model folder) wins; without one, the prompt saved in the tool's own
+    model folder (`model_dir`: evaluate's and serve's --model, the distiller's teacher), else "full". The
+    rulebook likewise: `rulebook`, else the copy in `model_dir`, else the default rulebook. Tools
+    without a model folder of their own (synthesize, piar) pass model_dir=None."""
     saved = load_prompt_settings(model_dir) if model_dir is not None and Path(model_dir).is_dir() else None
     rb = load_rulebook(rulebook) if rulebook is not None else (saved.rulebook if saved else load_rulebook())
     if instructions is not None:

@@ -3,6 +3,7 @@ SFT cold start → difficulty (Acc@8) → three-stage Mode-Balanced RL → first
 
 One device (the demo: CPU, small Qwen3 with the real Qwen3 tokenizer, synthetic data, ≤ 15 min):
     torchrun --nproc_per_node=1 afrl_fast/train.py
+    python -m afrl_fast.train                      # the same, one process without torchrun
 N devices / nodes (FSDP2; NCCL on GPU, gloo on CPU):
     torchrun --nproc_per_node=N [--nnodes M ...] afrl_fast/train.py --config configs/gpu_qwen3.yaml
 Options: --config FILE (default configs/demo.yaml), --resume, --overwrite, and dotted overrides such as
@@ -19,7 +20,6 @@ curriculum.py (difficulty), rl.py (the step and the curriculum loop), evaluate.p
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 import time
@@ -36,6 +36,7 @@ import torch
 
 from afrl_fast import checkpoint as C
 from afrl_fast import dist as D
+from afrl_fast.cli import Parser
 from afrl_fast.config import DEMO_CONFIG, ConfigError, load_config, to_yaml
 from afrl_fast.curriculum import estimate_difficulty, write_difficulty
 from afrl_fast.pairs import DataError
@@ -57,6 +58,10 @@ from afrl_fast.run_policy import build_policy, build_ref_policy, check_init_from
 from afrl_fast.run_results import finish
 from afrl_fast.sft import train_sft
 
+DESCRIPTION = ("Train an AFRL relevance judge end to end: SFT cold start, difficulty (Acc@8), Mode-Balanced RL, "
+               "first-token evaluation. Run as `torchrun --nproc_per_node=N afrl_fast/train.py [flags] "
+               "[key=value ...]`, or on one process as `python -m afrl_fast.train [flags] [key=value ...]`.")
+
 # run keys a resumed run may change: they say how this attempt runs, not what it trains
 TRAIN_SWITCHES = ("resume", "stop_after", "out_dir", "device")
 
@@ -64,12 +69,12 @@ TRAIN_SWITCHES = ("resume", "stop_after", "out_dir", "device")
 # ----------------------------------------------------------------------------- setup
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = Parser(prog="afrl_fast/train.py", description=DESCRIPTION)
     p.add_argument("--config", default=str(DEMO_CONFIG), help="YAML config (default: configs/demo.yaml)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run that run.out_dir already holds (its checkpoints, models and logs)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rl.kl_coef=0")
+    p.add_argument("overrides", nargs="*", help="dotted config overrides (section.key=value), e.g. rl.kl_coef=0")
     return p.parse_args(argv)
 
 

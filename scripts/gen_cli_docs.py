@@ -41,10 +41,6 @@ TOOLS = [
 ]
 
 
-# Defaults a parser computes from the machine it runs on, written as the rule instead of this
-# machine's value: (module, dest) -> text.
-MACHINE_DEFAULTS = {("afrl_fast.evaluate", "device"): "`cuda` if a GPU is visible, else `cpu`"}
-
 
 class _Parser(BaseException):
     """Carries the parser out of a tool's main() (BaseException: no `except Exception` catches it)."""
@@ -133,7 +129,7 @@ def show_name(action) -> str:
     return f"`{names} {metavar}`"
 
 
-def parser_section(parser, level: int, module: str = "") -> list[str]:
+def parser_section(parser, level: int) -> list[str]:
     out = []
     if parser.description:
         out += [parser.description.strip(), ""]
@@ -141,8 +137,7 @@ def parser_section(parser, level: int, module: str = "") -> list[str]:
             if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction)) and a.help != argparse.SUPPRESS]
     if rows:
         out += ["| argument | default | what it is |", "|---|---|---|"]
-        out += [f"| {show_name(a)} | {MACHINE_DEFAULTS.get((module, a.dest)) or show_default(a)} | "
-                f"{show_help(parser, a)} |" for a in rows]
+        out += [f"| {show_name(a)} | {show_default(a)} | {show_help(parser, a)} |" for a in rows]
         out.append("")
     for sub in (a for a in parser._actions if isinstance(a, argparse._SubParsersAction)):
         helps = {c.dest: c.help for c in sub._choices_actions}
@@ -150,7 +145,7 @@ def parser_section(parser, level: int, module: str = "") -> list[str]:
             out += [f"{'#' * level} `{name}`", ""]
             if helps.get(name):
                 out += [cell(helps[name]), ""]
-            out += parser_section(child, level + 1, module)
+            out += parser_section(child, level + 1)
     return out
 
 
@@ -160,7 +155,7 @@ def cli_page(name: str, module: str, invocation: str) -> str:
     if name in ("train", "distill"):
         lines += ["Besides the flags below, every config key can be set on the command line as `section.key=value` "
                   "([config keys](../config.md)).", ""]
-    lines += parser_section(parser, 2, module)
+    lines += parser_section(parser, 2)
     return HEADER.format(source=f"the parser of {module}") + "\n".join(lines).rstrip() + "\n"
 
 

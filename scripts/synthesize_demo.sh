@@ -26,7 +26,7 @@ SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT
 until curl -sf "http://127.0.0.1:$PORT/health" > /dev/null; do sleep 1; kill -0 $SERVER; done
 # 200 tokens: the generator's traces are at most 133 tokens; concurrent requests decode together in the server
-COMMON=(--endpoint "http://127.0.0.1:$PORT" --model final_model --n "$N" --temperature 1.0 --max-tokens 200
+COMMON=(--teacher-endpoint "http://127.0.0.1:$PORT" --teacher-model final_model --n "$N" --temperature 1.0 --max-tokens 200
         --instructions short --concurrency 16)
 RESUME=()
 [ -f "$OUT/synth/synthesis.json" ] && RESUME=(--resume)

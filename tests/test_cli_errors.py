@@ -160,18 +160,19 @@ def A(name):
     return "{inputs}/" + name
 
 
-SYN = ["--pairs", A("pairs.parquet"), "--model", "m", "--out", "{d}/o", "--n", "2", "--retries", "0", "--timeout", "5",
+SYN = ["--pairs", A("pairs.parquet"), "--teacher-model", "m", "--out", "{d}/o", "--n", "2", "--retries", "0", "--timeout", "5",
        "--concurrency", "2"]
 
 
 def synth_case(fault, *extra, needle=None, outputs=("{d}/o",), before=""):
-    return Case("synthesize", [*SYN, "--endpoint", "{url}/" + fault, *extra], list(outputs),
+    return Case("synthesize", [*SYN, "--teacher-endpoint", "{url}/" + fault, *extra], list(outputs),
                 "{url}/" + fault if needle is None else needle, before)
 
 
 def piar_case(fault, *extra, needle=None, val="pairs.parquet"):
     url = "{url}/" + fault
-    return Case("piar", ["--val", A(val), "--actor", url, "--evaluator", url, "--refiner", url, "--out", "{d}/p",
+    return Case("piar", ["--pairs", A(val), "--actor-endpoint", url, "--evaluator-endpoint", url,
+                         "--refiner-endpoint", url, "--out", "{d}/p",
                          "--retries", "0", "--timeout", "5", "--rounds", "1", *extra], ["{d}/p"],
                 url if needle is None else needle)
 
@@ -246,16 +247,16 @@ CASES = {
     "metrics_out_is_a_directory": Case("metrics", ["--predictions", A("preds.parquet"), "--out", A("a_dir")], [],
                                        "is a directory"),
     # evaluate
-    "evaluate_empty_model_folder": Case("evaluate", ["--model", A("empty_model"), "--data", A("pairs.parquet"), "--out",
+    "evaluate_empty_model_folder": Case("evaluate", ["--model", A("empty_model"), "--pairs", A("pairs.parquet"), "--out",
                                                      "{d}/m.json", "--tokenizer", "qwen3"], ["{d}/m.json"], "no config.json"),
-    "evaluate_unknown_model_type": Case("evaluate", ["--model", A("odd_model"), "--data", A("pairs.parquet"), "--out",
+    "evaluate_unknown_model_type": Case("evaluate", ["--model", A("odd_model"), "--pairs", A("pairs.parquet"), "--out",
                                                      "{d}/m.json", "--tokenizer", "qwen3"], ["{d}/m.json"], "odd_model"),
-    "evaluate_out_parent_is_a_file": Case("evaluate", ["--model", A("model"), "--data", A("pairs.parquet"), "--out",
+    "evaluate_out_parent_is_a_file": Case("evaluate", ["--model", A("model"), "--pairs", A("pairs.parquet"), "--out",
                                                        A("a_file") + "/m.json"], [], "a_file", before="no_model_load"),
-    "evaluate_predictions_out_is_a_directory": Case("evaluate", ["--model", A("model"), "--data", A("pairs.parquet"),
+    "evaluate_predictions_out_is_a_directory": Case("evaluate", ["--model", A("model"), "--pairs", A("pairs.parquet"),
                                                                  "--out", "{d}/m.json", "--predictions", A("a_dir")],
                                                     ["{d}/m.json"], "is a directory", before="no_model_load"),
-    "evaluate_cuda_without_cuda": Case("evaluate", ["--model", A("model"), "--data", A("pairs.parquet"), "--out",
+    "evaluate_cuda_without_cuda": Case("evaluate", ["--model", A("model"), "--pairs", A("pairs.parquet"), "--out",
                                                     "{d}/m.json", "--device", "cuda"], ["{d}/m.json"], "CUDA",
                                        before="no_cuda"),
     # train: the config is checked before anything is done
@@ -291,10 +292,10 @@ CASES = {
     # a damaged resume state
     "synth_eval_named_rejected": synth_case("zero", "--eval", "rejected=" + A("pairs.parquet"), needle="rejected"),
     "synth_eval_named_hard": synth_case("zero", "--eval", "hard=" + A("pairs.parquet"), needle="hard"),
-    "synth_not_an_http_url": Case("synthesize", [*SYN, "--endpoint", "ftp://127.0.0.1/v1"], ["{d}/o"],
+    "synth_not_an_http_url": Case("synthesize", [*SYN, "--teacher-endpoint", "ftp://127.0.0.1/v1"], ["{d}/o"],
                                   "not an http(s) URL"),
     "synth_timeout_nan": synth_case("zero", "--timeout", "nan", needle="--timeout"),
-    "synth_empty_pairs": Case("synthesize", [*SYN, "--endpoint", "{url}/zero", "--pairs", A("pairs_empty.parquet")],
+    "synth_empty_pairs": Case("synthesize", [*SYN, "--teacher-endpoint", "{url}/zero", "--pairs", A("pairs_empty.parquet")],
                               ["{d}/o"], "no pairs"),
     "synth_endpoint_answers_html": synth_case("html"),
     "synth_endpoint_answers_broken_json": synth_case("notjson"),

@@ -88,7 +88,7 @@ def test_run_folder_student_model_and_its_scores(run, memorizing_judge, data_dir
     results = json.loads((run / "results.json").read_text())["results"]
     assert set(results) == {"teacher", "student"}
     proc = subprocess.run([sys.executable, "-m", "afrl_fast.evaluate", "--model", str(run / "student_model"),
-                           "--data", str(data_dir / "industry.parquet"), "--out", str(tmp_path / "m.json"),
+                           "--pairs", str(data_dir / "industry.parquet"), "--out", str(tmp_path / "m.json"),
                            "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     offline = json.loads((tmp_path / "m.json").read_text())

@@ -206,7 +206,7 @@ def test_evaluate_cli_end_to_end_on_noveleval(tmp_path, model_dir, model, tokeni
     pq.write_table(table, tmp_path / "pairs.parquet")
     out, preds = tmp_path / "m.json", tmp_path / "p.parquet"
     limit = 560
-    rc = evaluate_main(["--model", str(model_dir), "--data", str(tmp_path / "pairs.parquet"),
+    rc = evaluate_main(["--model", str(model_dir), "--pairs", str(tmp_path / "pairs.parquet"),
                         "--out", str(out), "--predictions", str(preds), "--batch-size", "4",
                         "--max-prompt-tokens", str(limit), "--no-progress"])
     printed = capsys.readouterr().out
@@ -242,7 +242,7 @@ def test_evaluate_cli_end_to_end_on_noveleval(tmp_path, model_dir, model, tokeni
 def test_evaluate_cli_reports_bad_input_with_exit_2(tmp_path, model_dir, capsys):
     pq.write_table(pa.table({"query_id": ["a"], "query": ["q"], "document": ["d"], "label": [1]}),
                    tmp_path / "bad.parquet")
-    rc = evaluate_main(["--model", str(model_dir), "--data", str(tmp_path / "bad.parquet"),
+    rc = evaluate_main(["--model", str(model_dir), "--pairs", str(tmp_path / "bad.parquet"),
                         "--out", str(tmp_path / "m.json"), "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "bad.parquet" in err and "doc_id" in err

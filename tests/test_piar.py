@@ -69,7 +69,8 @@ def test_two_rounds_against_served_models(memorizing_judge, val, tmp_path, capsy
     path, rows = val
     srv = Server(memorizing_judge, tmp_path / "serve.log")
     try:
-        code = piar_main(["--val", str(path), "--actor", srv.url, "--evaluator", srv.url, "--refiner", srv.url,
+        code = piar_main(["--pairs", str(path), "--actor-endpoint", srv.url, "--evaluator-endpoint", srv.url,
+                          "--refiner-endpoint", srv.url,
                           "--out", str(tmp_path / "piar"), "--rounds", "2", "--patience", "5",
                           "--instructions", "short", "--refiner-max-tokens", "64", "--concurrency", "4"])
     finally:
@@ -107,7 +108,7 @@ def test_two_rounds_against_served_models(memorizing_judge, val, tmp_path, capsy
     assert resolve_prompt_settings(None, None, str(final)).instructions == text
     history = json.loads((out / "history.json").read_text())
     assert history["best"] == best and len(history["rounds"]) == 2
-    code = evaluate_main(["--model", str(memorizing_judge), "--data", str(path), "--out", str(tmp_path / "m.json"),
+    code = evaluate_main(["--model", str(memorizing_judge), "--pairs", str(path), "--out", str(tmp_path / "m.json"),
                           "--instructions", str(final), "--no-progress"])
     assert code == 0
     # ... and trains with it: one SFT step whose exported model carries PIAR's text as its prompt
@@ -135,7 +136,8 @@ def test_accept_reject_and_patience(val, tmp_path, capsys):
 
     a, e, r = Scripted(actor), Scripted(evaluator), Scripted(refiner)
     try:
-        code = piar_main(["--val", str(path), "--actor", a.url, "--evaluator", e.url, "--refiner", r.url,
+        code = piar_main(["--pairs", str(path), "--actor-endpoint", a.url, "--evaluator-endpoint", e.url,
+                          "--refiner-endpoint", r.url,
                           "--out", str(tmp_path / "p"), "--rounds", "6", "--patience", "2", "--retries", "0"])
     finally:
         a.stop(), e.stop(), r.stop()
@@ -169,7 +171,8 @@ def test_a_validation_set_without_comparable_pairs_has_no_pair_acc_and_5acc_deci
     e = Scripted(lambda n, body: (200, ["unclear"], ["stop"]))
     r = Scripted(lambda n, body: (200, ["<<<BETTER instructions>>>"], ["stop"]))
     try:
-        code = piar_main(["--val", str(path), "--actor", a.url, "--evaluator", e.url, "--refiner", r.url,
+        code = piar_main(["--pairs", str(path), "--actor-endpoint", a.url, "--evaluator-endpoint", e.url,
+                          "--refiner-endpoint", r.url,
                           "--out", str(tmp_path / "p"), "--rounds", "1", "--retries", "0"])
     finally:
         a.stop(), e.stop(), r.stop()
@@ -198,7 +201,8 @@ def test_a_candidate_the_actor_cannot_be_read_under_is_rejected(val, tmp_path, c
     e = Scripted(lambda n, body: (200, ["unclear"], ["stop"]))
     r = Scripted(lambda n, body: (200, ["<<<CANDIDATE text>>>"], ["stop"]))
     try:
-        code = piar_main(["--val", str(path), "--actor", a.url, "--evaluator", e.url, "--refiner", r.url,
+        code = piar_main(["--pairs", str(path), "--actor-endpoint", a.url, "--evaluator-endpoint", e.url,
+                          "--refiner-endpoint", r.url,
                           "--out", str(tmp_path / "p"), "--rounds", "1", "--retries", "0"])
     finally:
         a.stop(), e.stop(), r.stop()
@@ -220,10 +224,10 @@ def test_bad_input_is_one_line(val, tmp_path, capsys):
                          (["--out", str(tmp_path / "o"), "--rounds", "0"], "--rounds"),
                          (["--out", str(tmp_path / "o"), "--max-unparsed", "1.5"], "--max-unparsed"),
                          (["--out", str(tmp_path / "o"), "--timeout", "nan"], "--timeout"),
-                         (["--out", str(tmp_path / "o2"), "--actor", "http://127.0.0.1:9", "--retries", "0",
+                         (["--out", str(tmp_path / "o2"), "--actor-endpoint", "http://127.0.0.1:9", "--retries", "0",
                            "--timeout", "2"], "http://127.0.0.1:9")]:
-        base = ["--val", str(path), "--actor", "http://127.0.0.1:9", "--evaluator", "http://127.0.0.1:9",
-                "--refiner", "http://127.0.0.1:9"]
+        base = ["--pairs", str(path), "--actor-endpoint", "http://127.0.0.1:9",
+                "--evaluator-endpoint", "http://127.0.0.1:9", "--refiner-endpoint", "http://127.0.0.1:9"]
         code = piar_main(base + args)
         err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
         assert code == 2 and len(err) == 1 and needle in err[0]

@@ -11,6 +11,7 @@ rejection; the shard files are re-read to check no pair is asked or written twic
 """
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from afrl_fast.synthesize.__main__ import main as synth_main
+from afrl_fast.config import DEMO_CONFIG, load_config
 from afrl_fast.data import synthesize
+from afrl_fast.format import instructions_text
 from afrl_fast.pairs import PAIR_COLUMNS, read_pairs, write_table
 from afrl_fast.rulebook import load_rulebook
 from afrl_fast.trace_selection import REASONS, choose, parse_judge_score, rejection_reasons
@@ -71,6 +74,12 @@ def run_synth(args, capsys):
     return code, capsys.readouterr()
 
 
+def training_overrides(cap) -> list[str]:
+    """The trainer overrides synthesize prints, as a shell would pass them."""
+    line = next(x for x in cap.out.splitlines() if x.startswith("train on it under the same prompt: "))
+    return shlex.split(line.split(": ", 1)[1])
+
+
 def error_lines(cap) -> list[str]:
     """The CLI's error lines (stderr also carries the progress bar)."""
     return [line for line in cap.err.splitlines() if line.startswith("error:")]
@@ -103,8 +112,9 @@ def reference_reasons(texts, finishes, label):
 @pytest.mark.slow
 def test_labels_to_traces_to_sft(teacher, files, source, tmp_path, capsys):
     out = tmp_path / "synth"
-    code, cap = run_synth(["--pairs", files / "pairs.parquet", "--endpoint", teacher.url, "--model", "judge",
-                           "--out", out, "--n", "3", "--temperature", "0.3", "--max-tokens", "400",
+    code, cap = run_synth(["--pairs", files / "pairs.parquet", "--teacher-endpoint", teacher.url,
+                           "--teacher-model", "judge", "--out", out, "--n", "3", "--temperature", "0.3",
+                           "--max-tokens", "400",
                            "--instructions", "short", "--concurrency", "4", "--shard-size", "2",
                            "--eval", f"industry={files / 'industry.parquet'}",
                            "--eval", f"longtail={files / 'longtail.parquet'}"], capsys)
@@ -140,8 +150,8 @@ def test_labels_to_traces_to_sft(teacher, files, source, tmp_path, capsys):
     env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
     run = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--standalone",
-                           str(ROOT / "afrl_fast" / "train.py"), f"run.out_dir={run}", f"data.dir={out}",
-                           "data.instructions=short", "model.hidden_size=32", "model.num_layers=1",
+                           str(ROOT / "afrl_fast" / "train.py"), f"run.out_dir={run}", *training_overrides(cap),
+                           "model.hidden_size=32", "model.num_layers=1",
                            "model.num_heads=2", "model.num_kv_heads=1", "model.head_dim=16",
                            "model.intermediate_size=64", "sft.epochs=1", "sft.batch_size=2", "sft.warmup_steps=1",
                            "eval.batch_size=8", "run.stop_after=sft"],
@@ -156,8 +166,8 @@ def test_labels_to_traces_to_sft(teacher, files, source, tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------
 
 def base_args(files, url, out, *extra):
-    return ["--pairs", files / "pairs.parquet", "--endpoint", url, "--model", "m", "--out", out, "--n", "2",
-            "--retries", "3", "--timeout", "10", "--concurrency", "2", "--shard-size", "2", *extra]
+    return ["--pairs", files / "pairs.parquet", "--teacher-endpoint", url, "--teacher-model", "m", "--out", out,
+            "--n", "2", "--retries", "3", "--timeout", "10", "--concurrency", "2", "--shard-size", "2", *extra]
 
 
 def test_429_storm_is_retried_and_garbage_is_counted(files, source, tmp_path, capsys):
@@ -183,6 +193,28 @@ def test_429_storm_is_retried_and_garbage_is_counted(files, source, tmp_path, ca
         assert r["reason"] == reference_reasons([r["text"]], [r["finish_reason"]], r["label"])[0]
     assert report["rejections"]["truncated"] >= 1 and report["rejections"]["format"] >= 1
     assert set(report["rejections"]) == set(REASONS)
+
+
+def test_the_prompt_used_is_saved_and_the_printed_overrides_train_under_it(files, source, tmp_path, capsys):
+    """Synthesis and training agree by construction: OUT/instructions.txt is the system prompt the teacher
+    was asked under, and the overrides the command prints make the trainer read exactly that text."""
+    prompts = []
+
+    def reply(n, body):
+        prompts.append(body["prompt"])
+        return 200, [source["trace"]] * 2, ["stop", "stop"]
+
+    srv = Scripted(reply)
+    try:
+        code, cap = run_synth(base_args(files, srv.url, tmp_path / "o", "--instructions", "short"), capsys)
+    finally:
+        srv.stop()
+    assert code == 0, cap.err
+    saved = (tmp_path / "o" / "instructions.txt").read_text(encoding="utf-8")
+    assert saved == RULEBOOK.instructions and all(saved in p for p in prompts)
+    cfg = load_config(DEMO_CONFIG, training_overrides(cap))
+    assert cfg.data.dir == str(tmp_path / "o")
+    assert instructions_text(load_rulebook(cfg.data.rulebook), cfg.data.instructions) == saved
 
 
 def test_server_dying_mid_run_keeps_finished_shards_and_resume_repeats_nothing(files, source, tmp_path, capsys):
@@ -416,8 +448,8 @@ def test_bad_arguments_are_one_line(files, tmp_path, capsys, args, needle):
 def test_bad_pairs_file_names_row_and_column(files, source, tmp_path, capsys):
     bad = labels_only(source, [1, 7])
     pq.write_table(bad, tmp_path / "bad.parquet")
-    code, cap = run_synth(["--pairs", tmp_path / "bad.parquet", "--endpoint", "http://127.0.0.1:9", "--model", "m",
-                           "--out", tmp_path / "o"], capsys)
+    code, cap = run_synth(["--pairs", tmp_path / "bad.parquet", "--teacher-endpoint", "http://127.0.0.1:9",
+                           "--teacher-model", "m", "--out", tmp_path / "o"], capsys)
     assert code == 2 and "bad.parquet" in cap.err and "row 1" in cap.err and "label" in cap.err
     assert not (tmp_path / "o").exists()
 

@@ -151,7 +151,7 @@ def test_exported_policy_loads_in_transformers_and_evaluate(baseline, tmp_path):
     # no --instructions: the exported folder carries the prompt the run trained with (demo: short)
     assert (out / "final_model" / "afrl_prompt.json").is_file()
     res = subprocess.run([sys.executable, "-m", "afrl_fast.evaluate", "--model", str(out / "final_model"),
-                          "--data", str(out / "data" / "industry.parquet"), "--out", str(tmp_path / "m.json")],
+                          "--pairs", str(out / "data" / "industry.parquet"), "--out", str(tmp_path / "m.json")],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     got = json.loads((tmp_path / "m.json").read_text())

@@ -7,6 +7,7 @@ import sys
 
 import pyarrow.compute as pc
 
+from afrl_fast.cli import Parser
 from afrl_fast.data import __doc__ as data_doc, write_synthetic_splits
 from afrl_fast.data.table_import import FIELDS, FORMATS, SUFFIXES, import_pairs
 from afrl_fast.files import check_output_path
@@ -17,8 +18,8 @@ from afrl_fast.trec import load_trec, parse_grade_map
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m afrl_fast.data", description=data_doc.split("\n\n")[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p = Parser(prog="python -m afrl_fast.data", description=data_doc.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True, help="what to write")
     s = sub.add_parser("synth", help="write DIR/train.parquet, DIR/industry.parquet, DIR/longtail.parquet")
     s.add_argument("--n", type=int, required=True, help="rows of the train split")
     s.add_argument("--seed", type=int, default=0, help="seed of the generator (the same seed writes the same bytes)")
@@ -31,11 +32,12 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--labels-only", action="store_true",
                    help="drop the trace and step columns: labelled pairs to synthesize traces for (the same pairs)")
     t = sub.add_parser("trec", help="convert TREC qrels + corpus.tsv + queries.tsv into a pairs Parquet file")
-    t.add_argument("--qrels", required=True, help="TREC qrels: lines 'qid Q0 docid grade'")
-    t.add_argument("--corpus", required=True, help="documents: lines 'docid<TAB>text'")
-    t.add_argument("--queries", required=True, help="queries: lines 'qid<TAB>text'")
-    t.add_argument("--grade-map", required=True, type=parse_grade_map, help="SRC:DST,… e.g. 0:0,1:2,2:4")
-    t.add_argument("--out", required=True, help="the pairs Parquet file to write")
+    t.add_argument("--qrels", required=True, help="TREC qrels file: QUERY_ID ITERATION DOC_ID GRADE per line")
+    t.add_argument("--corpus", required=True, help="corpus TSV: DOC_ID<tab>TEXT per line")
+    t.add_argument("--queries", required=True, help="queries TSV: QUERY_ID<tab>TEXT per line")
+    t.add_argument("--grade-map", required=True, type=parse_grade_map,
+                   help="the qrels grades mapped to labels 0-4, SRC:DST,… e.g. 0:0,1:2,2:4")
+    t.add_argument("--out", required=True, help="output pairs Parquet file")
     _add_import_parser(sub)
     return p
 

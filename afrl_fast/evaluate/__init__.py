@@ -4,7 +4,7 @@ Scores held-out pairs with the first-token scorer (afrl_fast.scoring: one prefil
 label logits), and writes the metrics of afrl_fast.metrics; in a training run it also scores the
 splits during RL and checks greedy traces against the rulebook.
 
-    python -m afrl_fast.evaluate --model DIR --data pairs.parquet --out metrics.json \
+    python -m afrl_fast.evaluate --model DIR --pairs pairs.parquet --out metrics.json \
         [--predictions preds.parquet] [--tokenizer T] [--batch-size B] [--max-prompt-tokens L]
 """
 from __future__ import annotations

@@ -1,49 +1,39 @@
 """python -m afrl_fast.evaluate: first-token evaluation of a model folder on a pairs file."""
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from afrl_fast.cli import DEVICE_HELP, Parser, resolve_device
 from afrl_fast.errors import ScoringError
 from afrl_fast.evaluate import __doc__ as evaluate_doc, predictions_table
 from afrl_fast.files import atomic_write_many, check_output_path
-from afrl_fast.format import FormatError, load_tokenizer, resolve_prompt_settings
+from afrl_fast.format import FormatError, instructions_help, load_tokenizer, resolve_prompt_settings
 from afrl_fast.metrics import MetricsError, compute_metrics, format_table, metrics_json
 from afrl_fast.pairs import DataError, read_pairs
 from afrl_fast.rulebook import RulebookError
 from afrl_fast.scoring import FirstTokenScorer, has_tokenizer, load_model
 
 
-def check_device(name: str) -> None:
-    """--device must name a device this machine has (checked before any loading)."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ScoringError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1, …)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ScoringError(f"--device {name}: no CUDA device is visible on this machine (use --device cpu)")
-
-
 def parse_args(argv):
-    ap = argparse.ArgumentParser(prog="python -m afrl_fast.evaluate", description=evaluate_doc.split("\n")[0])
-    ap.add_argument("--model", required=True, help="Hugging Face model folder")
-    ap.add_argument("--data", required=True, help="pairs parquet: query_id, doc_id, query, document, label")
+    ap = Parser(prog="python -m afrl_fast.evaluate", description=evaluate_doc.split("\n")[0])
+    ap.add_argument("--model", required=True, help="model folder (a save_pretrained export, e.g. a run's final_model)")
+    ap.add_argument("--pairs", required=True, help="labelled pairs Parquet: query_id, doc_id, query, document, label")
+    ap.rename("--data", "--pairs")
     ap.add_argument("--out", required=True, help="metrics JSON")
     ap.add_argument("--predictions", help="also write per-pair predictions parquet here")
     ap.add_argument("--tokenizer", help="tokenizer folder or 'qwen3' (default: the model's, else qwen3)")
     ap.add_argument("--rulebook", help="rulebook YAML (default: the copy in the model folder, else the default rulebook)")
-    ap.add_argument("--instructions", default=None,
-                    help="system prompt: full (the whole rulebook), short (its summary) or a text file; "
-                         "default: the prompt saved in the model folder at export, else full")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--max-prompt-tokens", type=int, default=None)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--instructions", default=None, help=instructions_help("--model"))
+    ap.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass")
+    ap.add_argument("--max-prompt-tokens", type=int, default=None,
+                    help="cut each document so its prompt fits this many tokens (default: no cut)")
+    ap.add_argument("--device", default="auto", help=DEVICE_HELP)
+    ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                    help="weights' dtype (auto: as saved)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap.parse_args(argv)
 
 
@@ -54,21 +44,21 @@ def main(argv=None) -> int:
         check_output_path(args.out, ScoringError)
         if args.predictions:
             check_output_path(args.predictions, ScoringError)
-        check_device(args.device)
-        table = read_pairs(args.data)           # validates the schema; errors name file and column
+        device = resolve_device(args.device, ScoringError)
+        table = read_pairs(args.pairs)           # validates the schema; errors name file and column
         tok_path = args.tokenizer or (args.model if has_tokenizer(args.model) else "qwen3")
         tokenizer = load_tokenizer(tok_path)
         if not Path(args.model).is_dir():
             raise ScoringError(f"{args.model}: model folder not found")
         prompt = resolve_prompt_settings(args.model, args.rulebook, args.instructions)
         scorer = FirstTokenScorer(load_model(args.model, args.dtype), tokenizer, prompt.rulebook,
-                                  batch_size=args.batch_size, device=args.device,
+                                  batch_size=args.batch_size, device=device,
                                   instructions=prompt.instructions,
                                   max_prompt_tokens=args.max_prompt_tokens, progress=not args.no_progress)
         probs = scorer.score_pairs(table)
         metrics = compute_metrics(table.column("label").to_numpy(zero_copy_only=False), probs,
                                   np.asarray(table.column("query_id").to_pylist(), dtype=object))
-        metrics.update(model=str(args.model), data=str(args.data), n_truncated=scorer.n_truncated,
+        metrics.update(model=str(args.model), data=str(args.pairs), n_truncated=scorer.n_truncated,
                        max_prompt_tokens=args.max_prompt_tokens)
         outputs = {Path(args.out): lambda f: f.write(metrics_json(metrics).encode("utf-8"))}
         if args.predictions:

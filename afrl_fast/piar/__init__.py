@@ -1,8 +1,8 @@
 """PIAR (paper §3.2): refine the judge's instruction text by Act → Diagnose → Evolve.
 
-    python -m afrl_fast.piar --val V.parquet --actor URL --evaluator URL --refiner URL --out DIR \\
-        [--rounds 5] [--patience 2] [--instructions full|short|PATH] [--rulebook R] \\
-        [--actor-model NAME --evaluator-model NAME --refiner-model NAME] [--api completions|chat]
+    python -m afrl_fast.piar --pairs V.parquet --actor-endpoint URL --evaluator-endpoint URL \\
+        --refiner-endpoint URL --out DIR [--rounds 5] [--patience 2] [--instructions full|short|PATH|MODEL_DIR] \\
+        [--rulebook R] [--actor-model NAME --evaluator-model NAME --refiner-model NAME] [--api completions|chat]
 
 Each round:
 1. Act: the actor grades every validation pair under the current instruction text. The grade is read

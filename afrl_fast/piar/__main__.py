@@ -7,38 +7,53 @@ import math
 import sys
 from pathlib import Path
 
+from afrl_fast.cli import Parser
 from afrl_fast.endpoint import APIS, Endpoint, EndpointError
 from afrl_fast.files import check_output_path
-from afrl_fast.format import FormatError, load_tokenizer, resolve_prompt_settings
+from afrl_fast.format import FormatError, instructions_help, load_tokenizer, resolve_prompt_settings
 from afrl_fast.metrics import MetricsError
 from afrl_fast.pairs import DataError, read_pairs
 from afrl_fast.piar import __doc__ as piar_doc, PiarError, run_piar, shown
 from afrl_fast.rulebook import RulebookError
 
 
+# Each model PIAR talks to, by its role: --<role>-endpoint URL and --<role>-model NAME (the synthesize spelling).
+ROLES = {"actor": "the judge being instructed", "evaluator": "the model that attributes mistakes to rules",
+         "refiner": "the model that rewrites the instructions"}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m afrl_fast.piar", description=piar_doc.split("\n")[0])
-    p.add_argument("--val", required=True, help="validation pairs (Parquet with labels)")
-    p.add_argument("--actor", required=True, help="URL of the judge being instructed")
-    p.add_argument("--evaluator", required=True, help="URL of the model that attributes mistakes to rules")
-    p.add_argument("--refiner", required=True, help="URL of the model that rewrites the instructions")
-    p.add_argument("--actor-model", default="default")
-    p.add_argument("--evaluator-model", default="default")
-    p.add_argument("--refiner-model", default="default")
-    p.add_argument("--out", required=True)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--patience", type=int, default=2)
-    p.add_argument("--instructions", default="full", help="starting text: full | short | a text file")
-    p.add_argument("--rulebook", default=None)
-    p.add_argument("--api", choices=APIS, default="completions")
-    p.add_argument("--tokenizer", default="qwen3")
+    p = Parser(prog="python -m afrl_fast.piar", description=piar_doc.split("\n")[0])
+    p.add_argument("--pairs", required=True,
+                   help="labelled validation pairs (Parquet with labels) the texts are graded on")
+    p.rename("--val", "--pairs")
+    for role, what in ROLES.items():
+        p.add_argument(f"--{role}-endpoint", required=True, metavar="URL",
+                       help=f"URL of {what}: an OpenAI-compatible server (http://host:port or .../v1)")
+        p.rename(f"--{role}", f"--{role}-endpoint")
+    for role in ROLES:
+        p.add_argument(f"--{role}-model", default="default", metavar="NAME",
+                       help=f"the model name the {role}'s server answers to (default: default, which afrl_fast.serve "
+                            "takes; other servers list theirs at /v1/models)")
+    p.add_argument("--out", required=True,
+                   help="output folder (new or empty): round_NNN/, history.json, instructions.txt")
+    p.add_argument("--rounds", type=int, default=5, help="refinement rounds at most")
+    p.add_argument("--patience", type=int, default=2, help="stop after this many rounds in a row without a gain")
+    p.add_argument("--instructions", default=None, help=instructions_help(what="the starting system prompt"))
+    p.add_argument("--rulebook", default=None, help="rulebook YAML (default: configs/rulebook/default.yaml)")
+    p.add_argument("--api", choices=APIS, default="completions",
+                   help="completions: prompts rendered here with --tokenizer's chat template; chat: the server's")
+    p.add_argument("--tokenizer", default="qwen3",
+                   help="tokenizer whose chat template renders prompts (completions API)")
     p.add_argument("--max-diagnose", type=int, default=64, help="misgraded pairs sent to the evaluator per round")
-    p.add_argument("--refiner-max-tokens", type=int, default=2048)
+    p.add_argument("--refiner-max-tokens", type=int, default=2048,
+                   help="longest rewritten text the refiner may return, in tokens")
     p.add_argument("--max-unparsed", type=float, default=0.2,
-                   help="fraction of validation pairs whose answer may carry no grade (else: see above)")
-    p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--timeout", type=float, default=300.0)
-    p.add_argument("--retries", type=int, default=5)
+                   help="fraction of validation pairs whose answer may carry no grade; more ends the run under the "
+                        "starting text and rejects a candidate text")
+    p.add_argument("--concurrency", type=int, default=16, help="requests in flight at once, per endpoint")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
+    p.add_argument("--retries", type=int, default=5, help="retries (with backoff) on 429, 5xx and connection errors")
     return p
 
 
@@ -58,15 +73,16 @@ def main(argv=None) -> int:
         check_output_path(out, PiarError, kind="dir")
         if out.exists() and any(out.iterdir()):
             raise PiarError(f"{out}: folder is not empty; give a new --out")
-        pairs = read_pairs(args.val).to_pylist()
+        pairs = read_pairs(args.pairs).to_pylist()
         if not pairs:
-            raise PiarError(f"{args.val}: no pairs; PIAR grades the instructions on labelled validation pairs")
+            raise PiarError(f"{args.pairs}: no pairs; PIAR grades the instructions on labelled validation pairs")
         prompt = resolve_prompt_settings(None, args.rulebook, args.instructions)
         tokenizer = load_tokenizer(args.tokenizer)
         endpoints = [Endpoint(url, model, api=args.api, concurrency=args.concurrency, timeout=args.timeout,
                               retries=args.retries)
-                     for url, model in ((args.actor, args.actor_model), (args.evaluator, args.evaluator_model),
-                                        (args.refiner, args.refiner_model))]
+                     for url, model in ((args.actor_endpoint, args.actor_model),
+                                        (args.evaluator_endpoint, args.evaluator_model),
+                                        (args.refiner_endpoint, args.refiner_model))]
 
         async def go():
             try:

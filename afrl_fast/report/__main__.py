@@ -1,21 +1,21 @@
 """python -m afrl_fast.report: a run folder's or an experiment folder's figures and summary."""
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
+from afrl_fast.cli import Parser
 from afrl_fast.files import check_output_path
 from afrl_fast.report import draw_experiment, draw_report
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m afrl_fast.report",
-                                     description="Draw PNG plots from RUN_DIR/metrics.jsonl, or compare the "
-                                                 "runs of an experiment folder (afrl_fast.experiments).")
+    parser = Parser(prog="python -m afrl_fast.report",
+                    description="Draw PNG plots from RUN_DIR/metrics.jsonl, or compare the "
+                                "runs of an experiment folder (afrl_fast.experiments).")
     parser.add_argument("run_dir", type=Path, help="training run folder holding metrics.jsonl, or an experiment folder")
     parser.add_argument("--out", type=Path, default=None,
-                        help="output folder (RUN_DIR/plots; an experiment's: RUN_DIR/summary)")
+                        help="output folder (default: RUN_DIR/plots; an experiment's: RUN_DIR/summary)")
     args = parser.parse_args(argv)
     try:
         experiment = (args.run_dir / "experiment.json").is_file()

@@ -2,7 +2,7 @@
 completions.
 
     python -m afrl_fast.serve --model DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY]
-        [--instructions short|full|PATH] [--rulebook YAML] [--max-batch 64] [--max-wait-ms 5]
+        [--instructions full|short|PATH|MODEL_DIR] [--rulebook YAML] [--max-batch 64] [--max-wait-ms 5]
         [--max-queue 1024] [--max-rerank-documents 1000] [--device auto] [--backend embedded|sglang]
         [--truncate] [--max-completion-tokens 32768] [--max-logprob-entries 65536]
         [--body-timeout 30] [--keep-alive-timeout 5] [--graceful-timeout 60]

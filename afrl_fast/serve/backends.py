@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from transformers import AutoConfig
 
+from ..cli import resolve_device
 from ..scoring import FirstTokenScorer, has_tokenizer, load_model
 from ..format import PromptSettings, label_token_ids, load_tokenizer
 from ..engines import EmbeddedEngine, RolloutGroup, resolve_eos_ids
@@ -64,20 +65,9 @@ def check_vocabulary(model_dir: str, model_rows: int, tokenizer) -> None:
 
 
 def check_device(device: str) -> str:
-    """The torch device `device` (auto: cuda if present, else cpu) names; ServeError for one torch
-    does not know or this machine does not have."""
-    name = pick_device(device)
-    try:
-        kind = torch.device(name).type
-    except (RuntimeError, ValueError):
-        raise ServeError(f"--device {device!r}: not a device torch knows (auto, cpu, cuda, cuda:N, mps)") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ServeError(f"--device {device!r}: CUDA is not available on this machine")
-    if kind == "mps" and not torch.backends.mps.is_available():
-        raise ServeError(f"--device {device!r}: MPS is not available on this machine")
-    if kind not in ("cpu", "cuda", "mps"):
-        raise ServeError(f"--device {device!r}: the embedded backend runs on cpu, cuda or mps")
-    return name
+    """The torch device `device` names on this machine (auto: cuda if present, else cpu); ServeError
+    otherwise. The rule of every tool's --device (afrl_fast.cli.resolve_device)."""
+    return resolve_device(device, ServeError)
 
 
 def check_model_dir(model_dir: str) -> None:
@@ -86,12 +76,6 @@ def check_model_dir(model_dir: str) -> None:
         raise ServeError(f"{model_dir}: model folder not found")
     if not (path / "config.json").is_file():
         raise ServeError(f"{model_dir}: not a model folder (no config.json; expected a save_pretrained export)")
-
-
-def pick_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 CPU_FORWARD_ROWS = 8

@@ -1,7 +1,6 @@
 """The command line of the service: `python -m afrl_fast.serve --model DIR [flags]` (`--help` lists
 every flag with its default). The flags, the address and the port are checked, and the port bound,
 before the model loads; anything that cannot start ends in one line on stderr and exit status 2."""
-import argparse
 import ipaddress
 import logging
 import os
@@ -15,12 +14,13 @@ import uvicorn
 import yaml
 from transformers.utils import logging as hf_logging
 
+from ..cli import DEVICE_HELP, Parser
 from ..errors import ScoringError
 from ..prompt_encoding import PromptEncoder
-from ..format import FormatError, resolve_prompt_settings
+from ..format import FormatError, instructions_help, resolve_prompt_settings
 from ..rulebook import RulebookError
 from .app import create_app
-from .backends import BACKENDS, check_device, load_backend, pick_device
+from .backends import BACKENDS, check_device, load_backend
 from .config import ServeConfig
 from .errors import ServeError
 
@@ -42,7 +42,7 @@ def parse_engine_args(items: list[str]) -> dict:
 
 def parse_args(argv):
     d = ServeConfig()
-    ap = argparse.ArgumentParser(prog="python -m afrl_fast.serve", description=DESCRIPTION)
+    ap = Parser(prog="python -m afrl_fast.serve", description=DESCRIPTION)
     ap.add_argument("--model", required=True, help="model folder (save_pretrained export, Qwen3 tokenizer)")
     ap.add_argument("--host", default="127.0.0.1",
                     help="address to listen on (default: %(default)s; another address without an API key "
@@ -52,14 +52,14 @@ def parse_args(argv):
                     help=f"require 'Authorization: Bearer <key>' on every route but /health (default: the "
                          f"{API_KEY_ENV} environment variable, else no key; prefer the variable, a flag shows in "
                          "the process list)")
-    ap.add_argument("--instructions", default=None,
-                    help="system prompt: full, short or a text file (default: the one saved with the model, else full)")
+    ap.add_argument("--instructions", default=None, help=instructions_help("--model"))
     ap.add_argument("--rulebook", help="rulebook YAML (default: the copy in the model folder, else the default)")
-    ap.add_argument("--backend", default="embedded", choices=BACKENDS, help="(default: %(default)s)")
-    ap.add_argument("--device", default="auto",
-                    help="auto (cuda if present, else cpu), cpu, cuda, cuda:1, mps (default: %(default)s)")
+    ap.add_argument("--backend", default="embedded", choices=BACKENDS,
+                    help="embedded: the model in this process, any device; sglang: an SGLang engine (GPU, the "
+                         "sglang extra) (default: %(default)s)")
+    ap.add_argument("--device", default="auto", help=f"{DEVICE_HELP}; embedded backend")
     ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                    help="(default: %(default)s)")
+                    help="weights' dtype (auto: as saved)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads for inference (default on CPU: one per core but one, which the event "
                          "loop and the tokenizer need)")
@@ -107,7 +107,8 @@ def parse_args(argv):
     ap.add_argument("--graceful-timeout", type=float, default=60.0,
                     help="seconds SIGTERM waits for requests in flight before cancelling them (uvicorn's "
                          "timeout_graceful_shutdown; default: %(default)s)")
-    ap.add_argument("--log-level", default="warning", help="(default: %(default)s)")
+    ap.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error", "critical"),
+                    help="the service's and uvicorn's log level")
     return ap.parse_args(argv)
 
 
@@ -164,11 +165,10 @@ def build(args, api_key: str | None):
                         ("--graceful-timeout", args.graceful_timeout)):
         if not value > 0:
             raise ServeError(f"{flag} must be > 0, got {value}")
-    if args.backend == "embedded":
-        check_device(args.device)
+    device = check_device(args.device) if args.backend == "embedded" else None
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    elif args.backend == "embedded" and pick_device(args.device) == "cpu":
+    elif device == "cpu":
         # Inference threads spin-wait at every op; one sharing a core with the event loop stalls both.
         torch.set_num_threads(max(1, torch.get_num_threads() - 1))
     if not Path(args.model).is_dir():

@@ -1,10 +1,10 @@
 """Trace synthesis (paper §3.3): human-labelled pairs in, one verified expert AFRL trace per pair out.
 
-    python -m afrl_fast.synthesize --pairs P.parquet --endpoint URL --model NAME --out DIR \\
+    python -m afrl_fast.synthesize --pairs P.parquet --teacher-endpoint URL [--teacher-model NAME] --out DIR \\
         [--n 10] [--temperature 1.0] [--max-tokens 1024] [--concurrency 32] \\
-        [--judge-endpoint URL --judge-model NAME] [--instructions full|short|PATH] [--rulebook R] \\
+        [--judge-endpoint URL --judge-model NAME] [--instructions full|short|PATH|MODEL_DIR] [--rulebook R] \\
         [--eval industry=I.parquet --eval longtail=L.parquet] [--resume]
-    torchrun --nproc_per_node=1 afrl_fast/train.py data.dir=DIR      # the output trains as it is
+    torchrun --nproc_per_node=1 afrl_fast/train.py data.dir=DIR data.instructions=DIR/instructions.txt
 
 1. Diversity sampling: N responses per pair from any OpenAI-compatible server (SGLang, vLLM,
    `python -m afrl_fast.serve`), prompted with exactly the trainer's system prompt
@@ -24,8 +24,10 @@
    synthetic generator writes, so `read_pairs(require_trace=True)` and the trainer accept it);
    rejected.parquet (every rejected sample with its reason); hard.parquet (pairs no sample
    survived: the hard samples, listed, never dropped silently); report.json (yield per grade and per
-   rule, rejection reasons, requests and tokens, wall time); the --eval splits copied beside them
-   (their names must not be those of the outputs: train, rejected, hard, report).
+   rule, rejection reasons, requests and tokens, wall time); instructions.txt (the system prompt the
+   samples were asked under, verbatim; the command prints the trainer overrides that use it, so the
+   student learns under exactly the teacher's prompt); the --eval splits copied beside them (their
+   names must not be those of the outputs: train, rejected, hard, report).
 
 Results land in DIR/shards/ as each shard of pairs finishes (atomic files): a killed run loses at most
 the shard in flight, and `--resume` skips every finished pair, so no pair is asked twice and none is
@@ -155,10 +157,12 @@ def pair_seed(seed: int, index: int) -> int:
 def run_settings(args, pairs_path: Path, n_pairs: int, instructions: str) -> dict:
     """What a resumed run must share with the run it continues (else its shards would mix two runs)."""
     digest = hashlib.sha256(Path(pairs_path).read_bytes()).hexdigest()
-    return {"pairs_sha256": digest, "n_pairs": n_pairs, "model": args.model, "n": args.n,
+    judge_model = (args.judge_model or "default") if args.judge_endpoint else None
+    # the keys keep their names ("model" is the teacher's) so that a run begun before a rename resumes
+    return {"pairs_sha256": digest, "n_pairs": n_pairs, "model": args.teacher_model, "n": args.n,
             "temperature": args.temperature, "max_tokens": args.max_tokens, "seed": args.seed,
             "instructions_sha256": hashlib.sha256(instructions.encode("utf-8")).hexdigest(),
-            "judge_model": args.judge_model, "api": args.api}
+            "judge_model": judge_model, "api": args.api}
 
 
 def check_out_dir(out: Path, settings: dict, resume: bool) -> None:
@@ -290,8 +294,11 @@ async def _with_progress(coro, bar):
 # Assembly: shards -> train / rejected / hard / report
 # ----------------------------------------------------------------------------------------------
 
+INSTRUCTIONS_FILE = "instructions.txt"
+
+
 def assemble(out: Path, pairs_table: pa.Table, rulebook, eval_splits: dict[str, pa.Table], wall_s: float,
-             settings: dict) -> dict:
+             settings: dict, instructions: str) -> dict:
     shards = read_shards(out, pairs_table.num_rows)
     spent = pa.concat_tables(shards).to_pylist() if shards else []     # every request made, retried ones too
     pairs = pairs_table.select(list(PAIR_COLUMNS)).to_pylist()
@@ -353,8 +360,18 @@ def assemble(out: Path, pairs_table: pa.Table, rulebook, eval_splits: dict[str, 
               **{f"{name}.parquet": t for name, t in eval_splits.items()}}
     writes = {out / name: (lambda t: lambda f: pq.write_table(t, f))(t) for name, t in tables.items()}
     writes[out / "report.json"] = lambda f: f.write(json.dumps(report, indent=2).encode("utf-8"))
+    # the system prompt the traces were written under, verbatim: the trainer's data.instructions points here,
+    # so the student is trained under exactly the prompt the teacher saw (training_overrides)
+    writes[out / INSTRUCTIONS_FILE] = lambda f: f.write(instructions.encode("utf-8"))
     atomic_write_many(writes)
     return report
+
+
+def training_overrides(out: Path, rulebook: str | None) -> list[str]:
+    """The trainer's overrides that prompt (and check) the student exactly as the teacher was: the saved
+    instructions, and the rulebook when synthesis had one of its own."""
+    return [f"data.dir={out}", f"data.instructions={out / INSTRUCTIONS_FILE}",
+            *([f"data.rulebook={rulebook}"] if rulebook else [])]
 
 
 # ----------------------------------------------------------------------------------------------

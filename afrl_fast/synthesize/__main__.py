@@ -5,18 +5,21 @@ import argparse
 import asyncio
 import math
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
 
 import pyarrow as pa
 
+from afrl_fast.cli import Parser
 from afrl_fast.endpoint import APIS, Endpoint, EndpointError
-from afrl_fast.format import FormatError, load_tokenizer, resolve_prompt_settings
+from afrl_fast.format import FormatError, instructions_help, load_tokenizer, resolve_prompt_settings
 from afrl_fast.pairs import DataError, PAIR_COLUMNS, read_pairs
 from afrl_fast.rulebook import RulebookError
 from afrl_fast.synthesize import (__doc__ as synthesize_doc, RESERVED_SPLITS, SynthesisError, Synthesizer, assemble,
-                                  check_out_dir, finished_pairs, read_shards, run_settings, sample_all, start_out_dir)
+                                  check_out_dir, finished_pairs, read_shards, run_settings, sample_all, start_out_dir,
+                                  training_overrides)
 
 
 def parse_eval(items: list[str]) -> dict[str, pa.Table]:
@@ -35,29 +38,42 @@ def parse_eval(items: list[str]) -> dict[str, pa.Table]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m afrl_fast.synthesize", description=synthesize_doc.split("\n")[0])
+    p = Parser(prog="python -m afrl_fast.synthesize", description=synthesize_doc.split("\n")[0])
     p.add_argument("--pairs", required=True, help="labelled pairs (Parquet: query_id, doc_id, query, document, label)")
-    p.add_argument("--endpoint", required=True, help="OpenAI-compatible server URL (http://host:port or .../v1)")
-    p.add_argument("--model", required=True, help="model name the server knows")
-    p.add_argument("--out", required=True)
+    p.add_argument("--teacher-endpoint", required=True, metavar="URL",
+                   help="URL of the teacher that writes the traces: an OpenAI-compatible server (http://host:port or "
+                        ".../v1)")
+    p.add_argument("--teacher-model", default="default", metavar="NAME",
+                   help="the model name the teacher's server answers to (default: default, which afrl_fast.serve "
+                        "takes; other servers list theirs at /v1/models)")
+    p.rename("--endpoint", "--teacher-endpoint")
+    p.rename("--model", "--teacher-model")
+    p.add_argument("--out", required=True,
+                   help="output folder: train.parquet, rejected.parquet, hard.parquet, report.json, instructions.txt, "
+                        "the --eval splits (made when the first shard is written)")
     p.add_argument("--n", type=int, default=10, help="samples per pair")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--max-tokens", type=int, default=1024)
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, 0-10")
+    p.add_argument("--max-tokens", type=int, default=1024, help="tokens per sample; a sample cut here is rejected")
     p.add_argument("--concurrency", type=int, default=32, help="requests in flight at once")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     p.add_argument("--retries", type=int, default=5, help="retries (with backoff) on 429, 5xx and connection errors")
-    p.add_argument("--judge-endpoint")
-    p.add_argument("--judge-model")
+    p.add_argument("--judge-endpoint", metavar="URL",
+                   help="URL of a judge that scores the verified samples of a pair 0-10 for best-of-N (default: none, "
+                        "the shortest verified trace wins)")
+    p.add_argument("--judge-model", metavar="NAME",
+                   help="the model name the judge's server answers to (default: default, with --judge-endpoint)")
     p.add_argument("--api", choices=APIS, default="completions",
                    help="completions: the prompt is rendered here with --tokenizer's chat template; chat: the server's")
     p.add_argument("--tokenizer", default="qwen3", help="tokenizer whose chat template renders prompts (completions API)")
-    p.add_argument("--instructions", default="full", help="full | short | a text file (e.g. PIAR's output)")
-    p.add_argument("--rulebook", default=None)
+    p.add_argument("--instructions", default=None,
+                   help=instructions_help() + "; written to OUT/instructions.txt for the trainer")
+    p.add_argument("--rulebook", default=None, help="rulebook YAML (default: configs/rulebook/default.yaml)")
     p.add_argument("--eval", action="append", default=[], metavar="NAME=PATH",
                    help="an evaluation split copied into --out as NAME.parquet (name it in the trainer's eval.splits)")
     p.add_argument("--shard-size", type=int, default=64, help="pairs per result shard")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed sent with each request")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out: finished pairs are kept, the others asked for again")
     return p
 
 
@@ -69,8 +85,8 @@ def check_args(args) -> None:
         raise SynthesisError(f"--temperature must be in [0, 10], got {args.temperature}")
     if not (math.isfinite(args.timeout) and args.timeout > 0):
         raise SynthesisError(f"--timeout must be a finite number of seconds > 0, got {args.timeout}")
-    if bool(args.judge_endpoint) != bool(args.judge_model):
-        raise SynthesisError("--judge-endpoint and --judge-model go together")
+    if args.judge_model and not args.judge_endpoint:
+        raise SynthesisError("--judge-model names the judge's model: give --judge-endpoint too")
 
 
 def main(argv=None) -> int:
@@ -80,9 +96,9 @@ def main(argv=None) -> int:
     try:
         # everything is checked before --out is made (start_out_dir, at the first shard)
         check_args(args)
-        endpoint = Endpoint(args.endpoint, args.model, api=args.api, concurrency=args.concurrency,
+        endpoint = Endpoint(args.teacher_endpoint, args.teacher_model, api=args.api, concurrency=args.concurrency,
                             timeout=args.timeout, retries=args.retries)
-        judge = (Endpoint(args.judge_endpoint, args.judge_model, api=args.api, concurrency=args.concurrency,
+        judge = (Endpoint(args.judge_endpoint, args.judge_model or "default", api=args.api, concurrency=args.concurrency,
                           timeout=args.timeout, retries=args.retries) if args.judge_endpoint else None)
         pairs_table = read_pairs(args.pairs)
         if pairs_table.num_rows == 0:
@@ -114,7 +130,8 @@ def main(argv=None) -> int:
             print(f"error: {' '.join(why.split())}; {where}", file=sys.stderr)
             return 2 if isinstance(e, EndpointError) else 130
         start_out_dir(out, settings)
-        report = assemble(out, pairs_table, prompt.rulebook, eval_splits, time.time() - t0, settings)
+        report = assemble(out, pairs_table, prompt.rulebook, eval_splits, time.time() - t0, settings,
+                          prompt.instructions)
     except (SynthesisError, DataError, EndpointError, FormatError, RulebookError, OSError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
@@ -122,6 +139,7 @@ def main(argv=None) -> int:
           f"(yield {report['yield']:.1%}; {report['samples_kept']} of {report['samples']} samples kept); "
           f"{report['hard_pairs']} hard pairs in {out / 'hard.parquet'}")
     print("rejections: " + ", ".join(f"{k} {v}" for k, v in report["rejections"].items()))
+    print("train on it under the same prompt: " + " ".join(map(shlex.quote, training_overrides(out, args.rulebook))))
     if report["pairs_to_retry"]:
         print(f"{report['pairs_to_retry']} pairs have no trace because the endpoint refused or aborted their "
               f"requests; rerun with --resume to ask for them again")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from afrl_fast.cli import Parser
 from afrl_fast.files import atomic_write_bytes, check_output_path
 from afrl_fast.reward import GATES, RewardConfig
 from afrl_fast.rulebook import RulebookError, load_rulebook
@@ -69,14 +70,17 @@ def run_cli(args) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m afrl_fast.verify",
-                                description="Verify AFRL responses and compute their rewards.")
-    p.add_argument("--responses", required=True, help="input parquet with a response and a label column")
+    p = Parser(prog="python -m afrl_fast.verify", description="Verify AFRL responses and compute their rewards.")
+    # --responses, not --pairs: this file holds model responses to check, not labelled pairs to train on
+    p.add_argument("--responses", required=True,
+                   help="input Parquet of model responses (not a pairs file): a response column and a label column")
     p.add_argument("--out", required=True, help="output parquet, one row per response")
     p.add_argument("--rulebook", default=None, help="rulebook YAML (default: configs/rulebook/default.yaml)")
-    p.add_argument("--response-column", default="response")
-    p.add_argument("--label-column", default="label")
-    p.add_argument("--gate", choices=GATES, default="literal")
+    p.add_argument("--response-column", default="response", help="the column of --responses holding the responses")
+    p.add_argument("--label-column", default="label", help="the column of --responses holding the labels 0-4")
+    p.add_argument("--gate", choices=GATES, default="literal",
+                   help="literal: the paper's logic gate (derived grade = answer = label); pred: derived grade = "
+                        "answer only, so a consistent wrong answer earns a reward by its distance to the label")
     return p
 
 
