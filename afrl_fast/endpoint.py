@@ -306,7 +306,8 @@ class ScoreEndpoint:
 
     def score_pairs(self, table, progress=None):
         """P(grade = 0..4) per pair of a pairs table [N, 5], in its row order (the interface of
-        afrl_fast.scoring.FirstTokenScorer, so the same metrics follow)."""
+        afrl_fast.scoring.FirstTokenScorer, so the same metrics follow); `progress.update(n)` after
+        each batch when given (a tqdm bar)."""
         queries, docs = table.column("query").to_pylist(), table.column("document").to_pylist()
         probs = np.zeros((len(queries), 5))
         for start in range(0, len(queries), self.batch_size):

@@ -182,6 +182,32 @@ def test_score_endpoint_client_reads_the_served_scores_in_row_order(server, mode
         ScoreEndpoint(server.url, batch_size=5, retries=0).score_pairs(bad)
 
 
+def test_evaluate_endpoint_gives_the_metrics_of_the_model_folder(server, model_dir, tmp_path):
+    """`python -m afrl_fast.evaluate --endpoint URL` (scores through /v1/score) writes the metrics
+    `--model DIR` writes for the model the server serves; model-only flags are refused in one line."""
+    import json
+    import subprocess
+    from afrl_fast.pairs import write_table
+
+    pairs = tmp_path / "pairs.parquet"
+    write_table(synthesize(20, seed=8, split="longtail"), pairs)
+    out = {}
+    for name, source in (("served", ["--endpoint", server.url]), ("local", ["--model", str(model_dir)])):
+        proc = subprocess.run([sys.executable, "-m", "afrl_fast.evaluate", *source, "--pairs", str(pairs), "--out",
+                               str(tmp_path / f"{name}.json"), "--batch-size", "6", "--no-progress"],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        out[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    for key in ("acc5", "acc2", "pair_acc", "ndcg3", "macro_f1", "n"):
+        assert out["served"][key] == pytest.approx(out["local"][key], abs=1e-9), key
+    assert out["served"]["model"] == server.url
+    proc = subprocess.run([sys.executable, "-m", "afrl_fast.evaluate", "--endpoint", server.url, "--pairs", str(pairs),
+                           "--out", str(tmp_path / "x.json"), "--instructions", "short"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--instructions" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
 def test_batched_equals_one_by_one(server):
     together = np.array([r["probs"] for r in score(server.url, PAIRS)])
     alone = np.array([score(server.url, [pair])[0]["probs"] for pair in PAIRS])

@@ -1,4 +1,5 @@
-"""python -m afrl_fast.evaluate: first-token evaluation of a model folder on a pairs file."""
+"""python -m afrl_fast.evaluate: first-token evaluation of a model folder, or of a judge served by
+`python -m afrl_fast.serve` (--endpoint, through /v1/score), on a pairs file."""
 from __future__ import annotations
 
 import sys
@@ -7,10 +8,12 @@ from pathlib import Path
 import numpy as np
 
 from afrl_fast.cli import DEVICE_HELP, Parser, resolve_device
+from afrl_fast.endpoint import EndpointError, ScoreEndpoint
 from afrl_fast.errors import ScoringError
 from afrl_fast.evaluate import __doc__ as evaluate_doc, predictions_table
 from afrl_fast.files import atomic_write_many, check_output_path
 from afrl_fast.format import FormatError, instructions_help, load_tokenizer, resolve_prompt_settings
+from afrl_fast.observe import progress_bar
 from afrl_fast.metrics import MetricsError, compute_metrics, format_table, metrics_json
 from afrl_fast.pairs import DataError, read_pairs
 from afrl_fast.rulebook import RulebookError
@@ -19,7 +22,10 @@ from afrl_fast.scoring import FirstTokenScorer, has_tokenizer, load_model
 
 def parse_args(argv):
     ap = Parser(prog="python -m afrl_fast.evaluate", description=evaluate_doc.split("\n")[0])
-    ap.add_argument("--model", required=True, help="model folder (a save_pretrained export, e.g. a run's final_model)")
+    which = ap.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="model folder (a save_pretrained export, e.g. a run's final_model)")
+    which.add_argument("--endpoint", help="URL of a `python -m afrl_fast.serve` server: its /v1/score scores the "
+                                          "pairs, prompted with the server's own settings")
     ap.add_argument("--pairs", required=True, help="labelled pairs Parquet: query_id, doc_id, query, document, label")
     ap.rename("--data", "--pairs")
     ap.add_argument("--out", required=True, help="metrics JSON")
@@ -33,8 +39,33 @@ def parse_args(argv):
     ap.add_argument("--device", default="auto", help=DEVICE_HELP)
     ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                     help="weights' dtype (auto: as saved)")
+    ap.add_argument("--api-key", default=None,
+                    help="with --endpoint: the server's API key (default: the AFRL_FAST_API_KEY environment variable)")
+    ap.add_argument("--timeout", type=float, default=300.0, help="with --endpoint: seconds per request")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap.parse_args(argv)
+
+
+def local_scorer(args, device):
+    tok_path = args.tokenizer or (args.model if has_tokenizer(args.model) else "qwen3")
+    tokenizer = load_tokenizer(tok_path)
+    if not Path(args.model).is_dir():
+        raise ScoringError(f"{args.model}: model folder not found")
+    prompt = resolve_prompt_settings(args.model, args.rulebook, args.instructions)
+    return FirstTokenScorer(load_model(args.model, args.dtype), tokenizer, prompt.rulebook,
+                            batch_size=args.batch_size, device=device, instructions=prompt.instructions,
+                            max_prompt_tokens=args.max_prompt_tokens, progress=not args.no_progress)
+
+
+def remote_scorer(args):
+    """The served judge: prompting and placement are its server's, so those flags are refused here."""
+    given = [f"--{k.replace('_', '-')}" for k in ("tokenizer", "rulebook", "instructions", "max_prompt_tokens")
+             if getattr(args, k) is not None]
+    given += [f"--{k}" for k, default in (("device", "auto"), ("dtype", "auto")) if getattr(args, k) != default]
+    if given:
+        raise ScoringError(f"{', '.join(given)}: with --endpoint the server's own settings prompt and place the "
+                           "model; set them on `python -m afrl_fast.serve`")
+    return ScoreEndpoint(args.endpoint, batch_size=args.batch_size, timeout=args.timeout, api_key=args.api_key)
 
 
 def main(argv=None) -> int:
@@ -44,21 +75,18 @@ def main(argv=None) -> int:
         check_output_path(args.out, ScoringError)
         if args.predictions:
             check_output_path(args.predictions, ScoringError)
+        scorer = remote_scorer(args) if args.endpoint else None
         device = resolve_device(args.device, ScoringError)
         table = read_pairs(args.pairs)           # validates the schema; errors name file and column
-        tok_path = args.tokenizer or (args.model if has_tokenizer(args.model) else "qwen3")
-        tokenizer = load_tokenizer(tok_path)
-        if not Path(args.model).is_dir():
-            raise ScoringError(f"{args.model}: model folder not found")
-        prompt = resolve_prompt_settings(args.model, args.rulebook, args.instructions)
-        scorer = FirstTokenScorer(load_model(args.model, args.dtype), tokenizer, prompt.rulebook,
-                                  batch_size=args.batch_size, device=device,
-                                  instructions=prompt.instructions,
-                                  max_prompt_tokens=args.max_prompt_tokens, progress=not args.no_progress)
-        probs = scorer.score_pairs(table)
+        if scorer is None:
+            scorer = local_scorer(args, device)
+            probs = scorer.score_pairs(table)
+        else:
+            with progress_bar(table.num_rows, "score", enabled=not args.no_progress, unit="pair") as bar:
+                probs = scorer.score_pairs(table, bar)
         metrics = compute_metrics(table.column("label").to_numpy(zero_copy_only=False), probs,
                                   np.asarray(table.column("query_id").to_pylist(), dtype=object))
-        metrics.update(model=str(args.model), data=str(args.pairs), n_truncated=scorer.n_truncated,
+        metrics.update(model=str(args.model or args.endpoint), data=str(args.pairs), n_truncated=scorer.n_truncated,
                        max_prompt_tokens=args.max_prompt_tokens)
         outputs = {Path(args.out): lambda f: f.write(metrics_json(metrics).encode("utf-8"))}
         if args.predictions:
@@ -66,7 +94,7 @@ def main(argv=None) -> int:
             preds = predictions_table(table, probs)
             outputs[Path(args.predictions)] = lambda f: pq.write_table(preds, f)
         atomic_write_many(outputs)              # both files or neither
-    except (DataError, ScoringError, MetricsError, FormatError, RulebookError, OSError) as e:
+    except (DataError, ScoringError, EndpointError, MetricsError, FormatError, RulebookError, OSError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     print(format_table(metrics))
