@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The user's path, start to end, each stage's output the next stage's input (docs/results/user-path.md):
 #
-#   labelled pairs -> traces synthesized by a served teacher (best-of-N, verified against the labels)
-#   -> SFT -> RL -> a distilled student -> served -> /v1/score on the held-out pairs
+#   labelled pairs -> PIAR instructions (the teacher as the actor) -> traces synthesized by the served
+#   teacher (best-of-N, verified against the labels) -> SFT -> RL -> a distilled student -> served
+#   -> /v1/score on the held-out pairs
 #
 #   bash scripts/user_path.sh                         # the full CPU run (about an hour and a half on 2 cores)
 #   USER_PATH_SIZE=small bash scripts/user_path.sh    # the same path in minutes (CI's slow tier runs it)
@@ -10,9 +11,11 @@
 #
 # TEACHER: an exported judge (a run's sft_model or final_model). Without it, stage 0 trains one
 #   (`experiments teacher`, configs/teacher_cpu.yaml; the small size trains a tiny one).
-# LABELS: a folder with train.parquet (labelled pairs; no traces needed) and the held-out splits
-#   industry.parquet and longtail.parquet. Without it, pairs of data seed 1 stand in: labels the
-#   teacher (data seed 0) never saw, their traces and step columns dropped.
+# LABELS: a folder with train.parquet (labelled pairs; no traces needed), the held-out splits
+#   industry.parquet and longtail.parquet, and optionally val.parquet (PIAR's validation pairs; without
+#   it PIAR is skipped and synthesis prompts with the teacher's own text). Without LABELS, pairs of data
+#   seed 1 stand in (labels the teacher, data seed 0, never saw; traces and step columns dropped),
+#   with validation pairs of seed 2.
 # CONTROL=1 (default for the full size) also trains the control of synthesis: the same pairs with the
 #   generator's own traces, same recipe and steps as the SFT stage.
 #
@@ -27,7 +30,7 @@ LABELS_GIVEN=${LABELS:+1}
 case "$SIZE" in
 full)
     OUT=${OUT:-runs/user_path}
-    N_LABELS=800; N_EVAL=800; SAMPLES=4; CONTROL=${CONTROL:-1}
+    N_LABELS=800; N_EVAL=800; N_VAL=400; SAMPLES=4; CONTROL=${CONTROL:-1}; PIAR_ROUNDS=4
     TEACHER_DIR=runs/teacher
     TEACHER_RUN=(--config configs/teacher_cpu.yaml)
     JUDGE=(configs/teacher_cpu.yaml)               # the student learns with the teacher's own recipe
@@ -35,7 +38,7 @@ full)
     ;;
 small)
     OUT=${OUT:-runs/user_path_small}
-    N_LABELS=48; N_EVAL=32; SAMPLES=4; CONTROL=${CONTROL:-0}
+    N_LABELS=48; N_EVAL=32; N_VAL=16; SAMPLES=4; CONTROL=${CONTROL:-0}; PIAR_ROUNDS=1
     TINY=(data.n_train=96 data.n_eval=32 sft.epochs=12 sft.batch_size=8 difficulty.max_prompts=8
           difficulty.batch_prompts=8 rl.max_steps=2 rl.batch_prompts=2 rl.sft_batch=2 eval.every=0
           run.checkpoint_every=4)
@@ -117,8 +120,33 @@ echo "teacher: $TEACHER"
 # 1. the labelled pairs -------------------------------------------------------------------------
 if [ -z "${LABELS:-}" ]; then
     LABELS="$OUT/labels"
-    run_stage labels python -m afrl_fast.data synth --n "$N_LABELS" --n-industry "$N_EVAL" --n-longtail "$N_EVAL" \
-        --seed 1 --no-reasons --labels-only --out "$LABELS" --no-progress
+    labels_stage() {
+        python -m afrl_fast.data synth --n "$N_LABELS" --n-industry "$N_EVAL" --n-longtail "$N_EVAL" \
+            --seed 1 --no-reasons --labels-only --out "$LABELS" --no-progress
+        # PIAR's validation pairs: a third seed, neither trained on nor held out for the final scores
+        python -m afrl_fast.data synth --n "$N_VAL" --seed 2 --no-reasons --labels-only --out "$OUT/val_synth" \
+            --no-progress
+        cp "$OUT/val_synth/train.parquet" "$LABELS/val.parquet"
+    }
+    run_stage labels labels_stage
+fi
+
+# 1b. PIAR: the instruction text refined on the validation pairs, the teacher as the actor --------
+# (one server plays actor, evaluator and refiner: no model here writes attributions or rewrites
+# instructions well, so the mechanics run and every round's decision is kept; a candidate is only
+# accepted when it grades the validation pairs better)
+INSTRUCTIONS=$TEACHER
+if [ -f "$LABELS/val.parquet" ]; then
+    piar_stage() {
+        rm -rf "$OUT/piar"                 # PIAR starts over rather than resumes
+        serve "$TEACHER" "$OUT/serve_piar.log"
+        python -m afrl_fast.piar --pairs "$LABELS/val.parquet" --actor-endpoint "$URL" --evaluator-endpoint "$URL" \
+            --refiner-endpoint "$URL" --instructions "$TEACHER" --rounds "$PIAR_ROUNDS" --patience "$PIAR_ROUNDS" \
+            --refiner-max-tokens 512 --out "$OUT/piar"
+        stop_server
+    }
+    run_stage piar piar_stage
+    INSTRUCTIONS=$OUT/piar/instructions.txt
 fi
 
 # 2. synthesis: the teacher served, N samples per pair at T = 1, the verified best kept -----------
@@ -126,10 +154,11 @@ synthesize_stage() {
     serve "$TEACHER" "$OUT/serve_teacher.log"
     local resume=()
     [ -f "$OUT/synth/synthesis.json" ] && resume=(--resume)
-    # the teacher's own system prompt (--instructions MODEL): synthesis and training agree by construction;
+    # PIAR's best text (the teacher's own prompt unless a round beat it); synthesis writes it to
+    # synth/instructions.txt and every later stage trains under it.
     # 200 tokens: the traces without reason sentences are at most ~133 tokens
     python -m afrl_fast.synthesize --pairs "$LABELS/train.parquet" --teacher-endpoint "$URL" \
-        --n "$SAMPLES" --temperature 1.0 --max-tokens 200 --concurrency 16 --instructions "$TEACHER" \
+        --n "$SAMPLES" --temperature 1.0 --max-tokens 200 --concurrency 16 --instructions "$INSTRUCTIONS" \
         --eval industry="$LABELS/industry.parquet" --eval longtail="$LABELS/longtail.parquet" \
         --out "$OUT/synth" "${resume[@]}"
     stop_server

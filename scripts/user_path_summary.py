@@ -74,9 +74,30 @@ def synthesis(out: Path, labels: Path):
     return summary
 
 
+def piar(out: Path):
+    """PIAR's curve: the validation metrics of the starting text, then each round's candidate and
+    decision."""
+    history = read_json(out / "piar" / "history.json")
+    if history is None:
+        return None
+    rounds = [{"round": r["round"], "accepted": r["accepted"], "reason": r["reason"],
+               **({"acc5": r["candidate"]["acc5"], "pair_acc": r["candidate"]["pair_acc"]} if "candidate" in r else {}),
+               "diagnosed": r.get("attribution", {}).get("diagnosed")} for r in history["rounds"]]
+    return {"start": {k: history["start"][k] for k in ("acc5", "pair_acc")},
+            "best": {k: history["best"][k] for k in ("acc5", "pair_acc")}, "rounds": rounds}
+
+
 def markdown(summary: dict) -> str:
     lines = ["**Stages** (wall time on this machine)", "", "| stage | seconds | finished |", "|---|---|---|"]
     lines += [f"| {s['stage']} | {s['seconds']} | {s['finished']} |" for s in summary["stages"]]
+    pr = summary.get("piar")
+    if pr:
+        pct = lambda x: "n/a" if x is None else f"{100 * x:.2f}"   # noqa: E731
+        lines += ["", "**PIAR** (validation pairs, %; the teacher as actor, evaluator and refiner)", "",
+                  "| round | 5-ACC | Pair-ACC | decision |", "|---|---|---|---|",
+                  f"| 0 (start) | {pct(pr['start']['acc5'])} | {pct(pr['start']['pair_acc'])} | — |"]
+        lines += [f"| {r['round']} | {pct(r.get('acc5'))} | {pct(r.get('pair_acc'))} | "
+                  f"{'accepted' if r['accepted'] else 'rejected'}: {r['reason']} |" for r in pr["rounds"]]
     syn = summary["synthesis"]
     if syn:
         lines += ["", f"**Synthesis**: {syn['pairs_with_trace']} of {syn['pairs']} pairs got a verified trace "
@@ -112,7 +133,8 @@ def main(argv=None) -> int:
         return 2
     with open(args.run / "stages.tsv", encoding="utf-8") as f:
         stages = [{**r, "seconds": int(r["seconds"])} for r in csv.DictReader(f, delimiter="\t")]
-    summary = {"stages": stages, "synthesis": synthesis(args.run, args.labels or args.run / "labels"),
+    summary = {"stages": stages, "piar": piar(args.run),
+               "synthesis": synthesis(args.run, args.labels or args.run / "labels"),
                "models": models(args.run)}
     out = args.out or args.run
     out.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,5 @@
 """The user's path end to end (scripts/user_path.sh, small size): a tiny teacher trained, labels of
-another data seed, synthesis against the served teacher, SFT, RL, a distilled student served and the
+another data seed, PIAR with the teacher as actor, synthesis against the served teacher, SFT, RL, a distilled student served and the
 held-out pairs scored through /v1/score. Each stage's output is the next one's input as the script
 hands it on; the served student must score what its model folder scores; a second call does no work."""
 import json
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["teacher", "labels", "synthesize", "sft", "rl", "distil", "serve_and_score"]
+STAGES = ["teacher", "labels", "piar", "synthesize", "sft", "rl", "distil", "serve_and_score"]
 
 
 def user_path(out: Path):
@@ -33,6 +33,9 @@ def test_small_user_path_runs_every_stage_and_resumes_as_done(tmp_path):
     for split in ("industry", "longtail"):
         for key in ("acc5", "pair_acc", "macro_f1"):
             assert served[split][key] == pytest.approx(student[split][key], abs=1e-6), (split, key)
+    # PIAR ran its round and synthesis prompted with its best text
+    assert len(summary["piar"]["rounds"]) == 1
+    assert (out / "synth" / "instructions.txt").read_text() == (out / "piar" / "instructions.txt").read_text()
     # the judge was trained on what synthesis kept, under the prompt synthesis used
     sft_cfg = (out / "sft" / "config.yaml").read_text()
     assert f"dir: {out / 'synth'}" in sft_cfg and "instructions.txt" in sft_cfg
