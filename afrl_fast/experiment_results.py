@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from .checkpoint import LATEST
+from .files import atomic_write_bytes, atomic_write_text
 from .metrics import paired_bootstrap
 from .observe import read_metrics_log
 
@@ -345,3 +346,34 @@ def contrasts_markdown(contrasts: list[dict]) -> list[str]:
                      if e else "n/a")
         out.append(f"| {c['a']} − {c['b']} | " + " | ".join(cells) + " |")
     return out + [""]
+
+
+# what of a run folder the summary reads: small text files (no weights, no checkpoints, no rollouts)
+RUN_FILES = ("results.json", "metrics.jsonl", "config.yaml", "pilot_gate.json")
+
+
+def copy_small_files(exp_dir: Path, dest: Path, root: Path) -> list[Path]:
+    """The experiment's manifest, its evaluation splits and each finished run's RUN_FILES copied into
+    `dest` (atomically, file by file), so that the summary can be recomputed from `dest` alone and the
+    files committed. Absolute paths inside them (the experiment folder, the checkout `root`) are
+    written relative, so nothing names the machine they ran on."""
+    exp_dir, dest = Path(exp_dir).resolve(), Path(dest)
+    manifest = load_manifest(exp_dir)
+    wanted = [exp_dir / MANIFEST, *sorted((exp_dir / "data").glob("*.parquet"))]
+    wanted = [f for f in wanted if f.name not in ("train.parquet", "rl_pool.parquet")]   # not read by the summary
+    for rel in manifest["runs"].values():
+        if run_state(exp_dir / rel) == "done":
+            wanted += [exp_dir / rel / name for name in RUN_FILES if (exp_dir / rel / name).is_file()]
+    written = []
+    for src in wanted:
+        target = dest / src.relative_to(exp_dir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if src.suffix in (".json", ".jsonl", ".yaml"):
+            text = src.read_text(encoding="utf-8")
+            for prefix in (f"{exp_dir}/", f"{Path(root).resolve()}/"):
+                text = text.replace(prefix, "")
+            atomic_write_text(target, text)
+        else:
+            atomic_write_bytes(target, lambda f, data=src.read_bytes(): f.write(data))
+        written.append(target)
+    return written

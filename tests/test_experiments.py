@@ -140,6 +140,16 @@ def test_summary_matches_an_independent_computation(experiment, tmp_path):
         assert contrast["pair_acc"][split]["diff"] == pytest.approx(means["mode_balanced"] - means["grpo"])
     md = (tmp_path / "summary.md").read_text()
     assert "| mode_balanced − grpo |" in md
+    # --copy-runs: the small files alone recompute the same summary, and name no machine path
+    copy = tmp_path / "copy"
+    for args in ([str(experiment), "--out", str(copy), "--copy-runs"], [str(copy), "--out", str(tmp_path / "again")]):
+        proc = subprocess.run([sys.executable, "-m", "afrl_fast.report", *args], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "again" / "summary.md").read_text() == md
+    assert not list(copy.rglob("*.pt")) and (copy / "grpo" / "seed1" / "metrics.jsonl").is_file()
+    copied = [f for f in copy.rglob("*") if f.suffix in (".json", ".jsonl", ".yaml") and f.name != "summary.json"]
+    assert copied and not [f for f in copied if str(experiment) in f.read_text()]
     assert "| grpo | 2 |" in md and "| SFT (AFRL) | 1 |" in md and "change over the shared SFT model" in md
 
 

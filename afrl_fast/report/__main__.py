@@ -5,8 +5,11 @@ import sys
 from pathlib import Path
 
 from afrl_fast.cli import Parser
+from afrl_fast.experiment_results import copy_small_files
 from afrl_fast.files import check_output_path
 from afrl_fast.report import draw_experiment, draw_report
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def main(argv=None) -> int:
@@ -16,13 +19,22 @@ def main(argv=None) -> int:
     parser.add_argument("run_dir", type=Path, help="training run folder holding metrics.jsonl, or an experiment folder")
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default: RUN_DIR/plots; an experiment's: RUN_DIR/summary)")
+    parser.add_argument("--copy-runs", action="store_true",
+                        help="an experiment: also copy its manifest, evaluation splits and each finished run's "
+                             "results.json, metrics.jsonl and config.yaml into --out (paths made relative), so the "
+                             "summary can be recomputed from --out alone: python -m afrl_fast.report OUT")
     args = parser.parse_args(argv)
     try:
         experiment = (args.run_dir / "experiment.json").is_file()
         out = args.out or args.run_dir / ("summary" if experiment else "plots")
         check_output_path(out, ValueError, kind="dir")
+        if args.copy_runs and not experiment:
+            raise ValueError(f"--copy-runs: {args.run_dir} is not an experiment folder (no experiment.json)")
         if experiment:                                      # an experiment folder: compare its runs
             paths = draw_experiment(args.run_dir, out)
+            if args.copy_runs:
+                copied = copy_small_files(args.run_dir, out, ROOT)
+                print(f"copied {len(copied)} small files of the runs into {out}")
         else:
             paths = draw_report(args.run_dir, out)
     except (OSError, ValueError, RuntimeError) as err:     # ExperimentError is a RuntimeError
