@@ -359,7 +359,8 @@ def copy_small_files(exp_dir: Path, dest: Path, root: Path) -> list[Path]:
     written relative, so nothing names the machine they ran on."""
     exp_dir, dest = Path(exp_dir).resolve(), Path(dest)
     manifest = load_manifest(exp_dir)
-    wanted = [exp_dir / MANIFEST, *sorted((exp_dir / "data").glob("*.parquet"))]
+    wanted = [exp_dir / MANIFEST, *sorted((exp_dir / "data").glob("*.parquet")),
+              *[exp_dir / name for name in ("pilot_gate.json", "teacher.json") if (exp_dir / name).is_file()]]
     wanted = [f for f in wanted if f.name not in ("train.parquet", "rl_pool.parquet")]   # not read by the summary
     for rel in manifest["runs"].values():
         if run_state(exp_dir / rel) == "done":

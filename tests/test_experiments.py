@@ -230,3 +230,9 @@ def test_teacher_command_trains_measures_and_skips_a_finished_teacher(tmp_path):
     assert (out / verdict["model"] / "config.json").is_file() and (out / "sft" / "difficulty.parquet").is_file()
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     assert "1 finished already" in again.stdout and again.returncode == 1
+    copy = tmp_path / "copy"
+    proc = subprocess.run([sys.executable, "-m", "afrl_fast.report", str(out), "--out", str(copy), "--copy-runs"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((copy / "teacher.json").read_text()) == verdict
+    assert (copy / "sft" / "results.json").is_file() and list(copy.glob("*.png"))
