@@ -188,19 +188,26 @@ def reference_answers(runs: dict) -> dict:
             if isinstance(m, dict) and m.get("answers")}
 
 
+def answers_right(exp_dir: Path, split: str, answers: list) -> np.ndarray | None:
+    """[runs, pairs] 0/1 correctness of answered grades (one digit string per run, as results.json
+    keeps them) against the split's labels in exp_dir/data, or None when a run lacks them, their
+    lengths differ or the split's file is missing."""
+    path = exp_dir / "data" / f"{split}.parquet"
+    if not answers or not all(answers) or len({len(a) for a in answers}) != 1 or not path.is_file():
+        return None
+    labels = np.asarray(pq.read_table(path, columns=["label"]).column("label").to_pylist())[:len(answers[0])]
+    return np.stack([np.array([int(c) for c in a]) == labels for a in answers])
+
+
 def change_over_sft(exp_dir: Path, sft_answers: dict, finals: list[dict]) -> dict:
     """An arm's 5-ACC minus the shared SFT model's per split: the seeds' per-pair correctness
     averaged, then the pairs resampled (metrics.paired_bootstrap), so the interval holds both the
     evaluation set's and the seeds' spread."""
     out = {}
     for split, sft in sft_answers.items():
-        answers = [f.get(split, {}).get("answers") for f in finals]
-        path = exp_dir / "data" / f"{split}.parquet"
-        if not all(a and len(a) == len(sft) for a in answers) or not path.is_file():
-            continue
-        labels = np.asarray(pq.read_table(path, columns=["label"]).column("label").to_pylist())[:len(sft)]
-        right = lambda digits: np.array([int(c) for c in digits]) == labels   # noqa: E731
-        out[split] = paired_bootstrap(right(sft), np.stack([right(a) for a in answers]))
+        right = answers_right(exp_dir, split, [sft, *(f.get(split, {}).get("answers") for f in finals)])
+        if right is not None:
+            out[split] = paired_bootstrap(right[0], right[1:])
     return out
 
 
@@ -208,16 +215,6 @@ def change_over_sft(exp_dir: Path, sft_answers: dict, finals: list[dict]) -> dic
 # and the curriculum against one shuffled pool.
 CONTRASTS = (("mode_balanced", "grpo"), ("mode_balanced", "stepwise_grpo"), ("stepwise_grpo", "grpo"),
              ("mode_balanced", "mode_balanced_random"))
-
-
-def per_pair_right(exp_dir: Path, split: str, finals: list[dict]):
-    """[seeds, pairs] 0/1 correctness of each seed's answers on a split, or None where unknown."""
-    answers = [f.get(split, {}).get("answers") for f in finals]
-    path = exp_dir / "data" / f"{split}.parquet"
-    if not all(answers) or len({len(a) for a in answers}) != 1 or not path.is_file():
-        return None
-    labels = np.asarray(pq.read_table(path, columns=["label"]).column("label").to_pylist())[:len(answers[0])]
-    return np.stack([np.array([int(c) for c in a]) == labels for a in answers])
 
 
 def arm_contrasts(exp_dir: Path, finals_by_arm: dict, entries: dict) -> list[dict]:
@@ -230,7 +227,8 @@ def arm_contrasts(exp_dir: Path, finals_by_arm: dict, entries: dict) -> list[dic
             continue
         row = {"a": a, "b": b, "acc5": {}, "pair_acc": {}}
         for split in sorted(set(entries[a]["eval"]) & set(entries[b]["eval"])):
-            ra, rb = (per_pair_right(exp_dir, split, finals_by_arm[x]) for x in (a, b))
+            ra, rb = (answers_right(exp_dir, split, [f.get(split, {}).get("answers") for f in finals_by_arm[x]])
+                      for x in (a, b))
             if ra is not None and rb is not None and ra.shape[1] == rb.shape[1]:
                 row["acc5"][split] = paired_bootstrap(rb.mean(axis=0), ra)
             pa_, pb_ = entries[a]["eval"][split]["pair_acc"], entries[b]["eval"][split]["pair_acc"]
@@ -349,7 +347,7 @@ def contrasts_markdown(contrasts: list[dict]) -> list[str]:
 
 
 # what of a run folder the summary reads: small text files (no weights, no checkpoints, no rollouts)
-RUN_FILES = ("results.json", "metrics.jsonl", "config.yaml", "pilot_gate.json")
+RUN_FILES = ("results.json", "metrics.jsonl", "config.yaml")
 
 
 def copy_small_files(exp_dir: Path, dest: Path, root: Path) -> list[Path]:

@@ -302,11 +302,10 @@ def teacher(config: Path, out: Path, overrides: list[str], nproc: int = 1) -> in
     format validity of its sampled traces is measured), then OUT/teacher.json: where its model is and
     how it does against TEACHER_GATE. Exit 1 when the gate fails (the model is kept either way)."""
     check_experiment_out(out, "teacher")
-    cfg = load_config(config, overrides)
     out = out.resolve()
     plan = [{"script": TRAIN, "config": config, "name": "sft", "dir": out / "sft",
              "overrides": [f"data.dir={out / 'data'}", *overrides, "run.stop_after=difficulty"]}]
-    load_config(config, plan[0]["overrides"])
+    cfg = load_config(config, plan[0]["overrides"])   # the run's own settings: a bad override fails here
     out.mkdir(parents=True, exist_ok=True)
     write_data(cfg, out)
     execute("teacher", config, out, [], [], overrides, plan, nproc)

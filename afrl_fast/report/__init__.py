@@ -283,6 +283,8 @@ def draw_experiment(exp_dir, out_dir) -> list[Path]:
     manifest = load_manifest(exp_dir)
     if manifest.get("kind") == "distillation":
         return draw_distillation(exp_dir, out_dir)
+    if manifest.get("kind") == "teacher":      # one run and its gate (teacher.json): the run's own figures
+        return draw_report(exp_dir / "sft", out_dir)
     summary = summarize(exp_dir)       # checks every finished run's results.json; refuses an empty comparison
     sft_rows = {}
     sft_dir = exp_dir / manifest["runs"]["sft"] if "sft" in manifest["runs"] else None

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 from afrl_fast.cli import Parser
-from afrl_fast.experiment_results import copy_small_files, load_manifest
+from afrl_fast.experiment_results import copy_small_files
 from afrl_fast.files import check_output_path
 from afrl_fast.report import draw_experiment, draw_report
 
@@ -30,12 +30,10 @@ def main(argv=None) -> int:
         check_output_path(out, ValueError, kind="dir")
         if args.copy_runs and not experiment:
             raise ValueError(f"--copy-runs: {args.run_dir} is not an experiment folder (no experiment.json)")
-        if not experiment:
-            paths = draw_report(args.run_dir, out)
-        elif load_manifest(args.run_dir)["kind"] == "teacher":   # one run: its own figures
-            paths = draw_report(args.run_dir / "sft", out)
-        else:                                               # an experiment folder: compare its runs
+        if experiment:                                      # an experiment folder: compare its runs
             paths = draw_experiment(args.run_dir, out)
+        else:
+            paths = draw_report(args.run_dir, out)
         if args.copy_runs:
             copied = copy_small_files(args.run_dir, out, ROOT)
             print(f"copied {len(copied)} small files of the runs into {out}")
