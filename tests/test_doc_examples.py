@@ -35,7 +35,7 @@ SEPARATORS = {"&&", "||", ";", "|"}
 PLACEHOLDER = re.compile(r"<[^<>]+>")
 STAND_INS = ("data.instructions",)
 CONFIG_LOADERS = {"afrl_fast.train": load_config, "afrl_fast.distill": load_distill_config,
-                  "ablation": load_config, "distillation": load_distill_config}
+                  "ablation": load_config, "distillation": load_distill_config, "teacher": load_config}
 
 
 def code_lines(text: str):
