@@ -5,6 +5,7 @@ NCCL on GPU, gloo on CPU; on CPU two ranks reproduce one (tests/test_train.py).
 """
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -165,4 +166,10 @@ def load_full_optimizer_state(module, optimizer, state: dict) -> None:
 
 def cleanup():
     if dist.is_available() and dist.is_initialized():
+        # Why: sharded modules sit in reference cycles (hooks), so their pending gloo work objects
+        # would otherwise be freed at interpreter shutdown, from gloo's own threads, which aborts the
+        # process ("terminate called without an active exception") after a run that succeeded.
+        # Collect them now, and let every rank pass its last collective before any tears gloo down.
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
