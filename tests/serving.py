@@ -118,9 +118,19 @@ class Scripted:
         self.thread.join(timeout=10)
 
 
+@torch.no_grad()
+def greedy_reproduces(model, ids, first: int, targets) -> bool:
+    if not torch.equal(model(ids).logits[0, first:first + len(targets)].argmax(-1), targets):
+        return False
+    prompt = ids[:, :first + 1]
+    greedy = model.generate(prompt, max_new_tokens=len(targets), do_sample=False,
+                            attention_mask=torch.ones_like(prompt))
+    return greedy[0, first + 1:].tolist() == targets.tolist()
+
+
 def train_memorizing_judge(out: Path, query: str, document: str, trace: str, max_steps: int = 300) -> Path:
     """Export (like the trainer does) a tiny Qwen3 trained on one pair until greedy decoding
-    reproduces that pair's trace exactly; ~20 s on two CPU cores."""
+    reproduces that pair's trace exactly (~80 steps)."""
     torch.manual_seed(0)
     tokenizer = load_tokenizer()
     rulebook = load_rulebook()
@@ -130,22 +140,24 @@ def train_memorizing_judge(out: Path, query: str, document: str, trace: str, max
     model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**MEMORIZER))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ids = torch.tensor([prompt + response])
-    targets = torch.tensor([-100] * (len(prompt) - 1) + response + [-100])
+    # only the positions that predict the response enter the loss: the prompt's ~500 others would
+    # cost the 151,936-row head for nothing
+    first = len(prompt) - 1
+    targets = torch.tensor(response)
     n = len(targets)
     for step in range(max_steps):
-        hidden = model.model(input_ids=ids).last_hidden_state[0]
+        hidden = model.model(input_ids=ids).last_hidden_state[0, first:first + n]
         out_loss = fused_loss(hidden, model.lm_head.weight, targets, is_sft=torch.ones(n, dtype=torch.bool),
                               advantages=torch.zeros(n), old_logp=None, ref_logp=None,
                               scale=torch.full((n,), 1.0 / len(response)))
         opt.zero_grad()
         out_loss.loss.backward()
         opt.step()
-        if step >= 60 and step % 15 == 0:
-            with torch.no_grad():
-                greedy = model.generate(torch.tensor([prompt]), max_new_tokens=len(response), do_sample=False,
-                                        attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
-            if greedy[0, len(prompt):].tolist() == response:
-                break
+        # the exact argmax at every teacher-forced position means greedy decoding reproduces the
+        # trace (it follows the same prefix): one forward screens, one generation (the cached path
+        # the tests use, whose rounding may break a near tie) confirms
+        if step >= 20 and step % 5 == 0 and greedy_reproduces(model, ids, first, targets):
+            break
     else:
         raise RuntimeError(f"the tiny judge did not learn its trace in {max_steps} steps")
     model.save_pretrained(out)

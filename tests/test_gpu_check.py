@@ -4,7 +4,7 @@ wrong argument, a broken import path) fails here and not in the few minutes a GP
 
 One dry run (in a child process: TRITON_INTERPRET=1 must be set before triton is imported, and this
 pytest process must keep the real JITFunction for tests/test_kernel_compile.py) is shared by the
-checks below; about a minute of CPU time. A section that raises is recorded with status "error",
+checks below (the slow tier: about a minute of CPU time). A section that raises is recorded with status "error",
 one whose checks fail with "fail", and the script then exits 1: test_a_broken_section_fails_the_run
 forces one to make sure these checks can fail.
 """
@@ -44,6 +44,7 @@ def dry_run(tmp_path_factory):
     return proc, report, tail
 
 
+@pytest.mark.slow
 def test_exits_zero_and_reports_every_section(dry_run):
     proc, report, tail = dry_run
     assert list(report["sections"]) == list(SECTIONS), tail
@@ -56,6 +57,7 @@ def test_exits_zero_and_reports_every_section(dry_run):
     assert proc.returncode == 0, tail
 
 
+@pytest.mark.slow
 def test_env_names_the_versions(dry_run):
     env = dry_run[1]["sections"]["env"]["result"]
     for key in ("torch", "triton", "transformers", "python"):
@@ -63,6 +65,7 @@ def test_env_names_the_versions(dry_run):
     assert env["triton_interpret"] == "1" and env["gpu"] is None
 
 
+@pytest.mark.slow
 def test_kernel_errors_are_within_the_tests_tolerances(dry_run):
     sec = dry_run[1]["sections"]["kernels"]
     cases = sec["cases"]
@@ -79,6 +82,7 @@ def test_kernel_errors_are_within_the_tests_tolerances(dry_run):
                 assert 0.0 <= res["ratio"] <= 1.0, (case["case"], field, res)
 
 
+@pytest.mark.slow
 def test_fused_loss_rows_ran_and_agree(dry_run):
     sec = dry_run[1]["sections"]["fused_loss"]
     for part in ("grpo", "distill"):
@@ -94,6 +98,7 @@ def test_fused_loss_rows_ran_and_agree(dry_run):
                 assert row["loss_rel_diff_vs_ours"] < 2e-3, (part, name, row["loss"], rows["ours_triton"]["loss"])
 
 
+@pytest.mark.slow
 def test_rl_step_reports_each_phase(dry_run):
     sec = dry_run[1]["sections"]["rl_step"]
     assert len(sec["steps"]) == 2
@@ -104,6 +109,7 @@ def test_rl_step_reports_each_phase(dry_run):
     assert sec["settings"]["loss_backend"] == "triton"
 
 
+@pytest.mark.slow
 def test_scoring_reports_both_methods(dry_run):
     sec = dry_run[1]["sections"]["scoring"]
     assert [r["method"] for r in sec["rows"]] == ["prefix_cached", "full_prefill"]
@@ -112,6 +118,7 @@ def test_scoring_reports_both_methods(dry_run):
     assert sec["max_prob_diff"] < 1e-3                   # both methods score the same pairs alike
 
 
+@pytest.mark.slow
 def test_a_broken_section_fails_the_run(tmp_path):
     """The guard records the exception and the run exits 1, the other sections still run."""
     out = tmp_path / "broken.json"

@@ -1168,6 +1168,7 @@ def test_slow_clients_time_out_and_sigterm_drains_in_bounded_time(model_dir, tmp
     assert "Traceback" not in text and "CancelledError" not in text, text[-3000:]
 
 
+@pytest.mark.slow
 def test_sigterm_cancels_what_outlasts_the_graceful_timeout_in_one_line(model_dir, tmp_path):
     """A generation still running when --graceful-timeout runs out is cancelled: the process still
     ends by SIGTERM, the cancelled request is one log line, and no traceback is logged."""

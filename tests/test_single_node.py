@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from afrl_fast.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +40,7 @@ def test_without_data_dir_it_refuses_in_one_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_cpu_smoke_variant_trains_end_to_end(tmp_path):
     overrides = smoke_overrides()
     assert "model.path=null" in overrides and "run.device=cpu" in overrides

@@ -117,6 +117,7 @@ def test_two_ranks_on_gloo_match_one_rank(baseline, tmp_path):
     assert_same_metrics(training_lines(out1), training_lines(tmp_path))
 
 
+@pytest.mark.slow
 def test_sigkill_mid_step_then_resume_matches_uninterrupted(baseline, tmp_path):
     out1, _ = baseline
     first_rl_step = min(r["step"] for r in training_lines(out1) if r.get("stage", "").startswith("rl"))
