@@ -5,7 +5,7 @@
 #   teacher (best-of-N, verified against the labels) -> SFT -> RL -> a distilled student -> served
 #   -> /v1/score on the held-out pairs
 #
-#   bash scripts/user_path.sh                         # the full CPU run (about an hour and a half on 2 cores)
+#   bash scripts/user_path.sh                         # the full CPU run (hours on 2 cores: docs/results/user-path.md)
 #   USER_PATH_SIZE=small bash scripts/user_path.sh    # the same path in minutes (CI's slow tier runs it)
 #   TEACHER=DIR LABELS=DIR OUT=runs/mine bash scripts/user_path.sh     # your teacher, your pairs
 #
@@ -24,6 +24,11 @@
 # and appends it to $OUT/stages.tsv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# every stage runs `python`: the project's environment must be the active one
+python -c 'import afrl_fast' 2>/dev/null || {
+    echo "user_path: \`python\` cannot import afrl_fast; activate the project's environment first (. .venv/bin/activate)" >&2
+    exit 2
+}
 
 SIZE=${USER_PATH_SIZE:-full}
 LABELS_GIVEN=${LABELS:+1}
@@ -71,7 +76,7 @@ train() {
     local dir=$1 script=$2 config=$3; shift 3
     local state=--overwrite
     [ -f "$dir/checkpoints/latest.pt" ] && state=--resume
-    torchrun --nproc_per_node=1 --standalone "$script" --config "$config" "$state" run.out_dir="$dir" "$@"
+    python -m torch.distributed.run --nproc_per_node=1 --standalone "$script" --config "$config" "$state" run.out_dir="$dir" "$@"
 }
 free_port() { python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 # serve MODEL LOG: a scoring server in the background on a free port; sets SERVER (pid) and URL

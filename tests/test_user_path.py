@@ -5,6 +5,7 @@ hands it on; the served student must score what its model folder scores; a secon
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,9 @@ STAGES = ["teacher", "labels", "piar", "synthesize", "sft", "rl", "distil", "ser
 
 
 def user_path(out: Path):
-    env = {**os.environ, "USER_PATH_SIZE": "small", "OUT": str(out), "TQDM_DISABLE": "1"}
+    # the script's stages call `python`: this interpreter's, as if its environment were activated
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "PATH": path, "USER_PATH_SIZE": "small", "OUT": str(out), "TQDM_DISABLE": "1"}
     return subprocess.run(["bash", str(ROOT / "scripts" / "user_path.sh")], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=3000)
 
@@ -42,3 +45,17 @@ def test_small_user_path_runs_every_stage_and_resumes_as_done(tmp_path):
     again = user_path(out)
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
     assert again.stdout.count("finished before, skipped") == len(STAGES)
+
+
+def test_without_the_project_environment_it_stops_in_one_line(tmp_path):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python").write_text("#!/bin/sh\nexit 1\n")      # a python that cannot import afrl_fast
+    (fake / "python").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}{os.pathsep}{os.environ.get('PATH', '')}", "OUT": str(tmp_path / "out")}
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "user_path.sh")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "user_path: `python` cannot import afrl_fast; activate the project's environment first (. .venv/bin/activate)"]
+    assert not (tmp_path / "out").exists()
