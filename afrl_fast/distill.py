@@ -207,7 +207,6 @@ def distill(argv=None) -> int:
             draw_report(run_dir)
         except Exception as e:  # plots are a convenience; a plotting problem must not fail a finished run
             log.warning("report failed: %s", e)
-    D.barrier()
     D.cleanup()
     return 0
 

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from .checkpoint import LATEST
-from .files import atomic_write_bytes, atomic_write_text
+from .files import atomic_copy, atomic_write_text
 from .metrics import paired_bootstrap
 from .observe import read_metrics_log
 
@@ -373,6 +373,6 @@ def copy_small_files(exp_dir: Path, dest: Path, root: Path) -> list[Path]:
                 text = text.replace(prefix, "")
             atomic_write_text(target, text)
         else:
-            atomic_write_bytes(target, lambda f, data=src.read_bytes(): f.write(data))
+            atomic_copy(src, target)
         written.append(target)
     return written

@@ -7,6 +7,7 @@ imports torch: the light command-line tools write through it too.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -83,3 +84,11 @@ def check_output_path(path, error=ValueError, kind: str = "file") -> Path:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def atomic_copy(src: Path, dst: Path) -> None:
+    """`src`'s bytes into `dst`, atomically (a reader never sees half a file)."""
+    def copy(f):
+        with open(src, "rb") as source:
+            shutil.copyfileobj(source, f)
+    atomic_write_bytes(dst, copy)

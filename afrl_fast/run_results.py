@@ -62,6 +62,5 @@ def finish(run_dir, progress, tables, eval_names, info, runlog) -> int:
             print(f"plots: {', '.join(str(f) for f in files)}")
         except Exception as e:  # plots are a convenience; a plotting problem must not fail a finished run
             log.warning("report failed: %s", e)
-    D.barrier()
     D.cleanup()
     return 0

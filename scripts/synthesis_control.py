@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from afrl_fast.files import atomic_write_bytes
+from afrl_fast.files import atomic_copy
 from afrl_fast.pairs import DataError, read_pairs, write_table
 
 
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
         write_table(control, args.out / "train.parquet")
         for split in sorted(args.synth.glob("*.parquet")):
             if split.stem not in ("train", "rejected", "hard"):
-                atomic_write_bytes(args.out / split.name, lambda f, data=split.read_bytes(): f.write(data))
+                atomic_copy(split, args.out / split.name)
     except (DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -149,7 +149,7 @@ def train_memorizing_judge(out: Path, query: str, document: str, trace: str, max
         hidden = model.model(input_ids=ids).last_hidden_state[0, first:first + n]
         out_loss = fused_loss(hidden, model.lm_head.weight, targets, is_sft=torch.ones(n, dtype=torch.bool),
                               advantages=torch.zeros(n), old_logp=None, ref_logp=None,
-                              scale=torch.full((n,), 1.0 / len(response)))
+                              scale=torch.full((n,), 1.0 / n))
         opt.zero_grad()
         out_loss.loss.backward()
         opt.step()
