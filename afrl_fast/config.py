@@ -381,6 +381,9 @@ class DistillSettings:
     trace_samples: int = 1           # teacher samples per pair; the shortest kept one is used
     trace_temperature: float = 0.0   # 0 = greedy
     max_new_tokens: int = 320
+    # a teacher_traces.parquet shared by runs with the same teacher, data and trace settings: read when
+    # it exists (settings checked), written there by the first run otherwise; "" = each run writes its own
+    traces_cache: str = ""
     kind: str = "forward_kl"         # forward_kl (KL(teacher‖student)) | reverse_kl | jsd
     jsd_beta: float = 0.5
     temperature: float = 1.0         # τ of both distributions in the divergence

@@ -4,19 +4,51 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import json
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import dist as D
 from .engines import EmbeddedEngine
 from .errors import ConfigError
-from .files import atomic_write_bytes
+from .files import atomic_copy, atomic_write_bytes
 from .observe import progress_bar
 from .rollouts import STREAM_EVAL, generate_rollouts, prompt_seed
 from .run_data import tokenize_targets
 from .trace_selection import choose, rejection_reasons
 
 TRACES_FILE = "teacher_traces.parquet"
+SETTINGS_KEY = b"afrl_fast.trace_settings"    # parquet metadata: what produced the traces
+
+
+def trace_settings(cfg, n_pairs: int) -> dict:
+    """Everything the teacher's traces depend on. Greedy traces do not depend on the run's seed, so
+    runs that differ only in seed or loss (a Table-6 experiment's students) can share one file."""
+    d = cfg.distill
+    settings = {"teacher.path": str(Path(cfg.teacher.path).resolve()), "data.dir": str(Path(cfg.data.dir).resolve()),
+                "data.rulebook": cfg.data.rulebook, "data.instructions": cfg.data.instructions,
+                "data.max_prompt_tokens": cfg.data.max_prompt_tokens, "distill.keep": d.keep,
+                "distill.trace_samples": d.trace_samples, "distill.trace_temperature": d.trace_temperature,
+                "distill.max_new_tokens": d.max_new_tokens, "train pairs": n_pairs}
+    if d.trace_temperature > 0:
+        settings["run.seed"] = cfg.run.seed
+    return settings
+
+
+def read_shared_traces(path: Path, settings: dict) -> pa.Table | None:
+    """distill.traces_cache: the traces an earlier run wrote with the same settings, or None when
+    there is no file yet. A file written under other settings is refused (ConfigError naming them)."""
+    if not path.is_file():
+        return None
+    table = pq.read_table(path)
+    written = json.loads((table.schema.metadata or {}).get(SETTINGS_KEY, b"{}"))
+    differ = sorted(k for k in settings.keys() | written.keys() if settings.get(k) != written.get(k))
+    if differ:
+        raise ConfigError(f"distill.traces_cache={path}: written under other settings ("
+                          + ", ".join(f"{k}: {written.get(k)!r} there, {settings.get(k)!r} here" for k in differ)
+                          + "); point it elsewhere or remove the file")
+    return table
 
 
 def teacher_traces(cfg, teacher_lm, tokenizer, rulebook, prompts, labels, info) -> pa.Table:
@@ -73,12 +105,21 @@ def training_examples(cfg, tables, tokenizer, rulebook, prompts, teacher_lm, run
         examples = [(p, [tokenizer.encode(str(y), add_special_tokens=False)[0], eos]) for p, y in zip(prompts, labels)]
         return examples, {"source": "first_token", "kept": len(examples), "pairs": train.num_rows}
     path = run_dir / TRACES_FILE
+    shared = Path(d.traces_cache) if d.traces_cache else None
+    settings = trace_settings(cfg, train.num_rows)
     if path.is_file():          # a resumed run reuses the traces it already wrote
         table = pq.read_table(path)
+    elif shared is not None and (table := read_shared_traces(shared, settings)) is not None:
+        if info.is_main:        # the run folder keeps its own copy: it reads complete without the cache
+            atomic_copy(shared, path)
+        D.barrier()
     else:
         table = teacher_traces(cfg, teacher_lm, tokenizer, rulebook, prompts, labels, info)
+        table = table.replace_schema_metadata({SETTINGS_KEY: json.dumps(settings).encode()})
         if info.is_main:
             atomic_write_bytes(path, lambda f: pq.write_table(table, f))
+            if shared is not None:
+                atomic_copy(path, shared)
         D.barrier()
     kept = [(i, t) for i, t in zip(table.column("pair").to_pylist(), table.column("trace").to_pylist()) if t]
     eos = tokenizer.eos_token_id

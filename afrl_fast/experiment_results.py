@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from .checkpoint import LATEST
+from .distill_traces import TRACES_FILE
 from .files import atomic_copy, atomic_write_text
 from .metrics import paired_bootstrap
 from .observe import read_metrics_log
@@ -39,7 +40,8 @@ MANIFEST = "experiment.json"
 
 # what an experiment folder holds besides its runs
 EXPERIMENT_FILES = {"ablation": ("data", "sft", "standard", *ARMS),
-                    "distillation": (*STUDENTS, "teacher_instructions.txt", "teacher_rulebook.yaml"),
+                    "distillation": (*STUDENTS, "teacher_instructions.txt", "teacher_rulebook.yaml",
+                                     TRACES_FILE),
                     "teacher": ("data", "sft", "teacher.json")}
 
 

@@ -58,6 +58,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from ..data import RL_POOL, configured_splits, write_splits
+from ..distill_traces import TRACES_FILE
 from ..files import atomic_write_text, check_output_path
 from ..config import DEMO_CONFIG, load_config, load_distill_config
 from ..errors import ConfigError
@@ -133,18 +134,23 @@ def labels_student_overrides(cfg, out: Path) -> list[str]:
 
 
 def distillation_plan(config: Path, out: Path, students: list[str], seeds: list[int], overrides: list[str]) -> list[dict]:
-    """Every student of the Table-6 analogue × seed, each from the same teacher and data."""
+    """Every student of the Table-6 analogue × seed, each from the same teacher and data. Greedy
+    teacher traces are the same for every seed and student, so the first run writes them to the
+    experiment folder and the others read them there."""
+    cfg = load_distill_config(config, overrides)
+    shared = [f"distill.traces_cache={out / TRACES_FILE}"] if cfg.distill.trace_temperature == 0 else []
     plan = []
     for student in students:
         for seed in seeds:
             run = {"name": f"{student}/seed{seed}", "dir": out / student / f"seed{seed}"}
             if student == "labels":
-                cfg = load_distill_config(config, overrides)
                 run.update(script=TRAIN, config=DEMO_CONFIG,
                            overrides=[*labels_student_overrides(cfg, out), f"run.device={cfg.run.device}",
                                       f"run.seed={seed}"])
             else:
-                run.update(script=DISTILL, config=config, overrides=[*overrides, *STUDENTS[student], f"run.seed={seed}"])
+                reads_traces = "distill.traces=teacher" in STUDENTS[student]
+                run.update(script=DISTILL, config=config, overrides=[*overrides, *STUDENTS[student], f"run.seed={seed}",
+                                                                      *(shared if reads_traces else [])])
             plan.append(run)
     return plan
 
