@@ -265,6 +265,8 @@ CASES = {
     "train_config_not_a_mapping": Case("train", ["--config", A("config_list.yaml"), "run.out_dir={d}/run"], ["{d}/run"],
                                        "mapping"),
     "train_negative_lr": Case("train", ["sft.lr=-1", "run.out_dir={d}/run"], ["{d}/run"], "sft.lr"),
+    "train_cuda_without_cuda": Case("train", ["run.device=cuda", "run.out_dir={d}/run"], ["{d}/run"], "run.device=cuda",
+                                    before="no_cuda"),
     "train_pred_gate_gamma_breaks_ordering": Case("train", ["rl.gate=pred", "rl.reward_ordinal_slope=0.9", "run.out_dir={d}/run"],
                                         ["{d}/run"], "rl.reward_ordinal_slope"),
     # train: inputs are checked before the run folder is made, and never inside what --overwrite removes
@@ -275,6 +277,8 @@ CASES = {
                                                    ["{d}/run/data"], "final_model", before="train_run_with_model"),
     # distill
     "distill_out_dir_is_a_file": Case("distill", [*DIS, "run.out_dir=" + A("a_file")], [], "not a directory"),
+    "distill_cuda_without_cuda": Case("distill", [*DIS, "run.device=cuda", "run.out_dir={d}/run"], ["{d}/run"],
+                                      "run.device=cuda", before="no_cuda"),
     "distill_trace_longer_than_max_leaves_no_folder": Case("distill", [*DIS, "run.out_dir={d}/run",
                                                                       "data.max_response_tokens=8"], ["{d}/run"],
                                                            "max_response_tokens"),
