@@ -190,11 +190,10 @@ def reference_answers(runs: dict) -> dict:
             if isinstance(m, dict) and m.get("answers")}
 
 
-def answers_right(exp_dir: Path, split: str, answers: list) -> np.ndarray | None:
+def answers_right(path: Path, answers: list) -> np.ndarray | None:
     """[runs, pairs] 0/1 correctness of answered grades (one digit string per run, as results.json
-    keeps them) against the split's labels in exp_dir/data, or None when a run lacks them, their
-    lengths differ or the split's file is missing."""
-    path = exp_dir / "data" / f"{split}.parquet"
+    keeps them) against the labels of the split file `path`, or None when a run lacks them, their
+    lengths differ or the file is missing."""
     if not answers or not all(answers) or len({len(a) for a in answers}) != 1 or not path.is_file():
         return None
     labels = np.asarray(pq.read_table(path, columns=["label"]).column("label").to_pylist())[:len(answers[0])]
@@ -207,7 +206,8 @@ def change_over_sft(exp_dir: Path, sft_answers: dict, finals: list[dict]) -> dic
     evaluation set's and the seeds' spread."""
     out = {}
     for split, sft in sft_answers.items():
-        right = answers_right(exp_dir, split, [sft, *(f.get(split, {}).get("answers") for f in finals)])
+        labels = exp_dir / "data" / f"{split}.parquet"
+        right = answers_right(labels, [sft, *(f.get(split, {}).get("answers") for f in finals)])
         if right is not None:
             out[split] = paired_bootstrap(right[0], right[1:])
     return out
@@ -229,8 +229,8 @@ def arm_contrasts(exp_dir: Path, finals_by_arm: dict, entries: dict) -> list[dic
             continue
         row = {"a": a, "b": b, "acc5": {}, "pair_acc": {}}
         for split in sorted(set(entries[a]["eval"]) & set(entries[b]["eval"])):
-            ra, rb = (answers_right(exp_dir, split, [f.get(split, {}).get("answers") for f in finals_by_arm[x]])
-                      for x in (a, b))
+            labels = exp_dir / "data" / f"{split}.parquet"
+            ra, rb = (answers_right(labels, [f.get(split, {}).get("answers") for f in finals_by_arm[x]]) for x in (a, b))
             if ra is not None and rb is not None and ra.shape[1] == rb.shape[1]:
                 row["acc5"][split] = paired_bootstrap(rb.mean(axis=0), ra)
             pa_, pb_ = entries[a]["eval"][split]["pair_acc"], entries[b]["eval"][split]["pair_acc"]
