@@ -119,7 +119,8 @@ def check_data_dir_for_a_real_model(cfg) -> None:
                           "`python -m afrl_fast.data synth --n 800 --out DIR` and pass data.dir=DIR)")
 
 
-def check_same_config(saved: dict, current: dict, where: Path) -> None:
+def config_differences(saved: dict, current: dict, most: int = 6) -> str:
+    """The dotted keys where two (comparable) configs differ, with both values; "" when they agree."""
     def flat(d, prefix=""):
         out = {}
         for k, v in d.items():
@@ -127,9 +128,13 @@ def check_same_config(saved: dict, current: dict, where: Path) -> None:
         return out
     a, b = flat(saved), flat(current)
     diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    return ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in diff[:most])
+
+
+def check_same_config(saved: dict, current: dict, where: Path) -> None:
+    diff = config_differences(saved, current)
     if diff:
-        raise ConfigError(f"{where}: cannot resume, the config differs from the checkpoint's in "
-                         f"{', '.join(f'{k} ({a.get(k)!r} -> {b.get(k)!r})' for k in diff[:6])}")
+        raise ConfigError(f"{where}: cannot resume, the config differs from the checkpoint's in {diff}")
 
 
 def comparable_config(cfg, run_switches=("out_dir", "device")) -> dict:

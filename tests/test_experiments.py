@@ -236,3 +236,52 @@ def test_teacher_command_trains_measures_and_skips_a_finished_teacher(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((copy / "teacher.json").read_text()) == verdict
     assert (copy / "sft" / "results.json").is_file() and list(copy.glob("*.png"))
+
+
+def finished_plan(out: Path, overrides=()):
+    """An ablation plan whose runs all look finished: each folder holds the config.yaml its run would
+    write and a results.json (no training)."""
+    from afrl_fast.config import load_config, to_yaml
+    from afrl_fast.experiments import ablation_plan
+
+    config = ROOT / "configs" / "demo.yaml"
+    plan = ablation_plan(config, out, ["grpo"], [0, 1], list(overrides))
+    for run in plan:
+        run["dir"].mkdir(parents=True, exist_ok=True)
+        cfg = load_config(config, [*run["overrides"], f"run.out_dir={run['dir']}"])
+        (run["dir"] / "config.yaml").write_text(to_yaml(cfg))
+        (run["dir"] / "results.json").write_text("{}")
+    return config, plan
+
+
+def test_a_finished_run_of_another_recipe_is_not_taken_as_done(tmp_path, capsys):
+    from afrl_fast.config import load_config, to_yaml
+    from afrl_fast.experiment_results import ExperimentError
+    from afrl_fast.experiments import execute
+
+    config, plan = finished_plan(tmp_path / "exp")
+    assert execute("ablation", config, tmp_path / "exp", ["grpo"], [0, 1], [], plan, 1) == 0
+    assert "(4 finished already)" in capsys.readouterr().out       # sft, standard, two seeds
+
+    # one arm's folder was copied in from an experiment with another learning rate
+    other = load_config(config, [*plan[-1]["overrides"], "rl.lr=3e-4", f"run.out_dir={plan[-1]['dir']}"])
+    (plan[-1]["dir"] / "config.yaml").write_text(to_yaml(other))
+    with pytest.raises(ExperimentError, match=r"grpo/seed1 holds a finished run of another recipe: rl\.lr"):
+        execute("ablation", config, tmp_path / "exp", ["grpo"], [0, 1], [], plan, 1)
+    # where and how a run ran is not its recipe: another device or a resumed attempt still counts as done
+    same = load_config(config, [*plan[-1]["overrides"], "run.device=cpu", "run.resume=true",
+                                f"run.out_dir={tmp_path / 'elsewhere'}"])
+    (plan[-1]["dir"] / "config.yaml").write_text(to_yaml(same))
+    assert execute("ablation", config, tmp_path / "exp", ["grpo"], [0, 1], [], plan, 1) == 0
+
+    # the shared SFT run stopped before RL: RL settings changed since do not make it another recipe,
+    # its own settings do
+    sft = plan[0]
+    for change, done in (("rl.lr=3e-4", True), ("sft.lr=1e-2", False)):
+        cfg = load_config(config, [*sft["overrides"], change, f"run.out_dir={sft['dir']}"])
+        (sft["dir"] / "config.yaml").write_text(to_yaml(cfg))
+        if done:
+            assert execute("ablation", config, tmp_path / "exp", ["grpo"], [0, 1], [], plan, 1) == 0
+        else:
+            with pytest.raises(ExperimentError, match=r"sft holds a finished run of another recipe: sft\.lr"):
+                execute("ablation", config, tmp_path / "exp", ["grpo"], [0, 1], [], plan, 1)

@@ -66,6 +66,7 @@ from ..format import resolve_prompt_settings
 from ..observe import progress_bar
 from ..pairs import SYNTHETIC_SPLITS
 from ..rulebook import load_rulebook
+from ..run_dir import comparable_config, config_differences
 from ..experiment_results import (ARMS, DISTILL, EXPERIMENT_FILES, MANIFEST, STUDENTS, TRAIN, ExperimentError,
                                  load_manifest, read_results, run_state)
 
@@ -166,6 +167,29 @@ def write_data(cfg, out: Path) -> None:
 
 # ----------------------------------------------------------------------------- running the plan
 
+def check_finished_run(run: dict) -> None:
+    """A finished run is skipped only when it ran this experiment's recipe: a run folder copied in
+    from elsewhere, or left by other overrides, would otherwise enter the comparison unnoticed.
+    Compared as a resume compares a checkpoint (where and how a run ran aside)."""
+    loader = load_config if run["script"] == TRAIN else load_distill_config
+
+    def recipe(cfg) -> dict:
+        d = comparable_config(cfg, ("out_dir", "device", "resume"))
+        if d["run"].get("stop_after") in ("sft", "difficulty"):
+            # a run that ended before RL did nothing its RL settings say (eval.every counts RL steps)
+            d.pop("rl", None)
+            d["eval"].pop("every", None)
+        return d
+    try:
+        have = recipe(loader(run["dir"] / "config.yaml", []))
+    except ConfigError as e:
+        raise ExperimentError(f"{run['dir']}: a finished run whose config.yaml cannot be read ({e})") from None
+    diff = config_differences(have, recipe(loader(run["config"], run["overrides"])))
+    if diff:
+        raise ExperimentError(f"{run['dir']} holds a finished run of another recipe: {diff}; "
+                              "move it away (the runner then trains it) or use another --out")
+
+
 def run_command(run: dict, state: str, nproc: int) -> list[str]:
     flag = {"done": [], "resumable": ["--resume"], "fresh": ["--overwrite"]}[state]
     config = ["--config", str(run["config"])] if run["config"] is not None else []
@@ -215,6 +239,9 @@ def execute(kind: str, config: Path, out: Path, arms, seeds, overrides, plan, np
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2))
     if only is not None:
         plan = [r for r in plan if r["name"] in only]
+    for run in plan:
+        if run_state(run["dir"]) == "done":
+            check_finished_run(run)
     todo = [r for r in plan if run_state(r["dir"]) != "done"]
     print(f"{kind}: {len(plan)} runs in {out} ({len(plan) - len(todo)} finished already)", flush=True)
     bar = progress_bar(total=len(plan), initial=len(plan) - len(todo), desc="runs", unit="run")
