@@ -25,7 +25,7 @@ TINY = [
     "sft.epochs=1", "sft.batch_size=4", "sft.lr=1e-2", "sft.warmup_steps=1",
     "difficulty.max_prompts=8", "difficulty.group_size=4", "difficulty.easy_min=4", "difficulty.drop_unsolved=false",
     "rl.group_size=4", "rl.batch_prompts=2", "rl.sft_batch=2", "rl.max_new_tokens=12", "rl.lr=1e-3",
-    "rl.stages.0.size=2", "rl.stages.1.size=2", "rl.stages.2.size=2",
+    "rl.stages.0.size=2", "rl.stages.1.size=2", "rl.stages.2.size=2", "rl.max_steps=0",
     "eval.every=2", "eval.batch_size=8", "run.checkpoint_every=1",
 ]
 VOLATILE = ("throughput/tokens_per_s", "optim/lr")  # wall-clock derived; everything else must match
