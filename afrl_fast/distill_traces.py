@@ -2,9 +2,8 @@
 trace synthesis), the train split's traces, or the teacher's grade token alone."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
