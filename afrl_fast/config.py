@@ -7,6 +7,7 @@ override is an error naming the key, not a silently ignored setting.
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, field, fields
@@ -461,3 +462,32 @@ def load_distill_config(path: str | Path | None, overrides: list[str] = ()) -> D
             raise ConfigError(f"{key}: invalid value {value!r}")
     check_eval_splits(cfg.eval.splits, cfg.data.dir)
     return cfg
+
+
+# ----------------------------------------------------------------------------- comparing configs
+
+def config_differences(saved: dict, current: dict, most: int = 6) -> str:
+    """The dotted keys where two (comparable) configs differ, with both values; "" when they agree."""
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+    a, b = flat(saved), flat(current)
+    diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    return ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in diff[:most])
+
+
+def check_same_config(saved: dict, current: dict, where: Path) -> None:
+    diff = config_differences(saved, current)
+    if diff:
+        raise ConfigError(f"{where}: cannot resume, the config differs from the checkpoint's in {diff}")
+
+
+def comparable_config(cfg, run_switches=("out_dir", "device")) -> dict:
+    """The config a checkpoint must match to be resumed: all of it but the `run` keys that only say
+    where and how this attempt runs."""
+    d = json.loads(json.dumps(OmegaConf.to_container(OmegaConf.structured(cfg)), default=str))
+    for key in run_switches:
+        d["run"].pop(key, None)
+    return d

@@ -49,7 +49,7 @@ import torch
 from afrl_fast import checkpoint as C
 from afrl_fast import dist as D
 from afrl_fast.cli import Parser
-from afrl_fast.config import ConfigError, load_distill_config, to_yaml
+from afrl_fast.config import ConfigError, check_same_config, comparable_config, load_distill_config, to_yaml
 from afrl_fast.distill_models import (build_student, check_same_vocabulary, evaluate_lm, full_replica, load_teacher,
                                       student_tokenizer_matches)
 from afrl_fast.distill_step import distill_loss_backward
@@ -63,7 +63,7 @@ from afrl_fast.pairs import DataError
 from afrl_fast.report import draw_report
 from afrl_fast.rulebook import RulebookError
 from afrl_fast.run_data import instructions_path, read_splits, tokenize_prompts
-from afrl_fast.run_dir import check_model_folder, check_run_dir, check_same_config, comparable_config, open_run_dir
+from afrl_fast.run_dir import check_model_folder, check_run_dir, open_run_dir
 from afrl_fast.sft import sft_batches
 
 DESCRIPTION = ("Distil an AFRL teacher into a smaller student (paper §4.6, Table 6). Run as `torchrun "

@@ -13,7 +13,6 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from .checkpoint import LATEST
-from .distill_traces import TRACES_FILE
 from .files import atomic_copy, atomic_write_text
 from .metrics import paired_bootstrap
 from .observe import read_metrics_log
@@ -36,12 +35,14 @@ STUDENTS = {
     "labels": [],                                     # no teacher: SFT on the data's own traces (train.py)
 }
 MANIFEST = "experiment.json"
+# the greedy teacher traces a distillation experiment's students share (their distill.traces_cache)
+SHARED_TRACES = "teacher_traces.parquet"
 
 
 # what an experiment folder holds besides its runs
 EXPERIMENT_FILES = {"ablation": ("data", "sft", "standard", *ARMS),
                     "distillation": (*STUDENTS, "teacher_instructions.txt", "teacher_rulebook.yaml",
-                                     TRACES_FILE),
+                                     SHARED_TRACES),
                     "teacher": ("data", "sft", "teacher.json")}
 
 

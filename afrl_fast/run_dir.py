@@ -1,16 +1,13 @@
 """The run folder that train.py and distill.py write: checked before any work, then made, locked for the
-run's lifetime and cleared (--overwrite) or tidied (--resume); and the checks that a resumed run is the
-same run and that its inputs do not live inside what it rewrites.
+run's lifetime and cleared (--overwrite) or tidied (--resume); and the check that a run's inputs do not
+live inside what it rewrites (that a resumed run is the same run: config.check_same_config).
 """
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import shutil
 from pathlib import Path
-
-from omegaconf import OmegaConf
 
 from .checkpoint import LATEST, remove_stale_temp_files
 from .errors import ConfigError
@@ -117,30 +114,3 @@ def check_data_dir_for_a_real_model(cfg) -> None:
                           "your folder with train.parquet and a <name>.parquet per eval.splits name (the bundled "
                           "synthetic data is for the demo's model built from scratch; to use it anyway, write it with "
                           "`python -m afrl_fast.data synth --n 800 --out DIR` and pass data.dir=DIR)")
-
-
-def config_differences(saved: dict, current: dict, most: int = 6) -> str:
-    """The dotted keys where two (comparable) configs differ, with both values; "" when they agree."""
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-    a, b = flat(saved), flat(current)
-    diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
-    return ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in diff[:most])
-
-
-def check_same_config(saved: dict, current: dict, where: Path) -> None:
-    diff = config_differences(saved, current)
-    if diff:
-        raise ConfigError(f"{where}: cannot resume, the config differs from the checkpoint's in {diff}")
-
-
-def comparable_config(cfg, run_switches=("out_dir", "device")) -> dict:
-    """The config a checkpoint must match to be resumed: all of it but the `run` keys that only say
-    where and how this attempt runs."""
-    d = json.loads(json.dumps(OmegaConf.to_container(OmegaConf.structured(cfg)), default=str))
-    for key in run_switches:
-        d["run"].pop(key, None)
-    return d

@@ -37,7 +37,7 @@ import torch
 from afrl_fast import checkpoint as C
 from afrl_fast import dist as D
 from afrl_fast.cli import Parser
-from afrl_fast.config import DEMO_CONFIG, ConfigError, load_config, to_yaml
+from afrl_fast.config import DEMO_CONFIG, ConfigError, check_same_config, comparable_config, load_config, to_yaml
 from afrl_fast.curriculum import estimate_difficulty, write_difficulty
 from afrl_fast.pairs import DataError
 from afrl_fast.engines.sglang_server import check_shared_run_dir
@@ -52,7 +52,6 @@ from afrl_fast.rulebook import RulebookError, load_rulebook
 from afrl_fast.run_data import (embedding_rows, prepare_data, rl_split, tokenize_prompts, tokenize_targets,
                                 trace_split, train_inputs, write_data)
 from afrl_fast.run_dir import (RUN_ARTIFACTS, check_data_dir_for_a_real_model, check_model_folder, check_run_dir,
-                               check_same_config, comparable_config,
                                open_run_dir)
 from afrl_fast.run_policy import build_policy, build_ref_policy, check_init_from, start_from_run
 from afrl_fast.run_results import finish

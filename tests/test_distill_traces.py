@@ -16,6 +16,7 @@ import torch
 from afrl_fast.config import ConfigError, load_distill_config
 from afrl_fast.dist import DistInfo
 from afrl_fast.distill_traces import SETTINGS_KEY, TRACES_FILE, trace_settings, training_examples
+from afrl_fast.experiment_results import SHARED_TRACES
 from afrl_fast.experiments import distillation_plan
 from afrl_fast.format import load_tokenizer
 from afrl_fast.rulebook import load_rulebook
@@ -96,7 +97,7 @@ def test_sampled_traces_depend_on_the_seed(tmp_path):
 def test_the_runner_shares_greedy_teacher_traces_only_between_students_that_write_them(tmp_path):
     config = ROOT / "configs" / "distill_demo.yaml"
     students = ["distilled", "sequence", "labels", "first_token"]
-    shared = f"distill.traces_cache={tmp_path / TRACES_FILE}"
+    shared = f"distill.traces_cache={tmp_path / SHARED_TRACES}"
     plan = {r["name"]: r["overrides"] for r in distillation_plan(config, tmp_path, students, [0, 1], [])}
     for name, overrides in plan.items():
         assert (shared in overrides) == (name.split("/")[0] in ("distilled", "sequence")), name

@@ -17,7 +17,8 @@ PACKAGE = "afrl_fast"
 # Bottom to top. A name is a module, or a sub-package with everything under it (one room: its modules
 # import each other freely as long as they form no circle). A new module gets a floor here.
 FLOORS = [
-    ("ground", ["afrl_fast", "errors", "files", "cli", "resources", "dist"]),
+    ("errors", ["errors"]),
+    ("ground", ["afrl_fast", "files", "cli", "resources", "dist"]),
     ("primitives", ["rulebook", "optim", "metrics", "observe", "endpoint", "native_build", "lm_head", "engines"]),
     ("kernels", ["vocab_pass", "distill_pass"]),
     ("formats and dispatch", ["format", "reward", "backends", "pairs", "token_spans",

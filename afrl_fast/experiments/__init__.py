@@ -58,17 +58,15 @@ import pyarrow.parquet as pq
 import yaml
 
 from ..data import RL_POOL, configured_splits, write_splits
-from ..distill_traces import TRACES_FILE
 from ..files import atomic_write_text, check_output_path
-from ..config import DEMO_CONFIG, load_config, load_distill_config
+from ..config import DEMO_CONFIG, comparable_config, config_differences, load_config, load_distill_config
 from ..errors import ConfigError
 from ..format import resolve_prompt_settings
 from ..observe import progress_bar
 from ..pairs import SYNTHETIC_SPLITS
 from ..rulebook import load_rulebook
-from ..run_dir import comparable_config, config_differences
-from ..experiment_results import (ARMS, DISTILL, EXPERIMENT_FILES, MANIFEST, STUDENTS, TRAIN, ExperimentError,
-                                 load_manifest, read_results, run_state)
+from ..experiment_results import (ARMS, DISTILL, EXPERIMENT_FILES, MANIFEST, SHARED_TRACES, STUDENTS, TRAIN,
+                                 ExperimentError, load_manifest, read_results, run_state)
 
 ROOT = Path(__file__).resolve().parents[2]   # the checkout: runs start from there
 
@@ -139,7 +137,7 @@ def distillation_plan(config: Path, out: Path, students: list[str], seeds: list[
     teacher traces are the same for every seed and student, so the first run writes them to the
     experiment folder and the others read them there."""
     cfg = load_distill_config(config, overrides)
-    shared = [f"distill.traces_cache={out / TRACES_FILE}"] if cfg.distill.trace_temperature == 0 else []
+    shared = [f"distill.traces_cache={out / SHARED_TRACES}"] if cfg.distill.trace_temperature == 0 else []
     plan = []
     for student in students:
         for seed in seeds:
