@@ -40,8 +40,13 @@ def read_shared_traces(path: Path, settings: dict) -> pa.Table | None:
     there is no file yet. A file written under other settings is refused (ConfigError naming them)."""
     if not path.is_file():
         return None
-    table = pq.read_table(path)
-    written = json.loads((table.schema.metadata or {}).get(SETTINGS_KEY, b"{}"))
+    try:
+        table = pq.read_table(path)
+        written = json.loads((table.schema.metadata or {}).get(SETTINGS_KEY, b"{}"))
+    except (pa.ArrowException, OSError, ValueError) as e:
+        why = " ".join(str(e).split())[:200]
+        raise ConfigError(f"distill.traces_cache={path}: not a readable traces file ({type(e).__name__}: {why}); "
+                          "remove it and the next run writes it again") from None
     differ = sorted(k for k in settings.keys() | written.keys() if settings.get(k) != written.get(k))
     if differ:
         raise ConfigError(f"distill.traces_cache={path}: written under other settings ("

@@ -87,6 +87,12 @@ def test_a_cache_of_another_split_size_or_without_settings_is_refused(tmp_path, 
         examples_from(cfg, tokenizer, tmp_path, [4])
 
 
+def test_a_damaged_cache_is_one_error_naming_it(tmp_path, tokenizer):
+    (tmp_path / "shared.parquet").write_bytes(b"PAR1 this is not a parquet file")
+    with pytest.raises(ConfigError, match=r"traces_cache=.*shared\.parquet: not a readable traces file"):
+        examples_from(cfg_for(tmp_path), tokenizer, tmp_path, [4, 1])
+
+
 def test_sampled_traces_depend_on_the_seed(tmp_path):
     greedy = [cfg_for(tmp_path, f"run.seed={s}") for s in (0, 1)]
     sampled = [cfg_for(tmp_path, f"run.seed={s}", "distill.trace_temperature=1") for s in (0, 1)]
