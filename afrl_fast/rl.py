@@ -213,8 +213,11 @@ def bucket_accuracy(ro: Rollouts, bucket_of: dict, device) -> dict:
     return {f"acc/{b}": sums[2 * k] / sums[2 * k + 1] for k, b in enumerate(BUCKETS) if sums[2 * k + 1]}
 
 
-def step(ctx: RLContext, stage: Stage, batch: list[int], step_no: int) -> StepResult:
-    """One Mode-Balanced RL step over the global batch of prompt indices `batch`."""
+def step(ctx: RLContext, stage: Stage, batch: list[int], step_no: int, draw: int | None = None) -> StepResult:
+    """One Mode-Balanced RL step over the global batch of prompt indices `batch`. `step_no` numbers the
+    step in the run's log; `draw` (default `step_no`) keys its random draws, the RL phase's own step
+    count, so RL after SFT in one process samples what RL started from that SFT folder does."""
+    draw = step_no if draw is None else draw
     rl, info, timer = ctx.cfg.rl, ctx.info, ctx.timer
     t0 = time.perf_counter()
     G = rl.group_size
@@ -231,7 +234,7 @@ def step(ctx: RLContext, stage: Stage, batch: list[int], step_no: int) -> StepRe
         ro = generate_rollouts(ctx.engine, ctx.tokenizer, local, [ctx.prompts[i] for i in local],
                                [ctx.labels[i] for i in local], group_size=G, temperature=rl.temperature,
                                top_p=rl.top_p, max_new_tokens=rl.max_new_tokens,
-                               seeds=[prompt_seed(ctx.cfg.run.seed, STREAM_RL, step_no, p) for p in positions])
+                               seeds=[prompt_seed(ctx.cfg.run.seed, STREAM_RL, draw, p) for p in positions])
         ctx.engine.release_memory()
 
     # 3. The gated reward of every response.
@@ -255,7 +258,7 @@ def step(ctx: RLContext, stage: Stage, batch: list[int], step_no: int) -> StepRe
     stats = StepStats.of_rollouts(ro)
 
     # 6. One update per mini-batch: RL rows and this mini-batch's share of the SFT anchor batch.
-    sft_global = np.random.default_rng([ctx.cfg.run.seed, step_no, 7]).choice(
+    sft_global = np.random.default_rng([ctx.cfg.run.seed, draw, 7]).choice(
         len(ctx.sft_examples), rl.sft_batch, replace=len(ctx.sft_examples) < rl.sft_batch).tolist() \
         if sft_weight > 0 else []
     first_group = 0
@@ -342,7 +345,7 @@ def train_rl(ctx: RLContext, difficulty_path, progress: dict, *, runlog, evaluat
                 break
             stage_index, batch_index = plan[t]
             stage = stages[stage_index]
-            out = step(ctx, stage, stage_batch(stage, batch_index, rl.batch_prompts), progress["step"] + 1)
+            out = step(ctx, stage, stage_batch(stage, batch_index, rl.batch_prompts), progress["step"] + 1, draw=t + 1)
             if stage_index < len(stages) - 1:
                 failed[:] = sorted(set(failed) | set(out.failed_prompts))
             t += 1

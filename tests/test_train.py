@@ -241,6 +241,19 @@ def test_rl_can_start_from_another_runs_sft_model_and_difficulty(baseline, tmp_p
     assert res.returncode == 2 and "model config differs" in res.stderr, res.stderr[-2000:]
 
 
+def test_rl_from_an_sft_folder_draws_what_rl_after_sft_in_one_process_does(baseline, tmp_path):
+    """The baseline ran SFT and RL in one process (its RL steps are numbered after the SFT steps); an
+    arm started from its folder with the same settings must sample and update alike: RL's draws are
+    keyed on the RL phase's own step count, not the log's step number."""
+    out, _ = baseline
+    torchrun(tmp_path / "arm", extra=[f"run.init_from={out}", "rl.max_steps=2"])
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "step"}           # noqa: E731
+                          for r in rows if r.get("phase") == "rl" and "split" not in r]
+    in_process, from_folder = strip(training_lines(out))[:2], strip(training_lines(tmp_path / "arm"))
+    assert len(from_folder) == 2 and in_process[0]["stage"] == "rl1"
+    assert_same_metrics(in_process, from_folder)
+
+
 def test_a_non_finite_loss_stops_the_run_with_exit_3_and_keeps_the_last_checkpoint(baseline, tmp_path):
     """rl.lr=1e30 from the SFT model: RL step 1 is finite and checkpointed, its update blows the
     weights up, and step 2 is not finite: the run stops before stepping, with one line of its own
