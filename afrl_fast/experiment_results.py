@@ -201,14 +201,18 @@ def answers_right(path: Path, answers: list) -> np.ndarray | None:
     return np.stack([np.array([int(c) for c in a]) == labels for a in answers])
 
 
+def split_file(exp_dir: Path, split: str) -> Path:
+    """The labelled pairs of one split, as the experiment's shared data folder holds them."""
+    return exp_dir / "data" / f"{split}.parquet"
+
+
 def change_over_sft(exp_dir: Path, sft_answers: dict, finals: list[dict]) -> dict:
     """An arm's 5-ACC minus the shared SFT model's per split: the seeds' per-pair correctness
     averaged, then the pairs resampled (metrics.paired_bootstrap), so the interval holds both the
     evaluation set's and the seeds' spread."""
     out = {}
     for split, sft in sft_answers.items():
-        labels = exp_dir / "data" / f"{split}.parquet"
-        right = answers_right(labels, [sft, *(f.get(split, {}).get("answers") for f in finals)])
+        right = answers_right(split_file(exp_dir, split), [sft, *(f.get(split, {}).get("answers") for f in finals)])
         if right is not None:
             out[split] = paired_bootstrap(right[0], right[1:])
     return out
@@ -230,7 +234,7 @@ def arm_contrasts(exp_dir: Path, finals_by_arm: dict, entries: dict) -> list[dic
             continue
         row = {"a": a, "b": b, "acc5": {}, "pair_acc": {}}
         for split in sorted(set(entries[a]["eval"]) & set(entries[b]["eval"])):
-            labels = exp_dir / "data" / f"{split}.parquet"
+            labels = split_file(exp_dir, split)
             ra, rb = (answers_right(labels, [f.get(split, {}).get("answers") for f in finals_by_arm[x]]) for x in (a, b))
             if ra is not None and rb is not None and ra.shape[1] == rb.shape[1]:
                 row["acc5"][split] = paired_bootstrap(rb.mean(axis=0), ra)
