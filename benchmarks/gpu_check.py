@@ -678,7 +678,7 @@ def _loss_case(n, h, v, seed, *, logit_scale=3.0, sft_frac=0.3, temperature=1.0,
 
 
 def _rel_field(ours, ref, tol, floor=1e-6) -> dict:
-    """tests/test_fused_loss.py assert_close: max |ours − ref| ≤ tol·max(max |ref|, floor)."""
+    """tests/tolerance.py assert_close: max |ours − ref| ≤ tol·max(max |ref|, floor)."""
     ours, ref = ours.detach().to("cpu", torch.float64), ref.detach()
     err = float((ours - ref).abs().max()) if ref.numel() else 0.0
     scale = max(float(ref.abs().max()) if ref.numel() else 0.0, floor)

@@ -34,6 +34,8 @@ from afrl_fast.lm_head import default_chunk_rows
 from afrl_fast_kernels.constants import DISTILL_KINDS
 from afrl_fast_kernels.reference import fused_distill_loss_reference
 
+from tolerance import assert_close  # tests/ is on sys.path (conftest.py)
+
 F64 = torch.float64
 
 
@@ -99,16 +101,6 @@ def run_ours(case, backend, dtype=torch.float32, teacher_dtype=None, **kw):
                              case["targets"].to(dev), backend=backend, **kw)
     out.loss.backward()
     return out, h.grad, w.grad
-
-
-def assert_close(ours, ref, tol, name, floor=1e-6):
-    """max |ours − ref| ≤ tol·max(|ref|, floor): relative to the tensor's own scale."""
-    ours = ours.detach().to("cpu", F64)
-    assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} vs {tuple(ref.shape)}"
-    assert torch.isfinite(ours).all(), f"{name}: non-finite values"
-    err = (ours - ref).abs().max().item() if ours.numel() else 0.0
-    bound = tol * max(ref.abs().max().item() if ref.numel() else 0.0, floor)
-    assert err <= bound, f"{name}: max error {err:.3e} > {bound:.3e}"
 
 
 def check_against_reference(case, backend, tol=1e-4, grad_tol=None, chunk_rows=None, **kw):

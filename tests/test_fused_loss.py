@@ -17,6 +17,8 @@ from afrl_fast import lm_head as L
 from afrl_fast.loss import IGNORE_INDEX, default_chunk_rows, fused_loss, token_logprobs
 from afrl_fast_kernels.reference import fused_loss_reference, token_logprobs_reference
 
+from tolerance import assert_close  # tests/ is on sys.path (conftest.py)
+
 F64 = torch.float64
 
 
@@ -99,16 +101,6 @@ def run_ours(case, backend, dtype=torch.float32, **kw):
                      scale=f(case["scale"]), backend=backend, **kw)
     out.loss.backward()
     return out, h.grad, w.grad
-
-
-def assert_close(ours, ref, tol, name, floor=1e-6):
-    """max |ours − ref| ≤ tol·max(|ref|, floor): a relative test on the tensor's own scale."""
-    ours = ours.detach().to("cpu", F64)
-    assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} vs {tuple(ref.shape)}"
-    assert torch.isfinite(ours).all(), f"{name}: non-finite values"
-    err = (ours - ref).abs().max().item()
-    bound = tol * max(ref.abs().max().item(), floor)
-    assert err <= bound, f"{name}: max error {err:.3e} > {bound:.3e}"
 
 
 def check_against_reference(case, backend, tol=1e-4, diff_tol=None, dtype=torch.float32, **kw):
