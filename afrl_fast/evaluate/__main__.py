@@ -76,7 +76,7 @@ def main(argv=None) -> int:
         if args.predictions:
             check_output_path(args.predictions, ScoringError)
         scorer = remote_scorer(args) if args.endpoint else None
-        device = resolve_device(args.device, ScoringError)
+        device = resolve_device(args.device, ScoringError) if scorer is None else None   # the server places its model
         table = read_pairs(args.pairs)           # validates the schema; errors name file and column
         if scorer is None:
             scorer = local_scorer(args, device)
