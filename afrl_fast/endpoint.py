@@ -37,6 +37,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 APIS = ("completions", "chat")
+API_KEY_ENV = "AFRL_FAST_API_KEY"   # the key a served judge asks for (`serve --api-key`) and its clients send
 MAX_REFUSALS = 8         # refusals in a row after which the endpoint, not the item, is at fault
 _THINK = re.compile(r"\A\s*<think>.*?</think>\s*", re.DOTALL)
 
@@ -302,7 +303,7 @@ class ScoreEndpoint:
         import openai
         self._base = base_url(self.url)
         self._client = openai.OpenAI(base_url=self._base, timeout=self.timeout, max_retries=self.retries,
-                                     api_key=self.api_key or os.environ.get("AFRL_FAST_API_KEY") or "none")
+                                     api_key=self.api_key or os.environ.get(API_KEY_ENV) or "none")
 
     def score_pairs(self, table, progress=None):
         """P(grade = 0..4) per pair of a pairs table [N, 5], in its row order (the interface of

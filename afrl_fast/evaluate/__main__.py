@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from afrl_fast.cli import DEVICE_HELP, Parser, resolve_device
-from afrl_fast.endpoint import EndpointError, ScoreEndpoint
+from afrl_fast.endpoint import API_KEY_ENV, EndpointError, ScoreEndpoint
 from afrl_fast.errors import ScoringError
 from afrl_fast.evaluate import __doc__ as evaluate_doc, predictions_table
 from afrl_fast.files import atomic_write_many, check_output_path
@@ -40,7 +40,7 @@ def parse_args(argv):
     ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                     help="weights' dtype (auto: as saved)")
     ap.add_argument("--api-key", default=None,
-                    help="with --endpoint: the server's API key (default: the AFRL_FAST_API_KEY environment variable)")
+                    help=f"with --endpoint: the server's API key (default: the {API_KEY_ENV} environment variable)")
     ap.add_argument("--timeout", type=float, default=300.0, help="with --endpoint: seconds per request")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap.parse_args(argv)

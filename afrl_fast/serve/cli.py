@@ -15,6 +15,7 @@ import yaml
 from transformers.utils import logging as hf_logging
 
 from ..cli import DEVICE_HELP, Parser
+from ..endpoint import API_KEY_ENV
 from ..errors import ScoringError
 from ..prompt_encoding import PromptEncoder
 from ..format import FormatError, instructions_help, resolve_prompt_settings
@@ -25,7 +26,6 @@ from .config import ServeConfig
 from .errors import ServeError
 
 log = logging.getLogger("afrl_fast.serve")
-API_KEY_ENV = "AFRL_FAST_API_KEY"
 DESCRIPTION = "Online scoring service: first-token relevance scores over HTTP, a rerank API, and OpenAI-compatible completions."
 
 
