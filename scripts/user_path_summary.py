@@ -1,7 +1,10 @@
-"""What the user's path (scripts/user_path.sh) did: each stage's wall time, what synthesis kept, and
-every model of the path on the same held-out pairs, the served student scored through /v1/score.
+"""What the user's path (scripts/user_path.sh) did: each stage's wall time, what synthesis kept,
+every model of the path on the same held-out pairs (the served student scored through /v1/score),
+and the paired changes along it (synthesized-trace SFT vs its control, RL vs its SFT start, the
+student vs its teacher) with intervals over the pairs.
 
     python scripts/user_path_summary.py runs/user_path [--out results/user_path]
+    python scripts/user_path_summary.py results/user_path/run --out results/user_path   # the committed copy
 
 Reads only the files the stages wrote (stages.tsv, synth/report.json, each run's results.json,
 served/*.json); writes summary.json and summary.md beside them (or into --out).
@@ -48,20 +51,32 @@ def models(out: Path) -> dict:
     return {k: v for k, v in found.items() if v is not None}
 
 
-def synthesized_vs_control(out: Path, labels: Path) -> dict | None:
-    """The synthesized-trace student's 5-ACC minus its control's (the same pairs with the generator's
-    traces, the same recipe) per held-out split, with a 95 % interval from resampling the pairs: both
-    models answered the same pairs, so the pairing removes the pairs' shared difficulty."""
-    rows = {name: run_row(out / folder, "SFT") for name, folder in (("synth", "sft"), ("control", "control_sft"))}
-    if not all(rows.values()):
-        return None
-    change = {}
-    for split in SPLITS:
-        answers = [rows[name].get(split, {}).get("answers") for name in ("control", "synth")]
-        right = answers_right(labels / f"{split}.parquet", answers)
-        if right is not None:
-            change[split] = paired_bootstrap(right[0], right[1])
-    return change or None
+# The path's paired comparisons, each (name, model a, model b) with a model as (run folder, row):
+# a − b in 5-ACC on the same held-out pairs.
+CONTRASTS = (
+    ("synthesized-trace SFT minus its control", ("sft", "SFT"), ("control_sft", "SFT")),
+    ("RL minus its SFT start", ("rl", "last"), ("sft", "SFT")),
+    ("distilled student minus its teacher (the RL judge)", ("student", "student"), ("student", "teacher")),
+)
+
+
+def paired_changes(out: Path, labels: Path) -> dict:
+    """Model a's 5-ACC minus model b's per held-out split, with a 95 % interval from resampling the
+    pairs: both models answered the same pairs, so the pairing removes the pairs' shared difficulty.
+    A contrast whose runs are missing is left out."""
+    changes = {}
+    for name, a, b in CONTRASTS:
+        rows = [run_row(out / folder, pick) for folder, pick in (a, b)]
+        if not all(rows):
+            continue
+        change = {}
+        for split in SPLITS:
+            right = answers_right(labels / f"{split}.parquet", [row.get(split, {}).get("answers") for row in rows])
+            if right is not None:
+                change[split] = paired_bootstrap(before=right[1], after=right[0])   # a − b
+        if change:
+            changes[name] = change
+    return changes
 
 
 def yield_per_rule(labels: Path, kept: Path) -> dict | None:
@@ -137,13 +152,15 @@ def markdown(summary: dict) -> str:
     for name, row in summary["models"].items():
         cells = [f"{100 * row[s][k]:.2f}" if s in row and k in row[s] else "" for s in SPLITS for _, k in METRICS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    vs = summary.get("synthesized_vs_control")
-    if vs:
-        lines += ["", "**Synthesized-trace student minus its control** (5-ACC points, 95 % interval from resampling "
-                      "the held-out pairs; one training seed each)", "",
-                  "| " + " | ".join(vs) + " |", "|---" * len(vs) + "|",
-                  "| " + " | ".join(f"{100 * c['diff']:+.2f} [{100 * c['lo']:+.2f}, {100 * c['hi']:+.2f}]"
-                                    for c in vs.values()) + " |"]
+    changes = summary.get("paired_changes")
+    if changes:
+        lines += ["", "**Paired changes** (5-ACC points, a − b on the same held-out pairs, 95 % interval from "
+                      "resampling the pairs; one training seed each)", "",
+                  "| comparison | " + " | ".join(SPLITS) + " |", "|---|" + "---|" * len(SPLITS)]
+        for name, change in changes.items():
+            cells = [f"{100 * c['diff']:+.2f} [{100 * c['lo']:+.2f}, {100 * c['hi']:+.2f}]" if (c := change.get(s))
+                     else "" for s in SPLITS]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -162,7 +179,7 @@ def main(argv=None) -> int:
     summary = {"stages": stages, "piar": piar(args.run),
                "synthesis": synthesis(args.run, args.labels or args.run / "labels"),
                "models": models(args.run),
-               "synthesized_vs_control": synthesized_vs_control(args.run, args.labels or args.run / "labels")}
+               "paired_changes": paired_changes(args.run, args.labels or args.run / "labels")}
     out = args.out or args.run
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

@@ -54,7 +54,7 @@ def test_synthesized_minus_control_is_the_paired_difference(path_folder, tmp_pat
     for split, y in labels.items():
         right = {k: np.array([int(a) == v for a, v in zip(answers[k][split], y)], dtype=float) for k in answers}
         diff = right["sft"] - right["control_sft"]
-        got = summary["synthesized_vs_control"][split]
+        got = summary["paired_changes"]["synthesized-trace SFT minus its control"][split]
         assert got["diff"] == pytest.approx(diff.mean(), abs=1e-12)
         # an independent resampling of the pairs: its interval agrees with the script's to within noise
         boots = np.array([diff[np.random.default_rng(100 + i).integers(0, diff.size, diff.size)].mean()
@@ -71,8 +71,9 @@ def test_without_the_control_run_there_is_no_comparison(path_folder, tmp_path):
     proc = summarize(out, "--out", str(tmp_path / "s"))
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((tmp_path / "s" / "summary.json").read_text())
-    assert summary["synthesized_vs_control"] is None
+    assert summary["paired_changes"] == {}
     assert "minus its control" not in (tmp_path / "s" / "summary.md").read_text()
+    assert "Paired changes" not in (tmp_path / "s" / "summary.md").read_text()
 
 
 def test_not_a_path_folder_is_one_line(tmp_path):
