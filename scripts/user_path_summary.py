@@ -176,10 +176,9 @@ def main(argv=None) -> int:
         return 2
     with open(args.run / "stages.tsv", encoding="utf-8") as f:
         stages = [{**r, "seconds": int(r["seconds"])} for r in csv.DictReader(f, delimiter="\t")]
-    summary = {"stages": stages, "piar": piar(args.run),
-               "synthesis": synthesis(args.run, args.labels or args.run / "labels"),
-               "models": models(args.run),
-               "paired_changes": paired_changes(args.run, args.labels or args.run / "labels")}
+    labels = args.labels or args.run / "labels"
+    summary = {"stages": stages, "piar": piar(args.run), "synthesis": synthesis(args.run, labels),
+               "models": models(args.run), "paired_changes": paired_changes(args.run, labels)}
     out = args.out or args.run
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

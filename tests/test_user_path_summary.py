@@ -76,6 +76,25 @@ def test_without_the_control_run_there_is_no_comparison(path_folder, tmp_path):
     assert "Paired changes" not in (tmp_path / "s" / "summary.md").read_text()
 
 
+def test_rl_is_compared_with_its_sft_start_from_its_last_row(path_folder, tmp_path):
+    """The RL run's results.json holds its SFT row first and the RL row last: the contrast takes the
+    last row (not the SFT one, which would give zero) and subtracts the path's SFT model."""
+    out, labels, answers = path_folder
+    rl = {s: answers["control_sft"][s] for s in labels}           # any answers other than the SFT model's
+    sft_rows = json.loads((out / "sft" / "results.json").read_text())["results"]["SFT"]
+    (out / "rl").mkdir()
+    (out / "rl" / "results.json").write_text(json.dumps({"results": {
+        "SFT": sft_rows, "Mode-Balanced RL": {s: {"acc5": 0.0, "answers": a} for s, a in rl.items()}}}))
+    proc = summarize(out, "--out", str(tmp_path / "s"))
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads((tmp_path / "s" / "summary.json").read_text())["paired_changes"]["RL minus its SFT start"]
+    for split, y in labels.items():
+        right = {k: np.array([int(c) == v for c, v in zip(a, y)], dtype=float)
+                 for k, a in (("rl", rl[split]), ("sft", answers["sft"][split]))}
+        assert got[split]["diff"] == pytest.approx((right["rl"] - right["sft"]).mean(), abs=1e-12)
+        assert got[split]["diff"] != 0
+
+
 def test_not_a_path_folder_is_one_line(tmp_path):
     proc = summarize(tmp_path)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "stages.tsv" in proc.stderr
